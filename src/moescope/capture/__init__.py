@@ -1,0 +1,1 @@
+"""Capture: run a transformers MoE model over texts and record the routing it really used."""

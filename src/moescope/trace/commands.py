@@ -1,0 +1,70 @@
+"""CLI: ``moescope validate`` and ``moescope info``."""
+
+from __future__ import annotations
+
+import typer
+
+from moescope.cli_utils import JsonOpt, TraceArg, emit
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate")(validate)
+    app.command("info")(info)
+
+
+def validate(
+    trace: TraceArg,
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip SHA-256 verification (faster)."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Check a trace: manifest, shard checksums, schema, shapes, expert id ranges, duplicates.
+
+    Exits 1 and lists every problem (file and field named) when the trace is not sound.
+
+    Example: moescope validate runs/mixtral-wikitext
+    """
+    from moescope.trace.validate import validate_trace
+
+    problems = validate_trace(trace, checksums=not no_checksums)
+    emit(
+        {"trace": str(trace), "ok": not problems, "problems": problems},
+        json_out,
+        text=f"{trace}: OK" if not problems else "\n".join(problems),
+    )
+    if problems:
+        raise typer.Exit(1)
+
+
+def info(trace: TraceArg, json_out: JsonOpt = False) -> None:
+    """Summarise a trace: model, routing facts, columns, labels, size.
+
+    Example: moescope info runs/mixtral-wikitext --json
+    """
+    from moescope.trace.reader import Trace
+
+    tr = Trace.open(trace)
+    m = tr.manifest
+    summary = {
+        "trace": str(trace),
+        "model": m.get("model", {}),
+        "routing": m["routing"],
+        "columns": m["columns"],
+        "labels": tr.labels,
+        "tokens": tr.num_tokens,
+        "shards": len(m["shards"]),
+        "bytes": sum(s.get("bytes", 0) for s in m["shards"]),
+        "complete": tr.complete,
+    }
+    r = tr.routing
+    text = (
+        f"{trace}: {summary['tokens']} tokens in {summary['shards']} shard(s), {summary['bytes']} bytes"
+        f"{'' if tr.complete else ' (INCOMPLETE)'}\n"
+        f"model: {m.get('model', {}).get('id', '?')} ({r.family}), {r.num_moe_layers} MoE layers "
+        f"{r.moe_layers}, top-{r.top_k} of {r.num_experts}, router {r.router_kind}, "
+        f"{r.n_shared_experts} shared expert(s)\n"
+        f"labels: {', '.join(tr.labels) or '-'}\n"
+        f"optional columns: "
+        + ", ".join(k for k in ("weights", "logits") if m["columns"].get(k))
+        + (", " + ", ".join(tr.lookahead_columns) if tr.lookahead_columns else "")
+    )
+    emit(summary, json_out, text=text)
