@@ -1,0 +1,37 @@
+"""Shared fixtures: offline hub, a small hand-built trace, the third-party data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout; tests that need it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def make_rows(doc: int, n: int, L: int = 3, k: int = 2, E: int = 8, seed: int = 0) -> dict:
+    """Rows of one document with random distinct experts per (token, layer)."""
+    rng = np.random.default_rng(seed + doc)
+    experts = np.argsort(rng.random((n, L, E)), axis=-1)[..., :k].astype(np.uint8)
+    weights = rng.random((n, L, k)).astype(np.float32)
+    return {
+        "doc_id": np.full(n, doc),
+        "position": np.arange(n),
+        "token_id": rng.integers(0, 100, n),
+        "experts": experts,
+        "weights": weights / weights.sum(-1, keepdims=True),
+    }
