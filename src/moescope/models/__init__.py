@@ -1,0 +1,25 @@
+"""Model knowledge: parameter accounting, shipped seed-model configs, config-faithful miniatures."""
+
+from moescope.models.miniatures import (
+    MINIATURES,
+    byte_tokenizer,
+    load_named_model,
+    miniature,
+    miniature_config,
+)
+from moescope.models.params import SUPPORTED_FAMILIES, ParamCount, count_parameters, expert_params
+from moescope.models.registry import load_config, shipped_names
+
+__all__ = [
+    "MINIATURES",
+    "SUPPORTED_FAMILIES",
+    "ParamCount",
+    "byte_tokenizer",
+    "count_parameters",
+    "expert_params",
+    "load_config",
+    "load_named_model",
+    "miniature",
+    "miniature_config",
+    "shipped_names",
+]
