@@ -1,0 +1,123 @@
+"""Read routing logs of other tools into traces, and write traces in the formats seed scripts read.
+
+>>> from moescope.interop import import_log, export_trace  # doctest: +SKIP
+>>> tr = import_log("seed004-routing", ["humaneval_2_routing.jsonl"], "runs/mixtral-he")  # doctest: +SKIP
+>>> tr.manifest["source"]["report"]["masked_series_count"]  # doctest: +SKIP
+27
+>>> export_trace("seed004-journeys", tr, "journeys/", documents=[0], tokens=(0, 10))  # doctest: +SKIP
+
+Each format lives in its own module with its layout documented; ``docs/interop.md`` has them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import ConfigError
+from moescope.interop.common import PRESETS, ImportOptions, write_documents
+
+#: Import formats: name -> (module, one-line description). Modules load only when used.
+IMPORT_FORMATS: dict[str, tuple[str, str]] = {
+    "seed002-json": (
+        "moescope.interop.seed002",
+        "seed 002 pipeline JSON: samples[].layers[] with selected_experts, expert_weights, router logits",
+    ),
+    "seed004-journeys": (
+        "moescope.interop.seed004_journeys",
+        "seed 004 token journeys: p<problem>_token_<i>.jsonl, one record per layer",
+    ),
+    "seed004-routing": (
+        "moescope.interop.seed004_routing",
+        "seed 004 raw routing JSONL: problem_id, layer, token_idx, experts, gating_probs",
+    ),
+    "moe-beyond": (
+        "moescope.interop.moe_beyond",
+        "MoE-Beyond CSVs (Layer ID,Batch Number,Token,Activated Expert IDs), files, folders or a .tar.xz",
+    ),
+    "vllm-replay": (
+        "moescope.interop.vllm_replay",
+        "vLLM routed-experts replay arrays (seq_len, moe_layers, top_k) in .npy / .npz files",
+    ),
+    "megatron-router-trace": (
+        "moescope.interop.megatron",
+        "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices",
+    ),
+}
+
+#: Export formats: name -> (module, one-line description).
+EXPORT_FORMATS: dict[str, tuple[str, str]] = {
+    "seed002-json": ("moescope.interop.seed002", "seed 002 pipeline JSON, one sample per document"),
+    "seed004-journeys": (
+        "moescope.interop.seed004_journeys",
+        "seed 004 journeys, one p<doc>_token_<pos>.jsonl per token",
+    ),
+}
+
+__all__ = ["EXPORT_FORMATS", "IMPORT_FORMATS", "PRESETS", "ImportOptions", "export_trace", "import_log"]
+
+
+def _module(name: str, table: dict[str, tuple[str, str]], what: str) -> Any:
+    if name not in table:
+        raise ConfigError(f"unknown {what} format {name!r}; known: {', '.join(table)}")
+    return importlib.import_module(table[name][0])
+
+
+def import_log(
+    format: str,
+    paths: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+):
+    """Import the routing log(s) ``paths`` in ``format`` into the trace directory ``out``.
+
+    ``options`` are the fields of :class:`~moescope.interop.common.ImportOptions` that the format
+    uses (others are refused, naming the option). Returns the opened :class:`~moescope.Trace`;
+    what was wrong with the records (counts, first examples, masked series) is in
+    ``trace.manifest["source"]["report"]``.
+    """
+    from moescope.trace.reader import Trace
+
+    mod = _module(format, IMPORT_FORMATS, "import")
+    names = {f.name: f.default for f in dataclasses.fields(ImportOptions)}
+    for key, value in options.items():
+        if key not in names:
+            raise ConfigError(f"unknown import option {key!r}; known: {', '.join(names)}")
+        if value is not None and value != names[key] and key not in mod.OPTIONS:
+            raise ConfigError(f"option --{key.replace('_', '-')} does not apply to format {format!r}")
+    opts = ImportOptions(**options)
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    got = mod.read(list(paths), opts)
+    write_documents(
+        out,
+        got.facts,
+        got.documents,
+        weights=got.weights,
+        logits=got.logits,
+        token_text=got.token_text,
+        source=got.source,
+        report=got.report,
+        tokenizer=got.tokenizer,
+        overwrite=overwrite,
+    )
+    return Trace.open(out)
+
+
+def export_trace(format: str, trace: Any, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Write ``trace`` (a :class:`~moescope.Trace` or its path) to ``out`` in ``format``.
+
+    Returns a summary (files written, documents, tokens). Options are the format's own, e.g.
+    ``documents=[0, 1]``, ``tokens=(0, 10)`` and ``overwrite=True`` for ``seed004-journeys``.
+    """
+    from moescope.trace.reader import Trace
+
+    mod = _module(format, EXPORT_FORMATS, "export")
+    if not isinstance(trace, Trace):
+        trace = Trace.open(trace)
+    return mod.export(trace, Path(out), **options)
