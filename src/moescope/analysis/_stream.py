@@ -1,0 +1,235 @@
+"""One streaming pass over a trace, shared by every analysis.
+
+Each analysis is an *accumulator*: it names the columns it needs, folds each :class:`View` (a batch
+restricted to the chosen MoE layers, with the missing-routing mask computed once) into fixed-size
+counters, and turns the counters into DataFrames at the end. :func:`run_pass` reads the union of
+the columns once for all accumulators, so ``moescope analyze`` pays for one read of the trace and
+memory stays flat whatever its length.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from math import comb
+from typing import Any, Protocol
+
+import numpy as np
+
+from moescope.errors import ConfigError, DataError
+from moescope.trace.reader import Batch, Trace
+
+
+def resolve_layers(trace: Trace, layers: Iterable[int] | None, option: str = "layers") -> list[int]:
+    """Column indices of the requested MoE layers, given as *decoder-layer* indices.
+
+    ``None`` means every MoE layer. An index that is not an MoE layer raises :class:`ConfigError`
+    naming the option and listing the MoE layers.
+    """
+    moe = trace.moe_layers
+    if layers is None:
+        return list(range(len(moe)))
+    wanted = list(layers)
+    bad = [x for x in wanted if x not in moe]
+    if bad:
+        raise ConfigError(f"--{option}: {bad} not MoE layer(s) of this trace; its MoE layers are {moe}")
+    if not wanted:
+        raise ConfigError(f"--{option}: no layer selected")
+    return sorted({moe.index(x) for x in wanted})
+
+
+def slots_ordered(trace: Trace) -> bool:
+    """False when the trace says its top-k slots are not in rank order (some imported logs)."""
+    src = trace.manifest.get("source") or {}
+    return src.get("slot_order", "ranked") != "unordered"
+
+
+def subset_rank_table(num_experts: int, k: int) -> np.ndarray:
+    """``table[v, j] = C(v, j + 1)``: ranks sorted k-subsets in the combinatorial number system."""
+    t = np.zeros((num_experts + 1, k), dtype=np.int64)
+    for v in range(num_experts + 1):
+        for j in range(k):
+            t[v, j] = comb(v, j + 1)
+    return t
+
+
+def subset_ranks(experts: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Colex rank in ``0..C(E,k)-1`` of each expert set; ``experts`` is ``(..., k)``, any slot order."""
+    srt = np.sort(experts, axis=-1)  # (..., k)
+    k = srt.shape[-1]
+    return table[srt, np.arange(k)].sum(-1)
+
+
+def subset_from_rank(rank: int, num_experts: int, k: int) -> tuple[int, ...]:
+    """Inverse of :func:`subset_ranks` for one rank: the sorted expert ids."""
+    out = []
+    v = num_experts
+    for j in range(k, 0, -1):
+        v -= 1
+        while comb(v, j) > rank:
+            v -= 1
+        out.append(v)
+        rank -= comb(v, j)
+    return tuple(sorted(out))
+
+
+def subset_name(rank: int, num_experts: int, k: int) -> str:
+    return "-".join(str(e) for e in subset_from_rank(rank, num_experts, k))
+
+
+@dataclass
+class View:
+    """A batch restricted to the selected MoE layers (``Ls`` of them), ready for counting.
+
+    ``experts`` is ``(n, Ls, k)`` int64 with missing slots set to 0 and ``valid`` ``(n, Ls)`` False
+    there, so that indices stay in range and every counter masks with ``valid``.
+    """
+
+    n: int
+    experts: np.ndarray  # (n, Ls, k) int64
+    valid: np.ndarray  # (n, Ls) bool
+    batch: Batch
+    weights: np.ndarray | None = None  # (n, Ls, k) float32
+    logits: np.ndarray | None = None  # (n, Ls, E) float32
+    logit_valid: np.ndarray | None = None  # (n, Ls) bool: valid routing and finite logits
+    _softmax: np.ndarray | None = None
+
+    def softmax(self) -> np.ndarray:
+        """Softmax of the logits over experts, computed once per batch and shared; ``(n, Ls, E)``."""
+        if self._softmax is None:
+            if self.logits is None:
+                raise DataError("internal: softmax() asked of a batch read without logits")
+            z = self.logits - self.logits.max(-1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(-1, keepdims=True)
+            self._softmax = z
+        return self._softmax
+
+
+@dataclass
+class Context:
+    """Facts every accumulator needs about the trace and the selection."""
+
+    trace: Trace
+    cols: list[int]  # MoE column indices
+    E: int
+    k: int
+    ordered: bool
+    labels: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """Decoder-layer index of each selected column."""
+        return [self.trace.moe_layers[c] for c in self.cols]
+
+    @property
+    def Ls(self) -> int:
+        return len(self.cols)
+
+
+class Accumulator(Protocol):
+    """What :func:`run_pass` drives: needed columns, a fold step and a result."""
+
+    columns: set[str]
+
+    def update(self, view: View) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+def make_context(trace: Trace, layers: Iterable[int] | None = None) -> Context:
+    return Context(
+        trace=trace,
+        cols=resolve_layers(trace, layers),
+        E=trace.num_experts,
+        k=trace.top_k,
+        ordered=slots_ordered(trace),
+        labels=trace.labels,
+    )
+
+
+def require(trace: Trace, column: str, analysis: str) -> None:
+    """Raise :class:`DataError` naming the analysis when the trace lacks an optional column."""
+    have = {"weights": trace.has_weights, "logits": trace.has_logits}
+    if column in have and not have[column]:
+        raise DataError(f"{trace.path}: {analysis} needs the {column!r} column, which this trace does not have")
+
+
+def run_pass(
+    ctx: Context,
+    accumulators: Sequence[Accumulator],
+    batch_size: int = 65536,
+    progress: bool = False,
+) -> None:
+    """Stream the trace once, feeding each batch (restricted to ``ctx.cols``) to every accumulator."""
+    trace = ctx.trace
+    cols: set[str] = {"experts"}
+    for acc in accumulators:
+        cols |= acc.columns
+    order = [c for c in ("doc_id", "position", "token_id", "label", "token", "experts", "weights", "logits") if c in cols]
+    sel = np.asarray(ctx.cols)
+    all_layers = ctx.Ls == trace.num_layers
+    missing = trace.missing_id
+    seen = 0
+    total = trace.num_tokens if progress else 0
+    for batch in trace.iter_batches(order, batch_size=batch_size):
+        ex = batch.experts if all_layers else batch.experts[:, sel]
+        bad = ex == missing  # (n, Ls, k)
+        valid = ~bad.any(-1)
+        ex = ex.astype(np.int64)
+        if bad.any():
+            ex[bad] = 0
+        view = View(n=len(ex), experts=ex, valid=valid, batch=batch)
+        if batch.weights is not None:
+            view.weights = batch.weights if all_layers else batch.weights[:, sel]
+        if batch.logits is not None:
+            lg = batch.logits if all_layers else batch.logits[:, sel]
+            view.logits = lg.astype(np.float32)
+            view.logit_valid = valid & np.isfinite(view.logits).all(-1)
+        for acc in accumulators:
+            acc.update(view)
+        seen += view.n
+        if progress:
+            sys.stderr.write(f"\ranalyze: {seen}/{total} tokens")
+            sys.stderr.flush()
+    if progress:
+        sys.stderr.write("\n")
+    if seen == 0:
+        raise DataError(f"{trace.path}: no tokens to analyse (empty trace or filter)")
+
+
+def bincount(idx: np.ndarray, size: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """``np.bincount`` with a fixed length (float when weighted, int64 otherwise)."""
+    return np.bincount(idx.ravel(), weights=None if weights is None else weights.ravel(), minlength=size)
+
+
+def consecutive_pairs(
+    doc: np.ndarray, pos: np.ndarray, carry: tuple[int, int] | None
+) -> tuple[np.ndarray, bool]:
+    """Which rows ``i >= 1`` follow row ``i-1`` in the same document, and whether row 0 follows ``carry``.
+
+    Rows pair only when the document is the same and the position advances by exactly one, so the
+    last token of a document never pairs with the first of the next, and gaps (filtered or dropped
+    rows) break the chain.
+    """
+    within = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)  # (n-1,)
+    first = carry is not None and len(doc) > 0 and doc[0] == carry[0] and pos[0] == carry[1] + 1
+    return within, bool(first)
+
+
+def entropy_bits(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in bits of distributions along ``axis`` (0 log 0 = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return -t.sum(axis)
+
+
+def check_same_model(a: Trace, b: Trace) -> None:
+    """Two traces are comparable only with the same experts, top-k and MoE layers."""
+    for name in ("num_experts", "top_k", "moe_layers"):
+        if getattr(a, name) != getattr(b, name):
+            raise ConfigError(
+                f"--compare: {b.path} has {name}={getattr(b, name)} but {a.path} has {getattr(a, name)}"
+            )

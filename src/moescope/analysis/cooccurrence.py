@@ -1,0 +1,313 @@
+"""Co-occurrence of expert choices between layers, and co-activation inside a layer (seed 000).
+
+Between layers ``L`` and ``L+d`` a token's choice is a symbol from one of two alphabets: the k-subset
+of experts (``subset``; C(8,2) = 28 symbols, used when C(E,k) <= ``max_alphabet``) or, for large
+E, the single experts (``expert``: each token contributes its k x k slot pairs, weight 1 each).
+From the count matrix come three normalisations (row: P(j at L+d | i at L), column: P(i | j),
+joint: P(i, j)), the lift P(i, j) / (P(i) P(j)), pointwise MI, and total MI in bits.
+
+Total MI is the plug-in estimate, biased upwards: for independent choices its expectation is about
+``(K_ij - K_i - K_j + 1) / (2 N ln 2)`` bits (Miller-Madow; K are non-empty cells, N the samples),
+reported as ``mi_bias_bits`` with ``mi_corrected_bits`` = plug-in minus that. In ``expert`` mode the
+k^2 pairs of a token are not independent samples, so the bias there is indicative only.
+
+Layer pairs are taken among the selected MoE layers, ``d`` steps apart in the selection (all MoE
+layers by default, so ``d = 1`` is each layer against the next MoE layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from math import comb
+
+import numpy as np
+import polars as pl
+
+from moescope.analysis._stream import (
+    Context,
+    View,
+    bincount,
+    entropy_bits,
+    make_context,
+    run_pass,
+    subset_name,
+    subset_rank_table,
+    subset_ranks,
+)
+from moescope.errors import ConfigError
+from moescope.trace.reader import Trace
+
+MAX_ALPHABET = 300
+
+
+def choose_alphabet(E: int, k: int, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> str:
+    """``subset`` when C(E,k) <= ``max_alphabet`` (or asked), else ``expert``."""
+    if alphabet not in ("auto", "subset", "expert"):
+        raise ConfigError(f"--alphabet must be auto, subset or expert, got {alphabet!r}")
+    if alphabet == "auto":
+        return "subset" if comb(E, k) <= max_alphabet else "expert"
+    if alphabet == "subset" and comb(E, k) > 4096:
+        raise ConfigError(f"--alphabet subset: C({E},{k}) = {comb(E, k)} symbols is too many; use expert")
+    return alphabet
+
+
+class TransitionAccumulator:
+    """Count matrices (A x A) for every selected layer pair at each distance."""
+
+    def __init__(
+        self, ctx: Context, distances: Sequence[int] = (1,), alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET
+    ) -> None:
+        self.ctx = ctx
+        self.columns = {"experts"}
+        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet)
+        self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
+        self.table = subset_rank_table(ctx.E, ctx.k)
+        bad = [d for d in distances if d < 1]
+        if bad:
+            raise ConfigError(f"--distances must be >= 1, got {bad}")
+        self.distances = [d for d in distances if d < ctx.Ls]
+        self.pairs = [(i, i + d, d) for d in self.distances for i in range(ctx.Ls - d)]
+        self.counts = np.zeros(len(self.pairs) * self.A * self.A, np.int64)
+
+    def update(self, v: View) -> None:
+        A, off = self.A, 0
+        sym = subset_ranks(v.experts, self.table) if self.mode == "subset" else None  # (n, Ls)
+        for d in self.distances:
+            npair = self.ctx.Ls - d
+            base = (off + np.arange(npair)) * A * A  # (npair,)
+            ok = v.valid[:, :-d] & v.valid[:, d:]  # (n, npair)
+            if self.mode == "subset":
+                key = base[None, :] + sym[:, :-d] * A + sym[:, d:]
+                self.counts += bincount(key[ok], len(self.counts))
+            else:
+                a = v.experts[:, :-d, :, None]  # (n, npair, k, 1)
+                b = v.experts[:, d:, None, :]  # (n, npair, 1, k)
+                key = base[None, :, None, None] + a * A + b  # (n, npair, k, k)
+                self.counts += bincount(key[ok], len(self.counts))
+            off += npair
+
+    def matrices(self) -> np.ndarray:
+        """Counts ``(pairs, A, A)``, in the order of :attr:`pairs`."""
+        return self.counts.reshape(len(self.pairs), self.A, self.A)
+
+    def symbol_names(self) -> list[str]:
+        if self.mode == "subset":
+            return [subset_name(r, self.ctx.E, self.ctx.k) for r in range(self.A)]
+        return [str(e) for e in range(self.A)]
+
+    def result(self) -> dict[str, pl.DataFrame]:
+        ids = self.ctx.layer_ids
+        mats = self.matrices()
+        names = np.asarray(self.symbol_names())
+        cells, summary = [], []
+        for p, (i, j, d) in enumerate(self.pairs):
+            c = mats[p]
+            s = summarise_counts(c)
+            summary.append({"layer_from": ids[i], "layer_to": ids[j], "distance": d, "alphabet": self.mode, **s})
+            frame = transition_frame(c)
+            frame = frame.with_columns(
+                pl.lit(ids[i], pl.Int32).alias("layer_from"),
+                pl.lit(ids[j], pl.Int32).alias("layer_to"),
+                pl.lit(d, pl.Int32).alias("distance"),
+                pl.Series("symbol_from", names[frame["i"].to_numpy()]),
+                pl.Series("symbol_to", names[frame["j"].to_numpy()]),
+            )
+            cells.append(frame)
+        first = ["layer_from", "layer_to", "distance", "i", "j", "symbol_from", "symbol_to"]
+        cells_df = pl.concat(cells) if cells else pl.DataFrame()
+        if cells:
+            cells_df = cells_df.select(first + [c for c in cells_df.columns if c not in first])
+        return {"cells": cells_df, "summary": pl.DataFrame(summary)}
+
+
+def transition_frame(c: np.ndarray) -> pl.DataFrame:
+    """Non-zero cells of one count matrix with row, column and joint normalisations, lift and PMI."""
+    c = np.asarray(c, np.float64)
+    n = c.sum()
+    row = c.sum(1, keepdims=True)
+    col = c.sum(0, keepdims=True)
+    i, j = np.nonzero(c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_row = (c / row)[i, j]
+        p_col = (c / col)[i, j]
+        joint = c[i, j] / n
+        lift = joint / ((row[i, 0] / n) * (col[0, j] / n))
+    return pl.DataFrame(
+        {
+            "i": i.astype(np.int32),
+            "j": j.astype(np.int32),
+            "count": c[i, j].astype(np.int64),
+            "p_row": p_row,
+            "p_col": p_col,
+            "p_joint": joint,
+            "lift": lift,
+            "pmi_bits": np.log2(lift),
+        }
+    )
+
+
+def summarise_counts(c: np.ndarray) -> dict[str, float]:
+    """MI (plug-in, bits), its Miller-Madow bias and corrected value, marginal entropies, NMI."""
+    c = np.asarray(c, np.float64)
+    n = c.sum()
+    if n == 0:
+        return {"samples": 0, "mi_bits": None, "mi_bias_bits": None, "mi_corrected_bits": None,
+                "h_from_bits": None, "h_to_bits": None, "nmi": None}
+    pj = c / n
+    pi, pk = pj.sum(1), pj.sum(0)
+    h_from, h_to, h_joint = float(entropy_bits(pi)), float(entropy_bits(pk)), float(entropy_bits(pj.ravel()))
+    mi = max(0.0, h_from + h_to - h_joint)
+    kij, ki, kj = np.count_nonzero(c), np.count_nonzero(pi), np.count_nonzero(pk)
+    bias = max(0.0, (kij - ki - kj + 1) / (2 * n * np.log(2)))
+    return {
+        "samples": int(n),
+        "mi_bits": mi,
+        "mi_bias_bits": bias,
+        "mi_corrected_bits": mi - bias,
+        "h_from_bits": h_from,
+        "h_to_bits": h_to,
+        "nmi": mi / min(h_from, h_to) if min(h_from, h_to) > 0 else None,
+    }
+
+
+def layer_transitions(
+    trace: Trace,
+    layers: Iterable[int] | None = None,
+    *,
+    distances: Sequence[int] = (1,),
+    alphabet: str = "auto",
+    max_alphabet: int = MAX_ALPHABET,
+    batch_size: int = 65536,
+) -> dict[str, pl.DataFrame]:
+    """Transition counts between layer pairs: ``cells`` (non-zero cells with all normalisations) and
+    ``summary`` (per pair: samples, MI bits with plug-in bias, marginal entropies, NMI).
+
+    Examples
+    --------
+    >>> res = layer_transitions(Trace.open("runs/t"), distances=[1, 2])  # doctest: +SKIP
+    >>> res["summary"].select("layer_from", "layer_to", "mi_bits")  # doctest: +SKIP
+    """
+    ctx = make_context(trace, layers)
+    acc = TransitionAccumulator(ctx, distances, alphabet, max_alphabet)
+    run_pass(ctx, [acc], batch_size)
+    return acc.result()
+
+
+class CoactivationAccumulator:
+    """Per layer: tokens choosing a, and tokens choosing both a and b (a != b)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.columns = {"experts"}
+        k = ctx.k
+        s, t = np.nonzero(~np.eye(k, dtype=bool))
+        self.s, self.t = s, t
+        self.pair = np.zeros(ctx.Ls * ctx.E * ctx.E, np.int64)
+        self.single = np.zeros(ctx.Ls * ctx.E, np.int64)
+        self.tokens = np.zeros(ctx.Ls, np.int64)
+
+    def update(self, v: View) -> None:
+        E, Ls = self.ctx.E, self.ctx.Ls
+        lay = np.arange(Ls)[None, :, None]
+        ex = v.experts
+        ok = v.valid
+        self.tokens += ok.sum(0)
+        self.single += bincount((lay * E + ex)[ok], Ls * E)
+        if len(self.s):
+            key = (lay * E + ex[..., self.s]) * E + ex[..., self.t]  # (n, Ls, k(k-1))
+            self.pair += bincount(key[ok], Ls * E * E)
+
+    def result(self) -> pl.DataFrame:
+        ctx = self.ctx
+        E, Ls, k = ctx.E, ctx.Ls, ctx.k
+        pair = self.pair.reshape(Ls, E, E)
+        single = self.single.reshape(Ls, E)
+        null = (k - 1) / (E - 1) if E > 1 else np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cond = pair / single[:, :, None]
+            lift = cond / null
+        lay, a, b = np.meshgrid(np.arange(Ls), np.arange(E), np.arange(E), indexing="ij")
+        off = a != b
+        return pl.DataFrame(
+            {
+                "layer": np.asarray(ctx.layer_ids, np.int32)[lay[off]],
+                "a": a[off].astype(np.int32),
+                "b": b[off].astype(np.int32),
+                "count_ab": pair[off],
+                "count_a": single[lay[off], a[off]],
+                "p_b_given_a": cond[off],
+                "null_p_b_given_a": np.full(off.sum(), null),
+                "ratio_to_null": lift[off],
+            }
+        ).with_columns(pl.col("p_b_given_a", "ratio_to_null").fill_nan(None))
+
+
+def coactivation(trace: Trace, layers: Iterable[int] | None = None, *, batch_size: int = 65536) -> pl.DataFrame:
+    """Intra-layer co-activation P(b | a) over all ordered pairs of a token's k chosen experts.
+
+    Under uniform random k-subsets P(b | a) = (k - 1) / (E - 1) (column ``null_p_b_given_a``);
+    ``ratio_to_null`` is P(b | a) over that null.
+    """
+    ctx = make_context(trace, layers)
+    acc = CoactivationAccumulator(ctx)
+    run_pass(ctx, [acc], batch_size)
+    return acc.result()
+
+
+def transition_matrix(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, size: int) -> np.ndarray:
+    """Dense ``(A, A)`` matrix of one pair's ``value`` column (zeros where no count; NaN lift/PMI there)."""
+    g = cells.filter((pl.col("layer_from") == layer_from) & (pl.col("layer_to") == layer_to))
+    if g.is_empty():
+        raise ConfigError(f"no transitions from layer {layer_from} to layer {layer_to} in this result")
+    fill = np.nan if value in ("lift", "pmi_bits") else 0.0
+    m = np.full((size, size), fill)
+    m[g["i"].to_numpy(), g["j"].to_numpy()] = g[value].to_numpy()
+    return m
+
+
+def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, names: Sequence[str]):
+    """Heatmap of one layer pair: ``value`` in p_row, p_col, p_joint, lift, pmi_bits or count."""
+    from moescope.report.figures import heatmap
+
+    m = transition_matrix(cells, layer_from, layer_to, value, len(names))
+    titles = {
+        "p_row": f"P(j at layer {layer_to} | i at layer {layer_from})",
+        "p_col": f"P(i at layer {layer_from} | j at layer {layer_to})",
+        "p_joint": f"P(i at layer {layer_from}, j at layer {layer_to})",
+        "lift": "lift P(i,j) / (P(i) P(j))",
+        "pmi_bits": "pointwise MI (bits)",
+        "count": "count",
+    }
+    center = {"lift": 1.0, "pmi_bits": 0.0}.get(value)
+    return heatmap(
+        m, xlabel=f"j (layer {layer_to})", ylabel=f"i (layer {layer_from})", title=titles[value], cbar=value,
+        xticklabels=names, yticklabels=names, center=center,
+    )
+
+
+def plot_mi(summary: pl.DataFrame):
+    """Plug-in MI and its bias-corrected value for each layer pair, by distance."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for (d,), g in summary.group_by("distance", maintain_order=True):
+        ax.plot(g["layer_from"], g["mi_bits"], "o-", label=f"d={d} plug-in")
+        ax.plot(g["layer_from"], g["mi_corrected_bits"], "x--", label=f"d={d} bias-corrected")
+    ax.set_xlabel("layer L")
+    ax.set_ylabel("I(choice at L; choice at L+d) (bits)")
+    ax.set_title(f"Mutual information between layers ({summary['alphabet'][0]} alphabet)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_coactivation(coact: pl.DataFrame, layer: int, num_experts: int):
+    """Heatmap of P(b | a) at one layer (diagonal blank)."""
+    from moescope.report.figures import heatmap
+
+    g = coact.filter(pl.col("layer") == layer)
+    m = np.full((num_experts, num_experts), np.nan)
+    m[g["a"].to_numpy(), g["b"].to_numpy()] = g["p_b_given_a"].fill_null(np.nan).to_numpy()
+    names = [str(e) for e in range(num_experts)]
+    return heatmap(m, xlabel="b", ylabel="a", title=f"Co-activation P(b | a) at layer {layer}", cbar="P(b|a)",
+                   xticklabels=names, yticklabels=names)

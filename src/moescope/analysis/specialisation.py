@@ -1,0 +1,427 @@
+"""Vocabulary and domain specialisation of experts (OLMoE, arXiv 2409.02060), and trace comparison.
+
+Vocabulary: for a token id seen at least ``min_count`` times at a layer, the fraction of its
+occurrences routed to its most frequent expert, ``max_e N(x, e) / N(x)`` (OLMoE's definition; 1 =
+always that expert, uniform routing gives about k/E). Each expert's top tokens are those with the
+largest fraction ``N(x, e) / N(x)``.
+
+Domain: each expert's fraction of a domain's tokens ``N(d, e) / N(d)`` against the uniform k/E,
+the Jensen-Shannon divergence (bits) between domains' load distributions, and a permutation test:
+the statistic is ``I(domain; expert)`` in bits averaged over layers, recomputed with the domain
+labels shuffled between *documents* (tokens of a document are not independent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import polars as pl
+
+from moescope.analysis._stream import (
+    Context,
+    View,
+    bincount,
+    check_same_model,
+    entropy_bits,
+    make_context,
+    run_pass,
+)
+from moescope.errors import ConfigError
+from moescope.trace.reader import Trace
+
+DENSE_CELLS = 1 << 24
+MAX_DOC_CELLS = 1 << 26
+
+
+class _SparseCounter:
+    """Counts of int64 keys with memory bounded by the number of distinct keys."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+        self._pk: list[np.ndarray] = []
+        self._pc: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        u, c = np.unique(keys, return_counts=True)
+        self._pk.append(u)
+        self._pc.append(c)
+        self._pending += len(u)
+        if self._pending > max(1 << 22, len(self.keys)):
+            self.compact()
+
+    def compact(self) -> None:
+        if not self._pk:
+            return
+        k = np.concatenate([self.keys, *self._pk])
+        c = np.concatenate([self.counts, *self._pc])
+        u, inv = np.unique(k, return_inverse=True)
+        self.keys, self.counts = u, np.bincount(inv, weights=c, minlength=len(u)).astype(np.int64)
+        self._pk, self._pc, self._pending = [], [], 0
+
+
+class VocabAccumulator:
+    """Per (layer, token id): occurrences, and per (layer, token id, expert): assignments."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.with_text = bool(ctx.trace.columns.get("token_text"))
+        self.columns = {"experts", "token_id"} | ({"token"} if self.with_text else set())
+        self.V = 0
+        self.dense: np.ndarray | None = np.zeros((ctx.Ls, 0, ctx.E), np.int64)
+        self.sparse: _SparseCounter | None = None
+        self.text: dict[int, str] = {}
+
+    def _grow(self, V: int) -> None:
+        if self.dense is not None and V > self.V:
+            if self.ctx.Ls * V * self.ctx.E > DENSE_CELLS:
+                self.sparse = _SparseCounter()
+                ls, t, e = np.nonzero(self.dense)
+                if len(ls):
+                    keys = (ls * (1 << 31) + t) * self.ctx.E + e
+                    self.sparse.keys, self.sparse.counts = keys, self.dense[ls, t, e]
+                self.dense = None
+            else:
+                pad = max(V, int(self.V * 1.5))
+                self.dense = np.pad(self.dense, ((0, 0), (0, pad - self.V), (0, 0)))
+                self.V = pad
+
+    def update(self, v: View) -> None:
+        tok = v.batch.token_id.astype(np.int64)
+        keep = tok >= 0
+        if not keep.any():
+            return
+        self._grow(int(tok.max()) + 1)
+        Ls, E = self.ctx.Ls, self.ctx.E
+        ok = v.valid & keep[:, None]  # (n, Ls)
+        lay = np.arange(Ls)[None, :, None]
+        if self.dense is not None:
+            key = (lay * self.V + tok[:, None, None]) * E + v.experts  # (n, Ls, k)
+            self.dense += bincount(key[ok], Ls * self.V * E).reshape(Ls, self.V, E)
+        else:
+            key = (lay * (1 << 31) + tok[:, None, None]) * E + v.experts
+            self.sparse.add(key[ok])
+        if self.with_text:
+            ids, first = np.unique(tok, return_index=True)
+            toks = v.batch.token
+            for t, i in zip(ids.tolist(), first.tolist(), strict=True):
+                if t >= 0 and t not in self.text:
+                    self.text[t] = toks[i]
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Non-zero ``(layer column, token id, expert, count)`` arrays."""
+        if self.dense is not None:
+            ls, t, e = np.nonzero(self.dense)
+            return ls, t, e, self.dense[ls, t, e]
+        self.sparse.compact()
+        k, c = self.sparse.keys, self.sparse.counts
+        E = self.ctx.E
+        e, rest = k % E, k // E
+        return rest // (1 << 31), rest % (1 << 31), e, c
+
+
+def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, pl.DataFrame]:
+    ctx = acc.ctx
+    k, E = ctx.k, ctx.E
+    ls, t, e, c = acc.cells()
+    cells = pl.DataFrame({"col": ls.astype(np.int32), "token_id": t.astype(np.int64), "expert": e.astype(np.int32),
+                          "count": c.astype(np.int64)})
+    occ = cells.group_by("col", "token_id").agg((pl.col("count").sum() // k).alias("occurrences"))
+    cells = cells.join(occ, on=["col", "token_id"]).filter(pl.col("occurrences") >= min_count)
+    cells = cells.with_columns((pl.col("count") / pl.col("occurrences")).alias("token_fraction"))
+    layer_map = pl.DataFrame({"col": np.arange(ctx.Ls, dtype=np.int32), "layer": np.asarray(ctx.layer_ids, np.int32)})
+    per_token = (
+        cells.sort("count", "expert", descending=[True, False])
+        .group_by("col", "token_id")
+        .agg(
+            pl.col("occurrences").first(),
+            pl.col("expert").first().alias("top_expert"),
+            pl.col("token_fraction").first().alias("top_expert_fraction"),
+        )
+        .join(layer_map, on="col")
+        .sort("layer", "occurrences", "token_id", descending=[False, True, False])
+    )
+    text = acc.text
+    if text:
+        per_token = per_token.with_columns(pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token"))
+    summary = (
+        per_token.group_by("layer")
+        .agg(
+            pl.len().alias("token_ids"),
+            pl.col("occurrences").sum(),
+            ((pl.col("top_expert_fraction") * pl.col("occurrences")).sum() / pl.col("occurrences").sum()).alias(
+                "specialisation_weighted"
+            ),
+            pl.col("top_expert_fraction").mean().alias("specialisation_mean"),
+        )
+        .with_columns(pl.lit(k / E).alias("uniform_fraction"), pl.lit(min_count).alias("min_count"))
+        .sort("layer")
+    )
+    tops = (
+        cells.join(layer_map, on="col")
+        .sort("token_fraction", "count", "token_id", descending=[True, True, False])
+        .group_by("layer", "expert", maintain_order=True)
+        .head(top)
+        .with_columns(pl.int_range(1, pl.len() + 1).over("layer", "expert").alias("rank"))
+        .select("layer", "expert", "rank", "token_id", "count", "occurrences", "token_fraction")
+        .sort("layer", "expert", "rank")
+    )
+    if text:
+        tops = tops.with_columns(pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token"))
+    return {"per_token": per_token.drop("col"), "summary": summary, "top_tokens": tops}
+
+
+def vocabulary_specialisation(
+    trace: Trace,
+    layers: Iterable[int] | None = None,
+    *,
+    min_count: int = 10,
+    top: int = 10,
+    batch_size: int = 65536,
+) -> dict[str, pl.DataFrame]:
+    """Vocabulary specialisation: ``per_token`` (token ids seen >= ``min_count`` times: top expert and
+    its fraction of the occurrences), ``summary`` per layer (occurrence-weighted and plain means against
+    k/E) and ``top_tokens`` (each expert's ``top`` token ids by fraction routed to it).
+
+    Examples
+    --------
+    >>> vocabulary_specialisation(Trace.open("runs/t"))["summary"]  # doctest: +SKIP
+    """
+    if min_count < 1:
+        raise ConfigError(f"--min-count must be >= 1, got {min_count}")
+    ctx = make_context(trace, layers)
+    acc = VocabAccumulator(ctx)
+    run_pass(ctx, [acc], batch_size)
+    return _vocab_frames(acc, min_count, top)
+
+
+class DomainAccumulator:
+    """Per (domain, layer, expert) counts, and per (document, layer, expert) counts for the permutation test."""
+
+    def __init__(self, ctx: Context, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False) -> None:
+        self.ctx = ctx
+        self.single = single_domain  # every row is domain 0 (used to compare whole traces)
+        self.columns = {"experts", "doc_id"} | (set() if single_domain else {"label"})
+        self.D = 1 if single_domain else len(ctx.labels)
+        self.counts = np.zeros((max(self.D, 1), ctx.Ls, ctx.E), np.int64)
+        self.tokens = np.zeros((max(self.D, 1), ctx.Ls), np.int64)
+        self.max_doc_cells = max_doc_cells
+        self.doc_counts: list[np.ndarray] = []
+        self.doc_labels: list[int] = []
+        self.last_doc: int | None = None
+        self.dropped_docs = False
+
+    def update(self, v: View) -> None:
+        Ls, E = self.ctx.Ls, self.ctx.E
+        lab = np.zeros(v.n, np.int32) if self.single else v.batch.label
+        has = lab >= 0
+        lay = np.arange(Ls)[None, :, None]
+        ok = v.valid & has[:, None]
+        key = (lab[:, None, None] * Ls + lay) * E + v.experts  # (n, Ls, k)
+        self.counts += bincount(key[ok], self.counts.size).reshape(self.counts.shape)
+        self.tokens += bincount((lab[:, None] * Ls + np.arange(Ls)[None, :])[ok], self.tokens.size).reshape(
+            self.tokens.shape
+        )
+        if self.dropped_docs:
+            return
+        doc = v.batch.doc_id
+        new = np.empty(len(doc), bool)
+        new[0] = self.last_doc is None or doc[0] != self.last_doc
+        new[1:] = doc[1:] != doc[:-1]
+        local = np.cumsum(new) - 1 + (0 if new[0] else 1)  # row 0 continues the previous doc when not new
+        nd = int(local[-1]) + 1
+        if (len(self.doc_labels) + nd) * Ls * E > self.max_doc_cells:
+            self.dropped_docs, self.doc_counts = True, []
+            return
+        key = (local[:, None, None] * Ls + lay) * E + v.experts
+        dc = bincount(key[v.valid], nd * Ls * E).reshape(nd, Ls, E).astype(np.int32)
+        start = 0
+        if not new[0]:
+            self.doc_counts[-1] = self.doc_counts[-1] + dc[0]
+            start = 1
+        starts = np.flatnonzero(new)
+        self.doc_counts.extend(dc[start:])
+        self.doc_labels.extend(lab[starts].tolist())
+        self.last_doc = int(doc[-1])
+
+    def result(self, n_perm: int = 200, seed: int = 0) -> dict[str, pl.DataFrame]:
+        return domain_frames(
+            self.ctx, self.ctx.labels, self.counts, self.tokens,
+            None if self.dropped_docs else (np.asarray(self.doc_counts), np.asarray(self.doc_labels)),
+            n_perm, seed,
+        )
+
+
+def _js_bits(p: np.ndarray, q: np.ndarray) -> float:
+    m = 0.5 * (p + q)
+    return float(entropy_bits(m) - 0.5 * entropy_bits(p) - 0.5 * entropy_bits(q))
+
+
+def mi_domain_expert(counts: np.ndarray) -> np.ndarray:
+    """I(domain; expert) in bits per layer from ``(D, Ls, E)`` assignment counts; returns ``(Ls,)``.
+
+    Equals the token-weighted generalised Jensen-Shannon divergence of the domains' load distributions.
+    """
+    c = counts.astype(np.float64)
+    n = c.sum((0, 2))  # (Ls,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pj = c / n[None, :, None]
+    pd = pj.sum(2)  # (D, Ls)
+    pe = pj.sum(0)  # (Ls, E)
+    h = lambda x, ax: entropy_bits(np.moveaxis(x, ax, -1))  # noqa: E731
+    return h(pd, 0) + h(pe, 1) - entropy_bits(pj.transpose(1, 0, 2).reshape(c.shape[1], -1))
+
+
+def domain_frames(
+    ctx: Context,
+    names: list[str],
+    counts: np.ndarray,
+    tokens: np.ndarray,
+    docs: tuple[np.ndarray, np.ndarray] | None,
+    n_perm: int,
+    seed: int,
+) -> dict[str, pl.DataFrame]:
+    """Domain shares, pairwise JSD and the permutation test from accumulated counts."""
+    k, E = ctx.k, ctx.E
+    ids = ctx.layer_ids
+    D = len(names)
+    rows = []
+    for d in range(D):
+        for i, layer in enumerate(ids):
+            T = tokens[d, i]
+            for e in range(E):
+                rows.append((names[d], layer, e, int(T), int(counts[d, i, e])))
+    share = pl.DataFrame(rows, schema=["domain", "layer", "expert", "tokens", "count"], orient="row").with_columns(
+        (pl.col("count") / pl.col("tokens")).alias("token_fraction"),
+        pl.lit(k / E).alias("uniform_fraction"),
+    ).with_columns((pl.col("token_fraction") / pl.col("uniform_fraction")).alias("ratio_to_uniform"))
+    jsd = []
+    for a in range(D):
+        for b in range(a + 1, D):
+            for i, layer in enumerate(ids):
+                ca, cb = counts[a, i].astype(float), counts[b, i].astype(float)
+                if ca.sum() and cb.sum():
+                    jsd.append({"domain_a": names[a], "domain_b": names[b], "layer": layer,
+                                "jsd_bits": _js_bits(ca / ca.sum(), cb / cb.sum())})
+    test: dict[str, object] = {"domains": D, "permutations": 0, "mi_bits_mean": None, "p_value": None, "note": ""}
+    present = [d for d in range(D) if counts[d].sum()]
+    if len(present) < 2:
+        test["note"] = "fewer than two domains with tokens: no test"
+    else:
+        obs = mi_domain_expert(counts[present])
+        test["mi_bits_mean"] = float(np.nanmean(obs))
+        if docs is None:
+            test["note"] = "too many documents to keep per-document counts: permutation test skipped"
+        elif n_perm > 0:
+            dc, dl = docs
+            keep = dl >= 0
+            dc, dl = dc[keep].reshape(keep.sum(), -1).astype(np.float64), dl[keep]
+            rng = np.random.default_rng(seed)
+            groups = np.unique(dl, return_inverse=True)[1]
+            G = int(groups.max()) + 1
+            ge = 0
+            for _ in range(n_perm):
+                onehot = np.eye(G)[rng.permutation(groups)]  # (docs, G)
+                agg = onehot.T @ dc  # (G, Ls * E)
+                stat = float(np.nanmean(mi_domain_expert(agg.reshape(G, len(ids), E))))
+                ge += stat >= test["mi_bits_mean"] - 1e-12
+            test.update(permutations=n_perm, p_value=(1 + ge) / (1 + n_perm),
+                        note=f"domain labels permuted across {len(dl)} documents")
+    return {
+        "share": share,
+        "jsd": pl.DataFrame(jsd, schema={"domain_a": pl.String, "domain_b": pl.String, "layer": pl.Int64,
+                                         "jsd_bits": pl.Float64}),
+        "test": pl.DataFrame([test]),
+        "mi_by_layer": pl.DataFrame({"layer": ids, "mi_bits": mi_domain_expert(counts[present])})
+        if len(present) >= 2 else pl.DataFrame({"layer": [], "mi_bits": []}),
+    }
+
+
+def domain_specialisation(
+    trace: Trace,
+    layers: Iterable[int] | None = None,
+    *,
+    n_perm: int = 200,
+    seed: int = 0,
+    batch_size: int = 65536,
+) -> dict[str, pl.DataFrame]:
+    """Domain specialisation: ``share`` (expert fraction of each domain's tokens vs k/E), ``jsd`` (pairwise
+    Jensen-Shannon divergence in bits, per layer), ``mi_by_layer`` and ``test`` (permutation test of
+    the domain labels across documents: statistic, permutations, p-value).
+
+    Examples
+    --------
+    >>> domain_specialisation(Trace.open("runs/t"), n_perm=100)["test"]  # doctest: +SKIP
+    """
+    ctx = make_context(trace, layers)
+    acc = DomainAccumulator(ctx)
+    run_pass(ctx, [acc], batch_size)
+    return acc.result(n_perm, seed)
+
+
+def compare_traces(
+    a: Trace,
+    b: Trace,
+    layers: Iterable[int] | None = None,
+    *,
+    n_perm: int = 200,
+    seed: int = 0,
+    batch_size: int = 65536,
+) -> dict[str, pl.DataFrame]:
+    """Compare two traces of the same model (the effect of the data set, seed 000).
+
+    The traces play the part of two domains: per-expert fractions of each trace's tokens, the JSD
+    between their load distributions per layer, and a permutation test of the trace labels across
+    documents. Raises :class:`ConfigError` when the models differ.
+    """
+    check_same_model(a, b)
+    accs = []
+    for tr in (a, b):
+        ctx = make_context(tr, layers)
+        acc = DomainAccumulator(ctx, single_domain=True)
+        run_pass(ctx, [acc], batch_size)
+        accs.append(acc)
+    ctx = make_context(a, layers)
+    names = [f"A:{a.path.name}", f"B:{b.path.name}"]
+    counts = np.concatenate([x.counts for x in accs])
+    tokens = np.concatenate([x.tokens for x in accs])
+    docs = None
+    if not any(x.dropped_docs for x in accs):
+        dc = np.concatenate([np.asarray(x.doc_counts) for x in accs])
+        dl = np.concatenate([np.zeros(len(accs[0].doc_labels), int), np.ones(len(accs[1].doc_labels), int)])
+        docs = (dc, dl)
+    return domain_frames(ctx, names, counts, tokens, docs, n_perm, seed)
+
+
+def plot_domain_share(share: pl.DataFrame, layer: int):
+    """Heatmap domain x expert of the fraction of tokens routed to the expert, relative to k/E."""
+    from moescope.report.figures import heatmap
+
+    g = share.filter(pl.col("layer") == layer)
+    doms = g["domain"].unique(maintain_order=True).to_list()
+    E = int(g["expert"].max()) + 1
+    m = np.full((len(doms), E), np.nan)
+    for i, d in enumerate(doms):
+        h = g.filter(pl.col("domain") == d)
+        m[i, h["expert"].to_numpy()] = h["ratio_to_uniform"].to_numpy()
+    return heatmap(m, xlabel="expert", ylabel="domain", yticklabels=doms, center=1.0, cbar="fraction / (k/E)",
+                   title=f"Domain specialisation at layer {layer} (1 = uniform k/E)")
+
+
+def plot_vocab_specialisation(summary: pl.DataFrame):
+    """Occurrence-weighted vocabulary specialisation by layer, against the uniform k/E."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(summary["layer"], summary["specialisation_weighted"], "o-", label="weighted by occurrences")
+    ax.plot(summary["layer"], summary["specialisation_mean"], "s--", label="mean over token ids")
+    ax.axhline(summary["uniform_fraction"][0], color="gray", ls=":", label="k/E")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of a token's occurrences\nrouted to its top expert")
+    ax.set_title(f"Vocabulary specialisation (token ids seen >= {summary['min_count'][0]} times)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
