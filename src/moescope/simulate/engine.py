@@ -1,0 +1,369 @@
+"""Replay a trace through an expert cache, a prefetcher and a timing model.
+
+:func:`prepare` turns a trace into *steps* once (decode: one token per step, in trace order;
+prefill: the union of a batch's experts per layer); :func:`run` replays prepared steps for one
+policy, capacity and prefetch array; :func:`simulate` does both. The loop itself is
+:func:`moescope.simulate.kernel.replay_chunk`; its docstring states the exact semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moescope.errors import ConfigError
+from moescope.simulate import kernel as K
+from moescope.simulate.deployment import Deployment, ModelCost, compute_times, load_times
+from moescope.simulate.policies import CachePolicy
+
+MODES = ("decode", "prefill")
+RESETS = ("none", "document")
+
+
+@dataclass
+class Steps:
+    """A trace cut into replay steps.
+
+    Attributes
+    ----------
+    demand : ``(S, L, W)`` int16 expert ids per step and layer, rank order, -1 padded.
+    tokens : ``(S,)`` tokens in each step.
+    doc_start : ``(S,)`` True where a step starts a new document.
+    step_of_row : ``(N,)`` the step each trace row belongs to.
+    num_experts : E.
+    popularity : ``(L, E)`` demand counts (places experts on capacity-limited tiers).
+    mode, batch_size : how the steps were cut.
+    """
+
+    demand: np.ndarray
+    tokens: np.ndarray
+    doc_start: np.ndarray
+    step_of_row: np.ndarray
+    num_experts: int
+    popularity: np.ndarray
+    mode: str = "decode"
+    batch_size: int | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.demand.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.demand.shape[1])
+
+
+def _union_rank(ids: np.ndarray, group: np.ndarray, n_groups: int, E: int, weight: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Per group and layer, the distinct ids of ``ids`` ``(n, L, w)`` ordered by count (ties: lower id).
+
+    Returns ``(G, L, W)`` int16 padded with -1, ``W`` the largest union.
+    """
+    _n, L, _w = ids.shape
+    valid = ids >= 0
+    flat = ((group[:, None, None] * L + np.arange(L)[None, :, None]) * E + np.where(valid, ids, 0)).ravel()
+    wts = (np.ones(ids.shape) if weight is None else np.broadcast_to(weight, ids.shape)) * valid
+    counts = np.bincount(flat, weights=wts.ravel(), minlength=n_groups * L * E).reshape(n_groups, L, E)
+    order = np.argsort(-counts, axis=2, kind="stable")  # (G, L, E), ties keep the lower id first
+    width = int((counts > 0).sum(axis=2).max()) if counts.size else 0
+    order = order[:, :, :width]
+    keep = np.take_along_axis(counts, order, axis=2) > 0
+    return np.where(keep, order, -1).astype(np.int16)
+
+
+def prepare(trace: Any, *, mode: str = "decode", batch_size: int | None = None) -> Steps:
+    """Cut ``trace`` into steps. Decode: one token per step. Prefill: each document in batches of
+    ``batch_size`` tokens (None: the whole document), demand = union of the batch's experts.
+
+    Memory: the routing ids are held as int16, ``2 N L k`` bytes.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    N, L, k, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
+    if N == 0:
+        raise ConfigError(f"{trace.path}: the trace has no rows to simulate")
+    ids = np.empty((N, L, k), np.int16)
+    doc = np.empty(N, np.int64)
+    start = 0
+    for b in trace.iter_batches(["doc_id", "experts"]):
+        n = len(b)
+        ids[start:start + n] = np.where(b.experts == trace.missing_id, -1, b.experts)
+        doc[start:start + n] = b.doc_id
+        start += n
+    new_doc = np.ones(N, bool)
+    new_doc[1:] = doc[1:] != doc[:-1]
+    valid = ids >= 0
+    pop_flat = (np.arange(L)[None, :, None] * E + np.where(valid, ids, 0)).ravel()
+    popularity = np.bincount(pop_flat, weights=valid.ravel(), minlength=L * E).reshape(L, E)
+    if mode == "decode":
+        return Steps(ids, np.ones(N, np.int64), new_doc, np.arange(N), E, popularity, mode, None)
+    doc_index = np.cumsum(new_doc) - 1
+    doc_first = np.flatnonzero(new_doc)
+    pos_in_doc = np.arange(N) - doc_first[doc_index]
+    chunk = np.zeros(N, np.int64) if batch_size is None else pos_in_doc // batch_size
+    step_start = new_doc | np.concatenate([[True], chunk[1:] != chunk[:-1]])
+    step_of_row = np.cumsum(step_start) - 1
+    S = int(step_of_row[-1]) + 1
+    demand = _union_rank(ids, step_of_row, S, E)
+    tokens = np.bincount(step_of_row, minlength=S).astype(np.int64)
+    return Steps(demand, tokens, new_doc[step_start], step_of_row, E, popularity, mode, batch_size)
+
+
+def step_prefetch(steps: Steps, ranked: np.ndarray | None) -> np.ndarray:
+    """The ``(S, L, m)`` prefetch array of the steps from per-row predictions ``(N, L, m)``.
+
+    Decode: unchanged. Prefill: the ``m`` ids most often predicted across the batch's rows, each
+    prediction weighted by ``m - rank`` so that first choices count most.
+    """
+    S, L = steps.num_steps, steps.num_layers
+    if ranked is None:
+        return np.full((S, L, 0), -1, np.int16)
+    if ranked.shape[:2] != (len(steps.step_of_row), L):
+        raise ConfigError(f"prefetch array has shape {ranked.shape}; the trace needs ({len(steps.step_of_row)}, {L}, m)")
+    if steps.mode == "decode":
+        return np.ascontiguousarray(ranked, dtype=np.int16)
+    m = ranked.shape[2]
+    weight = (m - np.arange(m)).astype(np.float64)[None, None, :]
+    union = _union_rank(ranked, steps.step_of_row, S, steps.num_experts, weight)
+    out = np.full((S, L, m), -1, np.int16)
+    w = min(m, union.shape[2])
+    out[:, :, :w] = union[:, :, :w]
+    return out
+
+
+@dataclass
+class SimResult:
+    """Counts and times of one replay; :meth:`summary` and :meth:`per_layer` present them."""
+
+    policy: str
+    prefetcher: str
+    distance: int
+    budget: int
+    capacity: np.ndarray
+    shared: bool
+    mode: str
+    counts: np.ndarray  # (NCOUNT, L)
+    stall_s: np.ndarray  # (L,)
+    prefetch_wait_s: np.ndarray  # (L,)
+    total_s: float
+    compute_s: float
+    no_cache_s: float
+    tokens: int
+    steps: int
+    expert_bytes: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _c(self, name: str) -> np.ndarray:
+        return self.counts[getattr(K, name)]
+
+    def per_layer(self) -> Any:
+        """Polars frame, one row per MoE layer, counts and rates with units in the column names."""
+        import polars as pl
+
+        acc, hit, pfh = self._c("C_ACCESS"), self._c("C_HIT"), self._c("C_PF_HIT")
+        miss, pfl, waste = self._c("C_MISS"), self._c("C_PF_LOAD"), self._c("C_PF_WASTE")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return pl.DataFrame({
+                "layer": np.arange(self.counts.shape[1]),
+                "capacity_experts": (self.capacity if not self.shared else np.full(self.counts.shape[1], -1)),
+                "accesses": acc, "hits": hit, "hit_rate": hit / acc, "prefetch_hits": pfh,
+                "late_prefetch_hits": self._c("C_LATE"), "demand_misses": miss, "streamed": self._c("C_STREAM"),
+                "demand_bytes": miss * self.expert_bytes, "prefetch_bytes": pfl * self.expert_bytes,
+                "wasted_prefetch_bytes": waste * self.expert_bytes,
+                "prefetch_precision": pfh / pfl, "prefetch_coverage": pfh / (pfh + miss),
+                "stall_ms_per_token": self.stall_s * 1e3 / self.tokens,
+            })
+
+    def summary(self) -> dict[str, Any]:
+        """Overall figures (JSON-ready)."""
+        c = self.counts.sum(axis=1)
+        acc, hit, pfh, miss, pfl, waste = (int(c[getattr(K, n)]) for n in (
+            "C_ACCESS", "C_HIT", "C_PF_HIT", "C_MISS", "C_PF_LOAD", "C_PF_WASTE"))
+
+        def ratio(a: float, b: float) -> float | None:
+            return None if b == 0 else a / b
+
+        return {
+            "policy": self.policy,
+            "prefetcher": self.prefetcher,
+            "distance": self.distance,
+            "budget": self.budget,
+            "mode": self.mode,
+            "shared_cache": self.shared,
+            "capacity_experts": int(self.capacity.sum()),
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "events": self.steps * self.counts.shape[1],
+            "accesses": acc,
+            "hits": hit,
+            "hit_rate": ratio(hit, acc),
+            "prefetch_hits": pfh,
+            "late_prefetch_hits": int(c[K.C_LATE]),
+            "demand_misses": miss,
+            "streamed": int(c[K.C_STREAM]),
+            "demand_bytes": miss * self.expert_bytes,
+            "prefetch_bytes": pfl * self.expert_bytes,
+            "wasted_prefetch_bytes": waste * self.expert_bytes,
+            "bytes_moved": (miss + pfl) * self.expert_bytes,
+            "prefetch_precision": ratio(pfh, pfl),
+            "prefetch_coverage": ratio(pfh, pfh + miss),
+            "stall_ms_per_token": float(self.stall_s.sum()) * 1e3 / self.tokens,
+            "time_s": self.total_s,
+            "tokens_per_s": self.tokens / self.total_s if self.total_s > 0 else None,
+            "tokens_per_s_all_in_gpu": self.tokens / self.compute_s if self.compute_s > 0 else None,
+            "tokens_per_s_no_cache": self.tokens / self.no_cache_s if self.no_cache_s > 0 else None,
+            **self.extra,
+        }
+
+
+def _occurrences(demand: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of demand events per key: ``occ_ev[occ_start[key]:occ_start[key+1]]`` ascending."""
+    S, L, _W = demand.shape
+    valid = demand >= 0
+    keys = (np.arange(L)[None, :, None] * E + demand.astype(np.int64))[valid]
+    events = np.broadcast_to((np.arange(S)[:, None] * L + np.arange(L)[None, :])[:, :, None], demand.shape)[valid]
+    order = np.argsort(keys, kind="stable")  # events are already ascending in row-major order
+    occ_start = np.zeros(L * E + 1, np.int64)
+    np.cumsum(np.bincount(keys, minlength=L * E), out=occ_start[1:])
+    return occ_start, np.ascontiguousarray(events[order], dtype=np.int64)
+
+
+def run(
+    steps: Steps,
+    policy: CachePolicy,
+    capacity: np.ndarray,
+    deployment: Deployment,
+    cost: ModelCost,
+    *,
+    shared: bool = False,
+    prefetch: np.ndarray | None = None,
+    distance: int = 1,
+    prefetcher_name: str = "none",
+    reset: str = "none",
+) -> SimResult:
+    """Replay prepared ``steps`` with a fitted ``policy``.
+
+    ``capacity`` is ``(L,)`` slots per layer, or ``(1,)`` with ``shared`` for one cache over all layers;
+    ``prefetch`` is the ``(S, L, m)`` array of :func:`step_prefetch`; ``reset="document"`` empties
+    the cache at every document start (each request starts cold).
+    """
+    policy.check_fitted()
+    deployment.check()
+    if reset not in RESETS:
+        raise ConfigError(f"--reset {reset!r} is unknown; use one of {', '.join(RESETS)}")
+    S, L, E = steps.num_steps, steps.num_layers, steps.num_experts
+    capacity = np.asarray(capacity, np.int64)
+    want = (1,) if shared else (L,)
+    if capacity.shape != want or (capacity < 1).any():
+        raise ConfigError(
+            f"capacity must have shape {want} ({'one shared cache' if shared else 'slots per layer'}), "
+            f"each >= 1; got {capacity.tolist()}"
+        )
+    per_layer = not shared
+    if prefetch is None:
+        prefetch = np.full((S, L, 0), -1, np.int16)
+    if prefetch.shape[:2] != (S, L):
+        raise ConfigError(f"prefetch array has shape {prefetch.shape}; expected ({S}, {L}, m)")
+    if not 1 <= distance:
+        raise ConfigError(f"--distance must be >= 1, got {distance}")
+    pinned = policy.pinned(L, E, capacity, per_layer)
+    n_pinned = pinned.reshape(L, E).sum(axis=1) if per_layer else np.array([pinned.sum()])
+    if (n_pinned > capacity).any():
+        raise ConfigError(f"{policy.describe()} pins more experts than the cache holds")
+    if policy.needs_future:
+        occ_start, occ_ev = _occurrences(steps.demand, E)
+    else:
+        occ_start, occ_ev = np.zeros(L * E + 1, np.int64), np.zeros(0, np.int64)
+    reset_mask = steps.doc_start.copy() if reset == "document" else np.zeros(S, bool)
+    reset_mask[0] = True
+    seg_start = np.flatnonzero(reset_mask)
+    seg_end_step = np.append(seg_start[1:], S)[np.cumsum(reset_mask) - 1]
+    seg_end = seg_end_step.astype(np.int64) * L
+
+    load_t, _ = load_times(deployment, cost, steps.popularity)
+    unique = (steps.demand >= 0).sum(axis=2)
+    compute = compute_times(deployment, cost, steps.tokens.astype(np.float64), unique)
+
+    P = capacity.shape[0]
+    # plain LRU with nothing pinned keeps its residents in a recency list: O(1) victims
+    fast = (policy.priority_rule == K.PRIO_LAST and not policy.protect and not policy.bypass
+            and not pinned.any())
+    slots = np.full((P, int(capacity.max())), -1, np.int64)
+    nres = np.zeros(P, np.int64)
+    where = np.full(L * E, -1, np.int64)
+    st = np.zeros((L * E, 4), np.float64)
+    lock = np.full(L * E, -1, np.int64)
+    protect_until = np.full(L * E, -1, np.int64)
+    pf_unused = np.zeros(L * E, np.bool_)
+    arrival = np.zeros(L * E, np.float64)
+    ptr = occ_start[:-1].copy()
+    clock = np.zeros(3, np.float64)
+    counts = np.zeros((K.NCOUNT, L), np.int64)
+    stall = np.zeros(L, np.float64)
+    wait_pf = np.zeros(L, np.float64)
+    K.replay_chunk(
+        np.ascontiguousarray(steps.demand), np.ascontiguousarray(prefetch, dtype=np.int16), int(distance), int(E),
+        per_layer, capacity, pinned, int(policy.priority_rule), int(policy.use_rule), float(policy.param()),
+        bool(policy.bypass), bool(policy.protect), bool(policy.needs_future), occ_start, occ_ev, seg_end,
+        reset_mask, load_t, compute, 0,
+        slots, nres, where, st, lock, protect_until, pf_unused, arrival, ptr, clock, counts, stall, wait_pf,
+        fast, np.full(P, -1, np.int64), np.full(P, -1, np.int64), np.full(L * E, -1, np.int64),
+        np.full(L * E, -1, np.int64),
+    )
+    # prefetched experts never used by the end of the replay were moved for nothing
+    left = np.flatnonzero(pf_unused)
+    np.add.at(counts[K.C_PF_WASTE], left // E, 1)
+
+    valid = steps.demand >= 0
+    keys = np.arange(L)[None, :, None] * E + np.where(valid, steps.demand, 0)
+    no_cache = float((load_t[keys] * valid).sum() + compute.sum())
+    return SimResult(
+        policy=policy.describe(), prefetcher=prefetcher_name, distance=int(distance),
+        budget=int(prefetch.shape[2]), capacity=capacity, shared=shared, mode=steps.mode, counts=counts,
+        stall_s=stall, prefetch_wait_s=wait_pf, total_s=float(clock[1]), compute_s=float(compute.sum()),
+        no_cache_s=no_cache, tokens=int(steps.tokens.sum()), steps=S, expert_bytes=cost.expert_bytes,
+    )
+
+
+def simulate(
+    trace: Any,
+    policy: CachePolicy,
+    capacity: np.ndarray,
+    deployment: Deployment,
+    cost: ModelCost,
+    *,
+    shared: bool = False,
+    prefetcher: Any = None,
+    mode: str = "decode",
+    batch_size: int | None = None,
+    reset: str = "none",
+    fit_trace: Any = None,
+) -> SimResult:
+    """Replay ``trace`` through ``policy`` (and ``prefetcher``) on ``deployment``.
+
+    Unfitted policies and prefetchers are fitted on ``fit_trace`` (default: the replayed trace
+    itself, which flatters learned ones: pass a separate training trace for honest numbers).
+
+    Examples
+    --------
+    >>> from moescope.simulate import LRU, ModelCost, get_preset, simulate  # doctest: +SKIP
+    >>> r = simulate(tr, LRU(), np.full(tr.num_layers, 4), get_preset("rtx4090-pcie4"),
+    ...              ModelCost(expert_params=3 * 4096 * 14336, top_k=2))  # doctest: +SKIP
+    >>> r.summary()["hit_rate"]  # doctest: +SKIP
+    """
+    fit_on = trace if fit_trace is None else fit_trace
+    if not getattr(policy, "fitted_", False):
+        policy = policy.fit(fit_on)
+    steps = prepare(trace, mode=mode, batch_size=batch_size)
+    pref, dist, name = None, 1, "none"
+    if prefetcher is not None:
+        if not getattr(prefetcher, "fitted_", False):
+            prefetcher = prefetcher.fit(fit_on)
+        pref = step_prefetch(steps, prefetcher.ranked(trace))
+        dist, name = int(prefetcher.distance), prefetcher.describe()
+    return run(steps, policy, capacity, deployment, cost, shared=shared, prefetch=pref, distance=dist, prefetcher_name=name,
+               reset=reset)

@@ -1,0 +1,101 @@
+"""Sweeps over cache size, policy and prefetch budget, with the figures the issue asks for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
+from moescope.simulate.engine import prepare, run, step_prefetch
+from moescope.simulate.policies import make_policy
+
+
+def sweep(
+    trace: Any,
+    deployment: Deployment,
+    cost: ModelCost,
+    *,
+    fractions: Sequence[float] = (0.0625, 0.125, 0.25, 0.5, 0.75),
+    policies: Sequence[str] = ("lru", "lfu", "lrfu", "lru-protect", "static", "belady"),
+    prefetchers: Sequence[Any] = (None,),
+    mode: str = "decode",
+    batch_size: int | None = None,
+    shared: bool = False,
+    reset: str = "none",
+    fit_trace: Any = None,
+) -> Any:
+    """One summary row per (prefetcher, policy, cache fraction) as a Polars frame.
+
+    ``prefetchers`` holds unfitted :class:`~moescope.simulate.prefetch.Prefetcher` objects (or None);
+    each is fitted once on ``fit_trace`` (default: ``trace``) and its predictions reused.
+    """
+    import polars as pl
+
+    fit_on = trace if fit_trace is None else fit_trace
+    steps = prepare(trace, mode=mode, batch_size=batch_size)
+    fitted = {name: make_policy(name).fit(fit_on) for name in policies}
+    rows: list[dict[str, Any]] = []
+    for pf in prefetchers:
+        pref, dist, pf_name = None, 1, "none"
+        if pf is not None:
+            pf = pf.fit(fit_on)
+            pref, dist, pf_name = step_prefetch(steps, pf.ranked(trace)), int(pf.distance), pf.describe()
+        for frac in fractions:
+            cap = cache_capacity(deployment, cost, trace.num_layers, trace.num_experts, fraction=frac, shared=shared)
+            for _name, pol in fitted.items():
+                res = run(steps, pol, cap, deployment, cost, shared=shared, prefetch=pref, distance=dist,
+                          prefetcher_name=pf_name, reset=reset)
+                rows.append({"cache_fraction": frac, **res.summary()})
+    return pl.DataFrame(rows)
+
+
+def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) -> list[Path]:
+    """Hit rate and tokens/s against cache size, one line per policy (and prefetcher): PNG + CSV each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for metric, label in (("hit_rate", "hit rate"), ("tokens_per_s", "tokens / s")):
+        data = df.select("prefetcher", "policy", "cache_fraction", "capacity_experts", metric)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for (pf, pol), part in data.group_by(["prefetcher", "policy"], maintain_order=True):
+            part = part.sort("cache_fraction")
+            ax.plot(part["cache_fraction"], part[metric], marker="o", label=f"{pol} + {pf}" if pf != "none" else pol)
+        if metric == "tokens_per_s":
+            for bound, style in (("tokens_per_s_all_in_gpu", ":"), ("tokens_per_s_no_cache", "--")):
+                ax.axhline(float(df[bound][0]), color="grey", linestyle=style, label=bound.removeprefix("tokens_per_s_"))
+        ax.set_xlabel("cache size (share of all experts)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        out = stem.with_name(f"{stem.name}_{metric}")
+        if metric == "tokens_per_s":
+            data = data.with_columns(
+                tokens_per_s_all_in_gpu=df["tokens_per_s_all_in_gpu"], tokens_per_s_no_cache=df["tokens_per_s_no_cache"]
+            )
+        data.write_csv(out.with_suffix(".csv"))
+        fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written += [out.with_suffix(".png"), out.with_suffix(".csv")]
+    if params:
+        stem.with_name(f"{stem.name}.json").write_text(json.dumps(params, indent=2, default=str))
+    return written
+
+
+def best_row(df: Any, fraction: float) -> dict[str, Any]:
+    """The (policy, prefetcher) with the most tokens/s at ``fraction``, and LRU alone for comparison."""
+    at = df.filter(np.isclose(df["cache_fraction"].to_numpy(), fraction))
+    best = at.sort("tokens_per_s", descending=True).row(0, named=True)
+    lru = at.filter((at["policy"] == "lru") & (at["prefetcher"] == "none"))
+    base = lru.row(0, named=True)["tokens_per_s"] if len(lru) else None
+    return {"cache_fraction": fraction, "best_policy": best["policy"], "best_prefetcher": best["prefetcher"],
+            "tokens_per_s": best["tokens_per_s"], "hit_rate": best["hit_rate"], "lru_tokens_per_s": base,
+            "speedup_vs_lru": (best["tokens_per_s"] / base) if base else None}

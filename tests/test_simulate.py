@@ -1,0 +1,436 @@
+"""The simulator against a plain reference simulator written here, Belady's optimality, and the contract."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from moescope.errors import ConfigError, MoescopeError
+from moescope.simulate import (
+    LFU,
+    LRFU,
+    LRU,
+    Belady,
+    Deployment,
+    ModelCost,
+    OraclePrefetcher,
+    PreviousTokenPrefetcher,
+    ProtectedLRU,
+    StaticPin,
+    TablePrefetcher,
+    Tier,
+    cache_capacity,
+    get_preset,
+    prepare,
+    run,
+    simulate,
+    step_prefetch,
+)
+from moescope.trace.synthetic import write_synthetic_trace
+
+# ---------------------------------------------------------------------------------------------
+# reference simulator: one obvious Python loop, dictionaries and lists only
+
+
+def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, compute, reset):
+    """Counts and final time of a replay, by the rules stated in moescope.simulate.kernel."""
+    S, L, _ = demand.shape
+    future = {}  # key -> list of demand events
+    for s in range(S):
+        for layer in range(L):
+            for e in demand[s][layer]:
+                if e >= 0:
+                    future.setdefault(layer * E + int(e), []).append(s * L + layer)
+    seg_end = {}
+    cur = S
+    for s in range(S - 1, -1, -1):
+        seg_end[s] = cur * L
+        if reset[s]:
+            cur = s
+
+    def next_use(key, after, s):
+        for ev in future.get(key, []):
+            if ev > after:
+                return ev if ev < seg_end[s] else math.inf
+        return math.inf
+
+    out = {n: [0] * L for n in ("access", "hit", "pf_hit", "miss", "stream", "pf_load", "pf_waste")}
+    cache = {}  # partition -> list of resident keys
+    info = {}  # key -> dict(last, freq, aux, unused, arrival, protect)
+    counter = 0
+    now = 0.0
+    link = 0.0
+
+    def part(layer):
+        return 0 if shared else layer
+
+    def prio(key, event, s):
+        d = info[key]
+        if policy == "lfu":
+            return d["freq"]
+        if policy == "lrfu":
+            return d["aux"]
+        if policy == "belady":
+            return -next_use(key, event, s)
+        return d["last"]
+
+    def victim(p, locked, event, s):
+        best = None
+        for key in cache[p]:
+            if key in locked or key in pinned_keys:
+                continue
+            prot = 1 if policy == "lru-protect" and info[key]["protect"] >= event else 0
+            rank = (prot, prio(key, event, s), info[key]["last"])
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        return None if best is None else best[1]
+
+    def use(key, s):
+        if policy == "lrfu":
+            info[key]["aux"] = math.log2(1 + 2 ** (info[key]["aux"] - 0.05 * s)) + 0.05 * s
+
+    def fresh(key):
+        return {"last": 0, "freq": 0, "aux": -math.inf, "unused": False, "arrival": 0.0, "protect": -1}
+
+    for s in range(S):
+        if reset[s]:
+            for keys in cache.values():
+                for key in keys:
+                    if info[key]["unused"]:
+                        out["pf_waste"][key // E] += 1
+            cache = {p: [] for p in range(1 if shared else L)}
+            info = {key: fresh(key) for key in range(L * E)}
+            for key in sorted(pinned_keys):
+                cache[part(key // E)].append(key)
+        for layer in range(L):
+            event = s * L + layer
+            p = part(layer)
+            start = now
+            ready = now
+            keys = [layer * E + int(e) for e in demand[s][layer] if e >= 0]
+            at_start = {key for key in keys if key in cache[p]}
+            locked = set(at_start) if policy != "belady" else set()
+            for key in keys:
+                out["access"][layer] += 1
+                if key in at_start:
+                    out["hit"][layer] += 1
+                    if info[key]["unused"]:
+                        out["pf_hit"][layer] += 1
+                        info[key]["unused"] = False
+                    ready = max(ready, info[key]["arrival"])
+                else:
+                    out["miss"][layer] += 1
+                    link = max(link, start) + load_t[key]
+                    ready = max(ready, link)
+                    keep = True
+                    if len(cache[p]) >= cap[p]:
+                        v = victim(p, locked, event, s)
+                        if v is None:
+                            keep = False
+                        elif policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
+                            keep = False
+                        else:
+                            if info[v]["unused"]:
+                                out["pf_waste"][v // E] += 1
+                                info[v]["unused"] = False
+                            cache[p].remove(v)
+                    if keep:
+                        cache[p].append(key)
+                        if policy != "belady":
+                            locked.add(key)
+                        info[key]["arrival"] = link
+                    else:
+                        out["stream"][layer] += 1
+                counter += 1
+                info[key]["last"] = counter
+                info[key]["freq"] += 1
+                use(key, s)
+            now = ready + compute[s][layer]
+            target = layer + dist
+            if target >= L or pref.shape[2] == 0:
+                continue
+            tp = part(target)
+            issued = set()
+            for e in pref[s][target]:
+                if e < 0:
+                    continue
+                key = target * E + int(e)
+                info[key]["protect"] = max(info[key]["protect"], s * L + target)
+                if key in cache[tp]:
+                    issued.add(key)
+                    continue
+                if len(cache[tp]) >= cap[tp]:
+                    v = victim(tp, issued, event, s)
+                    if v is None:
+                        continue
+                    if policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
+                        continue
+                    if info[v]["unused"]:
+                        out["pf_waste"][v // E] += 1
+                        info[v]["unused"] = False
+                    cache[tp].remove(v)
+                cache[tp].append(key)
+                issued.add(key)
+                out["pf_load"][target] += 1
+                info[key]["unused"] = True
+                link = max(link, start) + load_t[key]
+                info[key]["arrival"] = link
+                counter += 1
+                info[key]["last"] = counter
+                use(key, s)
+    for keys in cache.values():
+        for key in keys:
+            if info[key]["unused"]:
+                out["pf_waste"][key // E] += 1
+    return out, now
+
+
+# ---------------------------------------------------------------------------------------------
+
+COST = ModelCost(expert_params=3 * 64 * 32, bytes_per_param=2.0, dense_params_per_layer=4 * 64 * 64, top_k=2)
+DEP = Deployment("test", 1.0, 100.0, 1.0, [Tier("host", 0.0000002, 20.0, 3.0), Tier("ssd", None, 2.0, 50.0)])
+
+POLICIES = {
+    "lru": LRU, "lfu": LFU, "lrfu": lambda: LRFU(decay=0.05), "lru-protect": ProtectedLRU,
+    "static": lambda: StaticPin(pin_fraction=0.5), "belady": Belady,
+}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sim")
+    return write_synthetic_trace(d / "t", n_tokens=240, num_layers=3, num_experts=8, top_k=2, law="markov",
+                                 noise=0.4, doc_len=40, seed=3)
+
+
+def _engine_counts(res):
+    from moescope.simulate import kernel as K
+
+    names = {"access": K.C_ACCESS, "hit": K.C_HIT, "pf_hit": K.C_PF_HIT, "miss": K.C_MISS, "stream": K.C_STREAM,
+             "pf_load": K.C_PF_LOAD, "pf_waste": K.C_PF_WASTE}
+    return {n: res.counts[i].tolist() for n, i in names.items()}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pf", ["none", "table", "previous"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_engine_matches_reference(small, policy, shared, pf, mode):
+    steps = prepare(small, mode=mode, batch_size=8)
+    L, E = small.num_layers, small.num_experts
+    cap = np.array([7]) if shared else np.array([3, 2, 4])
+    pol = POLICIES[policy]().fit(small)
+    pref = None
+    dist = 1 if pf != "table" else 2
+    if pf == "table":
+        pref = step_prefetch(steps, TablePrefetcher(distance=2, budget=3).fit(small).ranked(small))
+    elif pf == "previous":
+        pref = step_prefetch(steps, PreviousTokenPrefetcher(distance=1, budget=2).fit(small).ranked(small))
+    reset = "document" if mode == "prefill" else "none"
+    res = run(steps, pol, cap, DEP, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
+    from moescope.simulate.deployment import compute_times, load_times
+
+    load_t, _ = load_times(DEP, COST, steps.popularity)
+    compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2))
+    pinned = set(np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist())
+    rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
+    rmask[0] = True
+    p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
+    ref, t_end = reference(steps.demand, p, dist, E, cap, shared, policy, pinned, load_t, compute, rmask)
+    assert _engine_counts(res) == ref
+    assert res.total_s == pytest.approx(t_end, rel=1e-9)
+
+
+def _random_demand(rng, S, L, E, k):
+    return np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(S)]).astype(np.int16)
+
+
+def _steps_of(demand, E):
+    from moescope.simulate.engine import Steps
+
+    S, L, _ = demand.shape
+    pop = np.zeros((L, E))
+    return Steps(demand, np.ones(S, np.int64), np.r_[True, np.zeros(S - 1, bool)], np.arange(S), E, pop)
+
+
+def _brute_force_max_hits(demand, E, cap):
+    """Most hits any demand policy can get (one layer), by dynamic programming over every cache content.
+
+    After a step the cache may keep any subset (at most ``cap``) of its old residents and that step's
+    experts: every eviction, insertion and bypass choice is allowed.
+    """
+    best = {frozenset(): 0}
+    for s in range(demand.shape[0]):
+        need = {int(e) for e in demand[s, 0]}
+        nxt = {}
+        for cache, hits in best.items():
+            h = hits + len(need & cache)
+            pool = sorted(cache | need)
+            for r in range(min(cap, len(pool)) + 1):
+                for keep in itertools.combinations(pool, r):
+                    key = frozenset(keep)
+                    if nxt.get(key, -1) < h:
+                        nxt[key] = h
+        best = nxt
+    return max(best.values())
+
+
+def test_belady_is_optimal_on_tiny_traces():
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        E, k, cap, S = 6, 2, 2 + trial % 2, 12
+        demand = _random_demand(rng, S, 1, E, k)
+        res = run(_steps_of(demand, E), Belady().fit(), np.array([cap]), DEP, COST)
+        assert int(res.counts[1].sum()) == _brute_force_max_hits(demand, E, cap)
+
+
+def test_belady_never_beaten(tmp_path):
+    rng = np.random.default_rng(1)
+    for trial in range(8):
+        E, k, L, S = 10, 3, 2, 150
+        demand = _random_demand(rng, S, L, E, k)
+        steps = _steps_of(demand, E)
+        cap = np.array([3 + trial % 5] * L)
+        best = run(steps, Belady().fit(), cap, DEP, COST).counts[1].sum()
+        pin = StaticPin()
+        pin.counts_ = np.bincount((np.arange(L)[None, :, None] * E + demand).ravel(), minlength=L * E).reshape(L, E)
+        pin.fitted_ = True
+        for pol in (LRU().fit(), LFU().fit(), LRFU().fit(), ProtectedLRU().fit(), pin):
+            assert run(steps, pol, cap, DEP, COST).counts[1].sum() <= best
+
+
+def test_lru_hits_match_stack_distance():
+    """Per-layer LRU, decode: a hit iff fewer than C distinct experts were used since the last use."""
+    rng = np.random.default_rng(2)
+    demand = rng.integers(0, 12, (400, 1, 1)).astype(np.int16)
+    for cap in (1, 3, 6):
+        res = run(_steps_of(demand, 12), LRU().fit(), np.array([cap]), DEP, COST)
+        seq = demand[:, 0, 0].tolist()
+        expect = 0
+        for i, e in enumerate(seq):
+            prev = [j for j in range(i) if seq[j] == e]
+            if prev and len(set(seq[prev[-1] + 1:i])) < cap:
+                expect += 1
+        assert res.counts[1].sum() == expect
+
+
+def test_oracle_prefetch_covers_everything(small):
+    """With the true next set prefetched in time and room for it, every access after layer 0 hits."""
+    cost = ModelCost(expert_params=10, bytes_per_param=1.0, top_k=2)
+    fast = Deployment("fast", 1.0, 1e3, 1.0, [Tier("host", None, 1e3, 0.0)], compute_ms_per_layer=1.0)
+    res = simulate(small, LRU(), np.full(3, 4), fast, cost, prefetcher=OraclePrefetcher(distance=1))
+    per = res.per_layer()
+    assert per["hit_rate"][1] == 1.0 and per["hit_rate"][2] == 1.0
+    assert per["prefetch_precision"][1] <= 1.0
+    s = res.summary()
+    assert s["stall_ms_per_token"] > 0  # layer 0 still misses
+    assert s["tokens_per_s_no_cache"] < s["tokens_per_s"] <= s["tokens_per_s_all_in_gpu"]
+
+
+def test_timing_single_miss_by_hand():
+    """One token, one layer, one expert missing: time = latency + bytes/bandwidth + compute."""
+    demand = np.array([[[1]]], np.int16)
+    cost = ModelCost(expert_params=1000, bytes_per_param=2.0, top_k=1)
+    dep = Deployment("d", 1.0, 1e3, 1.0, [Tier("host", None, 1.0, 5.0)], compute_ms_per_layer=0.5)
+    res = run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep, cost)
+    assert res.total_s == pytest.approx(5e-6 + 2000 / 1e9 + 0.5e-3)
+    assert res.stall_s.sum() == pytest.approx(5e-6 + 2000 / 1e9)
+
+
+def test_capacity_forms_and_errors():
+    dep = get_preset("rtx4090-pcie4")
+    cost = ModelCost(expert_params=3 * 2048 * 1408, top_k=6)
+    assert cache_capacity(dep, cost, 26, 64, fraction=0.25).tolist() == [16] * 26
+    assert cache_capacity(dep, cost, 26, 64, experts=10, shared=True).tolist() == [10]
+    assert cache_capacity(dep, cost, 26, 64, gb=1.0).tolist() == [int(1e9 // cost.expert_bytes) // 26] * 26
+    with pytest.raises(ConfigError, match="exactly one"):
+        cache_capacity(dep, cost, 26, 64, fraction=0.5, experts=3)
+    with pytest.raises(ConfigError, match="--cache-fraction"):
+        cache_capacity(dep, cost, 26, 64, fraction=1.5)
+    with pytest.raises(ConfigError, match="--preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ConfigError, match="decay"):
+        LRFU(decay=-1).fit()
+    with pytest.raises(ConfigError, match="not fitted"):
+        run(_steps_of(np.zeros((1, 1, 1), np.int16), 2), LRU(), np.array([1]), dep, cost)
+
+
+@pytest.mark.parametrize("cls", [LRU, LFU, LRFU, ProtectedLRU, StaticPin, Belady, TablePrefetcher,
+                                 PreviousTokenPrefetcher, OraclePrefetcher])
+def test_estimator_contract(small, cls):
+    est = cls()
+    assert clone(est).get_params() == est.get_params()
+    if isinstance(est, (TablePrefetcher, PreviousTokenPrefetcher, OraclePrefetcher)):
+        with pytest.raises(MoescopeError, match="not fitted"):
+            est.ranked(small)
+        a = est.fit(small).ranked(small)
+        b = clone(est).fit(small).ranked(small)
+        assert np.array_equal(a, b)
+        assert not any(isinstance(v, type(small)) for v in vars(est).values())
+    else:
+        assert est.fit(small) is est and est.fitted_
+
+
+def test_table_prefetcher_against_counts(small):
+    """Column l+d of the ranked array equals the argmax of summed conditionals computed here by hand."""
+    d, m = 1, 2
+    pf = TablePrefetcher(distance=d, budget=m, alpha=0.0).fit(small)
+    ex = small.experts().astype(int)
+    E = small.num_experts
+    C = np.zeros((E, E))
+    for row in ex:
+        for a in row[0]:
+            for b in row[1]:
+                C[a, b] += 1
+    cond = C / np.maximum(C.sum(1, keepdims=True), 1e-12)
+    ranked = pf.ranked(small)
+    for t in range(0, len(ex), 17):
+        score = cond[ex[t, 0]].sum(0)
+        order = sorted(range(E), key=lambda b: (-score[b], b))[:m]
+        assert ranked[t, 1].tolist() == order
+    assert (ranked[:, 0] == -1).all()
+
+
+def test_markov_trace_prefetch_helps(tmp_path):
+    tr = write_synthetic_trace(tmp_path / "m", n_tokens=2000, num_layers=4, num_experts=16, top_k=1, law="markov",
+                               noise=0.05, doc_len=100, seed=0)
+    cost = ModelCost(expert_params=3 * 1024 * 512, top_k=1)
+    # compute long enough to hide a transfer: prefetch must then pay off in time as well as in hits
+    dep = get_preset("rtx4090-pcie4").replace(compute_ms_per_layer=0.5)
+    base = simulate(tr, LRU(), np.full(4, 4), dep, cost).summary()
+    pf = simulate(tr, LRU(), np.full(4, 4), dep, cost, prefetcher=TablePrefetcher(budget=1)).summary()
+    assert pf["hit_rate"] > base["hit_rate"] + 0.3
+    assert pf["prefetch_precision"] > 0.8
+    assert pf["tokens_per_s"] > base["tokens_per_s"]
+
+
+def test_cli_simulate_and_sweep(small, tmp_path):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+
+    out = tmp_path / "sim"
+    r = CliRunner().invoke(app, ["simulate", str(small.path), "--expert-params", "6144", "--cache-fraction", "0.5",
+                                 "--prefetch", "table", "--budget", "2", "--sweep", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = _json.loads(r.stdout)
+    assert doc["policy"] == "lru" and 0 <= doc["hit_rate"] <= 1 and doc["prefetcher"].startswith("table")
+    for name in ("summary.json", "per_layer.csv", "sweep.csv", "sweep_hit_rate.png", "sweep_hit_rate.csv",
+                 "sweep_tokens_per_s.png", "sweep_tokens_per_s.csv"):
+        assert (out / name).is_file(), name
+    import polars as pl
+
+    sw = pl.read_csv(out / "sweep.csv")
+    for (_frac, pf), part in sw.group_by(["cache_fraction", "prefetcher"]):
+        if pf == "none":
+            assert part.filter(pl.col("policy") == "belady")["hits"][0] == part["hits"].max()
+    bad = CliRunner().invoke(app, ["simulate", str(small.path), "--expert-params", "10", "--cache-fraction", "0.5",
+                                   "--policy", "fifo", "-o", str(out)])
+    assert bad.exit_code != 0
+    assert "unknown policy 'fifo'" in str(bad.exception) + bad.output
