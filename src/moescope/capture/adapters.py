@@ -66,6 +66,85 @@ def _llama4_listed(config: Any, layer: int) -> bool:
     return layer in (config.moe_layers or [])
 
 
+#: Per-expert score a router's weights are built from (see :class:`WeightRule`).
+WEIGHT_SCORES = ("softmax", "sigmoid", "softmax_chosen", "sparsemixer")
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """How a router turns its logits into the weights of the experts it chose.
+
+    Ablation re-routes a token to another expert and must weight the new set exactly as the
+    family would have: ``score`` is computed per expert from the logits (``softmax`` over all E,
+    ``sigmoid``, ``softmax_chosen``: softmax over the chosen logits only, ``sparsemixer``: PhiMoE's
+    eval-mode sparsemixer with threshold ``2 * jitter_eps``), gathered at the chosen ids, divided by
+    ``max(norm_p-norm + norm_eps, norm_floor)`` when ``norm_p`` is set, then multiplied by ``scale``.
+    """
+
+    score: str = "softmax"
+    norm_p: float | None = None
+    norm_eps: float = 0.0
+    norm_floor: float = 0.0
+    scale: float = 1.0
+    jitter_eps: float = 0.0
+
+
+def _w_renorm(config: Any) -> WeightRule:
+    # Mixtral: softmax over E, top-k renormalised to sum 1.
+    return WeightRule("softmax", norm_p=1)
+
+
+def _w_norm_topk(config: Any) -> WeightRule:
+    # Qwen2/3-MoE, OLMoE: renormalised only when config.norm_topk_prob.
+    return WeightRule("softmax", norm_p=1 if getattr(config, "norm_topk_prob", False) else None)
+
+
+def _w_scaled_softmax(config: Any) -> WeightRule:
+    # DeepSeek-V2: softmax probabilities times routed_scaling_factor, never renormalised.
+    return WeightRule("softmax", scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0))
+
+
+def _w_biased_sigmoid(config: Any) -> WeightRule:
+    # DeepSeek-V3, GLM4-MoE: unbiased sigmoid scores, `/ (sum + 1e-20)` if norm_topk_prob, then scaled.
+    norm = 1 if getattr(config, "norm_topk_prob", False) else None
+    return WeightRule(
+        "sigmoid", norm_p=norm, norm_eps=1e-20, scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
+    )
+
+
+def _w_ernie(config: Any) -> WeightRule:
+    # Ernie4.5-MoE: unbiased softmax, `/ clamp(sum, min=moe_norm_min)`.
+    return WeightRule("softmax", norm_p=1, norm_floor=float(getattr(config, "moe_norm_min", 0.0) or 0.0))
+
+
+def _w_chosen(config: Any) -> WeightRule:
+    # GraniteMoE, gpt-oss, JetMoE: softmax over the k chosen logits.
+    return WeightRule("softmax_chosen")
+
+
+def _w_softmax(config: Any) -> WeightRule:
+    # Jamba: softmax probabilities, not renormalised.
+    return WeightRule("softmax")
+
+
+def _w_dbrx(config: Any) -> WeightRule:
+    # DBRX: softmax probabilities divided by their p-norm, p = ffn_config.moe_normalize_expert_weights.
+    ffn = getattr(config, "ffn_config", None)
+    key = "moe_normalize_expert_weights"
+    p = ffn.get(key) if isinstance(ffn, dict) else getattr(ffn, key, None)
+    return WeightRule("softmax", norm_p=None if p is None else float(p))
+
+
+def _w_sigmoid(config: Any) -> WeightRule:
+    # Llama4: sigmoid of the chosen logits, not renormalised.
+    return WeightRule("sigmoid")
+
+
+def _w_sparsemixer(config: Any) -> WeightRule:
+    # PhiMoE: sparsemixer in eval mode, threshold from router_jitter_noise.
+    return WeightRule("sparsemixer", jitter_eps=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
+
+
 def _qwen2_shared(config: Any) -> int:
     return 1 if (getattr(config, "shared_expert_intermediate_size", 0) or 0) > 0 else 0
 
@@ -100,6 +179,8 @@ class FamilySpec:
     is_moe_layer : the family's dense-layer rule, ``(config, decoder_layer) -> bool``.
     pre_moe_norm : the norm inside a decoder layer applied to the residual stream right before
         the MoE block (for the "residual" lookahead variant).
+    weight_rule : ``config -> WeightRule``: how the router weights a chosen set (ablation re-route);
+        ``None`` when unknown, and re-routing such a family is refused.
     unsupported : when set, the family is known but cannot be captured; the text says why.
     notes : what a user should know about this family's capture.
     """
@@ -128,6 +209,7 @@ class FamilySpec:
     shared_rule: Callable[[Any], int] | None = None
     is_moe_layer: Callable[[Any, int], bool] = _all_layers
     pre_moe_norm: str = "post_attention_layernorm"
+    weight_rule: Callable[[Any], WeightRule] | None = None
     unsupported: str | None = None
     notes: str = ""
 
@@ -153,6 +235,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("MixtralTopKRouter",),
+        weight_rule=_w_renorm,
         **_STD,
         notes="softmax over E, top-k renormalised",
     ),
@@ -161,6 +244,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Qwen2MoeTopKRouter",),
+        weight_rule=_w_norm_topk,
         **_STD,
         shared_rule=_qwen2_shared,
         is_moe_layer=_qwen_sparse,
@@ -171,15 +255,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Qwen3MoeTopKRouter",),
+        weight_rule=_w_norm_topk,
         **_STD,
         is_moe_layer=_qwen_sparse,
     ),
-    FamilySpec(("olmoe",), block="mlp", router="gate", router_classes=("OlmoeTopKRouter",), **_STD),
+    FamilySpec(
+        ("olmoe",), block="mlp", router="gate", router_classes=("OlmoeTopKRouter",), weight_rule=_w_norm_topk, **_STD
+    ),
     FamilySpec(
         ("deepseek_v2",),
         block="mlp",
         router="gate",
         router_classes=("DeepseekV2TopkRouter",),
+        weight_rule=_w_scaled_softmax,
         **_STD,
         shared_keys=("n_shared_experts",),
         is_moe_layer=_first_k_dense,
@@ -190,6 +278,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("DeepseekV3TopkRouter",),
+        weight_rule=_w_biased_sigmoid,
         **_STD,
         router_kind="sigmoid",
         choice_score="sigmoid",
@@ -203,6 +292,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Glm4MoeTopkRouter",),
+        weight_rule=_w_biased_sigmoid,
         **_STD,
         router_kind="sigmoid",
         choice_score="sigmoid",
@@ -215,6 +305,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Ernie4_5_MoeTopKRouter",),
+        weight_rule=_w_ernie,
         **_STD,
         choice_score="softmax",
         choice_bias="moe_statics.e_score_correction_bias",
@@ -227,6 +318,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("PhimoeTopKRouter",),
+        weight_rule=_w_sparsemixer,
         **_STD,
         router_kind="sparsemixer",
         notes="sparsemixer (top-2 only); eval-mode selection is deterministic",
@@ -236,6 +328,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="block_sparse_moe",
         router="router",
         router_classes=("GraniteMoeTopKRouter",),
+        weight_rule=_w_chosen,
         **_STD,
         notes="softmax over the top-k logits",
     ),
@@ -244,6 +337,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="block_sparse_moe",
         router="router",
         router_classes=("GraniteMoeSharedTopKRouter",),
+        weight_rule=_w_chosen,
         **_STD,
         shared_rule=lambda c: 1 if (getattr(c, "shared_intermediate_size", 0) or 0) > 0 else 0,
     ),
@@ -252,6 +346,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="feed_forward",
         router="router",
         router_classes=("JambaTopKRouter",),
+        weight_rule=_w_softmax,
         **_STD,
         is_moe_layer=_jamba_period,
         pre_moe_norm="pre_ff_layernorm",
@@ -262,6 +357,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("GptOssTopKRouter",),
+        weight_rule=_w_chosen,
         **_STD,
         notes="router logits include a bias; softmax over the top-k logits",
     ),
@@ -272,6 +368,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="ffn",
         router="router",
         router_classes=("DbrxRouter",),
+        weight_rule=_w_dbrx,
         num_experts_keys=("ffn_config.moe_num_experts",),
         top_k_keys=("ffn_config.moe_top_k",),
         router_ids=None,
@@ -285,6 +382,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="feed_forward",
         router="router",
         router_classes=("Llama4Router",),
+        weight_rule=_w_sigmoid,
         **_STD,
         selection="router_dense_scores",
         router_ids=None,
@@ -300,6 +398,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("JetMoeTopKGating",),
+        weight_rule=_w_chosen,
         **_STD,
         experts=None,
         selection="router_sorted",

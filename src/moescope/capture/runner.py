@@ -1,0 +1,607 @@
+"""Run a model over documents and write the routing it used to a trace, resumably.
+
+The loop: read documents in order, tokenise a chunk of them, cut them into windows, batch windows
+of similar length (right-padded; the engine drops padding), run each batch under a
+:class:`~moescope.capture.engine.RoutingRecorder`, put every document's rows back together in
+token order and append them, then commit the chunk. Commits happen only at document boundaries,
+so an interrupted capture resumes after the last committed document with no token lost or doubled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moescope.capture.data import (
+    Document,
+    Window,
+    byte_tokenizer,
+    ensure_pad_token,
+    iter_documents,
+    make_windows,
+    pad_batch,
+    plan_batches,
+    resolve_source,
+    tokenize,
+)
+from moescope.errors import ConfigError, DataError, TraceError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Windows gathered before sorting into batches: more gives tighter length groups, costs memory.
+CHUNK_BATCHES = 16
+#: Upper bound on the default --seq-len; a model's max_position_embeddings caps it further.
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    """A model ready to capture: the module, its tokenizer and what the manifest says about it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str  # alias | tiny | local | hub | object
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        param = next(self.model.parameters())
+        return {
+            "id": self.name,
+            "source": self.source,
+            "model_type": getattr(cfg, "model_type", None),
+            "config_sha256": config_fingerprint(cfg),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": str(param.device),
+            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+        }
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {
+            "name": getattr(tok, "name_or_path", "") or type(tok).__name__,
+            "class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "bos_token_id": getattr(tok, "bos_token_id", None),
+            "eos_token_id": getattr(tok, "eos_token_id", None),
+            "pad_token_id": getattr(tok, "pad_token_id", None),
+        }
+
+
+def config_fingerprint(config: Any) -> str:
+    """SHA-256 of the model config's JSON: two traces with the same value came from the same architecture."""
+    return hashlib.sha256(config.to_json_string().encode("utf-8")).hexdigest()
+
+
+#: Named models the CLI accepts besides hub ids and directories: name -> loader(device, dtype).
+#: A loader returns ``(model, tokenizer)`` with the model already on ``device`` in ``dtype``
+#: (``None``: the model's own). Registering a bundled model is one entry here.
+MODEL_ALIASES: dict[str, Callable[[str, Any], tuple[Any, Any]]] = {}
+
+
+def resolve_device(device: str) -> str:
+    """Check ``--device`` and turn ``auto`` into what this machine has (``auto`` stays when CUDA exists)."""
+    import torch
+
+    base = device.split(":", 1)[0]
+    if base not in DEVICES or (":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())):
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str) -> Any:
+    """``--dtype`` as a ``torch.dtype``, or ``None`` for ``auto`` (the checkpoint's own dtype)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return None if dtype == "auto" else getattr(torch, dtype)
+
+
+def resolve_model(
+    name: str, *, device: str = "auto", dtype: str = "auto", log: Callable[[str], None] | None = None
+) -> LoadedModel:
+    """Load ``name``: a registered alias, ``tiny:<family>``, a local directory or a hub id.
+
+    ``tiny:<family>`` is a seeded random model from :func:`moescope.capture.tiny.tiny_model` with
+    the offline :func:`~moescope.capture.data.byte_tokenizer`, for demos and tests. Other models
+    load with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer``; ``device="auto"``
+    spreads them with ``device_map="auto"`` when CUDA is available (with ``accelerate``; without
+    it the model loads on the CPU and moves to one GPU). ``log`` receives one-line notes.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if name in MODEL_ALIASES:
+        model, tokenizer = MODEL_ALIASES[name](dev if dev != "auto" else "cuda", torch_dtype)
+        return LoadedModel(model.eval(), tokenizer, name, "alias")
+    if name.startswith("tiny:"):
+        from moescope.capture.tiny import tiny_model
+
+        model = tiny_model(name.split(":", 1)[1])
+        model = model.to(device="cuda" if dev == "auto" else dev, dtype=torch_dtype)
+        return LoadedModel(model.eval(), byte_tokenizer(model.config.vocab_size), name, "tiny")
+    return _load_pretrained(name, dev, torch_dtype, log or (lambda _msg: None))
+
+
+def _load_pretrained(name: str, device: str, torch_dtype: Any, log: Callable[[str], None]) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser()
+    source = "local" if local.is_dir() else "hub"
+    if source == "local" and not (local / "config.json").is_file():
+        raise ConfigError(f"{local}: a model directory needs config.json (is this a saved transformers model?)")
+    where = str(local) if source == "local" else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a missing tokenizer
+        raise ConfigError(f"{name}: cannot load its tokenizer: {exc}") from None
+    kwargs: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
+    move_to = None
+    if device != "cpu":
+        # A device_map (loading straight onto the GPU, or spreading with "auto") needs accelerate.
+        if importlib.util.find_spec("accelerate") is not None:
+            kwargs["device_map"] = device
+        else:
+            move_to = "cuda" if device == "auto" else device
+            log(
+                f"accelerate is not installed: loading {name} on the CPU, then moving it to {move_to}"
+                + (" (install accelerate to spread it over devices with device_map='auto')" if device == "auto" else "")
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except Exception as exc:  # OSError (not found, offline), ValueError (unknown architecture), ...
+        raise ConfigError(f"{name}: cannot load the model with AutoModelForCausalLM: {exc}") from None
+    if move_to is not None:
+        model = model.to(move_to)
+    return LoadedModel(model.eval(), tokenizer, name, source)
+
+
+# --------------------------------------------------------------------------- options and result
+@dataclass
+class CaptureOptions:
+    """Every setting of a capture; the CLI options map one to one (``seq_len`` is ``--seq-len``)."""
+
+    text_field: str | None = None
+    label_field: str | None = None
+    label: str | None = None
+    preset: str | None = None
+    split: str | None = None
+    data_config: str | None = None
+    txt_unit: str = "paragraph"
+    max_documents: int | None = None  # per data source
+    max_tokens: int | None = None  # over the whole capture; the last document is cut to fit
+    seq_len: int | None = None  # None: min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    batch_size: int = 8
+    logits: bool = False
+    lookahead: int = 0
+    lookahead_m: int | None = None
+    token_text: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    shard_rows: int = 65536
+
+
+#: Capture settings (manifest ``capture`` keys) and the option that sets each, for resume errors.
+_OPTION_OF = {
+    "model": "MODEL",
+    "config_sha256": "MODEL (its config changed)",
+    "dtype": "--dtype",
+    "tokenizer": "MODEL (its tokenizer changed)",
+    "tokenizer_vocab_size": "MODEL (its tokenizer changed)",
+    "data": "DATA",
+    "seq_len": "--seq-len",
+    "max_tokens": "--max-tokens",
+    "logits": "--logits",
+    "lookahead": "--lookahead",
+    "lookahead_m": "--lookahead-m",
+    "lookahead_columns": "--lookahead",
+    "token_text": "--token-text",
+}
+_DATA_OPTION_OF = {
+    "max_documents": "--max-documents",
+    "text": "--text-field",
+    "label_field": "--label-field",
+    "label": "--label",
+    "preset": "--preset",
+    "split": "--split",
+    "config": "--data-config",
+    "txt_unit": "--txt-unit",
+}
+
+
+@dataclass
+class CaptureResult:
+    """What a capture did; ``--json`` prints it."""
+
+    trace: str
+    model: str
+    documents: int = 0  # captured in this run
+    tokens: int = 0  # captured in this run
+    windows: int = 0
+    batches: int = 0
+    padded_tokens: int = 0  # pad positions the model computed (not recorded)
+    seconds: float = 0.0
+    model_seconds: float = 0.0  # inside the recorder's forward passes
+    tokens_per_second: float = 0.0
+    resumed_after_document: int | None = None
+    total_documents: int = 0
+    total_tokens: int = 0
+    shards: int = 0
+    routing: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_options(opts: CaptureOptions) -> None:
+    if opts.resume and opts.overwrite:
+        raise ConfigError("--resume and --overwrite cannot be used together")
+    for name, value in (("--max-tokens", opts.max_tokens), ("--seq-len", opts.seq_len)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if opts.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.shard_rows < 1:
+        raise ConfigError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
+    if opts.lookahead < 0:
+        raise ConfigError(f"--lookahead must be >= 0, got {opts.lookahead}")
+    if opts.lookahead_m is not None and opts.lookahead_m < 1:
+        raise ConfigError(f"--lookahead-m must be >= 1, got {opts.lookahead_m}")
+    if opts.lookahead_m is not None and not opts.lookahead:
+        raise ConfigError("--lookahead-m needs --lookahead D (the distance to predict)")
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """Dotted path of the first value that differs between two JSON-like structures."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:  # insertion order: the main setting first
+            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            diff = _first_difference(a, b, f"{path}[{i}]")
+            if diff is not None:
+                return diff
+        return None
+    return None if old == new else path
+
+
+def _lookup(obj: Any, path: str) -> Any:
+    import re
+
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            idx = int(part[1:-1])
+            obj = obj[idx] if isinstance(obj, list) and idx < len(obj) else None
+        else:
+            obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _check_resume(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume with other settings, naming the setting and the option behind it."""
+    import json
+
+    path = _first_difference(old, new)
+    if path is None:
+        return
+    top = path.split(".", 1)[0].split("[", 1)[0]
+    option = _OPTION_OF.get(top, top)
+    if top == "data":
+        leaf = path.rsplit(".", 1)[-1] if "." in path else ""
+        option = _DATA_OPTION_OF.get(leaf, "DATA (the data changed)" if leaf in ("sha256", "bytes", "fingerprint") else "DATA")
+    raise ConfigError(
+        f"{directory}: cannot resume: capture setting {path!r} was {json.dumps(_lookup(old, path))},"
+        f" now {json.dumps(_lookup(new, path))} (set by {option}); rerun with the original settings or"
+        " use --overwrite to start again"
+    )
+
+
+# --------------------------------------------------------------------------- the capture
+def capture(
+    model: str | LoadedModel,
+    data: Sequence[str],
+    output: str | Path,
+    options: CaptureOptions | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> CaptureResult:
+    """Capture the routing of ``model`` over ``data`` into the trace directory ``output``.
+
+    ``model`` is a name for :func:`resolve_model` or an already loaded :class:`LoadedModel`
+    (``device``/``dtype`` then do not apply). ``progress(tokens, documents)`` is called after each
+    batch with the counts since the last call; ``log`` receives one-line notes.
+    """
+    opts = options or CaptureOptions()
+    _check_options(opts)
+    output = Path(output)
+    log = log or (lambda _msg: None)
+    if not data:
+        raise DataError("no DATA given: pass at least one file, directory, preset or hub data set")
+    sources = [
+        resolve_source(
+            item, text_field=opts.text_field, label_field=opts.label_field, label=opts.label,
+            preset=opts.preset, split=opts.split, data_config=opts.data_config, txt_unit=opts.txt_unit,
+            max_documents=opts.max_documents,
+        )
+        for item in data
+    ]
+    resuming = opts.resume and (output / "manifest.json").is_file()
+    if output.exists() and not output.is_dir():
+        raise TraceError(f"{output}: exists and is not a directory")
+    if opts.resume and not resuming and output.is_dir() and any(output.iterdir()):
+        raise TraceError(f"{output}: --resume: the directory is not empty but has no manifest.json to resume from")
+    if output.is_dir() and any(output.iterdir()) and not (resuming or opts.overwrite):
+        raise TraceError(
+            f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
+    described = [src.describe() for src in sources]
+    documents = iter_documents(sources)
+    first = next(documents, None)
+    if first is None:
+        raise DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
+    documents = itertools.chain([first], documents)
+
+    if isinstance(model, str):
+        log(f"loading model {model}")
+        loaded = resolve_model(model, device=device, dtype=dtype, log=log)
+    else:
+        loaded = model
+    pad_id = ensure_pad_token(loaded.tokenizer)
+    seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    n_embed = loaded.model.get_input_embeddings().weight.shape[0]
+    if len(loaded.tokenizer) > n_embed:
+        raise ConfigError(
+            f"tokenizer {loaded.tokenizer_info()['name']!r} has {len(loaded.tokenizer)} ids but the model embeds"
+            f" only {n_embed}: they do not belong together"
+        )
+
+    from moescope.capture.engine import RoutingRecorder
+
+    recorder = RoutingRecorder(
+        loaded.model, logits=opts.logits, lookahead=opts.lookahead, lookahead_m=opts.lookahead_m
+    )
+    spec = recorder.spec
+    if not spec.moe_layers:
+        raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
+    columns = _columns(recorder, opts)
+    model_info = loaded.info()
+    tok_info = loaded.tokenizer_info()
+    capture_params = {
+        "model": loaded.name,
+        "config_sha256": model_info["config_sha256"],
+        "dtype": model_info["dtype"],
+        "tokenizer": tok_info["name"],
+        "tokenizer_vocab_size": tok_info["vocab_size"],
+        "data": described,
+        "seq_len": seq_len,
+        "max_tokens": opts.max_tokens,
+        "logits": opts.logits,
+        "lookahead": opts.lookahead,
+        "lookahead_m": columns["lookahead"]["m"] if columns["lookahead"] else None,
+        "lookahead_columns": list(recorder.lookahead_columns),
+        "token_text": opts.token_text,
+    }
+
+    from moescope.trace.manifest import read_manifest
+    from moescope.trace.writer import TraceWriter
+
+    if resuming:
+        _check_resume(output, read_manifest(output).get("capture", {}), capture_params)
+        writer = TraceWriter.resume(output, capture=capture_params, shard_rows=opts.shard_rows)
+        log(f"resuming {output} after document {writer.last_document}")
+    else:
+        writer = TraceWriter.create(
+            output, spec, columns=columns, model=model_info, tokenizer=tok_info,
+            datasets=[dict(d) for d in described], capture=capture_params,
+            source={"tool": "moescope capture"}, shard_rows=opts.shard_rows, overwrite=opts.overwrite,
+        )
+    result = CaptureResult(trace=str(output), model=loaded.name, resumed_after_document=writer.last_document)
+    start_doc = 0 if writer.last_document is None else writer.last_document + 1
+    budget = None
+    if opts.max_tokens is not None:
+        budget = max(0, opts.max_tokens - int(writer.manifest["progress"]["rows"]))
+    tally = _Tally(writer.manifest["datasets"] if resuming else described)
+
+    t0 = time.perf_counter()
+    with writer, recorder:
+        for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
+            rows = _run_chunk(recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress)
+            writer.append(**rows)
+            tally.add(docs, ids)
+            writer.manifest["datasets"] = tally.entries  # written with the next shard, so it matches the shards
+            writer.commit(docs[-1].doc_id)
+        result.seconds = time.perf_counter() - t0
+    result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    result.total_tokens = int(writer.manifest["progress"]["rows"])
+    result.total_documents = sum(e["documents"] for e in tally.entries)
+    result.shards = len(writer.manifest["shards"])
+    result.routing = spec.to_dict()
+    return result
+
+
+class _Tally:
+    """Per data set: documents, tokens, labels and document-id range captured so far (resume included)."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = [
+            {"documents": 0, "tokens": 0, "labels": [], "first_doc": None, "last_doc": None, **e} for e in entries
+        ]
+
+    def add(self, docs: list[Document], ids: list[np.ndarray]) -> None:
+        for d, x in zip(docs, ids, strict=True):
+            e = self.entries[d.source]
+            e["documents"] += 1
+            e["tokens"] += len(x)
+            if d.label not in e["labels"]:
+                e["labels"] = sorted([*e["labels"], d.label])
+            e["first_doc"] = d.doc_id if e["first_doc"] is None else e["first_doc"]
+            e["last_doc"] = d.doc_id
+
+
+def _default_seq_len(config: Any) -> int:
+    max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ_LEN
+    return int(min(max_pos, DEFAULT_MAX_SEQ_LEN))
+
+
+def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:
+    """The trace's optional columns, with the lookahead section read off the recorder's column names."""
+    from moescope.trace.schema import default_columns
+
+    names = list(recorder.lookahead_columns)
+    distances: list[int] = []
+    variants: list[str] = []
+    for name in names:
+        variant, _, d = name.removeprefix("lookahead_").rpartition("_d")
+        if variant not in variants:
+            variants.append(variant)
+        if int(d) not in distances:
+            distances.append(int(d))
+    m = None
+    if names:
+        m = opts.lookahead_m or getattr(recorder, "lookahead_m", None) or recorder.spec.top_k
+    cols = default_columns(
+        weights=True,
+        logits=opts.logits,
+        lookahead_distances=distances or None,
+        lookahead_variants=variants or None,
+        lookahead_m=m,
+        token_text=opts.token_text,
+    )
+    if cols["lookahead"]:
+        expected = [f"lookahead_{v}_d{d}" for v in variants for d in distances]
+        if sorted(expected) != sorted(names):
+            raise ConfigError(f"the recorder's lookahead columns {names} are not a variant x distance grid")
+    return cols
+
+
+def _chunks(
+    documents: Iterator[Document],
+    start_doc: int,
+    tokenizer: Any,
+    seq_len: int,
+    opts: CaptureOptions,
+    budget: int | None,
+) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
+    """Groups of whole documents with their token ids, about ``CHUNK_BATCHES`` batches of windows each.
+
+    Documents before ``start_doc`` are read (ids depend on them) but not tokenised. With a token
+    ``budget`` the last document is cut so the total matches it exactly.
+    """
+    want = opts.batch_size * CHUNK_BATCHES
+    docs: list[Document] = []
+    ids: list[np.ndarray] = []
+    n_windows = 0
+    group: list[Document] = []
+
+    def tokenize_group() -> None:
+        nonlocal budget, n_windows
+        for d, x in zip(group, tokenize(tokenizer, [d.text for d in group]), strict=True):
+            if budget is not None:
+                if budget <= 0:
+                    break
+                x = x[:budget]
+                budget -= len(x)
+            docs.append(d)
+            ids.append(x)
+            n_windows += -(-len(x) // seq_len)
+        group.clear()
+
+    for doc in documents:
+        if doc.doc_id < start_doc:
+            continue
+        group.append(doc)
+        if len(group) >= opts.batch_size:
+            tokenize_group()
+            if n_windows >= want or (budget is not None and budget <= 0):
+                yield docs, ids
+                docs, ids, n_windows = [], [], 0
+            if budget is not None and budget <= 0:
+                return
+    tokenize_group()
+    if docs:
+        yield docs, ids
+
+
+def _run_chunk(
+    recorder: Any,
+    docs: list[Document],
+    ids: list[np.ndarray],
+    seq_len: int,
+    pad_id: int,
+    opts: CaptureOptions,
+    loaded: LoadedModel,
+    result: CaptureResult,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """Run every window of ``docs`` and return their rows in document and position order."""
+    import torch
+
+    windows: list[Window] = []
+    for d, x in zip(docs, ids, strict=True):
+        windows.extend(make_windows(d.doc_id, x, seq_len))
+    device = loaded.model.get_input_embeddings().weight.device
+    outputs: list[dict[str, np.ndarray] | None] = [None] * len(windows)
+    for batch in plan_batches(windows, opts.batch_size):
+        wins = [windows[i] for i in batch]
+        input_ids, mask = pad_batch(wins, pad_id)  # (B, T) each
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = recorder.run(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device))
+        result.model_seconds += time.perf_counter() - t
+        lengths = [len(w) for w in wins]
+        n = int(sum(lengths))
+        for name, arr in out.items():
+            if len(arr) != n:
+                raise TraceError(
+                    f"the recorder returned {len(arr)} rows of {name!r} for a batch of {n} real tokens"
+                )
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for j, i in enumerate(batch):
+            outputs[i] = {name: arr[offsets[j] : offsets[j + 1]] for name, arr in out.items()}
+        result.batches += 1
+        result.padded_tokens += int(mask.size - n)
+        if progress is not None:
+            progress(n, 0)
+    result.windows += len(windows)
+    result.documents += len(docs)
+    result.tokens += int(sum(len(x) for x in ids))
+    if progress is not None:
+        progress(0, len(docs))
+    # Windows were made document by document, start by start: their order is the row order.
+    rows: dict[str, Any] = {
+        "doc_id": np.concatenate([np.full(len(w), w.doc_id, np.int64) for w in windows]),
+        "position": np.concatenate([np.arange(w.start, w.start + len(w), dtype=np.int32) for w in windows]),
+        "token_id": np.concatenate([w.ids for w in windows]).astype(np.int32),
+        "label": [d.label for d, x in zip(docs, ids, strict=True) for _ in range(len(x))],
+    }
+    for name in ("experts", "weights", "logits"):
+        if name in outputs[0]:
+            rows[name] = np.concatenate([o[name] for o in outputs])
+    lookahead = {c: np.concatenate([o[c] for o in outputs]) for c in recorder.lookahead_columns}
+    if lookahead:
+        rows["lookahead"] = lookahead
+    if opts.token_text:
+        rows["token"] = [t for x in ids for t in loaded.tokenizer.convert_ids_to_tokens(x.tolist())]
+    return rows
