@@ -342,3 +342,14 @@ def test_tiny_models_are_deterministic_and_finite():
     assert bias.abs().sum() > 0
     out = RoutingRecorder(_model("gpt_oss")).run(*_batch())
     assert np.isfinite(out["weights"]).all() and not math.isnan(float(out["weights"].sum()))
+
+
+def test_old_transformers_is_refused_with_upgrade_hint():
+    from moescope.capture.engine import check_transformers_version
+
+    with pytest.raises(ConfigError, match=r"transformers 4\.57\.1 is too old.*>= 5\.19.*pip install -U"):
+        check_transformers_version("4.57.1")
+    with pytest.raises(ConfigError, match="5.18.0 is too old"):
+        check_transformers_version("5.18.0")
+    check_transformers_version("5.19.0")
+    check_transformers_version()  # the installed one is new enough

@@ -79,6 +79,25 @@ def _find_blocks(model: torch.nn.Module, fam: FamilySpec) -> list[tuple[int, str
     return found
 
 
+#: The v5 router API (routers return ``(logits, weights, ids)``, experts take the ids) and router
+#: logits from DeepSeek-V2/V3 and GLM4-MoE arrive in transformers 5.19 (FIELD-NOTES section 1).
+MIN_TRANSFORMERS = "5.19"
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Refuse transformers releases older than :data:`MIN_TRANSFORMERS`, saying how to upgrade."""
+    import transformers
+    from packaging.version import Version
+
+    found = version or transformers.__version__
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        raise ConfigError(
+            f"transformers {found} is too old for capture: moescope needs transformers >= {MIN_TRANSFORMERS} "
+            "(the v5 router API; DeepSeek and GLM routers expose logits from 5.19). "
+            f"Upgrade with: pip install -U 'transformers>={MIN_TRANSFORMERS}'"
+        )
+
+
 def routing_spec(model_or_config: Any) -> RoutingSpec:
     """The routing facts of a model or config, without running anything.
 
@@ -187,6 +206,7 @@ class RoutingRecorder:
         lookahead_m: int | None = None,
         logits_dtype: str = "float16",
     ) -> None:
+        check_transformers_version()
         self.model = model
         self.logits = logits
         self.lookahead = lookahead
