@@ -22,7 +22,7 @@ from moescope.capture.tiny import tiny_model
 from moescope.cli import app
 from moescope.cli import main as cli_main
 from moescope.errors import ConfigError, DataError, TraceError
-from moescope.trace import Trace
+from moescope.trace import Trace, validate_trace
 from moescope.trace.validate import validate_trace
 
 WORDS = "the cat sat on a mat while dogs ran over green hills and rivers flowed into seas".split()
@@ -36,7 +36,9 @@ def _texts(n: int, seed: int = 0, lo: int = 2, hi: int = 30) -> list[str]:
 def _jsonl(path, texts, labels=None):
     with open(path, "w") as f:
         for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "topic": (labels or ["a", "b"])[i % len(labels or ["a", "b"])]}) + "\n")
+            f.write(
+                json.dumps({"text": t, "topic": (labels or ["a", "b"])[i % len(labels or ["a", "b"])]}) + "\n"
+            )
     return path
 
 
@@ -63,7 +65,9 @@ def test_capture_matches_unbatched_engine_runs(tmp_path, tiny):
     res = capture(tiny, [str(data)], out, opts)
     assert validate_trace(out) == []
     tr = Trace.open(out)
-    assert tr.moe_layers == [0, 2, 3] and tr.manifest["model"]["config_sha256"] == config_fingerprint(tiny.model.config)
+    assert tr.moe_layers == [0, 2, 3] and tr.manifest["model"]["config_sha256"] == config_fingerprint(
+        tiny.model.config
+    )
     b = tr.load()
     assert res.tokens == len(b) == tr.num_tokens and res.documents == 9 and res.windows > 9  # some split
     rec = RoutingRecorder(tiny.model, logits=True)
@@ -73,7 +77,9 @@ def test_capture_matches_unbatched_engine_runs(tmp_path, tiny):
         assert b.token_id[rows].tolist() == ref_ids
         assert b.position[rows].tolist() == list(range(len(ref_ids)))
         assert {tr.labels[c] for c in b.label[rows]} == {["a", "b"][doc % 2]}
-        assert [t for t, r in zip(b.token, rows, strict=True) if r] == tiny.tokenizer.convert_ids_to_tokens(ref_ids)
+        assert [t for t, r in zip(b.token, rows, strict=True) if r] == tiny.tokenizer.convert_ids_to_tokens(
+            ref_ids
+        )
         # The same windows run alone, without padding or neighbours, give the same routing.
         for s in range(0, len(ref_ids), 24):
             ids = torch.tensor([ref_ids[s : s + 24]])
@@ -81,9 +87,17 @@ def test_capture_matches_unbatched_engine_runs(tmp_path, tiny):
             sel = np.flatnonzero(rows)[s : s + 24]
             np.testing.assert_array_equal(b.experts[sel], alone["experts"])
             np.testing.assert_allclose(b.weights[sel], alone["weights"], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(b.logits[sel].astype(np.float32), alone["logits"].astype(np.float32), atol=2e-3)
+            np.testing.assert_allclose(
+                b.logits[sel].astype(np.float32), alone["logits"].astype(np.float32), atol=2e-3
+            )
     ds = tr.manifest["datasets"][0]
-    assert (ds["documents"], ds["tokens"], ds["labels"], ds["first_doc"], ds["last_doc"]) == (9, len(b), ["a", "b"], 0, 8)
+    assert (ds["documents"], ds["tokens"], ds["labels"], ds["first_doc"], ds["last_doc"]) == (
+        9,
+        len(b),
+        ["a", "b"],
+        0,
+        8,
+    )
 
 
 def test_max_tokens_cuts_the_last_document(tmp_path, tiny):
@@ -119,7 +133,9 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, tiny):
     assert res.tokens == 0 and res.resumed_after_document == 2 and validate_trace(out) == []
     with pytest.raises(ConfigError, match=r"capture setting 'seq_len' was 256, now 16 \(set by --seq-len\)"):
         capture(tiny, [str(data)], out, CaptureOptions(resume=True, seq_len=16))
-    with pytest.raises(ConfigError, match=r"capture setting 'data\[0\]\.label_field' was null, now \"topic\""):
+    with pytest.raises(
+        ConfigError, match=r"capture setting 'data\[0\]\.label_field' was null, now \"topic\""
+    ):
         capture(tiny, [str(data)], out, CaptureOptions(resume=True, label_field="topic"))
     _jsonl(data, _texts(3, seed=4))
     with pytest.raises(ConfigError, match=r"'data\[0\]\.(bytes|sha256)'.*set by DATA \(the data changed\)"):
@@ -143,8 +159,24 @@ def test_cli_capture_json(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "progress_enabled", lambda: True)  # as if stderr were a terminal
     data = _jsonl(tmp_path / "d.jsonl", _texts(5, seed=5))
     out = tmp_path / "new" / "t"  # --resume on a missing directory starts a new capture
-    res = _cli("tiny:mixtral", data, "-o", out, "--label-field", "topic", "--lookahead", "1",
-               "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--resume", "--json")
+    res = _cli(
+        "tiny:mixtral",
+        data,
+        "-o",
+        out,
+        "--label-field",
+        "topic",
+        "--lookahead",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--resume",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)  # stdout holds exactly one JSON document; the bar went to stderr
     assert "tok/s" in res.stderr and f"{doc['tokens']:,} tokens" in res.stderr
@@ -158,9 +190,17 @@ def test_cli_capture_json(tmp_path, monkeypatch):
     ("args", "error", "message"),
     [
         (["--device", "tpu"], ConfigError, "--device must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
-        (["--dtype", "int8"], ConfigError, "--dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+        (
+            ["--dtype", "int8"],
+            ConfigError,
+            "--dtype must be one of auto, float32, bfloat16, float16, got 'int8'",
+        ),
         (["--text-field", "body"], DataError, "unknown text field 'body'; available fields: text, topic"),
-        (["--label-field", "domain"], DataError, "unknown label field 'domain'; available fields: text, topic"),
+        (
+            ["--label-field", "domain"],
+            DataError,
+            "unknown label field 'domain'; available fields: text, topic",
+        ),
         (["--batch-size", "0"], ConfigError, "--batch-size must be >= 1, got 0"),
         (["--lookahead-m", "3"], ConfigError, "--lookahead-m needs --lookahead D"),
     ],
@@ -182,8 +222,15 @@ def test_cli_empty_data_and_dense_model(tmp_path, monkeypatch):
     def dense(device, dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=32, intermediate_size=32,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        cfg = AutoConfig.for_model(
+            "llama",
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
         return AutoModelForCausalLM.from_config(cfg), byte_tokenizer(128)
 
     monkeypatch.setitem(runner_mod.MODEL_ALIASES, "test-dense", dense)
@@ -196,15 +243,33 @@ def test_cli_empty_data_and_dense_model(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- kill and resume
 def _run_cli(*args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "moescope.cli", "capture", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moescope.cli", "capture", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_kill_and_resume_equals_an_uninterrupted_capture(tmp_path, monkeypatch, capsys):
     texts = _texts(120, seed=7, lo=5, hi=60)
     data = _jsonl(tmp_path / "d.jsonl", texts, labels=["x", "y", "z"])
-    common = ["--label-field", "topic", "--seq-len", "32", "--batch-size", "1", "--shard-rows", "200",
-              "--device", "cpu", "--max-tokens", "5000"]
+    common = [
+        "--label-field",
+        "topic",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "1",
+        "--shard-rows",
+        "200",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "5000",
+    ]
     out = tmp_path / "killed"
     proc = _run_cli("tiny:mixtral", data, "-o", out, *common)
     manifest = out / "manifest.json"
@@ -242,8 +307,22 @@ def test_kill_and_resume_equals_an_uninterrupted_capture(tmp_path, monkeypatch, 
     assert Trace.open(out).manifest["datasets"][0]["tokens"] == 5000
 
     # A resume with other settings is refused, with one "Error:" line naming the setting.
-    monkeypatch.setattr(sys, "argv", ["moescope", "capture", "tiny:mixtral", str(data), "-o", str(out),
-                                      *common[:-2], "--max-tokens", "6000", "--resume"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "moescope",
+            "capture",
+            "tiny:mixtral",
+            str(data),
+            "-o",
+            str(out),
+            *common[:-2],
+            "--max-tokens",
+            "6000",
+            "--resume",
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli_main()
     err = capsys.readouterr().err
@@ -265,7 +344,47 @@ def test_cli_loads_a_saved_model_directory(tmp_path):
     rec = RoutingRecorder(model)
     for doc in range(3):
         ids = torch.from_numpy(b.token_id[b.doc_id == doc].astype(np.int64))[None]
-        np.testing.assert_array_equal(b.experts[b.doc_id == doc], rec.run(ids, torch.ones_like(ids))["experts"])
+        np.testing.assert_array_equal(
+            b.experts[b.doc_id == doc], rec.run(ids, torch.ones_like(ids))["experts"]
+        )
     res = _cli(tmp_path / "nothing-here", data, "-o", tmp_path / "t2", "--device", "cpu")
     assert res.exit_code == 1 and isinstance(res.exception, ConfigError)
     assert "nothing-here: cannot load its tokenizer" in str(res.exception)
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "experts", "top_k", "moe_layers"),
+    [
+        ("mini-deepseek-v2-lite", "deepseek_v2", 64, 6, list(range(1, 27))),
+        ("mini-mixtral-8x7b", "mixtral", 8, 2, list(range(32))),
+    ],
+)
+def test_seed_miniatures_capture_end_to_end_by_name(tmp_path, name, family, experts, top_k, moe_layers):
+    """Seed miniatures are addressable by name and capture with the seed model's routing shape."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"text": "def f(x):\n    return x + 1\n"})
+        + "\n"
+        + json.dumps({"text": "In the beginning"})
+        + "\n"
+    )
+    result = CliRunner().invoke(app, ["capture", name, str(data), "-o", str(tmp_path / "t"), "--json"])
+    assert result.exit_code == 0, result.output
+    tr = Trace.open(tmp_path / "t")
+    assert (tr.routing.family, tr.num_experts, tr.top_k, tr.moe_layers) == (
+        family,
+        experts,
+        top_k,
+        moe_layers,
+    )
+    assert validate_trace(tmp_path / "t") == []
+    assert tr.num_tokens == sum(
+        len(byte_tokenizer(512)(t)["input_ids"])
+        for t in ["def f(x):\n    return x + 1\n", "In the beginning"]
+    )
+
+
+def test_bundled_names_are_registered():
+    assert {"tiny-mixtral", "tiny-finegrained", "mini-qwen3-30b-a3b", "mini-tinymistral-6x248m"} <= set(
+        runner_mod.MODEL_ALIASES
+    )

@@ -88,6 +88,39 @@ def config_fingerprint(config: Any) -> str:
 MODEL_ALIASES: dict[str, Callable[[str, Any], tuple[Any, Any]]] = {}
 
 
+def _bundled_loader(name: str) -> Callable[[str, Any], tuple[Any, Any]]:
+    def load(device: str, torch_dtype: Any) -> tuple[Any, Any]:
+        from moescope.data import bundled_model_path
+
+        loaded = _load_pretrained(str(bundled_model_path(name)), device, torch_dtype, lambda _msg: None)
+        return loaded.model, loaded.tokenizer
+
+    return load
+
+
+def _miniature_loader(name: str) -> Callable[[str, Any], tuple[Any, Any]]:
+    def load(device: str, torch_dtype: Any) -> tuple[Any, Any]:
+        from moescope.models.miniatures import byte_tokenizer, miniature
+
+        return miniature(name).to(device=device, dtype=torch_dtype), byte_tokenizer()
+
+    return load
+
+
+def _register_named_models() -> None:
+    """The bundled trained models (``tiny-mixtral``, ``tiny-finegrained``) and the seed miniatures."""
+    from moescope.data import BUNDLED_MODELS
+    from moescope.models.miniatures import SEEDS
+
+    for name in BUNDLED_MODELS:
+        MODEL_ALIASES[name] = _bundled_loader(name)
+    for name in SEEDS:
+        MODEL_ALIASES[name] = _miniature_loader(name)
+
+
+_register_named_models()
+
+
 def resolve_device(device: str) -> str:
     """Check ``--device`` and turn ``auto`` into what this machine has (``auto`` stays when CUDA exists)."""
     import torch
@@ -125,7 +158,7 @@ def resolve_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     if name in MODEL_ALIASES:
-        model, tokenizer = MODEL_ALIASES[name](dev if dev != "auto" else "cuda", torch_dtype)
+        model, tokenizer = MODEL_ALIASES[name]("cuda" if dev == "auto" else dev, torch_dtype)
         return LoadedModel(model.eval(), tokenizer, name, "alias")
     if name.startswith("tiny:"):
         from moescope.capture.tiny import tiny_model
