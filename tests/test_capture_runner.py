@@ -22,7 +22,7 @@ from moescope.capture.tiny import tiny_model
 from moescope.cli import app
 from moescope.cli import main as cli_main
 from moescope.errors import ConfigError, DataError, TraceError
-from moescope.trace import Trace, validate_trace
+from moescope.trace import Trace
 from moescope.trace.validate import validate_trace
 
 WORDS = "the cat sat on a mat while dogs ran over green hills and rivers flowed into seas".split()
