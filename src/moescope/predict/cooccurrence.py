@@ -1,0 +1,137 @@
+"""Conditional probabilities from inter-layer co-occurrence counts (seed 000, method 3).
+
+Seed 000 normalises the co-occurrence matrix of consecutive layers by row to get
+``P(Y at layer L+1 | X at layer L)``, and warns that a rare source with a near-certain successor
+looks strong but is rare. Here the counts are per expert rather than per expert pair (the pair
+alphabet C(64, 6) is far too large for DeepSeek), per target layer and mode, and smoothed toward the
+target layer's marginal, so a rarely seen source falls back to popularity instead of overfitting:
+
+    P(e | x = a) = (C[a, e] + alpha * P(e)) / (N[a] + alpha)
+
+Sources are the experts of :meth:`Queries.chain` (the token's own layer ``l-d``; the previous
+token's layer ``l`` for temporal queries). With rank-ordered slots each slot has its own table (the
+first choice carries more information than the second), else the set is one bag of sources. The
+evidence of the sources is combined naive-Bayes style, ``log P(e) + sum_s log(P(e | x_s) / P(e))``,
+or as the mean of the conditionals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from moescope.predict.base import BasePredictor, Interval, Modes, Options
+from moescope.predict.queries import Queries, iter_labelled, slots_ordered
+
+
+class CooccurrencePredictor(BasePredictor):
+    """Score each expert by its smoothed conditional probability given the source experts.
+
+    Parameters
+    ----------
+    distances : modes to fit (spatial distances >= 1; 0 = temporal).
+    alpha : smoothing strength (pseudo-counts toward the marginal).
+    slots : ``"ordered"`` (one table per slot rank), ``"set"`` (one table for every source expert),
+        or ``"auto"`` (ordered when the trace's slots are in rank order).
+    combine : ``"naive_bayes"`` (sum of log-likelihood ratios) or ``"mean"`` (mean conditional).
+
+    Attributes
+    ----------
+    modes_ : fitted modes.
+    counts_ : ``(M, L, S, E, E)`` co-occurrence counts, ``[mode, target layer, slot, source, target]``.
+    source_counts_ : ``(M, L, S, E)`` source occurrences; ``target_counts_`` ``(M, L, E)``; ``rows_`` ``(M, L)``.
+    ordered_ : whether slots have their own tables.
+    """
+
+    name: ClassVar[str] = "cooccurrence"
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "distances": Modes(),
+        "alpha": Interval(float, 0.0, None),
+        "slots": Options("auto", "ordered", "set"),
+        "combine": Options("naive_bayes", "mean"),
+    }
+
+    def __init__(
+        self,
+        *,
+        distances: tuple[int, ...] = (1,),
+        alpha: float = 1.0,
+        slots: str = "auto",
+        combine: str = "naive_bayes",
+    ) -> None:
+        self.distances = distances
+        self.alpha = alpha
+        self.slots = slots
+        self.combine = combine
+
+    def _modes(self) -> list[int]:
+        return [int(d) for d in self.modes_]
+
+    def _fit(self, trace: Any) -> None:
+        E, L, k = self.num_experts_, self.num_layers_, self.top_k_
+        self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
+        self.ordered_ = bool(self.slots == "ordered" or (self.slots == "auto" and slots_ordered(trace)))
+        S = k if self.ordered_ else 1
+        M = len(self.modes_)
+        counts = np.zeros((M, L, S, E, E), np.float64)
+        src_counts = np.zeros((M, L, S, E), np.float64)
+        tgt_counts = np.zeros((M, L, E), np.float64)
+        rows = np.zeros((M, L), np.float64)
+        midx = {int(d): i for i, d in enumerate(self.modes_)}
+        for q, actual, valid in iter_labelled(trace, list(self.modes_), window=1, lookahead=False):
+            mi, layer = midx[q.distance], q.layer
+            tgt = actual[valid].astype(np.int64)  # (n, k), all recorded
+            src = q.chain(1)[valid][:, 0, :].astype(np.int64)  # (n, k), missing >= E
+            tgt_counts[mi, layer] += np.bincount(tgt.ravel(), minlength=E)[:E]
+            rows[mi, layer] += len(tgt)
+            for s in range(k):
+                slot = s if self.ordered_ else 0
+                known = src[:, s] < E
+                a = src[known, s]
+                src_counts[mi, layer, slot] += np.bincount(a, minlength=E)[:E]
+                pair = (a[:, None] * E + tgt[known]).ravel()  # (source, target) codes
+                counts[mi, layer, slot] += np.bincount(pair, minlength=E * E).reshape(E, E)
+        self.counts_ = counts.astype(np.float32)
+        self.source_counts_ = src_counts.astype(np.float32)
+        self.target_counts_ = tgt_counts.astype(np.float32)
+        self.rows_ = rows.astype(np.float32)
+
+    def conditional(self, distance: int, layer: int) -> np.ndarray:
+        """``(S, E, E)`` smoothed ``P(target e | source slot s = a)`` for one mode and target layer."""
+        self._check_fitted()
+        mi = int(np.searchsorted(self.modes_, distance))
+        marg = self._marginal(mi, layer)
+        c = self.counts_[mi, layer]
+        n = self.source_counts_[mi, layer][..., None]
+        return ((c + self.alpha * marg) / np.maximum(n + self.alpha, 1e-12)).astype(np.float32)
+
+    def _marginal(self, mi: int, layer: int) -> np.ndarray:
+        E = self.num_experts_
+        r = self.rows_[mi, layer]
+        if r <= 0:
+            return np.full(E, self.top_k_ / E, np.float32)
+        # smoothed so no expert has probability 0 (log-safe)
+        return ((self.target_counts_[mi, layer] + 0.5 * self.top_k_ / E) / (r + 0.5)).astype(np.float32)
+
+    def _scores(self, q: Queries) -> np.ndarray:
+        E = q.num_experts
+        mi = int(np.searchsorted(self.modes_, q.distance))
+        marg = np.clip(self._marginal(mi, q.layer), 1e-6, 1 - 1e-6)
+        cond = np.clip(self.conditional(q.distance, q.layer), 1e-6, 1 - 1e-6)  # (S, E, E)
+        src = q.chain(1)[:, 0, :].astype(np.int64)  # (n, k)
+        known = src < E
+        safe = np.where(known, src, 0)
+        slot = np.arange(src.shape[1]) if self.ordered_ else np.zeros(src.shape[1], np.int64)
+        n = len(q)
+        if self.combine == "naive_bayes":
+            table = np.log(cond) - np.log(marg)  # (S, E, E) log-likelihood ratios
+            scores = np.broadcast_to(np.log(marg), (n, E)).astype(np.float32).copy()
+            for j in range(src.shape[1]):
+                scores += np.where(known[:, j : j + 1], table[slot[j]][safe[:, j]], 0.0)
+            return scores
+        total = np.zeros((n, E), np.float32)
+        cnt = known.sum(1, keepdims=True).astype(np.float32)
+        for j in range(src.shape[1]):
+            total += np.where(known[:, j : j + 1], cond[slot[j]][safe[:, j]], 0.0)
+        return np.where(cnt > 0, total / np.maximum(cnt, 1), marg[None, :]).astype(np.float32)

@@ -1,0 +1,206 @@
+"""Rules on expert histories: seed 004's five levels, majority vote, and its hybrid back-off.
+
+Seed 004 predicts the next layer's *primary* expert of a token from the primary experts it used so
+far (Mixtral, top-2 of 8):
+
+- level 1: (layer, expert at N) -> expert at N+1;
+- level 2: (layer, experts at N-1, N);
+- level 3: (layer, experts at N-2, N-1, N);
+- level 4: (layer, primary and secondary at N) -> primary at N+1;
+- level 5: (layer, expert at N) -> expert at N+K, K = 2, 4, 8: here level 1 fitted at distance K.
+
+A rule's answer is the majority vote of the training tokens with that key. The hybrid tries level 3,
+then 2, then 1, then the layer's most frequent expert, so every query is answered.
+
+Generalised to any trace and mode: the key is read from :meth:`Queries.chain` (the target token's
+layers ``l-d, l-d-1, ...`` for spatial distance ``d``; the previous token's layers ``l, l-1, ...``
+for temporal queries). Each key ranks experts by votes for the next primary (when slots are in
+rank order) and then by votes for membership of the next set, so budgets beyond one are filled.
+The tables are sparse (only observed keys), stored as sorted key codes with CSR candidate lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from moescope.predict.base import BasePredictor, Interval, Modes, Options, count_popularity
+from moescope.predict.queries import Queries, iter_labelled, set_mask, slots_ordered
+
+LEVELS = (1, 2, 3, 4)
+
+
+def _key_parts(q: Queries, level: int) -> np.ndarray:
+    """``(n, p)`` the primary ids (and secondary for level 4) forming a rule key; ``missing`` = unknown."""
+    chain = q.chain(3 if level == 3 else 2)  # (n, depth, k)
+    if level == 1:
+        return chain[:, :1, 0]
+    if level == 2:
+        return chain[:, 1::-1, 0]  # (prev, curr)
+    if level == 3:
+        return chain[:, 2::-1, 0]  # (e-2, e-1, e)
+    k = chain.shape[2]
+    if k < 2:
+        return np.concatenate([chain[:, :1, 0], chain[:, :1, 0]], axis=1)
+    return chain[:, 0, :2]  # (primary, secondary)
+
+
+def _encode(parts: np.ndarray, mode_idx: int, layer: int, L: int, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key codes ``(n,)`` int64 and a mask of rows whose key is fully known."""
+    ok = (parts < E).all(axis=1)
+    code = np.full(len(parts), mode_idx * L + layer, np.int64)
+    for j in range(parts.shape[1]):
+        code = code * E + np.where(ok, parts[:, j], 0).astype(np.int64)
+    return code, ok
+
+
+class RulesPredictor(BasePredictor):
+    """Seed 004's rule tables (levels 1-4, level 5 = level 1 at distance K) and the hybrid back-off.
+
+    Parameters
+    ----------
+    level : 1, 2, 3, 4 or ``"hybrid"`` (3, else 2, else 1, else the layer's most frequent expert).
+        A single level abstains where no rule matches, as the seed's evaluation skips them.
+    distances : modes to fit (spatial distances >= 1; 0 = temporal). Level 5 of the seed is
+        ``level=1, distances=(2, 4, 8)``.
+    target : ``"primary"`` votes for the next first choice as the seed does, with membership votes
+        ranking the rest; ``"set"`` votes for membership only; ``"auto"`` picks ``"primary"`` when the
+        trace's slots are in rank order (weights present and sorted), else ``"set"``.
+    max_candidates : experts kept per rule (the most voted), bounding the table size.
+
+    Attributes
+    ----------
+    tables_ : per level, ``keys`` (sorted int64 codes of mode, layer and expert ids), ``indptr``,
+        ``experts`` and ``votes`` (CSR candidate lists).
+    popularity_ : ``(L, E)`` most-frequent fallback of the hybrid.
+    primary_ : whether votes use the primary expert.
+    """
+
+    name: ClassVar[str] = "rules"
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "level": Options(1, 2, 3, 4, "hybrid"),
+        "distances": Modes(),
+        "target": Options("auto", "primary", "set"),
+        "max_candidates": Interval(int, 1, None),
+    }
+
+    def __init__(
+        self,
+        *,
+        level: int | str = "hybrid",
+        distances: tuple[int, ...] = (1,),
+        target: str = "auto",
+        max_candidates: int = 16,
+    ) -> None:
+        self.level = level
+        self.distances = distances
+        self.target = target
+        self.max_candidates = max_candidates
+
+    def _levels(self) -> tuple[int, ...]:
+        return (3, 2, 1) if self.level == "hybrid" else (int(self.level),)
+
+    def _modes(self) -> list[int]:
+        return [int(d) for d in self.modes_]
+
+    def _fit(self, trace: Any) -> None:
+        E, L, k = self.num_experts_, self.num_layers_, self.top_k_
+        self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
+        self.primary_ = bool(self.target == "primary" or (self.target == "auto" and slots_ordered(trace)))
+        self.popularity_ = count_popularity(trace)
+        mode_idx = {int(d): i for i, d in enumerate(self.modes_)}
+        # votes per (key, expert): primary votes weigh (k + 1) set votes, so primary decides first
+        w_primary = float(k + 1) if self.primary_ else 0.0
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {lv: [] for lv in self._levels()}
+        for q, actual, valid in iter_labelled(trace, list(self.modes_), window=1, lookahead=False):
+            onehot = set_mask(actual, E, q.missing).astype(np.float32)  # (n, E)
+            if w_primary:
+                onehot[np.arange(len(actual)), np.minimum(actual[:, 0], E - 1)] += w_primary
+            for lv in parts:
+                code, ok = _encode(_key_parts(q, lv), mode_idx[q.distance], q.layer, L, E)
+                ok &= valid
+                rows, ex = np.nonzero(onehot[ok] > 0)
+                pair = code[ok][rows] * E + ex
+                val = onehot[ok][rows, ex]
+                parts[lv].append(_reduce(pair, val))
+        self.tables_ = {}
+        for lv, chunks in parts.items():
+            pair, val = _reduce(
+                np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64),
+                np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.float32),
+            )
+            keys, indptr, experts, votes = _to_csr(pair, val, E, self.max_candidates)
+            self.tables_[f"{lv}.keys"] = keys
+            self.tables_[f"{lv}.indptr"] = indptr
+            self.tables_[f"{lv}.experts"] = experts
+            self.tables_[f"{lv}.votes"] = votes
+
+    def rule_count(self, level: int) -> int:
+        """Number of rules (distinct keys) learned at ``level``."""
+        self._check_fitted()
+        return len(self.tables_[f"{level}.keys"])
+
+    def _lookup(self, q: Queries, level: int) -> np.ndarray:
+        """``(n, E)`` votes of the matching rule; NaN rows where no rule matches."""
+        E, L = q.num_experts, self.num_layers_
+        n = len(q)
+        mode_idx = int(np.searchsorted(self.modes_, q.distance))
+        code, ok = _encode(_key_parts(q, level), mode_idx, q.layer, L, E)
+        keys = self.tables_[f"{level}.keys"]
+        indptr = self.tables_[f"{level}.indptr"]
+        out = np.full((n, E), np.nan, np.float32)
+        if len(keys) == 0:
+            return out
+        pos = np.minimum(np.searchsorted(keys, code), len(keys) - 1)
+        found = ok & (keys[pos] == code)
+        rows = np.nonzero(found)[0]
+        start = indptr[pos[rows]]
+        cnt = indptr[pos[rows] + 1] - start
+        out[rows] = 0.0
+        total = int(cnt.sum())
+        if total:
+            rep = np.repeat(rows, cnt)
+            offs = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(start, cnt)
+            out[rep, self.tables_[f"{level}.experts"][offs]] = self.tables_[f"{level}.votes"][offs]
+        return out
+
+    def _scores(self, q: Queries) -> np.ndarray:
+        tie = (self.popularity_[q.layer] * 1e-6).astype(np.float32)
+        if self.level != "hybrid":
+            return self._lookup(q, int(self.level)) + tie
+        out = np.full((len(q), q.num_experts), np.nan, np.float32)
+        todo = np.ones(len(q), bool)
+        for lv in (3, 2, 1):
+            s = self._lookup(q, lv)
+            hit = todo & ~np.isnan(s[:, 0])
+            out[hit] = s[hit]
+            todo &= ~hit
+        out[todo] = 0.0
+        return out + tie
+
+
+def _reduce(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``val`` per distinct ``pair`` code."""
+    if len(pair) == 0:
+        return pair.astype(np.int64), val.astype(np.float32)
+    uniq, inv = np.unique(pair, return_inverse=True)
+    return uniq, np.bincount(inv, weights=val, minlength=len(uniq)).astype(np.float32)
+
+
+def _to_csr(
+    pair: np.ndarray, val: np.ndarray, E: int, keep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted pair codes -> (keys, indptr, experts, votes), keeping the ``keep`` most voted per key."""
+    key = pair // E
+    ex = (pair % E).astype(np.int16)
+    # order by key, then by descending votes, then by expert id
+    order = np.lexsort((ex, -val, key))
+    key, ex, val = key[order], ex[order], val[order]
+    keys, first, counts = np.unique(key, return_index=True, return_counts=True)
+    rank_in_key = np.arange(len(key)) - np.repeat(first, counts)
+    sel = rank_in_key < keep
+    key, ex, val = key[sel], ex[sel], val[sel]
+    counts = np.minimum(counts, keep)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return keys.astype(np.int64), indptr, ex, val.astype(np.float32)
