@@ -405,3 +405,12 @@ def test_cli_params_needs_a_source_and_a_known_dtype() -> None:
     assert result.exit_code == 1 and "CONFIG_OR_MODEL" in str(result.exception)
     result = runner.invoke(app, ["params", "mixtral-8x7b", "--dtype", "fp7"])
     assert result.exit_code == 1 and "--dtype 'fp7'" in str(result.exception)
+
+
+def test_bundled_model_names_resolve_to_their_configs():
+    from moescope.models.params import count_parameters
+    from moescope.models.registry import load_config
+
+    cfg = load_config("tiny-finegrained")
+    assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok) == ("qwen3_moe", 32, 4)
+    assert count_parameters(cfg).expert_params == 3 * cfg.hidden_size * cfg.moe_intermediate_size

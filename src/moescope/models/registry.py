@@ -39,14 +39,19 @@ def resolve_shipped(name: str) -> str | None:
 
 
 def load_config_dict(source: str | Path) -> dict[str, Any]:
-    """Read a config as a plain dict from a shipped name, a config.json path or a model directory.
+    """Read a config as a plain dict from a shipped name, a bundled model name (``tiny-mixtral``),
+    a config.json path or a model directory.
 
     Raises :class:`ConfigError` naming the path or name when nothing usable is found.
     """
+    from moescope.data import BUNDLED_MODELS, bundled_model_path
+
     text = str(source)
     shipped = resolve_shipped(text) if not Path(text).exists() else None
     if shipped is not None:
         path = CONFIG_DIR / f"{shipped}.json"
+    elif text in BUNDLED_MODELS and not Path(text).exists():
+        path = bundled_model_path(text) / "config.json"
     else:
         path = Path(text)
         if path.is_dir():
