@@ -349,7 +349,7 @@ def test_old_transformers_is_refused_with_upgrade_hint():
 
     with pytest.raises(ConfigError, match=r"transformers 4\.57\.1 is too old.*>= 5\.19.*pip install -U"):
         check_transformers_version("4.57.1")
-    with pytest.raises(ConfigError, match="5.18.0 is too old"):
+    with pytest.raises(ConfigError, match=r"5\.18\.0 is too old"):
         check_transformers_version("5.18.0")
     check_transformers_version("5.19.0")
     check_transformers_version()  # the installed one is new enough

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_rows
 
+from conftest import make_rows
 from moescope.errors import TraceError
 from moescope.trace import RoutingSpec, Trace, TraceWriter, missing_id, validate_trace
 from moescope.trace.schema import default_columns, id_dtype

@@ -1,9 +1,11 @@
-"""The compiled replay loop: one pass over (step, layer) events through an expert cache and a link.
+"""The compiled replay loops: one pass over (step, layer) events through an expert cache and a link.
 
-Everything a replay needs is an array, so the loop compiles with Numba's ``nopython`` mode and runs
-at tens of millions of expert look-ups per second; policies plug in as two small jitted functions
-(see :mod:`moescope.simulate.policies`). The semantics, which the plain reference simulator in the
-tests implements line for line:
+Everything a replay needs is an array, so the loops compile with Numba's ``nopython`` mode.
+:func:`replay_chunk` serves every policy: policies plug in as small jitted rules (see
+:mod:`moescope.simulate.policies`) and each eviction scans the partition's residents.
+:func:`replay_lru` serves LRU and static pinning with the same semantics in O(1) per eviction (a
+recency list); :func:`moescope.simulate.engine.run` picks it whenever the policy allows. The
+semantics, which the plain reference simulator in the tests implements line for line:
 
 Keys are ``layer * E + expert``. A key belongs to partition ``layer`` (per-layer capacity) or to
 partition 0 (one cache shared by all layers). At event ``(s, l)`` (step ``s``, MoE layer ``l``):
@@ -62,7 +64,7 @@ C_EVICT = 9
 NCOUNT = 10
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def priority(rule, st, key, param):
     """Eviction priority of ``key`` under ``rule``: lower is evicted first."""
     if rule == PRIO_FREQ:
@@ -74,7 +76,7 @@ def priority(rule, st, key, param):
     return st[key, LAST]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def on_use(rule, st, key, step, param):
     """Update the policy scratch column when ``key`` is used (or inserted by a prefetch) at ``step``."""
     if rule == USE_LRFU:
@@ -83,7 +85,7 @@ def on_use(rule, st, key, step, param):
         st[key, AUX] = np.log2(1.0 + np.exp2(st[key, AUX] - param * step)) + param * step
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _next_use(key, after, ptr, occ_start, occ_ev, seg_end):
     """First demand event of ``key`` strictly after ``after`` and before ``seg_end``; +inf if none."""
     p = ptr[key]
@@ -96,45 +98,10 @@ def _next_use(key, after, ptr, occ_start, occ_ev, seg_end):
     return INF
 
 
-@njit(cache=True)
-def _unlink(key, part, head, tail, nxt, prv):
-    a, b = prv[key], nxt[key]
-    if a >= 0:
-        nxt[a] = b
-    else:
-        head[part] = b
-    if b >= 0:
-        prv[b] = a
-    else:
-        tail[part] = a
-    prv[key] = -1
-    nxt[key] = -1
-
-
-@njit(cache=True)
-def _append(key, part, head, tail, nxt, prv):
-    t = tail[part]
-    prv[key] = t
-    nxt[key] = -1
-    if t >= 0:
-        nxt[t] = key
-    else:
-        head[part] = key
-    tail[part] = key
-
-
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pick_victim(part, slots, nres, st, lock, stamp, pinned, protect_until, event, use_protect,
-                 prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end, fast, where, head, nxt):
-    """Slot index of the victim in partition ``part``, or -1 when every resident is locked/pinned.
-
-    ``fast``: plain LRU with nothing pinned; the residents are a recency list, oldest at ``head``.
-    """
-    if fast:
-        key = head[part]
-        while key >= 0 and lock[key] == stamp:
-            key = nxt[key]
-        return where[key] if key >= 0 else -1
+                 prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end):
+    """Slot index of the victim in partition ``part``, or -1 when every resident is locked/pinned."""
     best = -1
     best_prot = 2
     best_pri = INF
@@ -158,7 +125,7 @@ def replay_chunk(
     demand, pref, dist, E, per_layer, cap, pinned, prio_rule, use_rule, param, bypass, use_protect, need_next,
     occ_start, occ_ev, seg_end_of_step, reset, load_time, compute, step0,
     slots, nres, where, st, lock, protect_until, pf_unused, arrival, ptr, clock,
-    counts, stall, wait_pf, fast, head, tail, nxt, prv,
+    counts, stall, wait_pf,
 ):
     """Replay steps ``demand[0:S]`` (global step index ``step0 + s``); all state arrays are updated in place.
 
@@ -180,11 +147,7 @@ def replay_chunk(
                         pf_unused[key] = False
                     where[key] = -1
                 nres[p] = 0
-                head[p] = -1
-                tail[p] = -1
             for key in range(K):
-                nxt[key] = -1
-                prv[key] = -1
                 st[key, LAST] = 0.0
                 st[key, FREQ] = 0.0
                 st[key, AUX] = -INF
@@ -241,7 +204,7 @@ def replay_chunk(
                         # a bypassing policy may evict what this step already used: it need not stay
                         victim = _pick_victim(part, slots, nres, st, lock, -3 if bypass else event, pinned, protect_until, event,
                                               use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev,
-                                              seg_end, fast, where, head, nxt)
+                                              seg_end)
                         if victim < 0:
                             keep = False
                         elif bypass:
@@ -255,8 +218,6 @@ def replay_chunk(
                                 counts[C_PF_WASTE, old // E] += 1
                                 pf_unused[old] = False
                             where[old] = -1
-                            if fast:
-                                _unlink(old, part, head, tail, nxt, prv)
                             counts[C_EVICT, layer] += 1
                             slots[part, victim] = key
                             where[key] = victim
@@ -264,8 +225,6 @@ def replay_chunk(
                             slots[part, nres[part]] = key
                             where[key] = nres[part]
                             nres[part] += 1
-                        if fast:
-                            _append(key, part, head, tail, nxt, prv)
                         lock[key] = event
                         arrival[key] = clock[2]
                     else:
@@ -273,9 +232,6 @@ def replay_chunk(
                 clock[0] += 1.0
                 st[key, LAST] = clock[0]
                 st[key, FREQ] += 1.0
-                if fast and where[key] >= 0 and tail[part] != key:
-                    _unlink(key, part, head, tail, nxt, prv)
-                    _append(key, part, head, tail, nxt, prv)
                 on_use(use_rule, st, key, float(gs), param)
             # 3. compute
             stall[layer] += ready - t_start
@@ -301,8 +257,7 @@ def replay_chunk(
                 victim = -1
                 if nres[tpart] >= cap[tpart]:
                     victim = _pick_victim(tpart, slots, nres, st, lock, pf_stamp, pinned, protect_until, event,
-                                          use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end,
-                                          fast, where, head, nxt)
+                                          use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end)
                     if victim < 0:
                         continue
                     if bypass:
@@ -314,8 +269,6 @@ def replay_chunk(
                         counts[C_PF_WASTE, old // E] += 1
                         pf_unused[old] = False
                     where[old] = -1
-                    if fast:
-                        _unlink(old, tpart, head, tail, nxt, prv)
                     counts[C_EVICT, target] += 1
                     slots[tpart, victim] = key
                     where[key] = victim
@@ -323,8 +276,6 @@ def replay_chunk(
                     slots[tpart, nres[tpart]] = key
                     where[key] = nres[tpart]
                     nres[tpart] += 1
-                if fast:
-                    _append(key, tpart, head, tail, nxt, prv)
                 counts[C_PF_LOAD, target] += 1
                 pf_unused[key] = True
                 lock[key] = pf_stamp
@@ -334,3 +285,224 @@ def replay_chunk(
                 clock[0] += 1.0
                 st[key, LAST] = clock[0]
                 on_use(use_rule, st, key, float(gs), param)
+
+
+# per-key state of :func:`replay_lru`, one record per key so that a look-up touches one cache line
+NODE = np.dtype(
+    [
+        ("lock", np.int64),  # event (demand) or -2 - event (prefetch issue) that locked the key last
+        ("arrival", np.float64),  # when its last transfer ends
+        ("load", np.float64),  # transfer time
+        ("prv", np.int32),  # recency list of its partition: older neighbour, -1 at the head
+        ("nxt", np.int32),  # newer neighbour, -1 at the tail
+        ("state", np.int8),  # 0 absent, 1 resident (in the recency list), 2 pinned
+        ("unused", np.bool_),  # prefetched and not used since
+    ],
+    align=True,
+)
+
+
+@njit(cache=True, nogil=True)
+def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, compute,
+               counts, stall, wait_pf, pf_unused):
+    """:func:`replay_chunk` for LRU (optionally with pinned experts), with O(1) victims; returns the end time.
+
+    Same semantics and outputs as :func:`replay_chunk` with ``PRIO_LAST``, ``USE_NONE`` and no
+    bypass, protection or look-ahead, which is all plain LRU and static pinning need: the unpinned
+    residents of each partition form a recency list (least recent at ``head``) that holds exactly the
+    order of their last touch, so the victim is the first unlocked entry from the head (at most ``W``
+    or ``M`` locked ones are skipped) instead of a scan over every resident. No per-event allocation
+    and no calls; all per-key state sits in one :data:`NODE` record, so a look-up touches one cache line.
+    ``pf_unused`` receives the prefetched experts still unused at the end.
+    """
+    S, L, W = demand.shape
+    M = pref.shape[2]
+    K = L * E
+    P = cap.shape[0]
+    node = np.zeros(K, NODE)
+    for key in range(K):
+        node[key].lock = -1
+        node[key].nxt = -1
+        node[key].prv = -1
+        node[key].load = load_time[key]
+    head = np.full(P, -1, np.int32)
+    tail = np.full(P, -1, np.int32)
+    nres = np.zeros(P, np.int64)
+    ras = np.zeros(W, np.bool_)  # resident at the start of the event, per demand rank
+    now = 0.0
+    link = 0.0
+    for s in range(S):
+        if reset[s]:
+            for key in range(K):
+                if node[key].state != 0 and node[key].unused:
+                    counts[C_PF_WASTE, key // E] += 1
+                node[key].unused = False
+                node[key].state = 0
+                node[key].nxt = -1
+                node[key].prv = -1
+                node[key].arrival = 0.0
+            for p in range(P):
+                head[p] = -1
+                tail[p] = -1
+                nres[p] = 0
+            for key in range(K):
+                if pinned[key]:
+                    node[key].state = 2
+                    nres[key // E if per_layer else 0] += 1
+        for layer in range(L):
+            event = s * L + layer
+            part = layer if per_layer else 0
+            base = layer * E
+            t_start = now
+            ready = t_start
+            for j in range(W):
+                e = demand[s, layer, j]
+                ras[j] = False
+                if e >= 0 and node[base + e].state != 0:
+                    node[base + e].lock = event
+                    ras[j] = True
+            for j in range(W):
+                e = demand[s, layer, j]
+                if e < 0:
+                    continue
+                key = base + e
+                counts[C_ACCESS, layer] += 1
+                if ras[j]:
+                    counts[C_HIT, layer] += 1
+                    if node[key].unused:
+                        counts[C_PF_HIT, layer] += 1
+                        node[key].unused = False
+                        if node[key].arrival > t_start:
+                            counts[C_LATE, layer] += 1
+                            wait_pf[layer] += node[key].arrival - t_start
+                    if node[key].arrival > ready:
+                        ready = node[key].arrival
+                    if node[key].state == 1 and tail[part] != key:  # move to the most recent end
+                        a = node[key].prv
+                        b = node[key].nxt
+                        if a >= 0:
+                            node[a].nxt = b
+                        else:
+                            head[part] = b
+                        node[b].prv = a  # b >= 0: key is not the tail
+                        t = tail[part]
+                        node[key].prv = t
+                        node[key].nxt = -1
+                        node[t].nxt = key
+                        tail[part] = key
+                    continue
+                counts[C_MISS, layer] += 1
+                link = (link if link > t_start else t_start) + node[key].load
+                if link > ready:
+                    ready = link
+                if nres[part] >= cap[part]:
+                    v = head[part]
+                    while v >= 0 and node[v].lock == event:
+                        v = node[v].nxt
+                    if v < 0:
+                        counts[C_STREAM, layer] += 1
+                        continue
+                    if node[v].unused:
+                        counts[C_PF_WASTE, v // E] += 1
+                        node[v].unused = False
+                    node[v].state = 0
+                    a = node[v].prv
+                    b = node[v].nxt
+                    if a >= 0:
+                        node[a].nxt = b
+                    else:
+                        head[part] = b
+                    if b >= 0:
+                        node[b].prv = a
+                    else:
+                        tail[part] = a
+                    counts[C_EVICT, layer] += 1
+                else:
+                    nres[part] += 1
+                node[key].state = 1
+                t = tail[part]
+                node[key].prv = t
+                node[key].nxt = -1
+                if t >= 0:
+                    node[t].nxt = key
+                else:
+                    head[part] = key
+                tail[part] = key
+                node[key].lock = event
+                node[key].arrival = link
+            stall[layer] += ready - t_start
+            now = ready + compute[s, layer]
+            target = layer + dist
+            if M == 0 or target >= L:
+                continue
+            tpart = target if per_layer else 0
+            tbase = target * E
+            pf_stamp = -2 - event
+            for j in range(M):
+                e = pref[s, target, j]
+                if e < 0:
+                    continue
+                key = tbase + e
+                if node[key].state != 0:
+                    counts[C_PF_RESIDENT, target] += 1
+                    node[key].lock = pf_stamp
+                    continue
+                if nres[tpart] >= cap[tpart]:
+                    v = head[tpart]
+                    while v >= 0 and node[v].lock == pf_stamp:
+                        v = node[v].nxt
+                    if v < 0:
+                        continue
+                    if node[v].unused:
+                        counts[C_PF_WASTE, v // E] += 1
+                        node[v].unused = False
+                    node[v].state = 0
+                    a = node[v].prv
+                    b = node[v].nxt
+                    if a >= 0:
+                        node[a].nxt = b
+                    else:
+                        head[tpart] = b
+                    if b >= 0:
+                        node[b].prv = a
+                    else:
+                        tail[tpart] = a
+                    counts[C_EVICT, target] += 1
+                else:
+                    nres[tpart] += 1
+                node[key].state = 1
+                t = tail[tpart]
+                node[key].prv = t
+                node[key].nxt = -1
+                if t >= 0:
+                    node[t].nxt = key
+                else:
+                    head[tpart] = key
+                tail[tpart] = key
+                counts[C_PF_LOAD, target] += 1
+                node[key].unused = True
+                node[key].lock = pf_stamp
+                link = (link if link > t_start else t_start) + node[key].load
+                node[key].arrival = link
+    for key in range(K):
+        pf_unused[key] = node[key].unused
+    return now
+
+
+
+@njit(cache=True, nogil=True)
+def demand_stats(demand, E):
+    """Per step and layer the number of demand experts ``(S, L)``, and per key its demand count ``(L * E,)``."""
+    S, L, W = demand.shape
+    unique = np.zeros((S, L), np.int64)
+    uses = np.zeros(L * E, np.int64)
+    for s in range(S):
+        for layer in range(L):
+            n = 0
+            for j in range(W):
+                e = demand[s, layer, j]
+                if e >= 0:
+                    n += 1
+                    uses[layer * E + e] += 1
+            unique[s, layer] = n
+    return unique, uses

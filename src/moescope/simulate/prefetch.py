@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from sklearn.base import BaseEstimator
 
 from moescope.errors import ConfigError
@@ -85,45 +85,43 @@ class Prefetcher(BaseEstimator):
         return f"{self.name}(d={self.distance}, m={self.budget or 'k'})"
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _table_topm(ids, cond, dist, m, out):
-    """out[t, l] = top-m of sum_{a in ids[t, l - dist]} cond[l - dist, a, :] (ties: lower id)."""
+    """out[t, l] = top-m of sum_{a in ids[t, l - dist]} cond[l - dist, a, :] (ties: lower id).
+
+    Tokens are split into blocks shared out over the cores. Per (token, layer) the votes are summed
+    in source order (a vectorised add of ``E``-long rows), then the ``m`` best are taken by ``m``
+    passes of max + first index of it, which ranks equal scores by the lower id; scores are
+    probabilities (>= 0), so -1 marks a taken id.
+    """
     n, L, k = ids.shape
     E = cond.shape[2]
-    acc = np.empty(E, np.float32)
-    best_v = np.empty(m, np.float32)
-    best_i = np.empty(m, np.int64)
-    for t in range(n):
-        for src in range(L - dist):
-            for e in range(E):
-                acc[e] = 0.0
-            any_src = False
-            for j in range(k):
-                a = ids[t, src, j]
-                if a < 0:
-                    continue
-                any_src = True
-                row = cond[src, a]
+    block = 512
+    for b in prange((n + block - 1) // block):
+        acc = np.empty(E, np.float32)
+        for t in range(b * block, min(n, (b + 1) * block)):
+            for src in range(L - dist):
                 for e in range(E):
-                    acc[e] += row[e]
-            if not any_src:
-                continue
-            filled = 0
-            for e in range(E):
-                v = acc[e]
-                if filled == m and v <= best_v[m - 1]:
+                    acc[e] = 0.0
+                any_src = False
+                for j in range(k):
+                    a = np.int64(ids[t, src, j])
+                    if a < 0:
+                        continue
+                    any_src = True
+                    for e in range(E):
+                        acc[e] += cond[src, a, e]
+                if not any_src:
                     continue
-                pos = filled if filled < m else m - 1
-                while pos > 0 and best_v[pos - 1] < v:
-                    best_v[pos] = best_v[pos - 1]
-                    best_i[pos] = best_i[pos - 1]
-                    pos -= 1
-                best_v[pos] = v
-                best_i[pos] = e
-                if filled < m:
-                    filled += 1
-            for j in range(filled):
-                out[t, src + dist, j] = best_i[j]
+                for j in range(m):
+                    top = acc[0]
+                    for e in range(1, E):
+                        top = max(top, acc[e])
+                    i = 0
+                    while acc[i] != top:
+                        i += 1
+                    out[t, src + dist, j] = i
+                    acc[i] = -1.0
 
 
 class TablePrefetcher(Prefetcher):
