@@ -24,11 +24,23 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from moescope.analysis import commands as analysis_commands
     from moescope.capture import commands as capture_commands
+    from moescope.interop import commands as interop_commands
+    from moescope.models import commands as models_commands
+    from moescope.predict import commands as predict_commands
+    from moescope.report import commands as report_commands
+    from moescope.simulate import commands as simulate_commands
     from moescope.trace import commands as trace_commands
 
     trace_commands.register(app)
+    analysis_commands.register(app)
     capture_commands.register(app)
+    interop_commands.register(app)
+    models_commands.register(app)
+    predict_commands.register(app)
+    report_commands.register(app)
+    simulate_commands.register(app)
 
 
 _register()
