@@ -24,6 +24,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from moescope.ablate import commands as ablate_commands
     from moescope.analysis import commands as analysis_commands
     from moescope.capture import commands as capture_commands
     from moescope.interop import commands as interop_commands
@@ -41,6 +42,7 @@ def _register() -> None:
     predict_commands.register(app)
     report_commands.register(app)
     simulate_commands.register(app)
+    ablate_commands.register(app)
 
 
 _register()

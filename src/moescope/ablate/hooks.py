@@ -1,0 +1,395 @@
+"""Disable experts at run time by editing the routing a MoE model consumes, for every family.
+
+No weight is touched. Hooks sit where each family's block consumes the routing (read off the
+adapter table in :mod:`moescope.capture.adapters`):
+
+- ``experts_call`` families: a forward pre-hook on ``<block>.experts`` rewrites the
+  ``(top_k_index, top_k_weights)`` it is called with; a forward hook on the router keeps the
+  router's logits of the same call for re-routing. The ids are the ones the model really chose,
+  after correction bias and group limits, so bias-selected routers (DeepSeek-V3, GLM4-MoE,
+  Ernie4.5) are edited where their indices are consumed, never by masking logits.
+- ``router_dense_scores`` (Llama4) and ``router_sorted`` (JetMoE): a forward hook on the router
+  decodes its output, edits it and encodes it back in the layout the block consumes.
+
+Two modes:
+
+``drop``
+    the disabled expert keeps its slot but its weight is set to 0, nothing is renormalised: the
+    block output is exactly the unablated output minus that expert's weighted contribution.
+``reroute``
+    each slot holding a disabled expert goes to the best expert that is neither disabled nor
+    already chosen, ranked by the score the router selects with (its probability transform plus
+    its correction bias, :func:`moescope.capture.lookahead.choice_scores`); group limits
+    (DeepSeek/GLM ``n_group``/``topk_group``) are not re-applied to the refill. The new set is then
+    weighted by the family's own rule (:class:`moescope.capture.adapters.WeightRule`) from the
+    router's unchanged scores: Mixtral renormalises the softmax over the new pair, DeepSeek-V3 takes
+    the unbiased sigmoid scores, normalises and scales them, Jamba keeps raw probabilities, and so on.
+    Only tokens that chose a disabled expert change; every other token keeps its exact ids and weights.
+
+Hooks are installed when the :class:`ExpertAblator` is entered and removed when it exits (also on
+error); with nothing disabled they pass the routing through untouched, so outputs are bit-identical.
+
+Examples
+--------
+>>> from moescope.capture.tiny import tiny_model
+>>> model = tiny_model("mixtral")
+>>> x = torch.tensor([[5, 6, 7, 8, 9]])
+>>> with ablate(model, {1: [3]}, mode="reroute"):
+...     changed = model(x).logits
+>>> bool((model(x).logits == changed).all())
+False
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from moescope.capture.adapters import FamilySpec, WeightRule, resolve_adapter
+from moescope.capture.engine import decode_router_output, routing_spec
+from moescope.capture.lookahead import choice_scores
+from moescope.errors import ConfigError
+
+#: How a disabled expert is taken out of a token's top-k.
+MODES = ("reroute", "drop")
+
+
+# --------------------------------------------------------------------------- routing arithmetic
+def rule_weights(
+    rule: WeightRule, logits: torch.Tensor, ids: torch.Tensor, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weights ``(n, k)`` float32 the family gives the chosen ``ids`` (n, k), from router ``logits`` (n, E).
+
+    ``excluded`` (E,) bool marks disabled experts; only the sparsemixer uses it (its masked softmax
+    spans experts near the chosen logit, and a disabled one must not sit among them).
+    """
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # (n, E)
+    ids = ids.long()
+    if rule.score == "softmax":
+        w = logits.softmax(dim=-1).gather(1, ids)
+    elif rule.score == "sigmoid":
+        w = logits.sigmoid().gather(1, ids)
+    elif rule.score == "softmax_chosen":
+        w = logits.gather(1, ids).softmax(dim=-1)
+    elif rule.score == "sparsemixer":
+        return _sparsemixer_weights(logits, ids, excluded, rule.jitter_eps)
+    else:
+        raise ConfigError(f"weight rule score {rule.score!r} is not one of softmax, sigmoid, softmax_chosen, sparsemixer")
+    if rule.norm_p is not None:
+        norm = w.sum(-1, keepdim=True) if rule.norm_p == 1 else torch.linalg.vector_norm(w, ord=rule.norm_p, dim=-1, keepdim=True)
+        w = w / (norm + rule.norm_eps).clamp(min=rule.norm_floor)
+    return w * rule.scale if rule.scale != 1.0 else w
+
+
+def _sparsemixer_weights(
+    logits: torch.Tensor, ids: torch.Tensor, excluded: torch.Tensor | None, jitter_eps: float
+) -> torch.Tensor:
+    """PhiMoE's eval-mode sparsemixer multipliers for the given experts (transformers ``sparsemixer``).
+
+    Slot i takes the i-th best of ``ids`` by logit; its weight is a softmax over the experts whose
+    logit lies within ``2 * jitter_eps`` (relative) of it, earlier slots and ``excluded`` left out.
+    """
+    scores = logits if excluded is None else logits.masked_fill(excluded.to(logits.device), float("-inf"))
+    order = torch.argsort(logits.gather(1, ids), dim=1, descending=True, stable=True)
+    ranked = ids.gather(1, order)  # (n, k), best logit first
+    w_ranked = torch.empty(ranked.shape, dtype=logits.dtype, device=logits.device)
+    masked = scores
+    for i in range(ranked.shape[1]):
+        e = ranked[:, i : i + 1]
+        top = scores.gather(1, e)  # (n, 1)
+        factor = scores.abs().clamp(min=top)
+        far = ((top - scores) / factor) > (2 * jitter_eps)
+        w_ranked[:, i : i + 1] = masked.masked_fill(far, float("-inf")).softmax(dim=-1).gather(1, e)
+        masked = masked.scatter(1, e, float("-inf"))
+    return torch.empty_like(w_ranked).scatter(1, order, w_ranked)
+
+
+def reroute(
+    fam: FamilySpec,
+    rule: WeightRule,
+    router: torch.nn.Module,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    off: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace every disabled expert in ``ids`` (N, k) by the next best allowed one; reweight those rows.
+
+    ``off`` (E,) bool marks the disabled experts; ``logits`` (N, E) are the router's for the same
+    tokens. Rows without a disabled expert are returned unchanged (same values).
+    """
+    hit = off[ids]  # (N, k)
+    rows = hit.any(dim=1).nonzero().squeeze(1)  # (n,)
+    if rows.numel() == 0:
+        return ids, weights
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != ids.shape[0]:
+        raise ConfigError(
+            f"{fam.family}: router logits cover {logits.shape[0]} tokens but the experts call {ids.shape[0]}"
+        )
+    r_ids, r_hit, r_logits = ids[rows].long(), hit[rows], logits[rows]
+    score = choice_scores(fam, router, r_logits)  # (n, E) float32
+    score = score.masked_fill(off, float("-inf")).scatter(1, r_ids, float("-inf"))
+    k = ids.shape[1]
+    cand = torch.topk(score, k, dim=1).indices  # (n, k), best first
+    slot = (r_hit.long().cumsum(dim=1) - 1).clamp(min=0)  # i-th removed slot takes the i-th candidate
+    new = torch.where(r_hit, cand.gather(1, slot), r_ids)
+    w = rule_weights(rule, r_logits, new, off)
+    ids_out, w_out = ids.clone(), weights.clone()
+    ids_out[rows] = new.to(ids.dtype)
+    w_out[rows] = w.to(weights.dtype)
+    return ids_out, w_out
+
+
+def drop(ids: torch.Tensor, weights: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the weight of every disabled expert in ``ids`` (N, k) to 0; nothing is renormalised."""
+    hit = off[ids]
+    if not bool(hit.any()):
+        return ids, weights
+    return ids, weights.masked_fill(hit, 0)
+
+
+def _encode_router_output(fam: FamilySpec, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int) -> Any:
+    """The router output a block consumes, rebuilt from edited ``ids``/``w`` (N, k) (inverse of decode)."""
+    if fam.selection == "router_dense_scores":  # Llama4: (scores (N, E), logits)
+        scores = torch.zeros_like(out[0]).scatter(1, ids.long(), w.to(out[0].dtype))
+        return (scores, *tuple(out[1:]))
+    if fam.selection == "router_sorted":  # JetMoE: ScatterMoE layout, as JetMoeTopKGating builds it
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        _, index_sorted = flat.sort(0)
+        batch_index = index_sorted.div(k, rounding_mode="trunc")
+        batch_gates = w.reshape(-1)[index_sorted].to(out[2].dtype)
+        expert_size = torch.bincount(flat, minlength=num_experts).tolist()
+        return (index_sorted, batch_index, batch_gates, expert_size, *tuple(out[4:]))
+    raise ConfigError(f"{fam.family}: selection {fam.selection!r} has no router-output encoding")
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
+    if len(args) > pos:
+        return args[pos]
+    return kwargs.get(name)
+
+
+def _put(args: tuple, kwargs: dict, pos: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > pos:
+        return (*args[:pos], value, *args[pos + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+# --------------------------------------------------------------------------- the hooks
+class ExpertAblator:
+    """Context manager that hooks every MoE block once; :meth:`set` chooses which experts are off.
+
+    Parameters
+    ----------
+    model : a transformers causal LM of a family in :mod:`moescope.capture.adapters`.
+    mode : ``"reroute"`` or ``"drop"`` (see the module docstring).
+    record : keep the expert ids each MoE layer consumed in the last forward pass
+        (:attr:`routing`, after the edit), to measure how routing changed downstream.
+
+    Attributes
+    ----------
+    spec : :class:`~moescope.trace.RoutingSpec` of the model (``moe_layers`` are decoder indices).
+    routing : per MoE layer, the ``(N, k)`` ids consumed in the last forward (``record=True``).
+
+    Examples
+    --------
+    >>> from moescope.capture.tiny import tiny_model
+    >>> model = tiny_model("deepseek_v3")
+    >>> with ExpertAblator(model, mode="drop") as abl:
+    ...     abl.set({2: [0, 5]})
+    ...     _ = model(torch.tensor([[3, 4, 5]]))
+    ...     abl.set(None)  # everything back on, hooks still installed
+    """
+
+    def __init__(self, model: torch.nn.Module, *, mode: str = "reroute", record: bool = False) -> None:
+        self.model = model
+        self.mode = mode
+        self.record = record
+        self.spec = routing_spec(model)
+        self.family = resolve_adapter(self.spec.family)
+        self._check_mode(mode)
+        self.config = _text_config(model.config)
+        self._rule = self.family.weight_rule(self.config) if self.family.weight_rule else None
+        self._blocks = [model.get_submodule(p) for p in self.spec.module_paths]
+        self._routers = [getattr(b, self.family.router) for b in self._blocks]
+        L = self.spec.num_moe_layers
+        self._off: list[torch.Tensor | None] = [None] * L
+        self._logits: list[torch.Tensor | None] = [None] * L
+        self.routing: list[torch.Tensor | None] = [None] * L
+        self._handles: list[Any] = []
+        self._depth = 0
+        self._lock = threading.Lock()
+
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"option mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "reroute" and self.family.weight_rule is None:
+            raise ConfigError(
+                f"{self.spec.family}: the adapter row has no weight_rule, so re-routed experts cannot be"
+                " weighted; use mode 'drop'"
+            )
+
+    # -- what is disabled -------------------------------------------------------------------
+
+    def set(self, disabled: Mapping[int, Iterable[int]] | None, *, mode: str | None = None) -> None:
+        """Disable ``{decoder_layer: expert ids}`` from the next forward on (``None``: nothing)."""
+        if mode is not None:
+            self._check_mode(mode)
+            self.mode = mode
+        off: list[torch.Tensor | None] = [None] * self.spec.num_moe_layers
+        E, k = self.spec.num_experts, self.spec.top_k
+        for layer, experts in (disabled or {}).items():
+            j = self.position(layer)
+            ids = sorted({int(e) for e in experts})
+            if not ids:
+                continue
+            bad = [e for e in ids if not 0 <= e < E]
+            if bad:
+                raise ConfigError(f"expert ids {bad} at layer {layer} are outside 0..{E - 1}")
+            if self.mode == "reroute" and E - len(ids) < k:
+                raise ConfigError(
+                    f"disabling {len(ids)} of {E} experts at layer {layer} leaves fewer than top_k={k} to re-route to"
+                )
+            device = next(self._routers[j].parameters()).device
+            mask = torch.zeros(E, dtype=torch.bool, device=device)
+            mask[ids] = True
+            off[j] = mask
+        self._off = off
+
+    def position(self, layer: int) -> int:
+        """Index among the MoE layers (0..L-1) of decoder layer ``layer``; dense layers are refused."""
+        try:
+            return self.spec.moe_layers.index(int(layer))
+        except ValueError:
+            raise ConfigError(
+                f"layer {layer} is not a MoE layer of this {self.spec.family} model; MoE layers: {self.spec.moe_layers}"
+            ) from None
+
+    @property
+    def disabled(self) -> dict[int, list[int]]:
+        """The experts currently off, as ``{decoder_layer: ids}``."""
+        return {
+            self.spec.moe_layers[j]: m.nonzero().squeeze(1).tolist() for j, m in enumerate(self._off) if m is not None
+        }
+
+    # -- installation ---------------------------------------------------------------------------
+
+    def __enter__(self) -> ExpertAblator:
+        with self._lock:
+            if self._depth == 0:
+                try:
+                    self._install()
+                except BaseException:
+                    self._remove()
+                    raise
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._remove()
+                self._logits = [None] * self.spec.num_moe_layers
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _install(self) -> None:
+        fam = self.family
+        for j, (block, router) in enumerate(zip(self._blocks, self._routers, strict=True)):
+            if fam.selection == "experts_call":
+                experts = getattr(block, fam.experts, None) if fam.experts else None
+                if experts is None:
+                    raise ConfigError(f"{self.spec.module_paths[j]}: no {fam.experts!r} module to hook")
+                # prepend: a RoutingRecorder hooked on the same module then records the edited routing
+                self._handles.append(
+                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True, prepend=True)
+                )
+                self._handles.append(router.register_forward_hook(self._logits_hook(j), prepend=True))
+            else:
+                self._handles.append(router.register_forward_hook(self._router_hook(j, block), prepend=True))
+
+    def _edit(self, j: int, ids: torch.Tensor, w: torch.Tensor, logits: torch.Tensor | None):
+        off = self._off[j]
+        if off is None:
+            return ids, w
+        if self.mode == "drop":
+            return drop(ids, w, off)
+        if logits is None:
+            raise ConfigError(f"{self.spec.module_paths[j]}: no router logits seen before the experts call")
+        assert self._rule is not None
+        return reroute(self.family, self._rule, self._routers[j], logits, ids, w, off)
+
+    def _logits_hook(self, j: int):
+        index = self.family.logits_index
+
+        def hook(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            self._logits[j] = out if index is None else out[index]
+
+        return hook
+
+    def _experts_hook(self, j: int):
+        fam = self.family
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            ids = _arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+            w = _arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+            if ids is None or w is None:
+                raise ConfigError(
+                    f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
+                )
+            new_ids, new_w = self._edit(j, ids, w, self._logits[j])
+            self._logits[j] = None
+            if self.record:
+                self.routing[j] = new_ids.detach()
+            if new_ids is ids and new_w is w:
+                return None
+            args, kwargs = _put(args, kwargs, fam.index_arg, fam.index_kwarg, new_ids)
+            args, kwargs = _put(args, kwargs, fam.weights_arg, fam.weights_kwarg, new_w)
+            return args, kwargs
+
+        return hook
+
+    def _router_hook(self, j: int, block: torch.nn.Module):
+        fam = self.family
+        E, k = self.spec.num_experts, self.spec.top_k
+
+        def hook(module: torch.nn.Module, args: tuple, out: Any):
+            if self._off[j] is None and not self.record:
+                return None
+            ids, w = decode_router_output(fam, block, out, k)
+            logits = out if fam.logits_index is None else out[fam.logits_index]
+            new_ids, new_w = self._edit(j, ids, w, logits)
+            if self.record:
+                self.routing[j] = new_ids.detach()
+            if new_ids is ids and new_w is w:
+                return None
+            return _encode_router_output(fam, out, new_ids, new_w, E)
+
+        return hook
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return text if text is not None else config
+
+
+@contextmanager
+def ablate(
+    model: torch.nn.Module, disabled: Mapping[int, Iterable[int]], *, mode: str = "reroute"
+) -> Iterator[ExpertAblator]:
+    """Disable ``{decoder_layer: expert ids}`` inside a ``with`` block; the model is untouched after it."""
+    ablator = ExpertAblator(model, mode=mode)
+    ablator.set(disabled)
+    with ablator:
+        yield ablator
