@@ -16,7 +16,8 @@ def demo(
     max_tokens: int = typer.Option(16000, "--max-tokens", help="Tokens captured per bundled model."),
 ) -> None:
     """Run the whole pipeline on the bundled models and held-out corpus, offline: capture both
-    models, validate, analyse, fit and evaluate the best predictor, simulate an expert cache.
+    models, validate, analyse, fit and evaluate the best predictor, simulate an expert cache, ablate each
+    expert of one layer.
 
     Each step is printed as the moescope command it runs, so any step can be copied and changed.
 

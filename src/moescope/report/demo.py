@@ -38,6 +38,10 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
         ["simulate", fine, "--cache-fraction", "0.25", "--prefetch", model_file, "--sweep",
          "-o", str(out / "simulate-tiny-finegrained")]
     )
+    steps.append(
+        ["ablate", "tiny-mixtral", *corpus, "--label-field", "domain", "--layer", "3", "--max-documents", "2",
+         "--rank-by", "perplexity", "-o", str(out / "ablate-tiny-mixtral-layer3")]
+    )
     return steps
 
 
