@@ -44,3 +44,25 @@ def test_batch_size_does_not_change_results(tmp_path: Path) -> None:
 def test_token_hash_is_stable() -> None:
     ids = hash_tokens(["Ġthe", "Ġthe", "ĠThe", None])
     assert ids[0] == ids[1] != ids[2] and ids[3] == -1 and (ids[:3] >= 0).all()
+
+
+def test_same_token_history_matches_a_plain_scan_across_batches(tmp_path: Path) -> None:
+    # small vocabulary so tokens repeat; batches of 23 cut the 60-token documents
+    tr = write_synthetic_trace(tmp_path / "t", n_tokens=300, num_layers=3, num_experts=8, top_k=2, doc_len=60,
+                               vocab_size=12, seed=3)
+    full = tr.load(["doc_id", "position", "experts", "token_id"])
+    seen, hits = 0, 0
+    for ctx in iter_contexts(tr, window=1, batch_size=23):
+        q = ctx.queries(1, 1)
+        t = ctx.queries(1, 0)
+        assert t.same_token is None  # temporal: the token is hidden
+        for r in range(len(ctx)):
+            i = seen + r
+            earlier = [j for j in range(i) if full.doc_id[j] == full.doc_id[i] and full.token_id[j] == full.token_id[i]]
+            if earlier:
+                np.testing.assert_array_equal(q.same_token[r], full.experts[earlier[-1]])
+                hits += 1
+            else:
+                assert (q.same_token[r] == tr.missing_id).all()
+        seen += len(ctx)
+    assert seen == 300 and hits > 100

@@ -17,8 +17,10 @@ class FrequencyPredictor(BasePredictor):
     ----------
     strategy : ``"uniform"`` (random ranking; slot recall k/E in expectation), ``"most_frequent"``
         (the layer's most used experts in training), ``"previous_token"`` (the previous token's set at
-        the same layer) or ``"window"`` (experts used most often by the last ``window`` tokens at the
-        same layer, their union when it fits the budget).
+        the same layer), ``"window"`` (experts used most often by the last ``window`` tokens at the
+        same layer, their union when it fits the budget) or ``"same_token"`` (the set of the same
+        token id's most recent earlier occurrence in the document at the same layer, popularity when
+        there is none or the query hides the token).
     window : tokens looked back by ``"window"``.
     random_state : seed of ``"uniform"``; the same seed gives the same ranking.
 
@@ -36,7 +38,7 @@ class FrequencyPredictor(BasePredictor):
 
     name: ClassVar[str] = "frequency"
     _parameter_constraints: ClassVar[dict[str, Any]] = {
-        "strategy": Options("uniform", "most_frequent", "previous_token", "window"),
+        "strategy": Options("uniform", "most_frequent", "previous_token", "window", "same_token"),
         "window": Interval(int, 1, 64),
         "random_state": RandomState(),
     }
@@ -60,6 +62,10 @@ class FrequencyPredictor(BasePredictor):
             return np.random.default_rng(seed).random((n, E), dtype=np.float32)
         scores = np.broadcast_to(pop * 1e-3, (n, E)).copy()  # popularity only breaks ties
         if self.strategy == "most_frequent":
+            return scores
+        if self.strategy == "same_token":
+            if q.same_token is not None:
+                scores += scatter_counts(q.same_token[:, q.layer], E, q.missing)
             return scores
         w = 1 if self.strategy == "previous_token" else self.window
         w = min(w, q.prev.shape[1])
@@ -119,32 +125,47 @@ class TokenPredictor(BasePredictor):
         k = self.top_k_
         self.totals_ = (np.add.reduceat(self.counts_, self.indptr_[:-1]) / k).astype(np.float32) if len(self.counts_) else np.zeros(0, np.float32)
 
-    def counts(self, q: Queries) -> tuple[np.ndarray, np.ndarray]:
-        """``(n, E)`` expert counts of each query's (layer, token) in training and ``(n,)`` occurrences."""
-        E, n = q.num_experts, len(q)
-        out = np.zeros((n, E), np.float32)
-        tot = np.zeros(n, np.float32)
+    def _match(self, q: Queries) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose (layer, token) was seen in training and the table index of each."""
         if q.temporal or len(self.keys_) == 0:
-            return out, tot
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         tok = q.token_id.astype(np.int64)
         code = q.layer * self.buckets + tok % self.buckets
         pos = np.minimum(np.searchsorted(self.keys_, code), len(self.keys_) - 1)
         rows = np.nonzero((tok >= 0) & (self.keys_[pos] == code))[0]
-        start = self.indptr_[pos[rows]]
-        cnt = self.indptr_[pos[rows] + 1] - start
-        total = int(cnt.sum())
-        if total:
-            rep = np.repeat(rows, cnt)
-            offs = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(start, cnt)
-            out[rep, self.experts_[offs]] = self.counts_[offs]
-        tot[rows] = self.totals_[pos[rows]]
+        return rows, pos[rows]
+
+    def counts(self, q: Queries) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, E)`` expert counts of each query's (layer, token) in training and ``(n,)`` occurrences."""
+        from moescope.predict.rules import _fill_rows
+
+        out = np.zeros((len(q), q.num_experts), np.float32)
+        tot = np.zeros(len(q), np.float32)
+        rows, pos = self._match(q)
+        _fill_rows(out, rows, pos, self.indptr_, self.experts_, self.counts_)
+        tot[rows] = self.totals_[pos]
         return out, tot
 
     def log_proba(self, q: Queries) -> np.ndarray:
-        """``(n, E)`` smoothed ``log P(e used | layer, token)``."""
-        c, tot = self.counts(q)
+        """``(n, E)`` smoothed ``log P(e used | layer, token)``.
+
+        Computed once per distinct (layer, token) of the queries, and once for all unseen ones, then
+        copied to the rows: tokens repeat, and the log dominates the cost.
+        """
+        from moescope.predict.rules import _fill_rows
+
+        E, n = q.num_experts, len(q)
         p = np.clip(self.popularity_[q.layer] * self.top_k_, 1e-6, 1 - 1e-6)  # marginal P(e used)
-        return np.log((c + self.alpha * p[None, :]) / (tot[:, None] + self.alpha)).astype(np.float32)
+        rows, pos = self._match(q)
+        uniq, inv = np.unique(pos, return_inverse=True)
+        c = np.zeros((len(uniq) + 1, E), np.float32)  # row 0: an unseen token
+        tot = np.zeros(len(uniq) + 1, np.float32)
+        _fill_rows(c, np.arange(1, len(uniq) + 1), uniq, self.indptr_, self.experts_, self.counts_)
+        tot[1:] = self.totals_[uniq]
+        table = np.log((c + self.alpha * p[None, :]) / (tot[:, None] + self.alpha)).astype(np.float32)
+        which = np.zeros(n, np.int64)
+        which[rows] = inv.reshape(-1) + 1
+        return table[which]
 
     def _scores(self, q: Queries) -> np.ndarray:
         return self.log_proba(q)

@@ -10,6 +10,8 @@ layer's marginal so that uninformative sources contribute zero:
   matching distances;
 - the previous token's experts at the target layer (temporal co-occurrence, and plain membership of
   the previous token's set and of the last ``window`` tokens' sets);
+- the same token's earlier occurrence in the document: membership of its expert set at the target
+  layer (``use_same_token``; the learned model also sees it, with its agreement on known layers);
 - the logits of a small :class:`~moescope.predict.learned.LearnedPredictor` (``learned=True``),
   which sees interactions the tables cannot;
 - the gate-lookahead ranking, when the capture recorded it.
@@ -51,6 +53,7 @@ class CombinedPredictor(BasePredictor):
     distances : modes to fit (spatial distances >= 1; 0 = temporal).
     history : own earlier layers used through co-occurrence tables (layers ``l-d, ..., l-d-history+1``).
     learned : also train the small neural model and use its logits as a feature.
+    use_same_token : use the routing of the same token's earlier occurrence in the document.
     hidden, history_layers, window, token_buckets, epochs, batch_size, lr, max_samples :
         settings of that inner :class:`LearnedPredictor`.
     alpha : smoothing of the token and co-occurrence tables.
@@ -70,6 +73,7 @@ class CombinedPredictor(BasePredictor):
         "distances": Modes(),
         "history": Interval(int, 1, 16),
         "learned": Boolean(),
+        "use_same_token": Boolean(),
         "hidden": Interval(int, 4, 4096),
         "history_layers": Interval(int, 0, 64),
         "window": Interval(int, 0, 64),
@@ -92,14 +96,15 @@ class CombinedPredictor(BasePredictor):
         distances: tuple[int, ...] = (1,),
         history: int = 3,
         learned: bool = True,
-        hidden: int = 128,
+        use_same_token: bool = True,
+        hidden: int = 256,
         history_layers: int = 4,
         window: int = 2,
-        token_buckets: int = 8192,
-        epochs: int = 2,
+        token_buckets: int = 16384,
+        epochs: int = 1,
         batch_size: int = 512,
         lr: float = 3e-3,
-        max_samples: int = 600_000,
+        max_samples: int = 1_600_000,
         alpha: float = 1.0,
         validation_fraction: float = 0.15,
         max_stack_rows: int = 3000,
@@ -110,6 +115,7 @@ class CombinedPredictor(BasePredictor):
         self.distances = distances
         self.history = history
         self.learned = learned
+        self.use_same_token = use_same_token
         self.hidden = hidden
         self.history_layers = history_layers
         self.window = window
@@ -161,7 +167,8 @@ class CombinedPredictor(BasePredictor):
             self._log("training the neural model")
             self.learned_ = LearnedPredictor(
                 distances=tuple(int(d) for d in self.modes_), hidden=self.hidden, history_layers=self.history_layers,
-                window=self.window, token_buckets=self.token_buckets, use_lookahead=bool(variants), epochs=self.epochs,
+                window=self.window, token_buckets=self.token_buckets, use_lookahead=bool(variants),
+                use_same_token=self.use_same_token, epochs=self.epochs,
                 batch_size=self.batch_size, lr=self.lr, max_samples=self.max_samples, random_state=self.random_state,
                 num_threads=self.num_threads, verbose=self.verbose,
             ).fit(fit_trace)
@@ -178,6 +185,8 @@ class CombinedPredictor(BasePredictor):
     def _feature_names(self) -> list[str]:
         names = ["marginal", "token"] + [f"own_l-{j}" for j in range(self.history)]
         names += ["prev_token", "prev_set", "window_set"]
+        if self.use_same_token:
+            names.append("same_token")
         if self.learned_ is not None:
             names.append("learned")
         if self.lookahead_ is not None:
@@ -236,6 +245,11 @@ class CombinedPredictor(BasePredictor):
         prev_sets = q.prev[:, :, q.layer] if W else np.zeros((n, 0, self.top_k_), np.uint8)  # (n, W, k)
         feats.append(scatter_counts(prev_sets[:, :1], E, q.missing)[:, 0] if W else np.zeros((n, E), np.float32))
         feats.append(scatter_counts(prev_sets.reshape(n, -1), E, q.missing) / max(W, 1))
+        if "same_token" in self.features_:  # the fitted feature list, not the parameter: old files load
+            same = q.same_token
+            feats.append(
+                np.zeros((n, E), np.float32) if same is None else scatter_counts(same[:, q.layer], E, q.missing)
+            )
         if self.learned_ is not None:
             feats.append(self.learned_.predict_scores(q))
         if self.lookahead_ is not None:
@@ -269,6 +283,7 @@ def _subset(q: Queries, rows: np.ndarray) -> Queries:
         token_id=q.token_id[rows],
         prev_token_id=q.prev_token_id[rows],
         lookahead={k: v[rows] for k, v in q.lookahead.items()},
+        same_token=None if q.same_token is None else q.same_token[rows],
     )
 
 

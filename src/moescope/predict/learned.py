@@ -5,14 +5,18 @@ Every piece of visible information becomes an item of one ``EmbeddingBag`` (sum 
 - the token's own experts at its last ``history_layers`` known layers, as (source layer, expert);
 - the target layer and the mode (distance, or temporal);
 - the hashed token id (the strongest single cue: routing is largely decided by token id, OpenMoE)
-  and the hashed (previous token, token) bigram;
+  and the hashed (previous token, token) bigram and (token, target layer) pair;
 - the previous ``window`` tokens' experts at the target layer, and the previous token's at the next
   layer (temporal context), plus the previous token's hashed id;
-- optionally the gate-lookahead ids (variant, rank bucket, expert).
+- optionally the gate-lookahead ids (variant, rank bucket, expert);
+- the experts of the most recent earlier occurrence of the same token id in the document at the
+  target layer, and how many experts that occurrence shares with the token's own newest known layer
+  (``use_same_token``; in a prompt, a repeated token is often routed like its earlier occurrence).
 
 The bag goes through ``LayerNorm -> ReLU -> Linear(H, H) -> ReLU -> Linear(H, E)``, trained with binary
 cross-entropy against the multi-hot expert set, and experts are ranked by logit. One model serves
-every target layer and every fitted mode. Samples are stored compactly (uint8 ids) and their item
+every target layer and every fitted mode. The embedding table gets sparse gradients (``SparseAdam``), so
+a step costs the rows it touches, not the whole table. Samples are stored compactly (uint8 ids) and their item
 indices are built per minibatch, so memory is about 100 bytes per training (token, layer) pair.
 """
 
@@ -29,6 +33,8 @@ from moescope.predict.base import BasePredictor, Boolean, Interval, Modes, OrNon
 from moescope.predict.queries import Queries, iter_labelled, set_mask
 
 N_RANK_BUCKETS = 4
+TOKEN_LAYER_FACTOR = 4  # (token, layer) buckets per token bucket
+N_OVERLAP = 8  # overlap buckets: min(shared experts, 6), and 7 = the token has no known layer yet
 
 
 @contextlib.contextmanager
@@ -60,19 +66,29 @@ class _Layout:
         self.layer = self.own + L * E
         self.mode = self.layer + L
         self.tok = self.mode + M
-        self.prev = self.tok + buckets  # (w, expert) at the target layer
-        self.prev_next = self.prev + W * E  # previous token at layer l+1
-        self.prev_tok = self.prev_next + E
+        self.prev = self.tok + buckets  # (target layer, w, expert): expert ids mean nothing across layers
+        self.prev_next = self.prev + L * W * E  # (target layer, expert): previous token at layer l+1
+        self.prev_tok = self.prev_next + L * E
         self.bigram = self.prev_tok + buckets  # hashed (previous token, token)
         self.look = self.bigram + buckets
-        self.size = self.look + variants * N_RANK_BUCKETS * E
+        self.same = self.look + variants * N_RANK_BUCKETS * E  # (target layer, expert) of the same token earlier
+        self.same_ov = self.same + L * E  # (target layer, overlap bucket)
+        self.tok_layer = self.same_ov + L * N_OVERLAP  # hashed (token, target layer)
+        self.size = self.tok_layer + TOKEN_LAYER_FACTOR * buckets
         self.pad = self.size  # EmbeddingBag padding index
+
+    def hashed(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the hashed token regions: rows never hit stay zero (small files)."""
+        B = self.B
+        return [(self.tok, self.tok + B), (self.prev_tok, self.prev_tok + B), (self.bigram, self.bigram + B),
+                (self.tok_layer, self.size)]
 
 
 class _Samples:
     """Compact training samples; grows by appending blocks."""
 
-    FIELDS = ("layer", "mode", "own", "prev", "prev_next", "tok", "prev_tok", "bigram", "look", "target")
+    FIELDS = ("layer", "mode", "own", "prev", "prev_next", "tok", "prev_tok", "bigram", "look", "same", "same_ov", "tok_layer",
+              "target")
 
     def __init__(self) -> None:
         self.parts: dict[str, list[np.ndarray]] = {f: [] for f in self.FIELDS}
@@ -96,6 +112,7 @@ class LearnedPredictor(BasePredictor):
     window : previous tokens whose experts at the target layer enter as features.
     token_buckets : hash buckets for token ids (the embedding rows for tokens).
     use_token, use_lookahead : feature groups to use (lookahead only if the trace holds it).
+    use_same_token : use the routing of the same token's earlier occurrence in the document.
     epochs, batch_size, lr, weight_decay : Adam training settings.
     max_samples : cap on training (token, layer, mode) samples, drawn at random beyond it.
     random_state : seed of sampling, initialisation and shuffling.
@@ -119,6 +136,7 @@ class LearnedPredictor(BasePredictor):
         "token_buckets": Interval(int, 1, 1 << 22),
         "use_token": Boolean(),
         "use_lookahead": Boolean(),
+        "use_same_token": Boolean(),
         "epochs": Interval(int, 1, 1000),
         "batch_size": Interval(int, 1, 1 << 20),
         "lr": Interval(float, 0.0, 10.0),
@@ -139,6 +157,7 @@ class LearnedPredictor(BasePredictor):
         token_buckets: int = 8192,
         use_token: bool = True,
         use_lookahead: bool = False,
+        use_same_token: bool = True,
         epochs: int = 4,
         batch_size: int = 512,
         lr: float = 3e-3,
@@ -155,6 +174,7 @@ class LearnedPredictor(BasePredictor):
         self.token_buckets = token_buckets
         self.use_token = use_token
         self.use_lookahead = use_lookahead
+        self.use_same_token = use_same_token
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -210,6 +230,19 @@ class LearnedPredictor(BasePredictor):
         ptok = np.where(raw_prev >= 0, raw_prev % B, -1) if self.use_token else np.full(n, -1)
         both = (raw_tok >= 0) & (raw_prev >= 0) & self.use_token
         bigram = np.where(both, (raw_tok * 1_000_003 + raw_prev * 7919) % B, -1)
+        tok_layer = np.where(tok >= 0, (raw_tok * 131 + q.layer) % (TOKEN_LAYER_FACTOR * B), -1)
+        same = np.full((n, k), miss, q.own.dtype)
+        same_ov = np.full(n, -1, np.int8)
+        if self.use_same_token and q.same_token is not None:
+            same = q.same_token[:, q.layer]
+            has = ~(same == miss).all(axis=1)  # (n,)
+            if V:
+                mine = set_mask(q.own[:, V - 1], E, miss)  # (n, E) the newest known layer
+                theirs = set_mask(q.same_token[:, V - 1], E, miss)
+                ov = np.minimum((mine & theirs).sum(axis=1), N_OVERLAP - 2)
+            else:
+                ov = np.full(n, N_OVERLAP - 1)
+            same_ov = np.where(has, ov, -1).astype(np.int8)
         mode = int(np.searchsorted(self.modes_, q.distance))
         return {
             "layer": np.full(n, q.layer, np.int16),
@@ -220,7 +253,10 @@ class LearnedPredictor(BasePredictor):
             "tok": tok.astype(np.int32),
             "prev_tok": ptok.astype(np.int32),
             "bigram": bigram.astype(np.int32),
+            "tok_layer": tok_layer.astype(np.int32),
             "look": ids(look),
+            "same": ids(same),
+            "same_ov": same_ov,
             "distance": np.full(n, q.distance, np.int16),
         }
 
@@ -242,9 +278,10 @@ class LearnedPredictor(BasePredictor):
         cols.append(np.where(tok >= 0, lay.tok + tok, lay.pad)[:, None])
         prev = f["prev"].astype(np.int64)  # (n, W, k)
         wi = np.arange(prev.shape[1])[None, :, None]
-        cols.append(np.where(prev < E, lay.prev + wi * E + prev, lay.pad).reshape(n, -1))
+        W = prev.shape[1]
+        cols.append(np.where(prev < E, lay.prev + (layer[:, None, None] * W + wi) * E + prev, lay.pad).reshape(n, -1))
         nxt = f["prev_next"].astype(np.int64)
-        cols.append(np.where(nxt < E, lay.prev_next + nxt, lay.pad))
+        cols.append(np.where(nxt < E, lay.prev_next + layer[:, None] * E + nxt, lay.pad))
         ptok = f["prev_tok"].astype(np.int64)
         cols.append(np.where(ptok >= 0, lay.prev_tok + ptok, lay.pad)[:, None])
         bigram = f["bigram"].astype(np.int64)
@@ -255,6 +292,12 @@ class LearnedPredictor(BasePredictor):
             rb = np.minimum(np.arange(m), N_RANK_BUCKETS - 1)[None, None, :]
             vi = np.arange(look.shape[1])[None, :, None]
             cols.append(np.where(look < E, lay.look + (vi * N_RANK_BUCKETS + rb) * E + look, lay.pad).reshape(n, -1))
+        same = f["same"].astype(np.int64)  # (n, k)
+        cols.append(np.where(same < E, lay.same + layer[:, None] * E + same, lay.pad))
+        ov = f["same_ov"].astype(np.int64)
+        cols.append(np.where(ov >= 0, lay.same_ov + layer * N_OVERLAP + ov, lay.pad)[:, None])
+        tl = f["tok_layer"].astype(np.int64)
+        cols.append(np.where(tl >= 0, lay.tok_layer + tl, lay.pad)[:, None])
         return np.concatenate(cols, axis=1)
 
     # ------------------------------------------------------------------ model
@@ -267,11 +310,13 @@ class LearnedPredictor(BasePredictor):
         class BagMLP(nn.Module):
             def __init__(self, size: int, pad: int, H: int, E: int) -> None:
                 super().__init__()
-                self.bag = nn.EmbeddingBag(size + 1, H, mode="sum", padding_idx=pad)
+                self.bag = nn.EmbeddingBag(size + 1, H, mode="sum", padding_idx=pad, sparse=True)
                 # a bag sums dozens of items: unit-variance rows would saturate the ReLU at the start
                 nn.init.normal_(self.bag.weight, 0.0, 0.05)
                 with torch.no_grad():
                     self.bag.weight[pad].zero_()
+                    for a, b in lay.hashed():  # learned from zero: the downstream layers break symmetry
+                        self.bag.weight[a:b].zero_()
                 self.bias = nn.Parameter(torch.zeros(H))
                 self.norm = nn.LayerNorm(H)
                 self.hid = nn.Linear(H, H)
@@ -331,12 +376,15 @@ class LearnedPredictor(BasePredictor):
         n = len(target)
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         module = self._build()
-        opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        dense = [p for name, p in module.named_parameters() if not name.startswith("bag.")]
+        opt = torch.optim.Adam(dense, lr=self.lr, weight_decay=self.weight_decay)
+        opt_bag = torch.optim.SparseAdam([module.bag.weight], lr=self.lr)  # no weight decay on sparse rows
         lossf = torch.nn.BCEWithLogitsLoss()
         losses = []
         steps_total = self.epochs * ((n + self.batch_size - 1) // self.batch_size)
         # linear decay to a tenth of lr over the whole run
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.9 * min(step / max(steps_total, 1), 1.0))
+        decay = lambda step: 1.0 - 0.9 * min(step / max(steps_total, 1), 1.0)  # noqa: E731
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt, opt_bag)]
         t0 = time.perf_counter()
         for epoch in range(self.epochs):
             order = rng.permutation(n)
@@ -347,10 +395,13 @@ class LearnedPredictor(BasePredictor):
                 f = {k: v[idx] for k, v in data.items()}
                 items = torch.from_numpy(self._items(f, distance[idx]))
                 opt.zero_grad()
+                opt_bag.zero_grad()
                 loss = lossf(module(items), target[idx])
                 loss.backward()
                 opt.step()
-                sched.step()
+                opt_bag.step()
+                for sc in scheds:
+                    sc.step()
                 total += float(loss.detach()) * len(idx)
             losses.append(total / max(n, 1))
             if self.verbose:

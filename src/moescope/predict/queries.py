@@ -81,6 +81,9 @@ class Queries:
     lookahead : ``{variant: (n, m)}`` gate-lookahead ids for layer ``l`` computed at layer ``l-d``
         (spatial queries with ``l >= d`` on traces that hold them), best first.
     num_experts, missing : ``E`` and the sentinel id for "no routing recorded".
+    same_token : ``(n, L, k)`` experts of the most recent earlier occurrence of the same token id in
+        the same document (finished, so every layer is known), ``missing`` where there is none;
+        ``None`` for temporal queries (the token is hidden) or when the builder did not track it.
     """
 
     layer: int
@@ -92,6 +95,7 @@ class Queries:
     num_experts: int
     missing: int
     lookahead: dict[str, np.ndarray] = field(default_factory=dict)
+    same_token: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.token_id)
@@ -141,6 +145,7 @@ class Context:
         lookahead_ok: bool = True,
         start: int = 0,
         position: np.ndarray | None = None,
+        same_token: np.ndarray | None = None,
     ) -> None:
         # Arrays cover the carried rows too; rows ``start:`` are this context's own rows.
         self._experts = experts  # (c + n, L, k)
@@ -160,6 +165,7 @@ class Context:
         self._prev[prev_index < 0] = missing
         self._prev_token = np.where(prev_index >= 0, token_id[safe], -1).astype(np.int32).reshape(len(prev_index), w)
         self.lookahead_ok = lookahead_ok
+        self._same = same_token  # (n, L, k) or None
 
     def __len__(self) -> int:
         return len(self.doc_id)
@@ -181,8 +187,10 @@ class Context:
         prev = self._prev
         tok = self.token_id
         ptok = self._prev_token
+        same = self._same
         if rows is not None:
             own_all, prev, tok, ptok = own_all[rows], prev[rows], tok[rows], ptok[rows]
+            same = same[rows] if same is not None else None
         look: dict[str, np.ndarray] = {}
         if distance == TEMPORAL:
             own = own_all[:, :0]
@@ -190,6 +198,7 @@ class Context:
                 prev = prev.copy()
                 prev[:, 0, layer + 1 :] = self.missing  # token i-1 is only known up to layer l
             tok = np.full(len(tok), -1, np.int32)
+            same = None  # the token itself is not known yet
         else:
             own = own_all[:, : max(layer - distance + 1, 0)]
             src = layer - distance
@@ -209,6 +218,7 @@ class Context:
             num_experts=self.num_experts,
             missing=self.missing,
             lookahead=look,
+            same_token=same,
         )
 
 
@@ -248,8 +258,10 @@ def iter_contexts(
     E, missing = trace.num_experts, trace.missing_id
     carry: Batch | None = None
     carry_tok: np.ndarray | None = None
+    memory: _TokenMemory | None = None
     for b in trace.iter_batches(cols, batch_size=batch_size):
         tok = trace_token_ids(b)
+        same, memory = _same_token_history(b.doc_id, b.position, tok, b.experts, missing, memory)
         if carry is not None and len(carry):
             c = len(carry)
             experts = np.concatenate([carry.experts, b.experts])
@@ -270,13 +282,63 @@ def iter_contexts(
             jj = np.where(ok, j, 0)
             ok &= (doc[jj] == doc[idx]) & (pos[jj] < pos[idx])
             prev_index[:, w] = np.where(ok, jj, -1)
-        yield Context(experts, tok_all, doc, prev_index, E, missing, la, start=c, position=pos)
+        yield Context(experts, tok_all, doc, prev_index, E, missing, la, start=c, position=pos, same_token=same)
         keep = min(window, c + n)
         carry = Batch(
             doc_id=doc[-keep:], position=pos[-keep:], experts=experts[-keep:],
             lookahead={k: v[-keep:] for k, v in la.items()},
         )
         carry_tok = tok_all[-keep:]
+
+
+@dataclass
+class _TokenMemory:
+    """Last occurrence of each token id in the document still open at the end of a batch."""
+
+    doc: int
+    keys: np.ndarray  # (m,) sorted token ids
+    experts: np.ndarray  # (m, L, k)
+
+
+def _same_token_history(
+    doc: np.ndarray, pos: np.ndarray, tok: np.ndarray, experts: np.ndarray, missing: int,
+    memory: _TokenMemory | None,
+) -> tuple[np.ndarray, _TokenMemory | None]:
+    """``(n, L, k)`` experts of each row's most recent earlier occurrence of its token id in its document.
+
+    Earlier occurrences in this batch are found by sorting on (document, token, position); those in
+    earlier batches of a document that spans the boundary come from ``memory``, which is returned
+    updated for the next batch. Unknown token ids (-1) never match.
+    """
+    n = len(doc)
+    tok = tok.astype(np.int64)
+    out = np.full(experts.shape, missing, experts.dtype)
+    if n == 0:
+        return out, memory
+    order = np.lexsort((pos, tok, doc))
+    a, b = order[:-1], order[1:]
+    hit = (doc[a] == doc[b]) & (tok[a] == tok[b]) & (tok[b] >= 0)
+    src = np.full(n, -1, np.int64)
+    src[b[hit]] = a[hit]
+    found = src >= 0
+    out[found] = experts[src[found]]
+    if memory is not None and len(memory.keys):
+        rows = np.nonzero(~found & (doc == memory.doc) & (tok >= 0))[0]
+        at = np.minimum(np.searchsorted(memory.keys, tok[rows]), len(memory.keys) - 1)
+        ok = memory.keys[at] == tok[rows]
+        out[rows[ok]] = memory.experts[at[ok]]
+    last = int(doc[-1])
+    rows = np.nonzero((doc == last) & (tok >= 0))[0]
+    rev = rows[::-1]  # newest first, so np.unique keeps each token's last occurrence
+    keys, first = np.unique(tok[rev], return_index=True)
+    vals = experts[rev[first]]
+    if memory is not None and memory.doc == last and len(memory.keys):
+        old = ~np.isin(memory.keys, keys)
+        keys = np.concatenate([keys, memory.keys[old]])
+        vals = np.concatenate([vals, memory.experts[old]])
+        o = np.argsort(keys, kind="stable")
+        keys, vals = keys[o], vals[o]
+    return out, _TokenMemory(last, keys, vals)
 
 
 def set_mask(ids: np.ndarray, num_experts: int, missing: int) -> np.ndarray:

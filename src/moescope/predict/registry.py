@@ -16,6 +16,7 @@ DESCRIPTIONS: dict[str, str] = {
     "popularity": "baseline: the layer's most used experts in training",
     "previous": "baseline: the previous token's experts at the same layer",
     "window": "baseline: experts used most by the last W tokens at the same layer (--param window=W)",
+    "same-token": "baseline: the experts of the same token's most recent earlier occurrence in the document",
     "token": "per-layer table of the experts each token id used most (hashed token text when no ids)",
     "lookahead": "gate lookahead, next gates on the current gate input (needs captured lookahead columns)",
     "lookahead-residual": "gate lookahead, next gates on the normed residual stream (needs lookahead columns)",
@@ -35,6 +36,7 @@ register_predictor("uniform", FrequencyPredictor, strategy="uniform")
 register_predictor("popularity", FrequencyPredictor, strategy="most_frequent")
 register_predictor("previous", FrequencyPredictor, strategy="previous_token")
 register_predictor("window", FrequencyPredictor, strategy="window", window=4)
+register_predictor("same-token", FrequencyPredictor, strategy="same_token")
 register_predictor("frequency", FrequencyPredictor)
 register_predictor("token", TokenPredictor)
 register_predictor("lookahead", LookaheadPredictor, variant="gate_input")

@@ -141,43 +141,50 @@ class RulesPredictor(BasePredictor):
         self._check_fitted()
         return len(self.tables_[f"{level}.keys"])
 
-    def _lookup(self, q: Queries, level: int) -> np.ndarray:
-        """``(n, E)`` votes of the matching rule; NaN rows where no rule matches."""
-        E, L = q.num_experts, self.num_layers_
-        n = len(q)
+    def _match(self, q: Queries, level: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the queries ``rows``: table index of their rule at ``level`` and whether one matches."""
         mode_idx = int(np.searchsorted(self.modes_, q.distance))
-        code, ok = _encode(_key_parts(q, level), mode_idx, q.layer, L, E)
+        code, ok = _encode(_key_parts(q, level)[rows], mode_idx, q.layer, self.num_layers_, q.num_experts)
         keys = self.tables_[f"{level}.keys"]
-        indptr = self.tables_[f"{level}.indptr"]
-        out = np.full((n, E), np.nan, np.float32)
         if len(keys) == 0:
-            return out
+            return np.zeros(len(rows), np.int64), np.zeros(len(rows), bool)
         pos = np.minimum(np.searchsorted(keys, code), len(keys) - 1)
-        found = ok & (keys[pos] == code)
-        rows = np.nonzero(found)[0]
-        start = indptr[pos[rows]]
-        cnt = indptr[pos[rows] + 1] - start
-        out[rows] = 0.0
-        total = int(cnt.sum())
-        if total:
-            rep = np.repeat(rows, cnt)
-            offs = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(start, cnt)
-            out[rep, self.tables_[f"{level}.experts"][offs]] = self.tables_[f"{level}.votes"][offs]
-        return out
+        return pos, ok & (keys[pos] == code)
 
     def _scores(self, q: Queries) -> np.ndarray:
+        """Votes of the matching rule plus a popularity tie-break; NaN rows abstain (single level).
+
+        The hybrid takes each row from the first level (3, 2, 1) with a matching rule and zero votes
+        where none matches; a level looks up only the rows still unanswered and fills its matches in
+        one vectorised pass over the CSR candidate lists.
+        """
         tie = (self.popularity_[q.layer] * 1e-6).astype(np.float32)
-        if self.level != "hybrid":
-            return self._lookup(q, int(self.level)) + tie
-        out = np.full((len(q), q.num_experts), np.nan, np.float32)
-        todo = np.ones(len(q), bool)
-        for lv in (3, 2, 1):
-            s = self._lookup(q, lv)
-            hit = todo & ~np.isnan(s[:, 0])
-            out[hit] = s[hit]
-            todo &= ~hit
-        out[todo] = 0.0
-        return out + tie
+        hybrid = self.level == "hybrid"
+        out = np.full((len(q), q.num_experts), 0.0 if hybrid else np.nan, np.float32)
+        todo = np.arange(len(q))
+        for lv in self._levels():
+            if len(todo) == 0:
+                break
+            pos, found = self._match(q, lv, todo)
+            _fill_rows(out, todo[found], pos[found], self.tables_[f"{lv}.indptr"], self.tables_[f"{lv}.experts"],
+                       self.tables_[f"{lv}.votes"])
+            todo = todo[~found]
+        out += tie
+        return out
+
+
+def _fill_rows(
+    out: np.ndarray, rows: np.ndarray, pos: np.ndarray, indptr: np.ndarray, experts: np.ndarray, values: np.ndarray
+) -> None:
+    """``out[rows[i]]`` = zeros, then ``values`` at ``experts`` of CSR entry ``pos[i]`` (``(n, E)`` in place)."""
+    E = out.shape[1]
+    out[rows] = 0.0
+    start = indptr[pos]
+    cnt = indptr[pos + 1] - start
+    total = int(cnt.sum())
+    if total:
+        offs = np.arange(total) + np.repeat(start - (np.cumsum(cnt) - cnt), cnt)  # CSR entries, row by row
+        out.reshape(-1)[np.repeat(rows * E, cnt) + experts[offs]] = values[offs]  # flat index: no 2-D fancy indexing
 
 
 def _reduce(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
