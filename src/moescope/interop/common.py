@@ -683,3 +683,9 @@ def _ranges(layers: Sequence[int]) -> str:
             out.append(f"{start}-{x}" if x != start else f"{x}")
             start = None
     return ",".join(out)
+
+
+#: Options every importer takes: the routing facts (or a model preset giving them) and a label.
+ROUTING_OPTIONS = frozenset(
+    {"model", "num_experts", "top_k", "moe_layers", "family", "n_shared_experts", "num_hidden_layers", "label"}
+)

@@ -28,6 +28,7 @@ import numpy as np
 
 from moescope.errors import DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Document,
     Imported,
     ImportOptions,
@@ -44,18 +45,7 @@ from moescope.interop.common import (
 NAME = "megatron-router-trace"
 DESCRIPTION = "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices"
 DEFAULT_MODEL = None
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-    }
-)
+OPTIONS = ROUTING_OPTIONS
 
 
 def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:

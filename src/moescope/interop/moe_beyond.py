@@ -40,6 +40,7 @@ import pyarrow.csv as pcsv
 
 from moescope.errors import DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Document,
     Facts,
     Imported,
@@ -56,19 +57,7 @@ DESCRIPTION = (
     "MoE-Beyond CSVs (Layer ID,Batch Number,Token,Activated Expert IDs), files, folders or a .tar.xz"
 )
 DEFAULT_MODEL = "deepseek-v2-lite"
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-        "tokenizer",
-    }
-)
+OPTIONS = ROUTING_OPTIONS | {"tokenizer"}
 COLUMNS = ("Layer ID", "Batch Number", "Token", "Activated Expert IDs")
 CHUNK_BYTES = 8 << 20  # CSV text parsed per Arrow call; bounds the memory held as raw text and temporaries
 _ALLOWED = np.zeros(256, bool)

@@ -33,6 +33,7 @@ import numpy as np
 
 from moescope.errors import ConfigError, DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Document,
     Facts,
     Imported,
@@ -52,18 +53,7 @@ DESCRIPTION = (
     "seed 002 pipeline JSON: samples[].layers[] with selected_experts, expert_weights, router logits"
 )
 DEFAULT_MODEL = None
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-    }
-)
+OPTIONS = ROUTING_OPTIONS
 _WS = re.compile(r"[ \t\n\r]*")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from moescope.errors import ConfigError, DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Imported,
     ImportOptions,
     ImportReport,
@@ -46,18 +47,7 @@ from moescope.interop.records import Records, assemble
 NAME = "seed004-journeys"
 DESCRIPTION = "seed 004 token journeys: p<problem>_token_<i>.jsonl, one record per layer"
 DEFAULT_MODEL = "mixtral-8x7b"
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-    }
-)
+OPTIONS = ROUTING_OPTIONS
 FILE_RE = re.compile(r"p(\d+)_token_(\d+)\.jsonl$")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from moescope.errors import ConfigError, DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Document,
     Imported,
     ImportOptions,
@@ -46,21 +47,7 @@ from moescope.interop.records import Records, assemble
 NAME = "seed004-routing"
 DESCRIPTION = "seed 004 raw routing JSONL: problem_id, layer, token_idx, experts, gating_probs"
 DEFAULT_MODEL = "mixtral-8x7b"
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-        "tokenizer",
-        "text",
-        "short_series",
-    }
-)
+OPTIONS = ROUTING_OPTIONS | {"short_series", "text", "tokenizer"}
 
 
 def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:

@@ -25,6 +25,7 @@ import numpy as np
 
 from moescope.errors import DataError
 from moescope.interop.common import (
+    ROUTING_OPTIONS,
     Document,
     Imported,
     ImportOptions,
@@ -38,18 +39,7 @@ from moescope.interop.common import (
 NAME = "vllm-replay"
 DESCRIPTION = "vLLM routed-experts replay arrays (seq_len, moe_layers, top_k) in .npy / .npz files"
 DEFAULT_MODEL = None
-OPTIONS = frozenset(
-    {
-        "model",
-        "num_experts",
-        "top_k",
-        "moe_layers",
-        "family",
-        "n_shared_experts",
-        "num_hidden_layers",
-        "label",
-    }
-)
+OPTIONS = ROUTING_OPTIONS
 
 
 def _arrays(files: list[Path]) -> Iterator[tuple[Path, str | None, np.ndarray]]:
