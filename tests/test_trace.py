@@ -211,3 +211,23 @@ def test_append_checks_shapes(tmp_path):
     del rows["weights"]
     with pytest.raises(TraceError, match="pass weights="):
         w.append(label="x", **rows)
+
+
+def test_read_ahead_matches_plain_reading_and_stops_early(tmp_path):
+    write_docs(tmp_path / "t", shard_rows=4)
+    tr = Trace.open(tmp_path / "t")
+    plain = [rb.column("doc_id").to_pylist() for rb in tr.iter_arrow(["doc_id"], batch_size=2, read_ahead=0)]
+    ahead = [rb.column("doc_id").to_pylist() for rb in tr.iter_arrow(["doc_id"], batch_size=2, read_ahead=2)]
+    assert ahead == plain
+    it = tr.iter_arrow(["doc_id"], batch_size=1, read_ahead=1)
+    next(it)
+    it.close()  # the producer thread stops instead of blocking on a full queue
+
+
+def test_read_ahead_reraises_reader_errors(tmp_path):
+    write_docs(tmp_path / "t", shard_rows=4)
+    tr = Trace.open(tmp_path / "t")
+    (tmp_path / "t" / "part-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception, match=r"(?i)parquet"):
+        for _ in tr.iter_arrow(["doc_id"], batch_size=2, read_ahead=1):
+            pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,48 @@ from moescope.trace.manifest import RoutingSpec, read_manifest
 from moescope.trace.schema import missing_id, nested_to_numpy
 
 ROUTING_COLUMNS = ("experts", "weights", "logits")
+_DONE = object()
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Yield from ``items`` while a background thread produces up to ``depth`` items ahead.
+
+    Errors raised by the producer are re-raised here; closing the generator stops the producer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    worker = threading.Thread(target=produce, name="moescope-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 @dataclass
@@ -187,8 +231,19 @@ class Trace:
         cols += ["logits"] if self.has_logits else []
         return cols + self.lookahead_columns
 
-    def iter_arrow(self, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-        """Stream Arrow record batches of at most ``batch_size`` rows, filters applied."""
+    def iter_arrow(
+        self, columns: list[str] | None = None, batch_size: int = 65536, read_ahead: int = 1
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream Arrow record batches of at most ``batch_size`` rows, filters applied.
+
+        ``read_ahead`` batches are decoded in a background thread while the caller works on the
+        current one (Parquet decoding releases the GIL), so reading overlaps computing; 0 reads
+        in the caller's thread. Memory grows by at most ``read_ahead`` batches.
+        """
+        batches = self._read_arrow(columns, batch_size)
+        return _read_ahead(batches, read_ahead) if read_ahead > 0 else batches
+
+    def _read_arrow(self, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
         columns = list(columns) if columns is not None else self._available_columns()
         self._check_columns(columns)
         need = list(columns)
