@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import csv
 import io
-import queue
 import re
 import tarfile
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from moescope.interop.common import (
     natural_key,
     resolve_facts,
 )
+from moescope.trace.readahead import read_ahead_iter
 
 NAME = "moe-beyond"
 DESCRIPTION = (
@@ -81,7 +80,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     parsed: dict[str, _Parsed] = {}
     batch: list[tuple[str, bytes]] = []
     size = 0
-    for name, data in _prefetch(_members([Path(p) for p in paths])):
+    for name, data in read_ahead_iter(_members([Path(p) for p in paths]), 64):
         if name in parsed or any(name == b[0] for b in batch):
             raise DataError(f"{name}: given twice")
         batch.append((name, data))
@@ -145,49 +144,6 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     return Imported(
         facts, documents(), report, source, token_text=True, tokenizer=vocab.describe() if vocab else None
     )
-
-
-def _prefetch(items: Iterator[tuple[str, bytes]], depth: int = 64) -> Iterator[tuple[str, bytes]]:
-    """Run ``items`` (reading and xz-decompressing) in a thread, so parsing overlaps with it.
-
-    lzma releases the GIL while it decompresses, so on two cores the archive is read while the
-    previous files are parsed. Errors in the reader are raised here, in the caller's thread.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            put(exc)
-
-    thread = threading.Thread(target=produce, name="moescope-archive-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _members(paths: list[Path]) -> Iterator[tuple[str, bytes]]:

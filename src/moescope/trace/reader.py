@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,51 +14,10 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.trace.manifest import RoutingSpec, read_manifest
+from moescope.trace.readahead import read_ahead_iter
 from moescope.trace.schema import missing_id, nested_to_numpy
 
 ROUTING_COLUMNS = ("experts", "weights", "logits")
-_DONE = object()
-
-
-def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Yield from ``items`` while a background thread produces up to ``depth`` items ahead.
-
-    Errors raised by the producer are re-raised here; closing the generator stops the producer.
-    """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(exc)
-
-    worker = threading.Thread(target=produce, name="moescope-read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
 
 
 @dataclass
@@ -241,7 +198,7 @@ class Trace:
         in the caller's thread. Memory grows by at most ``read_ahead`` batches.
         """
         batches = self._read_arrow(columns, batch_size)
-        return _read_ahead(batches, read_ahead) if read_ahead > 0 else batches
+        return read_ahead_iter(batches, read_ahead) if read_ahead > 0 else batches
 
     def _read_arrow(self, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
         columns = list(columns) if columns is not None else self._available_columns()
