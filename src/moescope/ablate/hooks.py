@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from moescope.capture.adapters import FamilySpec, WeightRule, resolve_adapter
-from moescope.capture.engine import decode_router_output, routing_spec
+from moescope.capture.engine import HookSet, decode_router_output, routing_spec
 from moescope.capture.lookahead import choice_scores
 from moescope.errors import ConfigError
 
@@ -182,7 +182,7 @@ def _put(args: tuple, kwargs: dict, pos: int, name: str, value: Any) -> tuple[tu
 
 
 # --------------------------------------------------------------------------- the hooks
-class ExpertAblator:
+class ExpertAblator(HookSet):
     """Context manager that hooks every MoE block once; :meth:`set` chooses which experts are off.
 
     Parameters
@@ -280,22 +280,10 @@ class ExpertAblator:
 
     # -- installation ---------------------------------------------------------------------------
 
-    def __enter__(self) -> ExpertAblator:
-        with self._lock:
-            if self._depth == 0:
-                try:
-                    self._install()
-                except BaseException:
-                    self._remove()
-                    raise
-            self._depth += 1
-        return self
-
     def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
         with self._lock:
-            self._depth -= 1
             if self._depth == 0:
-                self._remove()
                 self._logits = [None] * self.spec.num_moe_layers
 
     def _remove(self) -> None:

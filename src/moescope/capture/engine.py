@@ -177,7 +177,41 @@ class _Collector:
 _ACTIVE: ContextVar[_Collector | None] = ContextVar("moescope_routing_collector", default=None)
 
 
-class RoutingRecorder:
+class HookSet:
+    """Hooks installed on entering the first ``with`` block and removed when the last one exits.
+
+    Re-entrant and thread-safe; a failed installation removes whatever was installed. Subclasses
+    define ``_install`` and ``_remove`` and set ``_depth = 0`` and ``_lock`` in ``__init__``.
+    """
+
+    _depth: int
+    _lock: threading.Lock
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                try:
+                    self._install()
+                except BaseException:
+                    self._remove()
+                    raise
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._remove()
+
+
+class RoutingRecorder(HookSet):
     """Context manager that records routing from a loaded transformers MoE model.
 
     Hooks are installed on entering ``with`` and removed on leaving it (also on error); outside
@@ -241,23 +275,6 @@ class RoutingRecorder:
         self._logits_to_keep = "logits_to_keep" in sig
 
     # -- hook installation ---------------------------------------------------------------------
-
-    def __enter__(self) -> RoutingRecorder:
-        with self._lock:
-            if self._depth == 0:
-                try:
-                    self._install()
-                except BaseException:
-                    self._remove()
-                    raise
-            self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._remove()
 
     def _remove(self) -> None:
         for h in self._handles:
