@@ -96,3 +96,59 @@ def test_bootstrap_interval_covers_and_has_binomial_width() -> None:
     # same seed, same interval
     lo2, hi2 = bootstrap_ratio_ci(hits, np.ones(U), n_boot=2000, seed=1)
     assert lo2[0] == lo[0] and hi2[0] == hi[0]
+
+
+# values that stress the tie rule: signed zeros, a denormal, infinities and NaN (= -inf)
+HARD = np.array([-np.inf, -2.0, -1e-45, -0.0, 0.0, 1e-45, 0.5, 0.5, 3.0, np.inf, np.nan], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("E", "k", "budgets", "dtype", "missing"),
+    [
+        (8, 2, [2, 4, 8], np.uint8, MISSING),
+        (64, 6, [6, 12], np.uint8, MISSING),
+        (13, 3, [3, 5, 13], np.int16, -1),
+        (300, 4, [4, 9], np.int64, 1000),  # more than 256 experts: wider id field in the sort key
+    ],
+)
+def test_score_metrics_equal_brute_force_on_hard_values(E: int, k: int, budgets: list, dtype, missing: int) -> None:
+    """Ties, signed zeros, infinities, partial and whole NaN rows, missing actual slots: the compiled
+    kernel, the NumPy path and the plain per-row definition agree exactly."""
+    from moescope.predict.metrics import score_metrics_numpy
+
+    rng = np.random.default_rng(E + k)
+    n = 400
+    scores = rng.choice(HARD, (n, E))
+    scores[:20] = np.nan  # abstentions
+    scores[20:40] = rng.integers(0, 2, (20, E))  # mostly ties
+    scores[40:45] = 0.0  # one big tie: ids decide
+    scores[45:50] = -0.0
+    actual = np.stack([rng.permutation(E)[:k] for _ in range(n)]).astype(dtype)
+    drop = rng.random((n, k)) < 0.15
+    drop[:, 0] &= rng.random(n) < 0.5
+    actual[drop] = missing  # unrecorded slots count in k but never hit
+    want = brute_force(scores, np.where(actual == missing, -1, actual), budgets)
+    got = score_metrics(scores, actual, E, missing, budgets)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(score_metrics_numpy(scores, actual, E, missing, budgets), got)
+    ids, _ = rank(scores, max(budgets))
+    np.testing.assert_allclose(query_metrics(ids, actual, E, missing, budgets), want, rtol=0, atol=1e-15)
+
+
+def test_score_metrics_compare_in_float32_and_break_ties_by_lower_id() -> None:
+    """float64 scores equal in float32 tie (the lower id wins); ``-0.0`` ties with ``+0.0``."""
+    s64 = np.array([[1.0, 1.0 + 1e-12, 0.0], [0.0, -0.0, -1.0], [-0.0, 0.0, -1.0]])
+    a = np.array([[1], [1], [1]], np.uint8)
+    v = score_metrics(s64, a, 3, MISSING, [2])
+    assert v[:, 1].tolist() == [0.0, 0.0, 0.0]  # id 0 ranks first in every row
+    assert v[:, 3].tolist() == [1.0, 1.0, 1.0]  # and id 1 second
+    np.testing.assert_array_equal(v, brute_force(s64.astype(np.float32), a, [2]))
+
+
+def test_score_metrics_rejects_out_of_range_ids() -> None:
+    s = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="out of range"):
+        score_metrics(s, np.array([[0, 1], [2, 4]], np.uint8), 4, MISSING, [2])
+    with pytest.raises(ValueError, match="columns"):
+        score_metrics(s, np.array([[0, 1], [2, 3]], np.uint8), 5, MISSING, [2])
+    assert score_metrics(s[:0], np.zeros((0, 2), np.uint8), 4, MISSING, [2, 3]).shape == (0, 8)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from numba import njit
 
 from moescope.predict.base import BasePredictor, Interval, Options, RandomState, count_popularity
-from moescope.predict.queries import Queries, scatter_counts
+from moescope.predict.queries import Queries
 
 
 class FrequencyPredictor(BasePredictor):
@@ -60,21 +61,44 @@ class FrequencyPredictor(BasePredictor):
         if self.strategy == "uniform":
             seed = [0 if self.random_state is None else int(self.random_state), q.layer, q.distance, n]
             return np.random.default_rng(seed).random((n, E), dtype=np.float32)
-        scores = np.broadcast_to(pop * 1e-3, (n, E)).copy()  # popularity only breaks ties
+        base = pop * 1e-3  # popularity only breaks ties
         if self.strategy == "most_frequent":
-            return scores
+            return np.broadcast_to(base, (n, E)).copy()
         if self.strategy == "same_token":
-            if q.same_token is not None:
-                scores += scatter_counts(q.same_token[:, q.layer], E, q.missing)
-            return scores
-        w = 1 if self.strategy == "previous_token" else self.window
-        w = min(w, q.prev.shape[1])
-        if w == 0:
-            return scores
-        hist = q.prev[:, :w, q.layer]  # (n, w, k)
-        recency = (1.0 + 1e-2 * (w - np.arange(w, dtype=np.float32)) / w)[None, :, None]  # newer counts more
-        scores += scatter_counts(hist.reshape(n, -1), E, q.missing, np.broadcast_to(recency, hist.shape).reshape(n, -1))
-        return scores
+            if q.same_token is None:
+                return np.broadcast_to(base, (n, E)).copy()
+            hist, weight = q.same_token[:, None, q.layer], np.ones(1, np.float32)  # (n, 1, k)
+        else:
+            w = min(1 if self.strategy == "previous_token" else self.window, q.prev.shape[1])
+            if w == 0:
+                return np.broadcast_to(base, (n, E)).copy()
+            hist = q.prev[:, :w, q.layer]  # (n, w, k), most recent first
+            weight = (1.0 + 1e-2 * (w - np.arange(w, dtype=np.float32)) / w).astype(np.float32)  # newer counts more
+        out = np.empty((n, E), np.float32)
+        _add_history(base, hist, weight, q.missing, out)
+        return out
+
+
+@njit(cache=True, nogil=True)
+def _add_history(base: np.ndarray, hist: np.ndarray, weight: np.ndarray, missing: int, out: np.ndarray) -> None:
+    """``out[i]`` = ``base`` + per expert the summed ``weight[t]`` of its appearances in ``hist[i, t]``.
+
+    ``hist`` is ``(n, T, k)`` ids (``missing`` and ids outside ``[0, E)`` are skipped). Sums run in
+    float64 in (t, slot) order and are rounded to float32 once, as a ``np.bincount`` of the ids would.
+    """
+    n, T, k = hist.shape
+    E = out.shape[1]
+    acc = np.zeros(E, np.float64)
+    for i in range(n):
+        for t in range(T):
+            wt = np.float64(weight[t])
+            for j in range(k):
+                a = np.int64(hist[i, t, j])
+                if a != missing and 0 <= a < E:
+                    acc[a] += wt
+        for e in range(E):
+            out[i, e] = base[e] + np.float32(acc[e])
+            acc[e] = 0.0
 
 
 class TokenPredictor(BasePredictor):

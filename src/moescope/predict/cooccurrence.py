@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from numba import njit
 
 from moescope.predict.base import BasePredictor, Interval, Modes, Options
 from moescope.predict.queries import Queries, iter_labelled, slots_ordered
@@ -115,23 +116,54 @@ class CooccurrencePredictor(BasePredictor):
         return ((self.target_counts_[mi, layer] + 0.5 * self.top_k_ / E) / (r + 0.5)).astype(np.float32)
 
     def _scores(self, q: Queries) -> np.ndarray:
+        """Combine the source experts' evidence in one compiled pass per row (:func:`_sum_rows`).
+
+        Unknown sources (``missing``) add nothing; each row adds its sources in slot order, in
+        float32, as the vectorised formula did, without an ``(n, E)`` temporary per source.
+        """
         E = q.num_experts
         mi = int(np.searchsorted(self.modes_, q.distance))
         marg = np.clip(self._marginal(mi, q.layer), 1e-6, 1 - 1e-6)
         cond = np.clip(self.conditional(q.distance, q.layer), 1e-6, 1 - 1e-6)  # (S, E, E)
-        src = q.chain(1)[:, 0, :].astype(np.int64)  # (n, k)
-        known = src < E
-        safe = np.where(known, src, 0)
+        src = q.chain(1)[:, 0, :]  # (n, k), missing >= E
         slot = np.arange(src.shape[1]) if self.ordered_ else np.zeros(src.shape[1], np.int64)
-        n = len(q)
+        out = np.empty((len(q), E), np.float32)
         if self.combine == "naive_bayes":
-            table = np.log(cond) - np.log(marg)  # (S, E, E) log-likelihood ratios
-            scores = np.broadcast_to(np.log(marg), (n, E)).astype(np.float32).copy()
-            for j in range(src.shape[1]):
-                scores += np.where(known[:, j : j + 1], table[slot[j]][safe[:, j]], 0.0)
-            return scores
-        total = np.zeros((n, E), np.float32)
-        cnt = known.sum(1, keepdims=True).astype(np.float32)
-        for j in range(src.shape[1]):
-            total += np.where(known[:, j : j + 1], cond[slot[j]][safe[:, j]], 0.0)
-        return np.where(cnt > 0, total / np.maximum(cnt, 1), marg[None, :]).astype(np.float32)
+            table = (np.log(cond) - np.log(marg)).astype(np.float32)  # (S, E, E) log-likelihood ratios
+            _sum_rows(np.log(marg).astype(np.float32), table, slot, src, False, out)
+        else:
+            _sum_rows(marg.astype(np.float32), cond, slot, src, True, out)
+        return out
+
+
+@njit(cache=True, nogil=True)
+def _sum_rows(
+    base: np.ndarray, table: np.ndarray, slot: np.ndarray, src: np.ndarray, mean: bool, out: np.ndarray
+) -> None:
+    """``out[i]`` = ``base`` + the sum over known sources ``a = src[i, j]`` of ``table[slot[j], a]``.
+
+    With ``mean``, ``out[i]`` is instead that sum (from zero) divided by the number of known
+    sources, or ``base`` when there is none. A source is known when ``0 <= a < E``.
+    """
+    n, k = src.shape
+    E = out.shape[1]
+    for i in range(n):
+        cnt = 0
+        for e in range(E):
+            out[i, e] = np.float32(0.0) if mean else base[e]
+        for j in range(k):
+            a = np.int64(src[i, j])
+            if a < 0 or a >= E:
+                continue
+            cnt += 1
+            s = slot[j]
+            for e in range(E):
+                out[i, e] += table[s, a, e]
+        if mean:
+            if cnt == 0:
+                for e in range(E):
+                    out[i, e] = base[e]
+            else:
+                c = np.float32(cnt)
+                for e in range(E):
+                    out[i, e] /= c

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from numba import njit
 
 from moescope.predict.base import BasePredictor, Interval, Modes, Options, count_popularity
 from moescope.predict.queries import Queries, iter_labelled, set_mask, slots_ordered
@@ -177,14 +178,23 @@ def _fill_rows(
     out: np.ndarray, rows: np.ndarray, pos: np.ndarray, indptr: np.ndarray, experts: np.ndarray, values: np.ndarray
 ) -> None:
     """``out[rows[i]]`` = zeros, then ``values`` at ``experts`` of CSR entry ``pos[i]`` (``(n, E)`` in place)."""
+    if len(rows):
+        _fill_rows_kernel(out, rows, pos, indptr, experts, values)
+
+
+@njit(cache=True, nogil=True)
+def _fill_rows_kernel(
+    out: np.ndarray, rows: np.ndarray, pos: np.ndarray, indptr: np.ndarray, experts: np.ndarray, values: np.ndarray
+) -> None:
+    """Compiled body of :func:`_fill_rows`: one row at a time, no temporaries."""
     E = out.shape[1]
-    out[rows] = 0.0
-    start = indptr[pos]
-    cnt = indptr[pos + 1] - start
-    total = int(cnt.sum())
-    if total:
-        offs = np.arange(total) + np.repeat(start - (np.cumsum(cnt) - cnt), cnt)  # CSR entries, row by row
-        out.reshape(-1)[np.repeat(rows * E, cnt) + experts[offs]] = values[offs]  # flat index: no 2-D fancy indexing
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for e in range(E):
+            out[r, e] = 0.0
+        p = pos[i]
+        for c in range(indptr[p], indptr[p + 1]):
+            out[r, experts[c]] = values[c]
 
 
 def _reduce(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
