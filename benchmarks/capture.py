@@ -14,6 +14,7 @@ It prints a markdown table with the overhead of each over ``forward`` (goal: at 
 and the trace size in bytes per token-layer, with and without router logits.
 
 Run: .venv/bin/python benchmarks/capture.py [--threads 1] [--reps 3] [--device cpu]
+GPU: python benchmarks/capture.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --batch-size 32
 """
 
 from __future__ import annotations
@@ -101,8 +102,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def scaled(overrides: dict, hidden: int, layers: int) -> dict:
+    """The same model family at another width and depth (intermediate sizes scale with the width)."""
+    if hidden == _COMMON["hidden_size"] and layers == _COMMON["num_hidden_layers"]:
+        return overrides
+    out = {**overrides, "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden}
+    if "moe_intermediate_size" in out:
+        out.update(moe_intermediate_size=hidden // 2, head_dim=hidden // out["num_attention_heads"])
+    return out
+
+
 def bench_model(name: str, family: str, overrides: dict, args, work: Path) -> dict:
-    model = tiny_model(family, **overrides).to(args.device)
+    overrides = scaled(overrides, args.hidden, args.layers)
+    model = tiny_model(family, **overrides).to(args.device, getattr(torch, args.dtype))
     tok = byte_tokenizer(overrides["vocab_size"])
     texts = documents(args.docs, seed=0)
     data_file = work / f"{family}.jsonl"
@@ -146,14 +158,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype")
+    ap.add_argument("--hidden", type=int, default=_COMMON["hidden_size"], help="hidden size (intermediate sizes follow)")
+    ap.add_argument("--layers", type=int, default=_COMMON["num_hidden_layers"], help="decoder layers")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, overrides) in MODELS.items():
-            rows.append(bench_model(name, family, overrides, args, Path(tmp)))
-    print(f"device {args.device}, {torch.get_num_threads()} thread(s), seq_len {args.seq_len}, "
+            rows.append(bench_model(name.replace("h256", f"h{args.hidden}"), family, overrides, args, Path(tmp)))
+    print(f"device {args.device} ({args.dtype}, hidden {args.hidden}, {args.layers} layers), "
+          f"{torch.get_num_threads()} thread(s), seq_len {args.seq_len}, "
           f"batch {args.batch_size}, median of {args.reps}\n")
     print("| model | E | k | L | tokens | forward tok/s | recorder tok/s | capture tok/s | recorder overhead"
           " | pipeline overhead | capture overhead | bytes/token-layer | with logits |")

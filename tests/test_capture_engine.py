@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from moescope.errors import ConfigError, MoescopeError
 torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared 2-core machine
 
 FAMILIES = sorted(TINY_CONFIGS)
+#: ``MOESCOPE_TEST_DEVICE=cuda`` runs these checks on the GPU (the models and the references move there).
+DEVICE = os.environ.get("MOESCOPE_TEST_DEVICE", "cpu")
 
 #: Decoder layers holding a MoE block in each tiny model, read off its config by hand.
 EXPECTED_MOE_LAYERS = {
@@ -38,7 +41,7 @@ EXPECTED_MOE_LAYERS = {
 
 @functools.cache
 def _model(family: str) -> torch.nn.Module:
-    return tiny_model(family)
+    return tiny_model(family).to(DEVICE)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +51,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, 2:] = 0
-    return ids * mask, mask
+    return (ids * mask).to(DEVICE), mask.to(DEVICE)
 
 
 def _hook_io(module: torch.nn.Module, store: dict) -> torch.utils.hooks.RemovableHandle:
@@ -62,12 +65,12 @@ def _hook_io(module: torch.nn.Module, store: dict) -> torch.utils.hooks.Removabl
 def _reference_output(family: str, block: torch.nn.Module, x: torch.Tensor, ids: np.ndarray, w: np.ndarray):
     """The routed expert output for tokens ``x`` (n, H) under the captured choice, computed outside the model."""
     fam = resolve_adapter(family)
-    ids_t, w_t = torch.from_numpy(ids).long(), torch.from_numpy(w)
+    ids_t, w_t = torch.from_numpy(ids).long().to(x.device), torch.from_numpy(w).to(x.device)
     if fam.selection == "experts_call":
         return block.experts(x, ids_t, w_t).reshape(len(x), -1)
     if fam.selection == "router_dense_scores":  # Llama4: scores scale each expert's input
         E = block.experts.num_experts
-        scores = torch.zeros(len(x), E).scatter(1, ids_t, w_t)
+        scores = torch.zeros(len(x), E, device=x.device).scatter(1, ids_t, w_t)
         routed_in = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)
         return block.experts(routed_in).reshape(E, len(x), -1).sum(0)
     # JetMoE: brute-force mixture of GLU experts, plus the block's output bias
@@ -173,7 +176,7 @@ def test_logits_equal_the_models_router_logits(family):
     assert len(ref) == rec.spec.num_moe_layers
     for j, r in enumerate(ref):
         np.testing.assert_allclose(
-            out["logits"][:, j], r.reshape(-1, 8)[keep].float().numpy(), rtol=1e-5, atol=1e-6
+            out["logits"][:, j], r.reshape(-1, 8)[keep].float().cpu().numpy(), rtol=1e-5, atol=1e-6
         )
 
 
@@ -247,7 +250,7 @@ def test_deepseek_v3_choice_follows_bias_and_groups():
     out = rec.run(*_batch())
     cfg = model.config
     for j, path in enumerate(rec.spec.module_paths):
-        bias = model.get_submodule(path).gate.e_score_correction_bias.numpy()
+        bias = model.get_submodule(path).gate.e_score_correction_bias.cpu().numpy()
         s = 1 / (1 + np.exp(-out["logits"][:, j].astype(np.float64))) + bias
         size = cfg.n_routed_experts // cfg.n_group
         for t in range(len(s)):
@@ -277,14 +280,14 @@ def test_mixtral_weights_are_renormalised_softmax():
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_capture_does_not_depend_on_the_experts_kernel(family, impl):
     eager = RoutingRecorder(_model(family)).run(*_batch())
-    other = RoutingRecorder(tiny_model(family, experts_implementation=impl)).run(*_batch())
+    other = RoutingRecorder(tiny_model(family, experts_implementation=impl).to(DEVICE)).run(*_batch())
     np.testing.assert_array_equal(other["experts"], eager["experts"])
     np.testing.assert_allclose(other["weights"], eager["weights"], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
 def test_bfloat16_models_are_recorded(family):
-    model = tiny_model(family).to(torch.bfloat16)
+    model = tiny_model(family).to(DEVICE, torch.bfloat16)
     rec = RoutingRecorder(model, logits=True, lookahead=1)
     out = rec.run(*_batch())
     assert rec.spec.dtype == "bfloat16"

@@ -405,54 +405,66 @@ class RoutingRecorder(HookSet):
         return self._assemble(col, attention_mask)
 
     def _assemble(self, col: _Collector, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """Stack every layer's tensors, keep the valid tokens and copy each array to the host once.
+
+        Working on ``(L, n, k)`` stacks keeps the number of device operations and host syncs
+        independent of the layer count, which matters on a GPU where one forward pass takes a few
+        milliseconds.
+        """
         spec = self.spec
         n_all = attention_mask.numel()
-        valid = attention_mask.reshape(-1).bool()
-        keep = valid.nonzero().squeeze(1)
-        n = int(keep.numel())
         E, k, L = spec.num_experts, spec.top_k, spec.num_moe_layers
-        ids_out = np.empty((n, L, k), dtype=np.int64)
-        w_out = np.empty((n, L, k), dtype=np.float32)
-        logits_out = np.empty((n, L, E), dtype=self.logits_dtype) if self.logits else None
         for j, path in enumerate(spec.module_paths):
             if j not in col.ids:
                 raise ConfigError(f"{path}: the forward pass recorded no routing for this MoE layer")
-            ids, w = col.ids[j], col.weights[j]
-            _check(path, "top_k_index", ids, (n_all, k))
-            _check(path, "top_k_weights", w, (n_all, k))
-            ids, w = ids[keep.to(ids.device)].long(), w[keep.to(w.device)].float()
-            if n and (int(ids.min()) < 0 or int(ids.max()) >= E):
-                raise ConfigError(
-                    f"{path}: captured expert ids span {int(ids.min())}..{int(ids.max())}, E={E}"
-                )
-            order = torch.argsort(w, dim=1, descending=True, stable=True)
-            ids_out[:, j] = ids.gather(1, order).cpu().numpy()
-            w_out[:, j] = w.gather(1, order).cpu().numpy()
-            if logits_out is not None:
+            _check(path, "top_k_index", col.ids[j], (n_all, k))
+            _check(path, "top_k_weights", col.weights[j], (n_all, k))
+        dev = col.ids[0].device
+        keep = attention_mask.reshape(-1).to(dev).bool().nonzero().squeeze(1)
+        ids = torch.stack([col.ids[j].to(dev) for j in range(L)], 1)[keep].long()  # (n, L, k)
+        w = torch.stack([col.weights[j].to(dev) for j in range(L)], 1)[keep].float()
+        order = torch.argsort(w, dim=2, descending=True, stable=True)
+        ids_out, w_out = _host(ids.gather(2, order)), _host(w.gather(2, order))
+        if len(ids_out):
+            lo, hi = ids_out.min(axis=(0, 2)), ids_out.max(axis=(0, 2))
+            bad = np.nonzero((lo < 0) | (hi >= E))[0]
+            if len(bad):
+                j = int(bad[0])
+                raise ConfigError(f"{spec.module_paths[j]}: captured expert ids span {lo[j]}..{hi[j]}, E={E}")
+        if not np.isfinite(w_out).all():
+            raise ConfigError("captured expert weights contain NaN or inf")
+        result: dict[str, np.ndarray] = {"experts": ids_out, "weights": w_out}
+        if self.logits:
+            parts = []
+            for j, path in enumerate(spec.module_paths):
                 lg = col.logits.get(j)
                 if lg is None:
                     raise ConfigError(f"{path}: the router produced no logits")
                 lg = lg.reshape(-1, lg.shape[-1]) if lg.dim() == 3 else lg
                 _check(path, "router_logits", lg, (n_all, E))
-                logits_out[:, j] = lg[keep.to(lg.device)].float().cpu().numpy()
-        if not np.isfinite(w_out).all():
-            raise ConfigError("captured expert weights contain NaN or inf")
-        result: dict[str, np.ndarray] = {"experts": ids_out, "weights": w_out}
-        if logits_out is not None:
-            result["logits"] = logits_out
+                parts.append(lg.to(dev))
+            result["logits"] = _host(torch.stack(parts, 1)[keep].float()).astype(self.logits_dtype, copy=False)
         if self._plan is not None:
             sentinel, dt = missing_id(E), id_dtype(E)
             for variant in self._plan.variants:
                 for d in range(1, self.lookahead + 1):
-                    arr = np.full((n, L, self._m), sentinel, dtype=dt)
-                    for j in range(L - d):
-                        pred = col.lookahead.get((variant, d, j))
-                        if pred is None:
-                            raise ConfigError(f"lookahead {variant} d={d} was not computed at MoE layer {j}")
-                        _check(spec.module_paths[j], f"lookahead_{variant}_d{d}", pred, (n_all, self._m))
-                        arr[:, j] = pred[keep.to(pred.device)].cpu().numpy().astype(dt)
+                    arr = np.full((len(ids_out), L, self._m), sentinel, dtype=dt)
+                    if L - d > 0:
+                        parts = []
+                        for j in range(L - d):
+                            pred = col.lookahead.get((variant, d, j))
+                            if pred is None:
+                                raise ConfigError(f"lookahead {variant} d={d} was not computed at MoE layer {j}")
+                            _check(spec.module_paths[j], f"lookahead_{variant}_d{d}", pred, (n_all, self._m))
+                            parts.append(pred.to(dev))
+                        arr[:, : L - d] = _host(torch.stack(parts, 1)[keep]).astype(dt)
                     result[lookahead_column(variant, d)] = arr
         return result
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A (device) tensor as a NumPy array: one host copy."""
+    return t.cpu().numpy()
 
 
 def _check(path: str, what: str, t: torch.Tensor, shape: tuple[int, int]) -> None:

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,14 +458,27 @@ def capture(
         budget = max(0, opts.max_tokens - int(writer.manifest["progress"]["rows"]))
     tally = _Tally(writer.manifest["datasets"] if resuming else described)
 
+    def write(docs: list[Document], ids: list[np.ndarray], rows: dict[str, Any]) -> None:
+        writer.append(**rows)
+        tally.add(docs, ids)
+        writer.manifest["datasets"] = tally.entries  # written with the next shard, so it matches the shards
+        writer.commit(docs[-1].doc_id)
+
+    # Chunk i's shards are written in a background thread while the model runs chunk i+1 (on a GPU
+    # the forward pass is as fast as the writing); at most one write is pending, so memory stays
+    # bounded, and the pending write always finishes (or raises) before the capture returns.
     t0 = time.perf_counter()
-    with writer, recorder:
-        for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
-            rows = _run_chunk(recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress)
-            writer.append(**rows)
-            tally.add(docs, ids)
-            writer.manifest["datasets"] = tally.entries  # written with the next shard, so it matches the shards
-            writer.commit(docs[-1].doc_id)
+    with writer, recorder, ThreadPoolExecutor(1, thread_name_prefix="moescope-writer") as pool:
+        pending: Future | None = None
+        try:
+            for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
+                rows = _run_chunk(recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, docs, ids, rows)
+        finally:
+            if pending is not None:
+                pending.result()
         result.seconds = time.perf_counter() - t0
     result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
     result.total_tokens = int(writer.manifest["progress"]["rows"])
