@@ -24,11 +24,11 @@ from moescope.ablate.hooks import ExpertAblator, ablate, rule_weights
 from moescope.ablate.measure import DocTotals, baseline_intervals, compare, resample_counts, token_scores
 from moescope.ablate.sweep import AblateOptions, default_data, run_ablation
 from moescope.capture.adapters import resolve_adapter
-from moescope.capture.data import byte_tokenizer
 from moescope.capture.engine import RoutingRecorder
 from moescope.capture.tiny import TINY_CONFIGS, tiny_model
 from moescope.cli import app
 from moescope.errors import ConfigError
+from moescope.models import byte_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
 #: Families whose re-route and drop are checked token by token (every selection kind and weight rule).

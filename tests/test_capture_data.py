@@ -13,7 +13,6 @@ import pytest
 from moescope.capture.data import (
     PRESETS,
     Window,
-    byte_tokenizer,
     ensure_pad_token,
     iter_documents,
     make_windows,
@@ -23,6 +22,7 @@ from moescope.capture.data import (
     tokenize,
 )
 from moescope.errors import ConfigError, DataError
+from moescope.models import byte_tokenizer
 
 RECORDS = [
     {"text": "First document.", "topic": "news", "n": 1},

@@ -15,13 +15,13 @@ import torch
 from typer.testing import CliRunner
 
 from moescope.capture import runner as runner_mod
-from moescope.capture.data import byte_tokenizer
 from moescope.capture.engine import RoutingRecorder
 from moescope.capture.runner import CaptureOptions, LoadedModel, capture, config_fingerprint
 from moescope.capture.tiny import tiny_model
 from moescope.cli import app
 from moescope.cli import main as cli_main
 from moescope.errors import ConfigError, DataError, TraceError
+from moescope.models import byte_tokenizer
 from moescope.trace import Trace
 from moescope.trace.validate import validate_trace
 

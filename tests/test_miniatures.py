@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moescope.capture.runner import resolve_model
 from moescope.errors import ConfigError
+from moescope.models import byte_tokenizer
 from moescope.models.miniatures import (
+    BYTE_VOCAB,
     MINI_VOCAB,
     MINIATURES,
-    byte_tokenizer,
-    load_named_model,
     miniature,
     miniature_config,
 )
@@ -156,10 +157,11 @@ def test_byte_tokenizer_round_trip() -> None:
     text = "Mixture-of-Experts: héllo wörld, 東京 ✓"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id == 1
-    assert ids[1:] == [3 + b for b in text.encode("utf-8")]
+    assert len(ids) == 1 + len(text.encode("utf-8"))  # one id per byte, no merges
+    assert tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
-    assert max(ids) < MINI_VOCAB
+    assert max(ids) < BYTE_VOCAB <= MINI_VOCAB
 
 
 def test_bad_miniature_arguments() -> None:
@@ -169,18 +171,20 @@ def test_bad_miniature_arguments() -> None:
         miniature_config("mini-mixtral-8x7b", hidden_size=30)
 
 
-def test_load_named_model(tmp_path) -> None:
-    model, tok = load_named_model("mini-tinymistral-6x248m")
+def test_named_models_load(tmp_path) -> None:
+    loaded = resolve_model("mini-tinymistral-6x248m", device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
     assert tok is not None and model.config.name_or_path == "mini-tinymistral-6x248m"
     with pytest.raises(ConfigError, match="mini-mixtral-8x7b"):
-        load_named_model("mixtral-8x7b")
+        resolve_model("mixtral-8x7b", device="cpu")
     with pytest.raises(ConfigError, match="does-not-exist"):
-        load_named_model(str(tmp_path / "does-not-exist"))
+        resolve_model(str(tmp_path / "does-not-exist"), device="cpu")
 
     # A saved miniature reloads from its directory with the same outputs and its tokenizer.
     model.save_pretrained(tmp_path / "mini")
     tok.save_pretrained(tmp_path / "mini")
-    again, tok2 = load_named_model(str(tmp_path / "mini"))
+    again = resolve_model(str(tmp_path / "mini"), device="cpu", dtype="float32")
+    again, tok2 = again.model, again.tokenizer
     ids = tok("same weights")["input_ids"]
     assert tok2(["same weights"])["input_ids"][0] == ids
     x = torch.tensor([ids])

@@ -24,7 +24,6 @@ import numpy as np
 from moescope.capture.data import (
     Document,
     Window,
-    byte_tokenizer,
     ensure_pad_token,
     iter_documents,
     make_windows,
@@ -34,6 +33,7 @@ from moescope.capture.data import (
     tokenize,
 )
 from moescope.errors import ConfigError, DataError, TraceError
+from moescope.models.tokenizer import byte_tokenizer
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -101,9 +101,9 @@ def _bundled_loader(name: str) -> Callable[[str, Any], tuple[Any, Any]]:
 
 def _miniature_loader(name: str) -> Callable[[str, Any], tuple[Any, Any]]:
     def load(device: str, torch_dtype: Any) -> tuple[Any, Any]:
-        from moescope.models.miniatures import byte_tokenizer, miniature
+        from moescope.models.miniatures import BYTE_VOCAB, miniature
 
-        return miniature(name).to(device=device, dtype=torch_dtype), byte_tokenizer()
+        return miniature(name).to(device=device, dtype=torch_dtype), byte_tokenizer(BYTE_VOCAB)
 
     return load
 
@@ -167,6 +167,11 @@ def resolve_model(
         model = tiny_model(name.split(":", 1)[1])
         model = model.to(device="cuda" if dev == "auto" else dev, dtype=torch_dtype)
         return LoadedModel(model.eval(), byte_tokenizer(model.config.vocab_size), name, "tiny")
+    from moescope.models.miniatures import shipped_without_weights
+
+    why = shipped_without_weights(name)
+    if why is not None:
+        raise ConfigError(why)
     return _load_pretrained(name, dev, torch_dtype, log or (lambda _msg: None))
 
 

@@ -2,13 +2,12 @@
 
 from moescope.models.miniatures import (
     MINIATURES,
-    byte_tokenizer,
-    load_named_model,
     miniature,
     miniature_config,
 )
 from moescope.models.params import SUPPORTED_FAMILIES, ParamCount, count_parameters, expert_params
 from moescope.models.registry import load_config, shipped_names
+from moescope.models.tokenizer import byte_tokenizer
 
 __all__ = [
     "MINIATURES",
@@ -18,7 +17,6 @@ __all__ = [
     "count_parameters",
     "expert_params",
     "load_config",
-    "load_named_model",
     "miniature",
     "miniature_config",
     "shipped_names",

@@ -18,7 +18,8 @@ from typing import Any
 from moescope.errors import ConfigError
 from moescope.models.registry import HUB_IDS, load_config, load_config_dict, resolve_shipped
 
-MINI_VOCAB = 512  # byte tokenizer (3 specials + 256 bytes) fits, and embeddings stay tiny
+MINI_VOCAB = 512  # the byte tokenizer (4 specials + 256 bytes) fits, and embeddings stay tiny
+BYTE_VOCAB = 260  # ids the byte tokenizer uses: every byte, losslessly
 MIN_HEADS = 4
 
 SEEDS: dict[str, str] = {
@@ -28,8 +29,6 @@ SEEDS: dict[str, str] = {
     "mini-qwen3-30b-a3b": "qwen3-30b-a3b",
 }
 
-# Special tokens of the byte tokenizer; byte b has id len(SPECIALS) + b.
-SPECIALS = ("<pad>", "<s>", "</s>")
 
 
 def _resolve(name: str) -> str:
@@ -67,7 +66,7 @@ def miniature_config(name: str, hidden_size: int = 64, vocab_size: int = MINI_VO
         raise ConfigError(
             f"hidden_size={hidden_size} must be >= 16 and a multiple of {mini_heads} for {mini}"
         )
-    if vocab_size < len(SPECIALS) + 256:
+    if vocab_size < BYTE_VOCAB:
         raise ConfigError(f"vocab_size={vocab_size} is too small for the byte tokenizer (needs >= 259)")
     ratio = hidden_size / real["hidden_size"]
     per_head = ratio * heads / mini_heads  # scale of each head's width
@@ -128,73 +127,16 @@ def miniature(name: str, hidden_size: int = 64, seed: int = 0) -> Any:
 MINIATURES: dict[str, Callable[..., Any]] = {name: functools.partial(miniature, name) for name in SEEDS}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, the alphabet of ByteLevel tokenizers."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+def shipped_without_weights(name: str) -> str | None:
+    """Why ``name`` cannot load, when it is a shipped config name (``mixtral-8x7b``): only its config ships.
 
-
-def byte_tokenizer() -> Any:
-    """An offline byte-level tokenizer: ids 0-2 are <pad>, <s>, </s>; byte b is id 3 + b.
-
-    No merges, so every text round-trips exactly and any UTF-8 input is covered without <unk>.
-    Encoding prepends <s>.
+    The message points to its miniature (when one exists) and to the hub id; ``None`` for any other name.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({ch: len(SPECIALS) + b for b, ch in _bytes_to_unicode().items()})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.add_special_tokens(list(SPECIALS))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=4096
-    )
-
-
-def load_named_model(name: str, *, seed: int = 0, dtype: Any = None) -> tuple[Any, Any]:
-    """Resolve a model name to ``(model, tokenizer or None)``, model in eval mode.
-
-    - a miniature name (``mini-mixtral-8x7b``, ...): built here, with :func:`byte_tokenizer`;
-    - a local model directory: ``from_pretrained`` on it, with its tokenizer when it has one;
-    - any other name: ``from_pretrained(name)`` (a hub id, served from the local cache when offline).
-
-    A shipped config name without weights (``mixtral-8x7b``) raises :class:`ConfigError` that points
-    to its miniature.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     key = name.strip().lower()
-    if key in SEEDS:
-        model = miniature(key, seed=seed)
-        return (model.to(dtype) if dtype is not None else model), byte_tokenizer()
-    shipped = None if Path(name).exists() else resolve_shipped(key)
-    if shipped is not None and "/" not in name:  # a bare shipped name: its config ships, not its weights
-        hint = f"'mini-{shipped}', " if f"mini-{shipped}" in SEEDS else ""
-        raise ConfigError(
-            f"'{name}' is a shipped config without weights; use {hint}a local model directory "
-            f"or the hub id {HUB_IDS[shipped]}"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{name}: cannot load a causal LM ({exc})") from exc
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a model directory without tokenizer files: the caller passes token ids
-    return model.eval(), tokenizer
+    if "/" in name or Path(name).exists() or key in SEEDS:
+        return None
+    shipped = resolve_shipped(key)
+    if shipped is None:
+        return None
+    hint = f"'mini-{shipped}', " if f"mini-{shipped}" in SEEDS else ""
+    return f"'{name}' is a shipped config without weights; use {hint}a local model directory or the hub id {HUB_IDS[shipped]}"
