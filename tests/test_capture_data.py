@@ -12,9 +12,11 @@ import pytest
 
 from moescope.capture.data import (
     PRESETS,
+    Document,
     Window,
     ensure_pad_token,
     iter_documents,
+    iter_tokenized,
     make_windows,
     pad_batch,
     plan_batches,
@@ -262,3 +264,20 @@ def test_pad_batch_right_pads_with_a_mask():
     input_ids, mask = pad_batch(wins, pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_iter_tokenized_cuts_at_the_budget_and_reads_no_further():
+    tok = byte_tokenizer()
+    texts = ["abcd", "efghij", "kl", "mnopq"]  # 5, 7, 3, 6 ids with <s>
+
+    def docs(stop_after: int):
+        for i, t in enumerate(texts):
+            if i > stop_after:
+                raise AssertionError(f"document {i} was read after the budget was spent")
+            yield Document(i, t, "x", 0)
+
+    whole = [(d.doc_id, len(x)) for d, x in iter_tokenized(docs(3), tok, group=2)]
+    assert whole == [(0, 5), (1, 7), (2, 3), (3, 6)]
+    cut = [(d.doc_id, x.tolist()) for d, x in iter_tokenized(docs(1), tok, max_tokens=9, group=2)]
+    assert [i for i, _ in cut] == [0, 1] and sum(len(x) for _, x in cut) == 9
+    assert cut[1][1] == tokenize(tok, ["efghij"])[0][:4].tolist()

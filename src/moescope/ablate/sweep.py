@@ -113,11 +113,11 @@ def prepare(
     """Read, tokenise and window the documents (capture's loaders), then plan padded batches."""
     from moescope.capture.data import (
         iter_documents,
+        iter_tokenized,
         make_windows,
         pad_batch,
         plan_batches,
         resolve_source,
-        tokenize,
     )
 
     sources = [
@@ -128,34 +128,15 @@ def prepare(
         )
         for item in data
     ]
-    budget = opts.max_tokens
     windows: list[Any] = []
     labels: list[str] = []
     tokens = 0
-    group: list[Any] = []
-
-    def flush() -> None:
-        nonlocal budget, tokens
-        for d, ids in zip(group, tokenize(tokenizer, [d.text for d in group]), strict=True):
-            if budget is not None:
-                if budget <= 0:
-                    break
-                ids = ids[:budget]
-                budget -= len(ids)
-            if len(ids) < 2:
-                continue  # nothing to predict
-            windows.extend(make_windows(len(labels), ids, seq_len))
-            labels.append(d.label)
-            tokens += len(ids)
-        group.clear()
-
-    for doc in iter_documents(sources):
-        group.append(doc)
-        if len(group) >= 64:
-            flush()
-            if budget is not None and budget <= 0:
-                break
-    flush()
+    for d, ids in iter_tokenized(iter_documents(sources), tokenizer, max_tokens=opts.max_tokens):
+        if len(ids) < 2:
+            continue  # nothing to predict
+        windows.extend(make_windows(len(labels), ids, seq_len))
+        labels.append(d.label)
+        tokens += len(ids)
     if not windows:
         raise DataError(f"no document of {', '.join(data)} has two or more tokens to predict from")
     domains = sorted(set(labels))

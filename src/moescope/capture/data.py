@@ -17,7 +17,7 @@ import csv
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -561,6 +561,37 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
         return []
     enc = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
     return [np.asarray(ids, dtype=np.int64) for ids in enc]
+
+
+def iter_tokenized(
+    documents: Iterable[Document], tokenizer: Any, *, max_tokens: int | None = None, group: int = 64
+) -> Iterator[tuple[Document, np.ndarray]]:
+    """Each document with its token ids, tokenised ``group`` documents at a time (one fast batch call).
+
+    With ``max_tokens`` the document that reaches the budget is cut so the total matches it exactly,
+    and nothing after it is read.
+    """
+    budget = max_tokens
+    pending: list[Document] = []
+
+    def flush() -> Iterator[tuple[Document, np.ndarray]]:
+        nonlocal budget
+        for d, ids in zip(pending, tokenize(tokenizer, [d.text for d in pending]), strict=True):
+            if budget is not None:
+                if budget <= 0:
+                    break
+                ids = ids[:budget]
+                budget -= len(ids)
+            yield d, ids
+        pending.clear()
+
+    for doc in documents:
+        pending.append(doc)
+        if len(pending) >= group:
+            yield from flush()
+            if budget is not None and budget <= 0:
+                return
+    yield from flush()
 
 
 @dataclass

@@ -26,11 +26,11 @@ from moescope.capture.data import (
     Window,
     ensure_pad_token,
     iter_documents,
+    iter_tokenized,
     make_windows,
     pad_batch,
     plan_batches,
     resolve_source,
-    tokenize,
 )
 from moescope.errors import ConfigError, DataError, TraceError
 from moescope.models.tokenizer import byte_tokenizer
@@ -565,33 +565,14 @@ def _chunks(
     docs: list[Document] = []
     ids: list[np.ndarray] = []
     n_windows = 0
-    group: list[Document] = []
-
-    def tokenize_group() -> None:
-        nonlocal budget, n_windows
-        for d, x in zip(group, tokenize(tokenizer, [d.text for d in group]), strict=True):
-            if budget is not None:
-                if budget <= 0:
-                    break
-                x = x[:budget]
-                budget -= len(x)
-            docs.append(d)
-            ids.append(x)
-            n_windows += -(-len(x) // seq_len)
-        group.clear()
-
-    for doc in documents:
-        if doc.doc_id < start_doc:
-            continue
-        group.append(doc)
-        if len(group) >= opts.batch_size:
-            tokenize_group()
-            if n_windows >= want or (budget is not None and budget <= 0):
-                yield docs, ids
-                docs, ids, n_windows = [], [], 0
-            if budget is not None and budget <= 0:
-                return
-    tokenize_group()
+    todo = (d for d in documents if d.doc_id >= start_doc)
+    for d, x in iter_tokenized(todo, tokenizer, max_tokens=budget, group=opts.batch_size):
+        docs.append(d)
+        ids.append(x)
+        n_windows += -(-len(x) // seq_len)
+        if n_windows >= want:
+            yield docs, ids
+            docs, ids, n_windows = [], [], 0
     if docs:
         yield docs, ids
 
