@@ -231,3 +231,35 @@ def test_read_ahead_reraises_reader_errors(tmp_path):
     with pytest.raises(Exception, match=r"(?i)parquet"):
         for _ in tr.iter_arrow(["doc_id"], batch_size=2, read_ahead=1):
             pass
+
+
+def test_split_writes_disjoint_document_halves_with_every_column(tmp_path):
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+    from moescope.trace.split import split_documents
+
+    src = tmp_path / "src"
+    spec = RoutingSpec(num_experts=8, top_k=2, moe_layers=[0, 1, 2], family="mixtral")
+    with TraceWriter.create(src, spec, columns=default_columns(weights=True, logits=True, token_text=True)) as w:
+        for doc in range(6):
+            rows = make_rows(doc, 5 + doc)
+            n = len(rows["doc_id"])
+            logits = np.random.default_rng(doc).standard_normal((n, 3, 8)).astype(np.float16)
+            w.append(**rows, label=f"d{doc % 2}", logits=logits, token=[f"t{doc}_{i}" for i in range(n)])
+            w.commit(doc)
+    tr = Trace.open(src)
+    res = CliRunner().invoke(app, ["split", str(src), "-o", str(tmp_path / "out"), "--test-fraction", "0.34", "--json"])
+    assert res.exit_code == 0, res.output
+    train, test = Trace.open(tmp_path / "out" / "train"), Trace.open(tmp_path / "out" / "test")
+    want_train, want_test = split_documents(tr, 0.34, 0)
+    np.testing.assert_array_equal(train.documents(), want_train)
+    np.testing.assert_array_equal(test.documents(), want_test)
+    assert validate_trace(tmp_path / "out" / "train") == [] and validate_trace(tmp_path / "out" / "test") == []
+    whole = tr.to_polars()
+    for part in (train, test):
+        got = part.to_polars()
+        expect = whole.filter(whole["doc_id"].is_in(part.documents().tolist()))
+        assert got.equals(expect), part.path
+    assert train.num_tokens + test.num_tokens == tr.num_tokens
+    assert train.manifest["source"]["parent"] == str(src)

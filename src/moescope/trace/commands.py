@@ -1,6 +1,8 @@
-"""CLI: ``moescope validate`` and ``moescope info``."""
+"""CLI: ``moescope validate``, ``moescope info`` and ``moescope split``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
@@ -10,6 +12,7 @@ from moescope.cli_utils import JsonOpt, TraceArg, emit
 def register(app: typer.Typer) -> None:
     app.command("validate")(validate)
     app.command("info")(info)
+    app.command("split")(split)
 
 
 def validate(
@@ -68,3 +71,33 @@ def info(trace: TraceArg, json_out: JsonOpt = False) -> None:
         + (", " + ", ".join(tr.lookahead_columns) if tr.lookahead_columns else "")
     )
     emit(summary, json_out, text=text)
+
+
+def split(
+    trace: TraceArg,
+    output: Path = typer.Option(..., "--output", "-o", help="Folder that receives train/ and test/ (two traces)."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of documents in the test trace, in (0, 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random document split (same seed, same split)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing train/ and test/ traces."),
+    json_out: JsonOpt = False,
+) -> None:
+    """Split a trace by document into OUTPUT/train and OUTPUT/test (all columns kept).
+
+    A document's tokens never straddle the split, so predictors fitted on train and evaluated or
+    replayed on test (moescope predict fit/eval, moescope simulate --train) are judged on unseen text.
+    It is the split `moescope predict fit --test-fraction F --seed S` holds out for `predict eval`.
+
+    Example: moescope split runs/deepseek -o runs/deepseek-split --test-fraction 0.2
+    """
+    from moescope.trace.reader import Trace
+    from moescope.trace.split import split_trace
+
+    train, test = split_trace(Trace.open(trace), output, test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+    summary = {
+        "train": {"trace": str(train.path), "documents": len(train.documents()), "tokens": train.num_tokens},
+        "test": {"trace": str(test.path), "documents": len(test.documents()), "tokens": test.num_tokens},
+    }
+    emit(
+        summary, json_out,
+        text="\n".join(f"{k}: {v['trace']} ({v['documents']} documents, {v['tokens']} tokens)" for k, v in summary.items()),
+    )
