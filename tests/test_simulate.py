@@ -494,3 +494,149 @@ def test_table_prefetcher_ties_and_gaps():
                 continue
             score = [sum(float(cond[src, a, b]) for a in srcs) for b in range(E)]
             assert out[t, src + 1].tolist() == sorted(range(E), key=lambda b: (-score[b], b))[:m]
+
+
+def _brute_rank(ids, cond, dist, m):
+    """The table ranking by hand: summed conditionals of the row's experts, top m by (-score, id)."""
+    n, L, _ = ids.shape
+    E = cond.shape[2]
+    out = np.full((n, L, m), -1, np.int16)
+    for t in range(n):
+        for src in range(L - dist):
+            srcs = [int(a) for a in ids[t, src] if a >= 0]
+            if srcs:
+                score = [sum(float(cond[src, a, b]) for a in srcs) for b in range(E)]
+                out[t, src + dist] = sorted(range(E), key=lambda b: (-score[b], b))[:m]
+    return out
+
+
+@pytest.mark.parametrize(("L", "dist", "m"), [(4, 1, 4), (5, 1, 3), (5, 2, 10), (2, 1, 1), (6, 3, 6)])
+def test_sequential_and_parallel_table_ranking_agree_with_brute_force(L, dist, m):
+    """Both compiled rankings (per block on the replay's side core, and parallel for whole traces)
+    equal the hand ranking: odd and even numbers of source layers, m up to E, exact ties, gaps."""
+    from moescope.simulate.prefetch import _table_rank, _table_topm
+
+    rng = np.random.default_rng(L * 10 + dist)
+    n, k, E = 1100, 3, 10  # more rows than one parallel block
+    cond = (rng.integers(0, 4, (L - dist, E, E)) / 4).astype(np.float32)  # many equal sums
+    ids = rng.integers(0, E, (n, L, k)).astype(np.int16)
+    ids[rng.random((n, L, k)) < 0.2] = -1
+    ids[0, :] = -1  # a row with no known source anywhere
+    want = _brute_rank(ids, cond, dist, m)
+    seq = np.full((n, L, m), 7, np.int16)  # garbage: every entry must be written
+    _table_rank(ids, cond, dist, m, seq)
+    par = np.full((n, L, m), 7, np.int16)
+    _table_topm(ids, cond, dist, m, par)
+    assert np.array_equal(seq, want)
+    assert np.array_equal(par, want)
+
+
+def test_rank_ids_equals_ranked(small):
+    for pf in (TablePrefetcher(distance=1, budget=3), TablePrefetcher(distance=2), OraclePrefetcher(budget=1)):
+        pf.fit(small)
+        ids = prepare(small).demand
+        assert np.array_equal(pf.rank_ids(ids), pf.ranked(small))
+    with pytest.raises(ConfigError, match="needs the trace"):
+        PreviousTokenPrefetcher().fit(small).rank_ids(ids)
+    with pytest.raises(ConfigError, match="C-contiguous int16"):
+        pf.rank_ids(ids, np.empty((1, 1, 1), np.int16))
+
+
+@pytest.mark.parametrize("policy", ["lru", "static", "lfu", "lru-protect", "belady"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_streamed_prefetch_equals_array_path(small, monkeypatch, policy, shared):
+    """``run(prefetcher=...)`` ranks block by block beside the replay (several blocks here, so the
+    second thread runs): identical counts and times to the precomputed array and to the reference,
+    on random demand with gaps and document resets and a conditional table full of ties."""
+    import moescope.simulate.engine as engine
+    from moescope.simulate.deployment import compute_times, load_times
+    from moescope.simulate.prefetch import _table_topm
+
+    monkeypatch.setattr(engine, "STREAM_BLOCK", 7)
+    rng = np.random.default_rng(11)
+    S, L, E, k = 90, small.num_layers, small.num_experts, 2
+    for trial in range(3):
+        dist, m = 1 + trial % 2, 2 + trial
+        pf = TablePrefetcher(distance=dist, budget=m).fit(small)
+        pf.cond_ = (rng.integers(0, 3, pf.cond_.shape) / 4).astype(np.float32)
+        demand = _random_demand(rng, S, L, E, k)
+        demand[rng.random(demand.shape) < 0.15] = -1
+        steps = _steps_of(demand, E)
+        steps.popularity = np.bincount((np.arange(L)[None, :, None] * E + np.maximum(demand, 0)).ravel(),
+                                       minlength=L * E).reshape(L, E).astype(float)
+        steps.doc_start = rng.random(S) < 0.05
+        steps.doc_start[0] = True
+        cap = np.array([3 + trial]) if shared else np.array([2, 1 + trial, 3])
+        pol = POLICIES[policy]().fit(small)
+        pref = np.empty((S, L, m), np.int16)
+        _table_topm(demand, pf.cond_, dist, m, pref)  # what ranked() computes for these rows
+        kw = dict(shared=shared, reset="document")
+        arr = run(steps, pol, cap, DEP, COST, prefetch=pref, distance=dist, **kw)
+        streamed = run(steps, pol, cap, DEP, COST, prefetcher=pf, **kw)
+        assert np.array_equal(streamed.counts, arr.counts)
+        assert streamed.total_s == arr.total_s and streamed.no_cache_s == arr.no_cache_s
+        assert streamed.summary()["bytes_moved"] == arr.summary()["bytes_moved"]
+        load_t, _ = load_times(DEP, COST, steps.popularity)
+        compute = compute_times(DEP, COST, steps.tokens.astype(float), (demand >= 0).sum(2))
+        pinned = set(np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist())
+        ref, t_end = reference(demand, pref, dist, E, cap, shared, policy, pinned, load_t, compute, steps.doc_start)
+        assert _engine_counts(streamed) == ref
+        assert streamed.total_s == pytest.approx(t_end, rel=1e-12)
+    with pytest.raises(ConfigError, match="either prefetch"):
+        run(steps, pol, cap, DEP, COST, prefetch=pref, prefetcher=pf, shared=shared)
+    with pytest.raises(ConfigError, match="cannot be ranked during a prefill"):
+        run(prepare(small, mode="prefill"), pol, cap, DEP, COST, prefetcher=pf, shared=shared)
+
+
+def test_simulate_streams_the_table_prefetcher(small):
+    """simulate() takes the streamed path for a table prefetcher in decode: same result as the array."""
+    cap = np.array([3, 2, 4])
+    pf = TablePrefetcher(distance=1, budget=2).fit(small)
+    steps = prepare(small)
+    arr = run(steps, LRU().fit(), cap, DEP, COST, prefetch=step_prefetch(steps, pf.ranked(small)), distance=1,
+              prefetcher_name=pf.describe())
+    res = simulate(small, LRU(), cap, DEP, COST, prefetcher=TablePrefetcher(distance=1, budget=2))
+    assert res.summary() == arr.summary()
+
+
+def test_cli_train_trace(small, tmp_path):
+    """--train fits the prefetcher on another trace: the CLI equals simulate(..., fit_trace=train)."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+
+    train = write_synthetic_trace(tmp_path / "train", n_tokens=300, num_layers=3, num_experts=8, top_k=2,
+                                  law="markov", noise=0.4, doc_len=40, seed=9)
+    args = ["simulate", str(small.path), "--expert-params", "6144", "--cache-experts", "3", "--prefetch", "table",
+            "--budget", "2", "-o", str(tmp_path / "sim"), "--json"]
+    help_text = CliRunner().invoke(app, ["simulate", "--help"]).output
+    assert "--train" in help_text and "flatters" in help_text
+    r = CliRunner().invoke(app, [*args, "--train", str(train.path)])
+    assert r.exit_code == 0, r.output
+    cost = ModelCost(expert_params=6144, top_k=small.top_k)
+    dep = get_preset("rtx4090-pcie4")
+    want = simulate(small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2), fit_trace=train)
+    self_fit = simulate(small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2))
+    got = _json.loads(r.stdout)
+    assert got["hits"] == want.summary()["hits"] and got["bytes_moved"] == want.summary()["bytes_moved"]
+    assert want.summary()["hits"] != self_fit.summary()["hits"]  # the table really came from the other trace
+    other = write_synthetic_trace(tmp_path / "wide", n_tokens=100, num_layers=3, num_experts=16, top_k=2, seed=1)
+    bad = CliRunner().invoke(app, [*args, "--train", str(other.path)])
+    assert bad.exit_code != 0
+    assert "was fitted on 3 layers x 16 experts" in str(bad.exception) + bad.output
+
+
+def test_belady_may_evict_what_the_first_prefetch_loaded():
+    """Regression: the prefetch issued at global event 1 locks with stamp -3, which once doubled as
+    Belady's "nothing locked" marker, so its expert could not be evicted by the next demand miss."""
+    demand = np.full((2, 3, 1), -1, np.int16)
+    demand[:, 2, 0] = 1  # layer 2 uses expert 1 at both steps
+    pref = np.full((2, 3, 1), -1, np.int16)
+    pref[0, 2, 0] = 0  # the first issue for layer 2 (after layer 1, event 1) loads expert 0, never used
+    res = run(_steps_of(demand, 4), Belady().fit(), np.array([1]), DEP, COST, shared=True, prefetch=pref)
+    ref, _ = reference(demand, pref, 1, 4, np.array([1]), True, "belady", set(), np.ones(12), np.zeros((2, 3)),
+                       np.r_[True, False])
+    assert _engine_counts(res) == ref
+    assert res.counts[1, 2] == 1  # kept at step 0 (evicting the useless prefetch), hit at step 1

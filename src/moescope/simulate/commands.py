@@ -35,7 +35,7 @@ def simulate_cmd(
     reset: str = typer.Option("none", "--reset", help="none, or document (every document starts with a cold cache)."),
     compute_ms: float = typer.Option(None, "--compute-ms", help="Fixed compute time per layer, ms (default: derived)."),
     link_efficiency: float = typer.Option(1.0, "--link-efficiency", help="Share of the published link bandwidth reached."),
-    train: Path = typer.Option(None, "--train", help="Trace to fit prefetchers and static pinning on (default: TRACE itself)."),
+    train: Path = typer.Option(None, "--train", help="Trace to fit the prefetcher and static pinning on, e.g. a training split by document (default: TRACE itself, which flatters them)."),
     do_sweep: bool = typer.Option(False, "--sweep", help="Also sweep cache size x policy (and budgets 1..2k when prefetching)."),
     json_out: JsonOpt = False,
 ) -> None:

@@ -2,12 +2,18 @@
 
 :func:`prepare` turns a trace into *steps* once (decode: one token per step, in trace order;
 prefill: the union of a batch's experts per layer); :func:`run` replays prepared steps for one
-policy, capacity and prefetch array; :func:`simulate` does both. The loop itself is
-:func:`moescope.simulate.kernel.replay_chunk`; its docstring states the exact semantics.
+policy, capacity and prefetch array; :func:`simulate` does both. The loops are in
+:mod:`moescope.simulate.kernel`, whose docstring states the exact semantics. A prefetcher that
+ranks from each row's own experts (the table, the oracle) is ranked block by block on a second
+core while the replay runs (:func:`run` with ``prefetcher=``), so a decode replay with it costs
+about the replay alone in wall time and never holds an ``(N, L, m)`` prediction array.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +23,7 @@ from moescope.errors import ConfigError
 from moescope.simulate import kernel as K
 from moescope.simulate.deployment import Deployment, ModelCost, compute_times, load_times
 from moescope.simulate.policies import CachePolicy
+from moescope.simulate.prefetch import Prefetcher
 
 MODES = ("decode", "prefill")
 RESETS = ("none", "document")
@@ -232,6 +239,59 @@ def _occurrences(demand: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     return occ_start, np.ascontiguousarray(events[order], dtype=np.int64)
 
 
+def compute_table(deployment: Deployment, cost: ModelCost, steps: Steps) -> tuple[np.ndarray, np.ndarray]:
+    """Compute time per layer as ``ctab[crow[s], n]`` for step ``s`` with ``n`` demand experts.
+
+    ``ctab`` is :func:`~moescope.simulate.deployment.compute_times` over each distinct token count
+    and ``n = 0..W``: the same numbers as the full ``(S, L)`` array, without building it.
+    """
+    tokens, crow = np.unique(steps.tokens, return_inverse=True)
+    width = steps.demand.shape[2]
+    n = np.broadcast_to(np.arange(width + 1), (tokens.size, width + 1))
+    ctab = compute_times(deployment, cost, tokens.astype(np.float64), n)
+    return np.ascontiguousarray(ctab, dtype=np.float64), crow.reshape(-1).astype(np.int64)
+
+
+def _cores() -> int:
+    """Cores this process may run on (the ranking thread only pays off with two or more)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+STREAM_BLOCK = 2048  # steps ranked per block when a prefetcher is ranked alongside the replay
+
+
+def _stream(demand: np.ndarray, rank: Callable[[int, int, np.ndarray], np.ndarray],
+            replay: Callable[[int, int, np.ndarray], None], m: int, block: int | None = None) -> None:
+    """Replay ``demand`` block by block, ranking block ``i + 1`` on a second core while block ``i`` replays.
+
+    ``rank(a, b, buf)`` fills ``buf`` ``(b - a, L, m)`` with the predictions of steps ``a:b``;
+    ``replay(a, b, pref)`` replays them. Both release the GIL (compiled with ``nogil``). Two buffers
+    alternate, so only ``2 * block`` steps of predictions exist at any time (default
+    :data:`STREAM_BLOCK`). One core: no thread.
+    """
+    S, L, _ = demand.shape
+    block = block or STREAM_BLOCK
+    bufs = [np.empty((min(S, block), L, m), np.int16) for _ in range(2)]
+    starts = list(range(0, S, block))
+    if len(starts) == 1 or _cores() < 2:
+        for a in starts:
+            b = min(S, a + block)
+            replay(a, b, rank(a, b, bufs[0][:b - a]))
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(rank, 0, block, bufs[0])
+        for i, a in enumerate(starts):
+            b = min(S, a + block)
+            pref = ahead.result()
+            if b < S:
+                c = min(S, b + block)
+                ahead = pool.submit(rank, b, c, bufs[(i + 1) % 2][:c - b])
+            replay(a, b, pref)
+
+
 def run(
     steps: Steps,
     policy: CachePolicy,
@@ -241,6 +301,7 @@ def run(
     *,
     shared: bool = False,
     prefetch: np.ndarray | None = None,
+    prefetcher: Prefetcher | None = None,
     distance: int = 1,
     prefetcher_name: str = "none",
     reset: str = "none",
@@ -250,6 +311,11 @@ def run(
     ``capacity`` is ``(L,)`` slots per layer, or ``(1,)`` with ``shared`` for one cache over all layers;
     ``prefetch`` is the ``(S, L, m)`` array of :func:`step_prefetch`; ``reset="document"`` empties
     the cache at every document start (each request starts cold).
+
+    Instead of ``prefetch``, a fitted ``prefetcher`` whose predictions depend only on each row's own
+    experts (``from_ids``: the table and the oracle) can be given for decode steps: its predictions
+    are then made block by block on a second core while the replay runs, with the same results as
+    ``prefetch=step_prefetch(steps, prefetcher.ranked(trace))`` and no ``(N, L, m)`` array.
     """
     policy.check_fitted()
     deployment.check()
@@ -264,42 +330,65 @@ def run(
             f"each >= 1; got {capacity.tolist()}"
         )
     per_layer = not shared
-    if prefetch is None:
-        prefetch = np.full((S, L, 0), -1, np.int16)
-    if prefetch.shape[:2] != (S, L):
-        raise ConfigError(f"prefetch array has shape {prefetch.shape}; expected ({S}, {L}, m)")
+    if prefetcher is not None:
+        if prefetch is not None:
+            raise ConfigError("pass either prefetch (an array) or prefetcher, not both")
+        if not prefetcher.from_ids or steps.mode != "decode":
+            raise ConfigError(
+                f"{type(prefetcher).__name__} cannot be ranked during a {steps.mode} replay: pass "
+                "prefetch=step_prefetch(steps, prefetcher.ranked(trace)) instead"
+            )
+        if not getattr(prefetcher, "fitted_", False):
+            raise ConfigError(f"{type(prefetcher).__name__} is not fitted: call fit(trace) first")
+        if (prefetcher.num_layers_, prefetcher.num_experts_) != (L, E):
+            raise ConfigError(
+                f"{type(prefetcher).__name__} was fitted on {prefetcher.num_layers_} layers x "
+                f"{prefetcher.num_experts_} experts; the steps have {L} x {E}"
+            )
+        distance, M = int(prefetcher.distance), prefetcher.m_
+        if prefetcher_name == "none":
+            prefetcher_name = prefetcher.describe()
+    else:
+        if prefetch is None:
+            prefetch = np.full((S, L, 0), -1, np.int16)
+        if prefetch.shape[:2] != (S, L):
+            raise ConfigError(f"prefetch array has shape {prefetch.shape}; expected ({S}, {L}, m)")
+        prefetch = np.ascontiguousarray(prefetch, dtype=np.int16)
+        M = prefetch.shape[2]
     if not 1 <= distance:
         raise ConfigError(f"--distance must be >= 1, got {distance}")
     pinned = policy.pinned(L, E, capacity, per_layer)
     n_pinned = pinned.reshape(L, E).sum(axis=1) if per_layer else np.array([pinned.sum()])
     if (n_pinned > capacity).any():
         raise ConfigError(f"{policy.describe()} pins more experts than the cache holds")
-    if policy.needs_future:
-        occ_start, occ_ev = _occurrences(steps.demand, E)
-    else:
-        occ_start, occ_ev = np.zeros(L * E + 1, np.int64), np.zeros(0, np.int64)
     reset_mask = steps.doc_start.copy() if reset == "document" else np.zeros(S, bool)
     reset_mask[0] = True
-    seg_start = np.flatnonzero(reset_mask)
-    seg_end_step = np.append(seg_start[1:], S)[np.cumsum(reset_mask) - 1]
-    seg_end = seg_end_step.astype(np.int64) * L
 
     load_t, _ = load_times(deployment, cost, steps.popularity)
     demand = np.ascontiguousarray(steps.demand, dtype=np.int16)
-    unique, uses = K.demand_stats(demand, E)  # (S, L) experts per step and layer, (L * E,) uses per key
-    compute = compute_times(deployment, cost, steps.tokens.astype(np.float64), unique)
-
+    ctab, crow = compute_table(deployment, cost, steps)
     counts = np.zeros((K.NCOUNT, L), np.int64)
     stall = np.zeros(L, np.float64)
     wait_pf = np.zeros(L, np.float64)
-    pf_unused = np.zeros(L * E, np.bool_)
-    prefetch = np.ascontiguousarray(prefetch, dtype=np.int16)
+    clock = np.zeros(K.NCLOCK, np.float64)
+    dist = int(distance)
     if (policy.priority_rule == K.PRIO_LAST and policy.use_rule == K.USE_NONE and not policy.protect
             and not policy.bypass and not policy.needs_future):
         # LRU and static pinning: the O(1) recency-list loop (same semantics, several times faster)
-        end = K.replay_lru(demand, prefetch, int(distance), int(E), per_layer, capacity, pinned, reset_mask, load_t,
-                           compute, counts, stall, wait_pf, pf_unused)
+        node, lists = K.lru_state(load_t, E, capacity.shape[0])
+
+        def replay(a: int, b: int, pref: np.ndarray) -> None:
+            K.replay_lru(demand[a:b], pref, dist, int(E), per_layer, capacity, pinned, reset_mask[a:b], ctab,
+                         crow[a:b], a, node, lists, clock, counts, stall, wait_pf)
+
+        unused = node["unused"]
     else:
+        if policy.needs_future:
+            occ_start, occ_ev = _occurrences(demand, E)
+        else:
+            occ_start, occ_ev = np.zeros(L * E + 1, np.int64), np.zeros(0, np.int64)
+        seg_start = np.flatnonzero(reset_mask)
+        seg_end = (np.append(seg_start[1:], S)[np.cumsum(reset_mask) - 1]).astype(np.int64) * L
         P = capacity.shape[0]
         slots = np.full((P, int(capacity.max())), -1, np.int64)
         nres = np.zeros(P, np.int64)
@@ -309,24 +398,33 @@ def run(
         protect_until = np.full(L * E, -1, np.int64)
         arrival = np.zeros(L * E, np.float64)
         ptr = occ_start[:-1].copy()
-        clock = np.zeros(3, np.float64)
-        K.replay_chunk(
-            demand, prefetch, int(distance), int(E), per_layer, capacity, pinned, int(policy.priority_rule),
-            int(policy.use_rule), float(policy.param()), bool(policy.bypass), bool(policy.protect),
-            bool(policy.needs_future), occ_start, occ_ev, seg_end, reset_mask, load_t, compute, 0,
-            slots, nres, where, st, lock, protect_until, pf_unused, arrival, ptr, clock, counts, stall, wait_pf,
-        )
-        end = float(clock[1])
+        unused = np.zeros(L * E, np.bool_)
+        rules = (int(policy.priority_rule), int(policy.use_rule), float(policy.param()), bool(policy.bypass),
+                 bool(policy.protect), bool(policy.needs_future))
+
+        def replay(a: int, b: int, pref: np.ndarray) -> None:
+            K.replay_chunk(
+                demand[a:b], pref, dist, int(E), per_layer, capacity, pinned, *rules, occ_start, occ_ev,
+                seg_end[a:b], reset_mask[a:b], load_t, ctab, crow[a:b], a,
+                slots, nres, where, st, lock, protect_until, unused, arrival, ptr, clock, counts, stall, wait_pf,
+            )
+
+    if prefetcher is None:
+        replay(0, S, prefetch)
+    else:
+        def rank(a: int, b: int, buf: np.ndarray) -> np.ndarray:
+            return prefetcher.rank_ids(demand[a:b], buf)
+
+        _stream(demand, rank, replay, M)
     # prefetched experts never used by the end of the replay were moved for nothing
-    left = np.flatnonzero(pf_unused)
+    left = np.flatnonzero(unused)
     np.add.at(counts[K.C_PF_WASTE], left // E, 1)
 
-    no_cache = float(uses @ load_t + compute.sum())  # every demand expert loaded, nothing kept
     return SimResult(
-        policy=policy.describe(), prefetcher=prefetcher_name, distance=int(distance),
-        budget=int(prefetch.shape[2]), capacity=capacity, shared=shared, mode=steps.mode, counts=counts,
-        stall_s=stall, prefetch_wait_s=wait_pf, total_s=float(end), compute_s=float(compute.sum()),
-        no_cache_s=no_cache, tokens=int(steps.tokens.sum()), steps=S, expert_bytes=cost.expert_bytes,
+        policy=policy.describe(), prefetcher=prefetcher_name, distance=dist, budget=int(M), capacity=capacity,
+        shared=shared, mode=steps.mode, counts=counts, stall_s=stall, prefetch_wait_s=wait_pf,
+        total_s=float(clock[K.T_NOW]), compute_s=float(clock[K.T_COMPUTE]), no_cache_s=float(clock[K.T_NOCACHE]),
+        tokens=int(steps.tokens.sum()), steps=S, expert_bytes=cost.expert_bytes,
     )
 
 
@@ -360,11 +458,12 @@ def simulate(
     if not getattr(policy, "fitted_", False):
         policy = policy.fit(fit_on)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
-    pref, dist, name = None, 1, "none"
-    if prefetcher is not None:
-        if not getattr(prefetcher, "fitted_", False):
-            prefetcher = prefetcher.fit(fit_on)
-        pref = step_prefetch(steps, prefetcher.ranked(trace))
-        dist, name = int(prefetcher.distance), prefetcher.describe()
-    return run(steps, policy, capacity, deployment, cost, shared=shared, prefetch=pref, distance=dist, prefetcher_name=name,
-               reset=reset)
+    if prefetcher is None:
+        return run(steps, policy, capacity, deployment, cost, shared=shared, reset=reset)
+    if not getattr(prefetcher, "fitted_", False):
+        prefetcher = prefetcher.fit(fit_on)
+    if prefetcher.from_ids and steps.mode == "decode":  # ranked block by block alongside the replay
+        prefetcher.check_fitted(trace)
+        return run(steps, policy, capacity, deployment, cost, shared=shared, prefetcher=prefetcher, reset=reset)
+    return run(steps, policy, capacity, deployment, cost, shared=shared, prefetch=step_prefetch(steps, prefetcher.ranked(trace)),
+               distance=int(prefetcher.distance), prefetcher_name=prefetcher.describe(), reset=reset)

@@ -40,6 +40,9 @@ AUX = 2  # policy scratch (e.g. LRFU's combined recency-frequency value)
 NEXT = 3  # next demand event of the key (Belady), +inf when none before the next reset
 
 INF = np.inf
+# lock stamps: a demand event locks with its index (>= 0), a prefetch issue with -2 - event (<= -2),
+# and -1 means never locked; NO_STAMP equals none of them (a victim search that must skip nothing)
+NO_STAMP = np.iinfo(np.int64).max
 
 # eviction priority rules (the resident with the lowest priority is evicted)
 PRIO_LAST = 0  # least recently touched first (LRU)
@@ -62,6 +65,14 @@ C_PF_WASTE = 7  # prefetched experts evicted (or left at a reset or the end) wit
 C_PF_RESIDENT = 8  # predictions already resident (no transfer)
 C_EVICT = 9
 NCOUNT = 10
+
+# rows of the ``clock`` array of the loops: totals that carry over from one call to the next
+T_NOW = 0  # end of the last computed layer
+T_LINK = 1  # when the link is free
+T_COMPUTE = 2  # sum of the compute times (the all-in-GPU time)
+T_NOCACHE = 3  # sum of every demand expert's load time and the compute (the no-cache time)
+T_TOUCH = 4  # touch counter of :func:`replay_chunk`
+NCLOCK = 5
 
 
 @njit(cache=True, inline="always")
@@ -120,17 +131,18 @@ def _pick_victim(part, slots, nres, st, lock, stamp, pinned, protect_until, even
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def replay_chunk(
     demand, pref, dist, E, per_layer, cap, pinned, prio_rule, use_rule, param, bypass, use_protect, need_next,
-    occ_start, occ_ev, seg_end_of_step, reset, load_time, compute, step0,
+    occ_start, occ_ev, seg_end_of_step, reset, load_time, ctab, crow, step0,
     slots, nres, where, st, lock, protect_until, pf_unused, arrival, ptr, clock,
     counts, stall, wait_pf,
 ):
     """Replay steps ``demand[0:S]`` (global step index ``step0 + s``); all state arrays are updated in place.
 
     ``demand`` is ``(S, L, W)`` and ``pref`` ``(S, L, M)`` (ids for layer ``l``, issued after layer
-    ``l - dist``), both padded with -1. ``clock`` holds ``[touch counter, now, link free]``.
+    ``l - dist``), both padded with -1. ``clock`` holds the times and the touch counter (rows ``T_*``);
+    the compute time of a layer with ``n`` demand experts is ``ctab[crow[s], n]``.
     """
     S, L, W = demand.shape
     M = pref.shape[2]
@@ -163,15 +175,18 @@ def replay_chunk(
         for layer in range(L):
             event = gs * L + layer
             part = layer if per_layer else 0
-            t_start = clock[1]
+            t_start = clock[T_NOW]
             ready = t_start
+            n_demand = 0
             # 1. lock the resident part of the demand set; hits are decided now, before any eviction
             for j in range(W):
                 e = demand[s, layer, j]
                 resident_at_start[j] = False
                 if e < 0:
                     continue
+                n_demand += 1
                 key = layer * E + e
+                clock[T_NOCACHE] += load_time[key]
                 if where[key] >= 0:
                     lock[key] = event
                     resident_at_start[j] = True
@@ -194,15 +209,15 @@ def replay_chunk(
                         ready = arrival[key]
                 else:
                     counts[C_MISS, layer] += 1
-                    start = clock[2] if clock[2] > t_start else t_start
-                    clock[2] = start + load_time[key]
-                    if clock[2] > ready:
-                        ready = clock[2]
+                    start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
+                    clock[T_LINK] = start + load_time[key]
+                    if clock[T_LINK] > ready:
+                        ready = clock[T_LINK]
                     keep = True
                     victim = -1
                     if nres[part] >= cap[part]:
                         # a bypassing policy may evict what this step already used: it need not stay
-                        victim = _pick_victim(part, slots, nres, st, lock, -3 if bypass else event, pinned, protect_until, event,
+                        victim = _pick_victim(part, slots, nres, st, lock, NO_STAMP if bypass else event, pinned, protect_until, event,
                                               use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev,
                                               seg_end)
                         if victim < 0:
@@ -226,16 +241,19 @@ def replay_chunk(
                             where[key] = nres[part]
                             nres[part] += 1
                         lock[key] = event
-                        arrival[key] = clock[2]
+                        arrival[key] = clock[T_LINK]
                     else:
                         counts[C_STREAM, layer] += 1
-                clock[0] += 1.0
-                st[key, LAST] = clock[0]
+                clock[T_TOUCH] += 1.0
+                st[key, LAST] = clock[T_TOUCH]
                 st[key, FREQ] += 1.0
                 on_use(use_rule, st, key, float(gs), param)
             # 3. compute
             stall[layer] += ready - t_start
-            clock[1] = ready + compute[s, layer]
+            c = ctab[crow[s], n_demand]
+            clock[T_COMPUTE] += c
+            clock[T_NOCACHE] += c
+            clock[T_NOW] = ready + c
             # 4. prefetch for layer + dist
             target = layer + dist
             if M == 0 or target >= L:
@@ -279,11 +297,11 @@ def replay_chunk(
                 counts[C_PF_LOAD, target] += 1
                 pf_unused[key] = True
                 lock[key] = pf_stamp
-                start = clock[2] if clock[2] > t_start else t_start
-                clock[2] = start + load_time[key]
-                arrival[key] = clock[2]
-                clock[0] += 1.0
-                st[key, LAST] = clock[0]
+                start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
+                clock[T_LINK] = start + load_time[key]
+                arrival[key] = clock[T_LINK]
+                clock[T_TOUCH] += 1.0
+                st[key, LAST] = clock[T_TOUCH]
                 on_use(use_rule, st, key, float(gs), param)
 
 
@@ -295,17 +313,31 @@ NODE = np.dtype(
         ("load", np.float64),  # transfer time
         ("prv", np.int32),  # recency list of its partition: older neighbour, -1 at the head
         ("nxt", np.int32),  # newer neighbour, -1 at the tail
+        ("layer", np.int16),  # key // E, kept so that no eviction divides
         ("state", np.int8),  # 0 absent, 1 resident (in the recency list), 2 pinned
         ("unused", np.bool_),  # prefetched and not used since
     ],
     align=True,
 )
 
+def lru_state(load_time: np.ndarray, num_experts: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh ``(node, lists)`` state of :func:`replay_lru`: one :data:`NODE` per key, and per
+    partition ``lists[0]`` the recency list's head, ``lists[1]`` its tail, ``lists[2]`` the residents."""
+    node = np.zeros(load_time.shape[0], NODE)
+    node["lock"] = -1
+    node["prv"] = -1
+    node["nxt"] = -1
+    node["load"] = load_time
+    node["layer"] = np.arange(load_time.shape[0]) // num_experts
+    lists = np.zeros((3, num_partitions), np.int64)
+    lists[:2] = -1
+    return node, lists
+
 
 @njit(cache=True, nogil=True)
-def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, compute,
-               counts, stall, wait_pf, pf_unused):
-    """:func:`replay_chunk` for LRU (optionally with pinned experts), with O(1) victims; returns the end time.
+def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, ctab, crow, step0,
+               node, lists, clock, counts, stall, wait_pf):
+    """:func:`replay_chunk` for LRU (optionally with pinned experts), with O(1) victims.
 
     Same semantics and outputs as :func:`replay_chunk` with ``PRIO_LAST``, ``USE_NONE`` and no
     bypass, protection or look-ahead, which is all plain LRU and static pinning need: the unpinned
@@ -313,29 +345,29 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
     order of their last touch, so the victim is the first unlocked entry from the head (at most ``W``
     or ``M`` locked ones are skipped) instead of a scan over every resident. No per-event allocation
     and no calls; all per-key state sits in one :data:`NODE` record, so a look-up touches one cache line.
-    ``pf_unused`` receives the prefetched experts still unused at the end.
+
+    Replays ``demand[0:S]`` as global steps ``step0 + s`` and carries the cache in ``node`` and
+    ``lists`` (:func:`lru_state`) and the times in ``clock`` (rows ``T_*``), so a trace can be replayed
+    in consecutive calls. The compute time of a layer is ``ctab[crow[s], n]`` for ``n`` demand experts.
     """
     S, L, W = demand.shape
     M = pref.shape[2]
     K = L * E
     P = cap.shape[0]
-    node = np.zeros(K, NODE)
-    for key in range(K):
-        node[key].lock = -1
-        node[key].nxt = -1
-        node[key].prv = -1
-        node[key].load = load_time[key]
-    head = np.full(P, -1, np.int32)
-    tail = np.full(P, -1, np.int32)
-    nres = np.zeros(P, np.int64)
+    head = lists[0]
+    tail = lists[1]
+    nres = lists[2]
     ras = np.zeros(W, np.bool_)  # resident at the start of the event, per demand rank
-    now = 0.0
-    link = 0.0
+    now = clock[T_NOW]
+    link = clock[T_LINK]
+    compute_sum = clock[T_COMPUTE]
+    nocache = clock[T_NOCACHE]
     for s in range(S):
+        gs = step0 + s
         if reset[s]:
             for key in range(K):
                 if node[key].state != 0 and node[key].unused:
-                    counts[C_PF_WASTE, key // E] += 1
+                    counts[C_PF_WASTE, node[key].layer] += 1
                 node[key].unused = False
                 node[key].state = 0
                 node[key].nxt = -1
@@ -348,25 +380,29 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
             for key in range(K):
                 if pinned[key]:
                     node[key].state = 2
-                    nres[key // E if per_layer else 0] += 1
+                    nres[node[key].layer if per_layer else 0] += 1
+        crow_s = crow[s]
         for layer in range(L):
-            event = s * L + layer
+            event = gs * L + layer
             part = layer if per_layer else 0
             base = layer * E
             t_start = now
             ready = t_start
+            n_demand = 0
             for j in range(W):
                 e = demand[s, layer, j]
                 ras[j] = False
-                if e >= 0 and node[base + e].state != 0:
-                    node[base + e].lock = event
-                    ras[j] = True
+                if e >= 0:
+                    n_demand += 1
+                    if node[base + e].state != 0:
+                        node[base + e].lock = event
+                        ras[j] = True
             for j in range(W):
                 e = demand[s, layer, j]
                 if e < 0:
                     continue
                 key = base + e
-                counts[C_ACCESS, layer] += 1
+                nocache += node[key].load
                 if ras[j]:
                     counts[C_HIT, layer] += 1
                     if node[key].unused:
@@ -402,9 +438,8 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
                     if v < 0:
                         counts[C_STREAM, layer] += 1
                         continue
-                    if node[v].unused:
-                        counts[C_PF_WASTE, v // E] += 1
-                        node[v].unused = False
+                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
+                    node[v].unused = False
                     node[v].state = 0
                     a = node[v].prv
                     b = node[v].nxt
@@ -430,8 +465,12 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
                 tail[part] = key
                 node[key].lock = event
                 node[key].arrival = link
+            counts[C_ACCESS, layer] += n_demand
             stall[layer] += ready - t_start
-            now = ready + compute[s, layer]
+            c = ctab[crow_s, n_demand]
+            compute_sum += c
+            nocache += c
+            now = ready + c
             target = layer + dist
             if M == 0 or target >= L:
                 continue
@@ -453,9 +492,8 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
                         v = node[v].nxt
                     if v < 0:
                         continue
-                    if node[v].unused:
-                        counts[C_PF_WASTE, v // E] += 1
-                        node[v].unused = False
+                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
+                    node[v].unused = False
                     node[v].state = 0
                     a = node[v].prv
                     b = node[v].nxt
@@ -484,25 +522,7 @@ def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, load_time, 
                 node[key].lock = pf_stamp
                 link = (link if link > t_start else t_start) + node[key].load
                 node[key].arrival = link
-    for key in range(K):
-        pf_unused[key] = node[key].unused
-    return now
-
-
-
-@njit(cache=True, nogil=True)
-def demand_stats(demand, E):
-    """Per step and layer the number of demand experts ``(S, L)``, and per key its demand count ``(L * E,)``."""
-    S, L, W = demand.shape
-    unique = np.zeros((S, L), np.int64)
-    uses = np.zeros(L * E, np.int64)
-    for s in range(S):
-        for layer in range(L):
-            n = 0
-            for j in range(W):
-                e = demand[s, layer, j]
-                if e >= 0:
-                    n += 1
-                    uses[layer * E + e] += 1
-            unique[s, layer] = n
-    return unique, uses
+    clock[T_NOW] = now
+    clock[T_LINK] = link
+    clock[T_COMPUTE] = compute_sum
+    clock[T_NOCACHE] = nocache

@@ -3,7 +3,10 @@
 The replay needs, per trace row, an ``(L, m)`` array whose column ``l`` holds the ids issued for
 layer ``l`` once layer ``l - d`` has run (-1 = nothing). A prefetcher computes that array for a
 whole trace with :meth:`Prefetcher.ranked`, using only what is known at issue time: the token's
-own experts at layers ``<= l - d`` and earlier tokens of the same document.
+own experts at layers ``<= l - d`` and earlier tokens of the same document. Prefetchers that use
+only the row's own experts (``from_ids``: table, oracle) also rank any block of rows with
+:meth:`Prefetcher.rank_ids`, which the decode replay calls block by block on a second core.
+Rankings order by descending score, equal scores by the lower id (as :func:`moescope.predict.base.rank`).
 
 - :class:`TablePrefetcher`: per-layer conditional table ``P(expert at l + d | expert at l)`` fitted
   on a training trace (seed 000, method 3), scored by summing the conditionals of the source set.
@@ -36,6 +39,9 @@ class Prefetcher(BaseEstimator):
     """Base class. Parameters ``distance`` (d >= 1) and ``budget`` (m ids per issue; None = top_k)."""
 
     name: ClassVar[str] = "base"
+    #: True when a row's prediction depends only on that row's own experts at earlier layers, so
+    #: a decode replay can rank the steps as it goes (:meth:`rank_ids`) instead of the whole trace first.
+    from_ids: ClassVar[bool] = False
 
     def fit(self, trace: Any) -> Prefetcher:
         """Check parameters and learn from ``trace``; returns ``self`` and keeps no reference to it."""
@@ -81,47 +87,121 @@ class Prefetcher(BaseEstimator):
     def _ranked_block(self, ids: np.ndarray, doc_id: np.ndarray, prev_tail: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def rank_ids(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(n, L, m)`` predictions from the rows' own experts ``ids`` ``(n, L, k)`` (int16, -1 = none).
+
+        Only for prefetchers with ``from_ids``; equals :meth:`ranked` on the same rows. Runs on the
+        calling thread (no parallel loop), so that it can overlap a replay on another core.
+        """
+        if not self.from_ids:
+            raise ConfigError(f"{type(self).__name__} needs the trace (documents, history): use ranked(trace)")
+        if not getattr(self, "fitted_", False):
+            raise ConfigError(f"{type(self).__name__} is not fitted: call fit(trace) first")
+        if ids.ndim != 3 or ids.shape[1] != self.num_layers_:
+            raise ConfigError(f"ids have shape {ids.shape}; expected (n, {self.num_layers_}, k)")
+        shape = (ids.shape[0], ids.shape[1], self.m_)
+        if out is None:
+            out = np.empty(shape, np.int16)
+        elif out.shape != shape or out.dtype != np.int16 or not out.flags.c_contiguous:
+            raise ConfigError(f"out must be a C-contiguous int16 array of shape {shape}")
+        self._rank_ids(np.ascontiguousarray(ids, dtype=np.int16), out)
+        return out
+
+    def _rank_ids(self, ids: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
+
     def describe(self) -> str:
         return f"{self.name}(d={self.distance}, m={self.budget or 'k'})"
 
 
+_NO_KEY = np.int64(-1)
+_TOP_KEY = np.int64(0x7FFFFFFFFFFFFFFF)
+_ID_MASK = np.int64(0xFFFFFFFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum_sources(ids, t, src, cond, acc):
+    """``acc = sum of cond[src, a, :]`` over the experts ``a`` of row ``t`` at layer ``src``, added in
+    source order from 0; returns False when the row has no known expert there."""
+    E = acc.shape[0]
+    for e in range(E):
+        acc[e] = 0.0
+    found = False
+    for j in range(ids.shape[2]):
+        a = np.int64(ids[t, src, j])
+        if a < 0:
+            continue
+        found = True
+        for e in range(E):
+            acc[e] += cond[src, a, e]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _score_keys(acc, key):
+    """One int64 per expert that orders as ``(score, -id)``: the score's bits above, ``~id`` below.
+
+    Scores are sums of probabilities (>= 0, finite), whose IEEE bits order like the values, so the
+    largest key is the best score with the lowest id; keys are distinct, so the ``j``-th best is the
+    largest key below the ``j - 1``-th and the selection needs no writes.
+    """
+    bits = acc.view(np.int32)
+    for e in range(acc.shape[0]):
+        key[e] = (np.int64(bits[e]) << 32) | (_ID_MASK - e)
+
+
+@njit(cache=True, nogil=True)
+def _table_rank(ids, cond, dist, m, out):
+    """out[t, l] = top-m of sum_{a in ids[t, l - dist]} cond[l - dist, a, :] (ties: lower id); -1 elsewhere.
+
+    Sequential over the rows of ``ids`` ``(n, L, k)``. Per row the source layers are ranked two at a
+    time: each pass over the ``E`` keys of both finds the next best of each (a max over keys below
+    the previous one, which vectorises and keeps two independent chains in flight).
+    """
+    n, L, _ = ids.shape
+    E = cond.shape[2]
+    R = L - dist
+    acc0 = np.empty(E, np.float32)
+    acc1 = np.empty(E, np.float32)
+    key0 = np.empty(E, np.int64)
+    key1 = np.empty(E, np.int64)
+    for t in range(n):
+        for layer in range(min(dist, L)):
+            for j in range(m):
+                out[t, layer, j] = -1
+        for src in range(0, R, 2):
+            src1 = src + 1 if src + 1 < R else src
+            has0 = _sum_sources(ids, t, src, cond, acc0)
+            has1 = _sum_sources(ids, t, src1, cond, acc1)
+            _score_keys(acc0, key0)
+            _score_keys(acc1, key1)
+            p0 = _TOP_KEY
+            p1 = _TOP_KEY
+            for j in range(m):
+                t0 = _NO_KEY
+                t1 = _NO_KEY
+                for e in range(E):
+                    x = key0[e]
+                    x = x if x < p0 else _NO_KEY
+                    t0 = x if x > t0 else t0
+                    y = key1[e]
+                    y = y if y < p1 else _NO_KEY
+                    t1 = y if y > t1 else t1
+                out[t, src + dist, j] = (_ID_MASK - (t0 & _ID_MASK)) if has0 else -1
+                out[t, src1 + dist, j] = (_ID_MASK - (t1 & _ID_MASK)) if has1 else -1
+                p0 = t0
+                p1 = t1
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _table_topm(ids, cond, dist, m, out):
-    """out[t, l] = top-m of sum_{a in ids[t, l - dist]} cond[l - dist, a, :] (ties: lower id).
-
-    Tokens are split into blocks shared out over the cores. Per (token, layer) the votes are summed
-    in source order (a vectorised add of ``E``-long rows), then the ``m`` best are taken by ``m``
-    passes of max + first index of it, which ranks equal scores by the lower id; scores are
-    probabilities (>= 0), so -1 marks a taken id.
-    """
-    n, L, k = ids.shape
-    E = cond.shape[2]
+    """:func:`_table_rank` with blocks of rows shared out over the cores."""
+    n = ids.shape[0]
     block = 512
     for b in prange((n + block - 1) // block):
-        acc = np.empty(E, np.float32)
-        for t in range(b * block, min(n, (b + 1) * block)):
-            for src in range(L - dist):
-                for e in range(E):
-                    acc[e] = 0.0
-                any_src = False
-                for j in range(k):
-                    a = np.int64(ids[t, src, j])
-                    if a < 0:
-                        continue
-                    any_src = True
-                    for e in range(E):
-                        acc[e] += cond[src, a, e]
-                if not any_src:
-                    continue
-                for j in range(m):
-                    top = acc[0]
-                    for e in range(1, E):
-                        top = max(top, acc[e])
-                    i = 0
-                    while acc[i] != top:
-                        i += 1
-                    out[t, src + dist, j] = i
-                    acc[i] = -1.0
+        lo = b * block
+        hi = min(n, lo + block)
+        _table_rank(ids[lo:hi], cond, dist, m, out[lo:hi])
 
 
 class TablePrefetcher(Prefetcher):
@@ -151,6 +231,7 @@ class TablePrefetcher(Prefetcher):
     """
 
     name = "table"
+    from_ids = True
 
     def __init__(self, *, distance: int = 1, budget: int | None = None, alpha: float = 1.0) -> None:
         self.distance = distance
@@ -178,9 +259,12 @@ class TablePrefetcher(Prefetcher):
         self.cond_ = cond.astype(np.float32)
 
     def _ranked_block(self, ids: np.ndarray, doc_id: np.ndarray, prev_tail: Any) -> np.ndarray:
-        out = np.full((ids.shape[0], ids.shape[1], self.m_), -1, np.int16)
+        out = np.empty((ids.shape[0], ids.shape[1], self.m_), np.int16)
         _table_topm(ids, self.cond_, int(self.distance), self.m_, out)
         return out
+
+    def _rank_ids(self, ids: np.ndarray, out: np.ndarray) -> None:
+        _table_rank(ids, self.cond_, int(self.distance), self.m_, out)
 
 
 class PreviousTokenPrefetcher(Prefetcher):
@@ -212,17 +296,21 @@ class OraclePrefetcher(Prefetcher):
     """Prefetch the true expert set of the target layer: an upper bound, not a deployable predictor."""
 
     name = "oracle"
+    from_ids = True
 
     def __init__(self, *, distance: int = 1, budget: int | None = None) -> None:
         self.distance = distance
         self.budget = budget
 
     def _ranked_block(self, ids: np.ndarray, doc_id: np.ndarray, prev_tail: Any) -> np.ndarray:
-        n, L, k = ids.shape
-        out = np.full((n, L, self.m_), -1, np.int16)
-        w = min(self.m_, k)
-        out[:, self.distance:, :w] = ids[:, self.distance:, :w]
+        out = np.empty((ids.shape[0], ids.shape[1], self.m_), np.int16)
+        self._rank_ids(ids, out)
         return out
+
+    def _rank_ids(self, ids: np.ndarray, out: np.ndarray) -> None:
+        w = min(self.m_, ids.shape[2])
+        out.fill(-1)
+        out[:, self.distance:, :w] = ids[:, self.distance:, :w]
 
 
 class PredictorPrefetcher(Prefetcher):

@@ -63,18 +63,24 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    # one colour per policy, one line style per prefetcher, so that 18 lines stay readable
+    policies = list(dict.fromkeys(df["policy"].to_list()))
+    prefetchers = list(dict.fromkeys(df["prefetcher"].to_list()))
+    colours = {pol: f"C{i % 10}" for i, pol in enumerate(policies)}
+    styles = {pf: ("-", "--", ":", "-.")[i % 4] for i, pf in enumerate(prefetchers)}
     for metric, label in (("hit_rate", "hit rate"), ("tokens_per_s", "tokens / s")):
         data = df.select("prefetcher", "policy", "cache_fraction", "capacity_experts", metric)
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(8.4, 4.2))
         for (pf, pol), part in data.group_by(["prefetcher", "policy"], maintain_order=True):
             part = part.sort("cache_fraction")
-            ax.plot(part["cache_fraction"], part[metric], marker="o", label=f"{pol} + {pf}" if pf != "none" else pol)
+            ax.plot(part["cache_fraction"], part[metric], marker="o", markersize=3, color=colours[pol],
+                    linestyle=styles[pf], label=f"{pol} + {pf}" if pf != "none" else pol)
         if metric == "tokens_per_s":
             for bound, style in (("tokens_per_s_all_in_gpu", ":"), ("tokens_per_s_no_cache", "--")):
                 ax.axhline(float(df[bound][0]), color="grey", linestyle=style, label=bound.removeprefix("tokens_per_s_"))
         ax.set_xlabel("cache size (share of all experts)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         out = stem.with_name(f"{stem.name}_{metric}")
         if metric == "tokens_per_s":
