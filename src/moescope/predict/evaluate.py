@@ -19,22 +19,10 @@ from moescope.predict.base import BasePredictor
 from moescope.predict.metrics import bootstrap_ratio_ci, metric_names, random_baselines, score_metrics
 from moescope.predict.queries import iter_contexts, mode_name
 from moescope.trace.reader import Trace
+from moescope.trace.split import split_documents as split_documents  # re-exported: predict.split_documents
 
 BLOCK = 32  # tokens per bootstrap block when a trace has too few documents
 WARM_ROWS = 64  # queries per (layer, mode) of the first block scored untimed before timing
-
-
-def split_documents(trace: Trace, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random train/test split of the trace's document ids (sorted arrays); both sides non-empty."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    docs = trace.documents()
-    if len(docs) < 2:
-        raise DataError(f"{trace.path}: {len(docs)} document(s): a document split needs at least 2")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(docs)
-    n_test = min(max(1, round(test_fraction * len(docs))), len(docs) - 1)
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
 @dataclass
