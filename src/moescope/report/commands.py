@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
 def demo(
     output: Path = typer.Option(Path("demo-out"), "--output", "-o", help="Directory for traces, tables and figures."),
     max_tokens: int = typer.Option(16000, "--max-tokens", help="Tokens captured per bundled model."),
+    predictor: str = typer.Option("best", "--predictor", help="Predictor to fit, evaluate and prefetch with (see `moescope predict list`)."),
 ) -> None:
     """Run the whole pipeline on the bundled models and held-out corpus, offline: capture both
     models, validate, analyse, fit and evaluate the best predictor, simulate an expert cache, ablate each
@@ -25,4 +26,4 @@ def demo(
     """
     from moescope.report.demo import run_demo
 
-    run_demo(output, max_tokens=max_tokens)
+    run_demo(output, max_tokens=max_tokens, predictor=predictor)

@@ -31,11 +31,15 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             ["analyze", trace, "-o", str(out / f"analysis-{model}"), "--tsne-points", "300", "--permutations", "100"]
         )
     fine = str(out / "trace-tiny-finegrained")
+    split = out / "split-tiny-finegrained"
+    train, test = str(split / "train"), str(split / "test")
     model_file = str(out / f"{predictor}-tiny-finegrained.npz")
-    steps.append(["predict", "fit", fine, "--predictor", predictor, "-o", model_file])
-    steps.append(["predict", "eval", model_file, fine, "--figures", str(out / "predict-tiny-finegrained")])
+    # Fit on some documents, judge on the others: the predictor and the cache never see the test text.
+    steps.append(["split", fine, "-o", str(split), "--test-fraction", "0.2", "--overwrite"])
+    steps.append(["predict", "fit", train, "--no-split", "--predictor", predictor, "-o", model_file])
+    steps.append(["predict", "eval", model_file, test, "--figures", str(out / "predict-tiny-finegrained")])
     steps.append(
-        ["simulate", fine, "--cache-fraction", "0.25", "--prefetch", model_file, "--sweep",
+        ["simulate", test, "--train", train, "--cache-fraction", "0.25", "--prefetch", model_file, "--sweep",
          "-o", str(out / "simulate-tiny-finegrained")]
     )
     steps.append(
@@ -45,7 +49,9 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     return steps
 
 
-def run_demo(out: Path, *, max_tokens: int = 16000, log: Callable[[str], None] | None = None) -> float:
+def run_demo(
+    out: Path, *, max_tokens: int = 16000, predictor: str = "best", log: Callable[[str], None] | None = None
+) -> float:
     """Run every demo step in-process; returns the wall time in seconds. Stops at the first failure."""
     from moescope.cli import app
 
@@ -53,7 +59,7 @@ def run_demo(out: Path, *, max_tokens: int = 16000, log: Callable[[str], None] |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for args in demo_steps(out, max_tokens=max_tokens):
+    for args in demo_steps(out, max_tokens=max_tokens, predictor=predictor):
         say(f"\n$ moescope {shlex.join(args)}")
         t0 = time.perf_counter()
         app(args, standalone_mode=False)
