@@ -60,11 +60,11 @@ def predictors(trace: Trace, quick: bool, lookahead: bool) -> dict:
     if lookahead:
         out["lookahead"] = make_predictor("lookahead")
         out["lookahead-residual"] = make_predictor("lookahead-residual")
-    n = trace.num_tokens * trace.num_layers * len(modes)
-    learned_kw = dict(distances=modes, max_samples=min(n, 200_000 if quick else 800_000), epochs=1 if quick else 2)
-    out["learned"] = make_predictor("learned", **learned_kw)
-    # fit-time budget: one pass over 1.6M (token, layer, mode) samples takes about 2.5 min on one thread
-    out["best"] = make_predictor("best", distances=modes, max_samples=min(n, 300_000 if quick else 1_600_000), epochs=1)
+    # default training budgets: an epoch over DeepSeek's 1.6-1.9M training (token, layer) cells takes about
+    # two minutes on one thread; --quick trains one epoch on at most 200,000 cells
+    small = dict(max_samples=200_000, epochs=1) if quick else {}
+    out["learned"] = make_predictor("learned", distances=modes, **small)
+    out["best"] = make_predictor("best", distances=modes, **small)
     return {n: p for n, p in out.items() if not ONLY or n in ONLY}
 
 

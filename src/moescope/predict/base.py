@@ -9,7 +9,10 @@
   ``(n, E)`` scores (higher = more likely used; a row of NaN = abstain) and
   :meth:`BasePredictor.predict` to ranked ids ``(n, m)`` with their scores (-1 = abstain).
 - :meth:`BasePredictor.save` writes one ``.npz`` file: the arrays plus a JSON header with the class,
-  parameters and scalar state. Nothing is pickled, so loading a model never runs code from the file.
+  parameters, scalar state and the predictor's ``version`` (of its learned state's layout; nested
+  predictors carry theirs too). Nothing is pickled, so loading a model never runs code from the file.
+  A file whose version or arrays do not fit the installed class raises a :class:`ConfigError` that
+  names the file and asks for a refit.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ from moescope.predict.queries import TEMPORAL, Queries, mode_name
 from moescope.trace.atomic import atomic_write
 
 FORMAT = "moescope-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header and nested predictors carry the predictor's state version
+
+
+class StateMismatchError(ConfigError):
+    """A saved predictor's state does not fit the installed class (older or newer model layout)."""
 
 
 class NotFittedError(ConfigError):
@@ -118,6 +125,7 @@ class BasePredictor:
     """
 
     name: ClassVar[str] = "base"
+    version: ClassVar[int] = 1  # layout of the learned state; bump when saved files of the old layout cannot load
     table: ClassVar[bool] = True  # a table lookup (counted in the >= 1M predictions/s target)
     _parameter_constraints: ClassVar[dict[str, Any]] = {}
 
@@ -242,7 +250,8 @@ class BasePredictor:
                 sa, ss = v._state()
                 for sub, arr in sa.items():
                     arrays[f"{key}>{sub}"] = arr
-                scalars[key] = {"__predictor__": v.name, "params": _jsonable(v.get_params()), "state": ss}
+                scalars[key] = {"__predictor__": v.name, "version": v.version, "params": _jsonable(v.get_params()),
+                                "state": ss}
             else:
                 scalars[key] = _jsonable(v)
         return arrays, scalars
@@ -264,6 +273,7 @@ class BasePredictor:
                 setattr(self, key, arr)
         for key, v in scalars.items():
             if isinstance(v, dict) and "__predictor__" in v:
+                check_version(v["__predictor__"], v.get("version", 1), f"its {key[:-1]!r} part")
                 child = make_predictor(v["__predictor__"], **_params_from_json(v["params"]))
                 child._set_state(nested.get(key, {}), v["state"])
                 setattr(self, key, child)
@@ -283,6 +293,7 @@ class BasePredictor:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "predictor": self.name,
+            "predictor_version": self.version,
             "params": _jsonable(self.get_params()),
             "state": scalars,
             "extra": _jsonable(extra or {}),
@@ -318,14 +329,41 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def check_version(name: str, version: int, what: str = "it") -> None:
+    """Raise :class:`StateMismatchError` unless ``version`` is the installed version of predictor ``name``."""
+    from moescope.predict import registry  # noqa: F401  (fills _REGISTRY)
+
+    cls = _REGISTRY[name][0] if name in _REGISTRY else None
+    if cls is not None and version != cls.version:
+        raise StateMismatchError(
+            f"{what} is a {name!r} predictor of version {version}, and this moescope's {cls.__name__} is "
+            f"version {cls.version} (the model changed)"
+        )
+
+
 def load_predictor(path: str | Path) -> BasePredictor:
-    """Load a predictor written by :meth:`BasePredictor.save` (no pickle involved)."""
+    """Load a predictor written by :meth:`BasePredictor.save` (no pickle involved).
+
+    Files whose predictor version or arrays do not fit the installed class (saved before the model
+    changed) raise a :class:`ConfigError` naming the file and asking for a refit.
+    """
     path = Path(path)
     header = read_header(path)
-    pred = make_predictor(header["predictor"], **_params_from_json(header["params"]))
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k.replace("__GT__", ">"): z[k] for k in z.files if k != "__header__"}
-    pred._set_state(arrays, header["state"])
+    name = header["predictor"]
+    refit = "refit it with this moescope (moescope predict fit ... -o FILE)"
+    try:
+        check_version(name, int(header.get("predictor_version", 1)))
+        pred = make_predictor(name, **_params_from_json(header["params"]))
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k.replace("__GT__", ">"): z[k] for k in z.files if k != "__header__"}
+        pred._set_state(arrays, header["state"])
+    except StateMismatchError as exc:
+        raise ConfigError(f"{path}: {exc}; {refit}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # e.g. torch's size mismatch on load
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"{path}: the saved {name!r} predictor does not fit this moescope's model ({detail}); {refit}"
+        ) from exc
     return pred
 
 
@@ -441,6 +479,7 @@ __all__ = [
     "TEMPORAL",
     "BasePredictor",
     "NotFittedError",
+    "StateMismatchError",
     "clone",
     "load_predictor",
     "make_predictor",
