@@ -301,7 +301,6 @@ class LearnedPredictor(BasePredictor):
         with torch.random.fork_rng(devices=[dev] if cuda else []):
             torch.manual_seed(0 if self.random_state is None else int(self.random_state))
             module = self._build().to(dev)
-            self._module = module
             dense = [p for name, p in module.named_parameters() if name != "tokens"]
             opt = torch.optim.AdamW(dense, lr=self.lr, weight_decay=self.weight_decay, fused=True)
             opt_tok = torch.optim.SparseAdam([module.tokens], lr=self.lr)  # only the rows a batch touches

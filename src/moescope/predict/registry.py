@@ -27,7 +27,7 @@ DESCRIPTIONS: dict[str, str] = {
     "rules-level5": "seed 004 level 5: (layer, expert) -> expert K layers ahead, K = 2, 4, 8",
     "rules-hybrid": "seed 004 hybrid: level 3, else 2, else 1, else the layer's most frequent expert",
     "cooccurrence": "seed 000 method 3: smoothed conditional probabilities from inter-layer co-occurrence",
-    "learned": "seed 000 method 2: small bag-of-features MLP on token id and expert history",
+    "learned": "seed 000 method 2: residual MLP on token ids, every known layer and earlier tokens' full routing",
     "combined": "everything the trace holds: learned model + gate lookahead blend (the best)",
     "best": "alias of combined",
 }
