@@ -53,7 +53,10 @@ def overhead(model, prep, layer: int | None, mode: str, reps: int, batches: int)
     the median over ``reps`` rounds."""
     ablator = ExpertAblator(model, mode=mode, record=True)
     layer = ablator.spec.moe_layers[len(ablator.spec.moe_layers) // 2] if layer is None else layer
-    subs = [Prepared([b], prep.doc_labels, prep.domains, prep.tokens, prep.seq_len) for b in prep.batches[:batches]]
+    subs = [
+        Prepared([b], prep.doc_labels, prep.domains, prep.tokens, prep.seq_len)
+        for b in prep.batches[:batches]
+    ]
     with ablator:
         bases = [run_pass(model, ablator, sub) for sub in subs]
     plain, hooked = [], []
@@ -72,8 +75,12 @@ def overhead(model, prep, layer: int | None, mode: str, reps: int, batches: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny-mixtral", help="model to sweep (bundled name, path, tiny:<family>)")
-    ap.add_argument("--layer", type=int, default=None, help="decoder layer to sweep (default: the middle MoE layer)")
+    ap.add_argument(
+        "--model", default="tiny-mixtral", help="model to sweep (bundled name, path, tiny:<family>)"
+    )
+    ap.add_argument(
+        "--layer", type=int, default=None, help="decoder layer to sweep (default: the middle MoE layer)"
+    )
     ap.add_argument("--max-documents", type=int, default=None, help="documents per domain (default: all)")
     ap.add_argument("--mode", default="reroute", choices=["reroute", "drop"])
     ap.add_argument("--batch-size", type=int, default=8)
@@ -82,7 +89,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the plain-vs-ablated overhead timing")
     ap.add_argument("--overhead-batches", type=int, default=4, help="batches timed for the overhead")
-    ap.add_argument("--out", default=None, help="keep the tables and figures here (default: a temporary folder)")
+    ap.add_argument(
+        "--out", default=None, help="keep the tables and figures here (default: a temporary folder)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,8 +101,12 @@ def main() -> None:
     t_load = time.perf_counter() - t_load
     data, field = default_data()
     opts = AblateOptions(
-        layers=None if args.layer is None else [args.layer], mode=args.mode, label_field=field,
-        max_documents=args.max_documents, batch_size=args.batch_size, seq_len=args.seq_len,
+        layers=None if args.layer is None else [args.layer],
+        mode=args.mode,
+        label_field=field,
+        max_documents=args.max_documents,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
     )
     out = args.out or tempfile.mkdtemp(prefix="bench-ablate-")
     t0 = time.perf_counter()
@@ -112,18 +125,33 @@ def main() -> None:
     passes = info["conditions"] + 1
     per_pass = (info["seconds_baseline"] + info["seconds_conditions"]) / passes
     row = {
-        "model": args.model, "family": info["family"], "device": args.device, "threads": torch.get_num_threads(),
-        "layer": summary["layers"][0]["layer"], "mode": args.mode, "documents": info["documents"],
-        "tokens": info["tokens"], "passes": passes, "sweep_s": round(t_sweep, 2), "write_s": round(t_write, 2),
-        "load_s": round(t_load, 2), "pass_s": round(per_pass, 3),
-        "overhead_plain_s": round(t_plain, 3), "overhead_ablated_s": round(t_hooked, 3),
+        "model": args.model,
+        "family": info["family"],
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "layer": summary["layers"][0]["layer"],
+        "mode": args.mode,
+        "documents": info["documents"],
+        "tokens": info["tokens"],
+        "passes": passes,
+        "sweep_s": round(t_sweep, 2),
+        "write_s": round(t_write, 2),
+        "load_s": round(t_load, 2),
+        "pass_s": round(per_pass, 3),
+        "overhead_plain_s": round(t_plain, 3),
+        "overhead_ablated_s": round(t_hooked, 3),
         "overhead_vs_plain": round(t_hooked / t_plain - 1, 3),
-        "tokens_per_s": round(info["tokens"] * passes / t_sweep), "output": out,
+        "tokens_per_s": round(info["tokens"] * passes / t_sweep),
+        "output": out,
     }
-    print("| model | tokens | passes | sweep (s) | per pass (s) | token-passes/s | ablated pass vs plain forward |")
+    print(
+        "| model | tokens | passes | sweep (s) | per pass (s) | token-passes/s | ablated pass vs plain forward |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.model} L{row['layer']} {args.mode} | {row['tokens']} | {passes} | {row['sweep_s']} |"
-          f" {row['pass_s']} | {row['tokens_per_s']} | {row['overhead_vs_plain']:+.1%} |")
+    print(
+        f"| {args.model} L{row['layer']} {args.mode} | {row['tokens']} | {passes} | {row['sweep_s']} |"
+        f" {row['pass_s']} | {row['tokens_per_s']} | {row['overhead_vs_plain']:+.1%} |"
+    )
     print(json.dumps(row))
 
 

@@ -26,8 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def generate(path: Path, tokens: int, layers: int) -> None:
     from moescope.trace.synthetic import write_synthetic_trace
 
-    write_synthetic_trace(path, n_tokens=tokens, num_layers=layers, num_experts=8, top_k=2, law="markov", noise=0.3,
-                          logits=True, doc_len=512, labels=("a", "b", "c"), seed=0)
+    write_synthetic_trace(
+        path,
+        n_tokens=tokens,
+        num_layers=layers,
+        num_experts=8,
+        top_k=2,
+        law="markov",
+        noise=0.3,
+        logits=True,
+        doc_len=512,
+        labels=("a", "b", "c"),
+        seed=0,
+    )
 
 
 def core(path: Path) -> dict:
@@ -37,13 +48,25 @@ def core(path: Path) -> dict:
 
     tr = Trace.open(path)
     ctx = make_context(tr)
-    accs = [load.LoadAccumulator(ctx), entropy.EntropyAccumulator(ctx), cooccurrence.TransitionAccumulator(ctx),
-            cooccurrence.CoactivationAccumulator(ctx), locality.RepetitionAccumulator(ctx),
-            specialisation.VocabAccumulator(ctx), specialisation.DomainAccumulator(ctx)]
+    accs = [
+        load.LoadAccumulator(ctx),
+        entropy.EntropyAccumulator(ctx),
+        cooccurrence.TransitionAccumulator(ctx),
+        cooccurrence.CoactivationAccumulator(ctx),
+        locality.RepetitionAccumulator(ctx),
+        specialisation.VocabAccumulator(ctx),
+        specialisation.DomainAccumulator(ctx),
+    ]
     run_pass(ctx, accs)
-    out = {"load": load.load_summary(accs[0].result(), ctx.k), "entropy": accs[1].result()["by_layer"],
-           "mi": accs[2].result()["summary"], "coact": accs[3].result(), "rep": accs[4].result(),
-           "vocab": specialisation._vocab_frames(accs[5], 10, 10)["summary"], "domain": accs[6].result(100)["test"]}
+    out = {
+        "load": load.load_summary(accs[0].result(), ctx.k),
+        "entropy": accs[1].result()["by_layer"],
+        "mi": accs[2].result()["summary"],
+        "coact": accs[3].result(),
+        "rep": accs[4].result(),
+        "vocab": specialisation._vocab_frames(accs[5], 10, 10)["summary"],
+        "domain": accs[6].result(100)["test"],
+    }
     return out
 
 
@@ -55,7 +78,12 @@ def naive(path: Path, n: int) -> float:
 
     tr = Trace.open(path)
     b = next(tr.iter_batches(["doc_id", "token_id", "label", "experts", "logits"], batch_size=n))
-    ex, lg, doc, tok = b.experts.tolist(), b.logits.astype(np.float32).tolist(), b.doc_id.tolist(), b.token_id.tolist()
+    ex, lg, doc, tok = (
+        b.experts.tolist(),
+        b.logits.astype(np.float32).tolist(),
+        b.doc_id.tolist(),
+        b.token_id.tolist(),
+    )
     t0 = time.perf_counter()
     usage = defaultdict(Counter)
     ent = defaultdict(list)
@@ -96,23 +124,41 @@ def main() -> None:
         return
     if not (path / "manifest.json").is_file():
         print(f"generating {path} (not timed) ...", file=sys.stderr)
-        subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--layers", str(args.layers),
-                        "--dir", str(args.dir), "--generate-only"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--tokens",
+                str(args.tokens),
+                "--layers",
+                str(args.layers),
+                "--dir",
+                str(args.dir),
+                "--generate-only",
+            ],
+            check=True,
+        )
     t0 = time.perf_counter()
     res = core(path)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(f"trace: {path} ({args.tokens} tokens x {args.layers} layers, top-2 of 8, float16 logits)")
-    print(f"core analyses (load, entropy, co-occurrence, co-activation, repetition, vocab + domain specialisation):"
-          f" {dt:.1f} s, {args.tokens / dt / 1e3:.0f}k tokens/s, peak RSS {peak:.0f} MiB")
-    print(f"  check: mean CV {res['load']['cv'].mean():.4f}, mean entropy "
-          f"{res['entropy']['mean_entropy_bits'].mean():.3f} bits, mean MI {res['mi']['mi_bits'].mean():.3f} bits, "
-          f"any-shared {res['rep'].filter(res['rep']['domain'] == 'all')['any_shared'].mean():.3f}")
+    print(
+        f"core analyses (load, entropy, co-occurrence, co-activation, repetition, vocab + domain specialisation):"
+        f" {dt:.1f} s, {args.tokens / dt / 1e3:.0f}k tokens/s, peak RSS {peak:.0f} MiB"
+    )
+    print(
+        f"  check: mean CV {res['load']['cv'].mean():.4f}, mean entropy "
+        f"{res['entropy']['mean_entropy_bits'].mean():.3f} bits, mean MI {res['mi']['mi_bits'].mean():.3f} bits, "
+        f"any-shared {res['rep'].filter(res['rep']['domain'] == 'all')['any_shared'].mean():.3f}"
+    )
     if args.naive:
         tn = naive(path, args.naive)
         est = tn * args.tokens / args.naive
-        print(f"per-token Python loop (seed-script style, partial: load, entropy, transitions, repetition, vocab): "
-              f"{tn:.1f} s for {args.naive} tokens -> extrapolated {est:.0f} s for {args.tokens} ({est / dt:.0f}x slower)")
+        print(
+            f"per-token Python loop (seed-script style, partial: load, entropy, transitions, repetition, vocab): "
+            f"{tn:.1f} s for {args.naive} tokens -> extrapolated {est:.0f} s for {args.tokens} ({est / dt:.0f}x slower)"
+        )
 
 
 if __name__ == "__main__":

@@ -46,13 +46,26 @@ _COMMON = {
     "experts_implementation": "grouped_mm",  # transformers' fastest CPU path in 5.23
 }
 MODELS = {
-    "mixtral h256 E8 k2": ("mixtral", {**_COMMON, "intermediate_size": 512, "num_local_experts": 8,
-                                       "num_experts_per_tok": 2}),
-    "qwen3_moe h256 E64 k8": ("qwen3_moe", {**_COMMON, "intermediate_size": 512, "moe_intermediate_size": 128,
-                                            "num_experts": 64, "num_experts_per_tok": 8, "head_dim": 32}),
+    "mixtral h256 E8 k2": (
+        "mixtral",
+        {**_COMMON, "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "qwen3_moe h256 E64 k8": (
+        "qwen3_moe",
+        {
+            **_COMMON,
+            "intermediate_size": 512,
+            "moe_intermediate_size": 128,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+            "head_dim": 32,
+        },
+    ),
 }
-WORDS = ("the of and to in is was for on that with as by at from his her an which were are this be had "
-         "routing expert model token layer mixture sparse dense gate weight capture trace").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which were are this be had "
+    "routing expert model token layer mixture sparse dense gate weight capture trace"
+).split()
 
 
 def documents(n: int, seed: int) -> list[str]:
@@ -60,7 +73,9 @@ def documents(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(40, 160)))) for _ in range(n)]
 
 
-def batches(tokenizer, texts: list[str], seq_len: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    tokenizer, texts: list[str], seq_len: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ids = tokenize(tokenizer, texts)
     windows = [w for i, x in enumerate(ids) for w in make_windows(i, x, seq_len)]
     out = []
@@ -74,8 +89,13 @@ def forward_once(model, input_ids: torch.Tensor, mask: torch.Tensor, device: str
     """The model alone, called exactly as the recorder calls it."""
     input_ids, mask = input_ids.to(device), mask.to(device)
     with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1,
-              position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            use_cache=False,
+            logits_to_keep=1,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        )
     _sync(device)
 
 
@@ -138,16 +158,29 @@ def bench_model(name: str, family: str, overrides: dict, args, work: Path) -> di
     assert tr.num_tokens == n_tokens, (tr.num_tokens, n_tokens)
     token_layers = n_tokens * tr.num_layers
     size = sum(s["bytes"] for s in tr.manifest["shards"]) / token_layers
-    capture(loaded, [str(data_file)], work / "trace", CaptureOptions(
-        seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True, logits=True))
+    capture(
+        loaded,
+        [str(data_file)],
+        work / "trace",
+        CaptureOptions(seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True, logits=True),
+    )
     size_logits = sum(s["bytes"] for s in Trace.open(work / "trace").manifest["shards"]) / token_layers
     f, r, pipeline = (statistics.median(x) for x in (forward, recorder, full))
     c = r * pipeline  # recorder time scaled by the pipeline's wall/model ratio, both taken in one run
     return {
-        "model": name, "E": tr.num_experts, "k": tr.top_k, "L": tr.num_layers, "tokens": n_tokens,
-        "forward_tok_s": n_tokens / f, "recorder_tok_s": n_tokens / r, "capture_tok_s": n_tokens / c,
-        "recorder_overhead": r / f - 1, "pipeline_overhead": pipeline - 1, "capture_overhead": c / f - 1,
-        "bytes_per_token_layer": size, "bytes_per_token_layer_logits": size_logits,
+        "model": name,
+        "E": tr.num_experts,
+        "k": tr.top_k,
+        "L": tr.num_layers,
+        "tokens": n_tokens,
+        "forward_tok_s": n_tokens / f,
+        "recorder_tok_s": n_tokens / r,
+        "capture_tok_s": n_tokens / c,
+        "recorder_overhead": r / f - 1,
+        "pipeline_overhead": pipeline - 1,
+        "capture_overhead": c / f - 1,
+        "bytes_per_token_layer": size,
+        "bytes_per_token_layer_logits": size_logits,
     }
 
 
@@ -159,8 +192,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="window length in tokens")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype")
-    ap.add_argument("--hidden", type=int, default=_COMMON["hidden_size"], help="hidden size (intermediate sizes follow)")
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype"
+    )
+    ap.add_argument(
+        "--hidden", type=int, default=_COMMON["hidden_size"], help="hidden size (intermediate sizes follow)"
+    )
     ap.add_argument("--layers", type=int, default=_COMMON["num_hidden_layers"], help="decoder layers")
     args = ap.parse_args()
     if args.threads:
@@ -168,18 +205,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, overrides) in MODELS.items():
-            rows.append(bench_model(name.replace("h256", f"h{args.hidden}"), family, overrides, args, Path(tmp)))
-    print(f"device {args.device} ({args.dtype}, hidden {args.hidden}, {args.layers} layers), "
-          f"{torch.get_num_threads()} thread(s), seq_len {args.seq_len}, "
-          f"batch {args.batch_size}, median of {args.reps}\n")
-    print("| model | E | k | L | tokens | forward tok/s | recorder tok/s | capture tok/s | recorder overhead"
-          " | pipeline overhead | capture overhead | bytes/token-layer | with logits |")
+            rows.append(
+                bench_model(name.replace("h256", f"h{args.hidden}"), family, overrides, args, Path(tmp))
+            )
+    print(
+        f"device {args.device} ({args.dtype}, hidden {args.hidden}, {args.layers} layers), "
+        f"{torch.get_num_threads()} thread(s), seq_len {args.seq_len}, "
+        f"batch {args.batch_size}, median of {args.reps}\n"
+    )
+    print(
+        "| model | E | k | L | tokens | forward tok/s | recorder tok/s | capture tok/s | recorder overhead"
+        " | pipeline overhead | capture overhead | bytes/token-layer | with logits |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['E']} | {r['k']} | {r['L']} | {r['tokens']} | {r['forward_tok_s']:,.0f}"
-              f" | {r['recorder_tok_s']:,.0f} | {r['capture_tok_s']:,.0f} | {r['recorder_overhead']:+.1%}"
-              f" | {r['pipeline_overhead']:+.1%} | {r['capture_overhead']:+.1%} | {r['bytes_per_token_layer']:.2f}"
-              f" | {r['bytes_per_token_layer_logits']:.2f} |")
+        print(
+            f"| {r['model']} | {r['E']} | {r['k']} | {r['L']} | {r['tokens']} | {r['forward_tok_s']:,.0f}"
+            f" | {r['recorder_tok_s']:,.0f} | {r['capture_tok_s']:,.0f} | {r['recorder_overhead']:+.1%}"
+            f" | {r['pipeline_overhead']:+.1%} | {r['capture_overhead']:+.1%} | {r['bytes_per_token_layer']:.2f}"
+            f" | {r['bytes_per_token_layer_logits']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

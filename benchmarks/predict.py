@@ -38,7 +38,17 @@ from moescope.trace import Trace
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODES = [1, 2, 4, 0]
-TABLES = ["uniform", "popularity", "previous", "window", "token", "rules-level1", "rules-level3", "rules-hybrid", "cooccurrence"]
+TABLES = [
+    "uniform",
+    "popularity",
+    "previous",
+    "window",
+    "token",
+    "rules-level1",
+    "rules-level3",
+    "rules-hybrid",
+    "cooccurrence",
+]
 
 
 def log(msg: str) -> None:
@@ -83,20 +93,37 @@ def run_dataset(name: str, train: Trace, test: Trace, out: Path, quick: bool, n_
     # lookahead only answers the distances the capture recorded; evaluate it separately
     k, E = train.top_k, train.num_experts
     budgets = [k, min(2 * k, E)]
-    res = evaluate_many({n: p for n, p in preds.items() if not n.startswith("lookahead")}, test, modes=MODES,
-                        budgets=budgets, n_boot=n_boot)
+    res = evaluate_many(
+        {n: p for n, p in preds.items() if not n.startswith("lookahead")},
+        test,
+        modes=MODES,
+        budgets=budgets,
+        n_boot=n_boot,
+    )
     if lookahead:
         la_modes = [m for m in MODES if m in preds["lookahead"].modes()]
-        res.update(evaluate_many({n: preds[n] for n in ("lookahead", "lookahead-residual") if n in preds}, test, modes=la_modes,
-                                 budgets=budgets, n_boot=n_boot))
+        res.update(
+            evaluate_many(
+                {n: preds[n] for n in ("lookahead", "lookahead-residual") if n in preds},
+                test,
+                modes=la_modes,
+                budgets=budgets,
+                n_boot=n_boot,
+            )
+        )
     for pname in [n for n in ("learned", "best") if n in preds]:
         info[pname]["latency_ms_per_token"] = token_latency(preds[pname], test)
     fig_dir = out / "figures" / name
     plot_by_layer(res, fig_dir)
     plot_by_distance(res, fig_dir)
     return {
-        "train_tokens": train.num_tokens, "test_tokens": test.num_tokens, "num_experts": E, "top_k": k,
-        "layers": train.num_layers, "budgets": budgets, "info": info,
+        "train_tokens": train.num_tokens,
+        "test_tokens": test.num_tokens,
+        "num_experts": E,
+        "top_k": k,
+        "layers": train.num_layers,
+        "budgets": budgets,
+        "info": info,
         "results": {n: r.summary for n, r in res.items()},
     }
 
@@ -120,9 +147,15 @@ def section_deepseek(work: Path, out: Path, quick: bool, n_boot: int) -> dict | 
     from moescope.interop import import_log
 
     path = work / "deepseek-v2-lite-puffin"
-    tr = Trace.open(path) if (path / "manifest.json").is_file() else import_log("moe-beyond", [src], path, overwrite=True)
+    tr = (
+        Trace.open(path)
+        if (path / "manifest.json").is_file()
+        else import_log("moe-beyond", [src], path, overwrite=True)
+    )
     train_docs, test_docs = split_documents(tr, 0.2, seed=0)
-    return run_dataset("deepseek", tr.filter(documents=train_docs), tr.filter(documents=test_docs), out, quick, n_boot)
+    return run_dataset(
+        "deepseek", tr.filter(documents=train_docs), tr.filter(documents=test_docs), out, quick, n_boot
+    )
 
 
 def section_mixtral(work: Path, out: Path, quick: bool, n_boot: int) -> dict | None:
@@ -133,7 +166,11 @@ def section_mixtral(work: Path, out: Path, quick: bool, n_boot: int) -> dict | N
     from moescope.interop import import_log
 
     path = work / "mixtral-8x7b-humaneval"
-    tr = Trace.open(path) if (path / "manifest.json").is_file() else import_log("seed004-routing", [src], path, overwrite=True)
+    tr = (
+        Trace.open(path)
+        if (path / "manifest.json").is_file()
+        else import_log("seed004-routing", [src], path, overwrite=True)
+    )
     docs = tr.documents()
     out_all = {}
     for a, b in ((docs[0], docs[1]), (docs[1], docs[0])):
@@ -161,16 +198,32 @@ def section_bundled(work: Path, out: Path, quick: bool, n_boot: int, traces: lis
             from moescope.models.registry import load_config_dict  # noqa: F401  (fails early if absent)
 
             k = json.loads((Path(model) / "config.json").read_text()).get("num_experts_per_tok", 2)
-            cmd = [sys.executable, "-m", "moescope.cli", "capture", str(model), *map(str, corpus), "-o", str(path),
-                   "--lookahead", "4", "--lookahead-m", str(2 * k), "--device", "cpu", "--overwrite"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moescope.cli",
+                "capture",
+                str(model),
+                *map(str, corpus),
+                "-o",
+                str(path),
+                "--lookahead",
+                "4",
+                "--lookahead-m",
+                str(2 * k),
+                "--device",
+                "cpu",
+                "--overwrite",
+            ]
             log("capturing: " + " ".join(cmd))
             subprocess.run(cmd, check=True)
         paths.append(path)
     for path in paths:
         tr = Trace.open(path)
         train_docs, test_docs = split_documents(tr, 0.2, seed=0)
-        results[path.name] = run_dataset(path.name, tr.filter(documents=train_docs), tr.filter(documents=test_docs),
-                                         out, quick, n_boot)
+        results[path.name] = run_dataset(
+            path.name, tr.filter(documents=train_docs), tr.filter(documents=test_docs), out, quick, n_boot
+        )
     return results or None
 
 
@@ -180,8 +233,18 @@ def section_speed(work: Path, quick: bool) -> dict:
 
     path = work / "speed-e64k6"
     n = 20_000 if quick else 100_000
-    tr = write_synthetic_trace(path, n_tokens=n, num_layers=26, num_experts=64, top_k=6, law="markov", noise=0.3,
-                               doc_len=512, vocab_size=5000, seed=0)
+    tr = write_synthetic_trace(
+        path,
+        n_tokens=n,
+        num_layers=26,
+        num_experts=64,
+        top_k=6,
+        law="markov",
+        noise=0.3,
+        doc_len=512,
+        vocab_size=5000,
+        seed=0,
+    )
     train_docs, test_docs = split_documents(tr, 0.5, seed=0)
     train, test = tr.filter(documents=train_docs), tr.filter(documents=test_docs)
     out = {}
@@ -191,18 +254,25 @@ def section_speed(work: Path, quick: bool) -> dict:
             p.set_params(distances=(1,))
         p.fit(train)
         r = evaluate_many({name: p}, test, modes=[1], budgets=[6, 12], n_boot=1)[name]
-        out[name] = {"predictions": r.predictions, "seconds": r.predict_seconds,
-                     "per_second": r.predictions / r.predict_seconds}
+        out[name] = {
+            "predictions": r.predictions,
+            "seconds": r.predict_seconds,
+            "per_second": r.predictions / r.predict_seconds,
+        }
         log(f"speed {name}: {out[name]['per_second']:,.0f} predictions/s")
     return out
 
 
 def table_md(title: str, d: dict) -> str:
     """One markdown table: predictor x mode slot recall [CI], plus top-1 and recall@2k at distance 1."""
-    lines = [f"### {title}", "",
-             f"train {d['train_tokens']} tokens, test {d['test_tokens']} tokens; top-{d['top_k']} of "
-             f"{d['num_experts']}, {d['layers']} MoE layers; slot recall over every (token, MoE layer) "
-             f"with 95% bootstrap CI (resampling {_unit(d)}); random = k/E = {d['top_k'] / d['num_experts']:.3f}", ""]
+    lines = [
+        f"### {title}",
+        "",
+        f"train {d['train_tokens']} tokens, test {d['test_tokens']} tokens; top-{d['top_k']} of "
+        f"{d['num_experts']}, {d['layers']} MoE layers; slot recall over every (token, MoE layer) "
+        f"with 95% bootstrap CI (resampling {_unit(d)}); random = k/E = {d['top_k'] / d['num_experts']:.3f}",
+        "",
+    ]
     m2 = d["budgets"][-1]
     lines.append(
         f"| predictor | d1 | d2 | d4 | temporal | d1 first layer | d1 top-1 | d1 recall@{m2} | d1 coverage | params | fit s |"
@@ -223,13 +293,17 @@ def table_md(title: str, d: dict) -> str:
         top1 = f"{e1['overall']['top1']['value']:.3f}" if e1 else "-"
         rec = f"{e1['overall'][f'recall@{m2}']['value']:.3f}" if e1 else "-"
         inf = d["info"].get(name, {})
-        lines.append(f"| {name} | {' | '.join(cells)} | {first} | {top1} | {rec} | {cov} | {inf.get('n_params', '-')} | "
-                     f"{inf.get('fit_seconds', 0):.1f} |")
+        lines.append(
+            f"| {name} | {' | '.join(cells)} | {first} | {top1} | {rec} | {cov} | {inf.get('n_params', '-')} | "
+            f"{inf.get('fit_seconds', 0):.1f} |"
+        )
     for name in ("learned", "best"):
         if "latency_ms_per_token" in d["info"].get(name, {}):
             lines.append("")
-            lines.append(f"{name}: {d['info'][name]['latency_ms_per_token']:.2f} ms per token for all layers "
-                         f"(batch of one, CPU, one thread)")
+            lines.append(
+                f"{name}: {d['info'][name]['latency_ms_per_token']:.2f} ms per token for all layers "
+                f"(batch of one, CPU, one thread)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +318,11 @@ def render(report: dict) -> str:
     if "speed" in report:
         md += speed_md(report["speed"])
     if "deepseek" in report:
-        md.append(table_md("DeepSeek-V2-Lite, MoE-Beyond prompts, split by prompt (80/20, seed 0)", report["deepseek"]))
+        md.append(
+            table_md(
+                "DeepSeek-V2-Lite, MoE-Beyond prompts, split by prompt (80/20, seed 0)", report["deepseek"]
+            )
+        )
     for key, v in report.get("mixtral", {}).items():
         md.append(table_md(f"Mixtral-8x7B HumanEval decode log, {key}", v))
     for key, v in report.get("bundled", {}).items():
@@ -253,9 +331,14 @@ def render(report: dict) -> str:
 
 
 def speed_md(speed: dict) -> list[str]:
-    md = ["### Table predictors, scored predictions per second (E=64, k=6, 26 layers, d1)", "",
-          f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", "",
-          "| predictor | predictions/s |", "|---|---|"]
+    md = [
+        "### Table predictors, scored predictions per second (E=64, k=6, 26 layers, d1)",
+        "",
+        f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        "",
+        "| predictor | predictions/s |",
+        "|---|---|",
+    ]
     md += [f"| {n} | {v['per_second']:,.0f} |" for n, v in speed.items()]
     md.append("")
     return md
@@ -264,9 +347,13 @@ def speed_md(speed: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "predict")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/moescope-bench-predict"), help="imported/captured traces")
+    ap.add_argument(
+        "--work", type=Path, default=Path("/tmp/moescope-bench-predict"), help="imported/captured traces"
+    )
     ap.add_argument("--sections", default="speed,mixtral,deepseek,bundled")
-    ap.add_argument("--bundled-trace", action="append", default=[], help="use this captured trace (with lookahead)")
+    ap.add_argument(
+        "--bundled-trace", action="append", default=[], help="use this captured trace (with lookahead)"
+    )
     ap.add_argument("--quick", action="store_true", help="smaller training budgets")
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--predictors", default="", help="comma-separated predictor names to run (default: all)")
@@ -289,7 +376,9 @@ def main() -> None:
             d = section_deepseek(args.work, args.out, args.quick, args.n_boot)
             if d:
                 report["deepseek"] = d
-                md.append(table_md("DeepSeek-V2-Lite, MoE-Beyond prompts, split by prompt (80/20, seed 0)", d))
+                md.append(
+                    table_md("DeepSeek-V2-Lite, MoE-Beyond prompts, split by prompt (80/20, seed 0)", d)
+                )
         elif section == "mixtral":
             d = section_mixtral(args.work, args.out, args.quick, args.n_boot)
             if d:

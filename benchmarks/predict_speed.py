@@ -26,21 +26,43 @@ from moescope.predict.metrics import score_metrics
 from moescope.trace.synthetic import write_synthetic_trace
 
 TABLES = [
-    "popularity", "previous", "window", "same-token", "token", "rules-level1", "rules-level2", "rules-level3",
-    "rules-level4", "rules-level5", "rules-hybrid", "cooccurrence",
+    "popularity",
+    "previous",
+    "window",
+    "same-token",
+    "token",
+    "rules-level1",
+    "rules-level2",
+    "rules-level3",
+    "rules-level4",
+    "rules-level5",
+    "rules-hybrid",
+    "cooccurrence",
 ]
 DISTANCE = {"rules-level5": 2}  # query distance per predictor; 1 otherwise
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", type=int, default=100_000, help="tokens in the synthetic trace (half are scored)")
+    ap.add_argument(
+        "--tokens", type=int, default=100_000, help="tokens in the synthetic trace (half are scored)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="timed passes; the best is printed")
     ap.add_argument("--predictors", default=",".join(TABLES), help="comma-separated registry names")
     args = ap.parse_args()
     L, E, k = 26, 64, 6
-    tr = write_synthetic_trace(Path(tempfile.mkdtemp()) / "t", n_tokens=args.tokens, num_layers=L, num_experts=E,
-                               top_k=k, law="markov", noise=0.3, doc_len=512, vocab_size=5000, seed=0)
+    tr = write_synthetic_trace(
+        Path(tempfile.mkdtemp()) / "t",
+        n_tokens=args.tokens,
+        num_layers=L,
+        num_experts=E,
+        top_k=k,
+        law="markov",
+        noise=0.3,
+        doc_len=512,
+        vocab_size=5000,
+        seed=0,
+    )
     train_docs, test_docs = split_documents(tr, 0.5, seed=0)
     train, test = tr.filter(documents=train_docs), tr.filter(documents=test_docs)
     names = args.predictors.split(",")
@@ -54,9 +76,13 @@ def main() -> None:
             for d in distances:
                 batches[d].append((ctx.queries(layer, d, rows=rows), actual[rows], ctx.missing))
     n = sum(len(q) for q, _, _ in batches[distances[0]])
-    print(f"{n:,} predictions per pass (test half of {args.tokens:,} tokens x {L} layers), E={E}, k={k}, "
-          f"budgets k and 2k; best of {args.repeat}")
-    print(f"{'predictor':14s} {'scores CPU':>12s} {'scored CPU':>12s} {'scored wall':>12s}   (M predictions/s)")
+    print(
+        f"{n:,} predictions per pass (test half of {args.tokens:,} tokens x {L} layers), E={E}, k={k}, "
+        f"budgets k and 2k; best of {args.repeat}"
+    )
+    print(
+        f"{'predictor':14s} {'scores CPU':>12s} {'scored CPU':>12s} {'scored wall':>12s}   (M predictions/s)"
+    )
     for name in names:
         d = DISTANCE.get(name, 1)
         p = make_predictor(name)

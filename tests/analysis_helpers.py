@@ -35,7 +35,9 @@ def build_trace(
     rng = np.random.default_rng(seed)
     n = docs * doc_len
     # distinct values within each row (no top-k ties), exactly representable in float16
-    steps = rng.permuted(np.broadcast_to(np.arange(E), (n, L, E)), axis=-1) * rng.uniform(0.25, 1.5, (n, L, 1))
+    steps = rng.permuted(np.broadcast_to(np.arange(E), (n, L, E)), axis=-1) * rng.uniform(
+        0.25, 1.5, (n, L, 1)
+    )
     lg = (steps + rng.integers(-8, 8, (n, L, 1)) / 4).astype(np.float16)
     ex = np.argsort(-lg.astype(np.float32), axis=-1, kind="stable")[..., :k]
     vals = np.take_along_axis(lg.astype(np.float32), ex, -1)
@@ -52,18 +54,42 @@ def build_trace(
     keep[2 * doc_len + 7] = False  # a gap inside document 2
     tok = rng.integers(0, vocab, n)
     lab = [labels[d % len(labels)] for d in doc]
-    spec = RoutingSpec(num_experts=E, top_k=k, moe_layers=[2 * i + 1 for i in range(L)], family="hand",
-                       router_kind=router_kind, num_hidden_layers=2 * L + 1)
+    spec = RoutingSpec(
+        num_experts=E,
+        top_k=k,
+        moe_layers=[2 * i + 1 for i in range(L)],
+        family="hand",
+        router_kind=router_kind,
+        num_hidden_layers=2 * L + 1,
+    )
     source = {"slot_order": slot_order} if slot_order else {}
     cols = default_columns(weights=weights, logits=logits)
     with TraceWriter.create(path, spec, columns=cols, source=source, shard_rows=40, overwrite=True) as wr:
         for d in range(docs):
             r = np.flatnonzero((doc == d) & keep)
-            wr.append(doc_id=doc[r], position=pos[r], token_id=tok[r], label=[lab[i] for i in r], experts=ex[r],
-                      weights=w[r] if weights else None, logits=lg[r] if logits else None)
+            wr.append(
+                doc_id=doc[r],
+                position=pos[r],
+                token_id=tok[r],
+                label=[lab[i] for i in r],
+                experts=ex[r],
+                weights=w[r] if weights else None,
+                logits=lg[r] if logits else None,
+            )
             wr.commit(d)
     r = np.flatnonzero(keep)
-    arrays = {"doc": doc[r], "pos": pos[r], "tok": tok[r], "label": np.asarray(lab)[r], "experts": ex[r],
-              "weights": w[r], "logits": lg[r].astype(np.float32), "sentinel": sentinel, "E": E, "k": k, "L": L,
-              "layers": spec.moe_layers}
+    arrays = {
+        "doc": doc[r],
+        "pos": pos[r],
+        "tok": tok[r],
+        "label": np.asarray(lab)[r],
+        "experts": ex[r],
+        "weights": w[r],
+        "logits": lg[r].astype(np.float32),
+        "sentinel": sentinel,
+        "E": E,
+        "k": k,
+        "L": L,
+        "layers": spec.moe_layers,
+    }
     return Trace.open(path), arrays

@@ -32,8 +32,17 @@ from moescope.models import byte_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
 #: Families whose re-route and drop are checked token by token (every selection kind and weight rule).
-EDIT_FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "ernie4_5_moe", "phimoe", "gpt_oss", "dbrx",
-                 "llama4_text", "jetmoe"]
+EDIT_FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "deepseek_v3",
+    "ernie4_5_moe",
+    "phimoe",
+    "gpt_oss",
+    "dbrx",
+    "llama4_text",
+    "jetmoe",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +87,9 @@ def _hand_choice_score(family: str, router, logits: np.ndarray) -> np.ndarray:
     return logits  # softmax, sigmoid and top-k-over-logits routers rank by the logits themselves
 
 
-def _hand_weights(family: str, model, logits: np.ndarray, chosen: list[int], off: set[int]) -> dict[int, float]:
+def _hand_weights(
+    family: str, model, logits: np.ndarray, chosen: list[int], off: set[int]
+) -> dict[int, float]:
     """The weight each family gives the ``chosen`` experts, written out from its modeling file."""
     cfg = model.config
     c = np.array(chosen)
@@ -230,8 +241,12 @@ def test_drop_equals_the_forward_pass_without_that_experts_contribution(family):
     # the other experts keep their exact weights; the dropped one weighs exactly zero (a dense-score
     # router like Llama4's cannot tell a zero-weight choice from no choice, so compare non-zero weights)
     for t in range(len(e)):
-        got = {int(i): wt for i, wt in zip(dropped["experts"][t, 0], dropped["weights"][t, 0], strict=True) if wt}
-        want = {int(i): wt for i, wt in zip(base["experts"][t, 0], base["weights"][t, 0], strict=True) if i != d}
+        got = {
+            int(i): wt for i, wt in zip(dropped["experts"][t, 0], dropped["weights"][t, 0], strict=True) if wt
+        }
+        want = {
+            int(i): wt for i, wt in zip(base["experts"][t, 0], base["weights"][t, 0], strict=True) if i != d
+        }
         assert got == want
         if resolve_adapter(family).selection != "router_dense_scores":
             np.testing.assert_array_equal(np.sort(dropped["experts"][t, 0]), np.sort(base["experts"][t, 0]))
@@ -407,13 +422,16 @@ def test_sweep_matches_unbatched_runs_and_a_capture_of_the_same_data(tmp_path):
 
     model, tok = _model("mixtral"), byte_tokenizer(128)
     data = _corpus(tmp_path / "d.jsonl")
-    opts = AblateOptions(layers=[1], experts=[(2,), (4, 5)], label_field="topic", seq_len=16, batch_size=3,
-                         bootstrap=200)
+    opts = AblateOptions(
+        layers=[1], experts=[(2,), (4, 5)], label_field="topic", seq_len=16, batch_size=3, bootstrap=200
+    )
     res = run_ablation(model, tok, [str(data)], opts)
     assert res.results.height == 2 * 3  # two conditions x (two domains + all)
     base = res.baseline.filter(pl.col("domain") == "all").row(0, named=True)
     acc, top5, nll = _per_window_metrics(model, tok, data, 16)
-    assert math.isclose(base["accuracy"], acc, abs_tol=1e-9) and math.isclose(base["top5"], top5, abs_tol=1e-9)
+    assert math.isclose(base["accuracy"], acc, abs_tol=1e-9) and math.isclose(
+        base["top5"], top5, abs_tol=1e-9
+    )
     assert math.isclose(base["nll"], nll, rel_tol=1e-5)
     with ablate(model, {1: [4, 5]}, mode="reroute"):
         acc_a, _, nll_a = _per_window_metrics(model, tok, data, 16)
@@ -422,8 +440,12 @@ def test_sweep_matches_unbatched_runs_and_a_capture_of_the_same_data(tmp_path):
     assert math.isclose(row["delta_nll"], nll_a - nll, rel_tol=1e-4, abs_tol=1e-6)
     assert row["delta_nll_lo"] <= row["delta_nll"] <= row["delta_nll_hi"]
     # load share equals the one counted from a capture trace of the same data
-    capture(LoadedModel(model, tok, "tiny", "object"), [str(data)], tmp_path / "t",
-            CaptureOptions(label_field="topic", seq_len=16))
+    capture(
+        LoadedModel(model, tok, "tiny", "object"),
+        [str(data)],
+        tmp_path / "t",
+        CaptureOptions(label_field="topic", seq_len=16),
+    )
     experts = Trace.open(tmp_path / "t").experts()  # (n, L, k)
     share = np.bincount(experts[:, 1].ravel(), minlength=8) / experts[:, 1].size
     load = res.load.filter((pl.col("domain") == "all") & (pl.col("layer") == 1)).sort("expert")
@@ -442,7 +464,9 @@ def test_sweep_matches_unbatched_runs_and_a_capture_of_the_same_data(tmp_path):
 def test_drop_mode_leaves_the_ablated_layers_ids_alone(tmp_path):
     model, tok = _model("qwen3_moe"), byte_tokenizer(128)
     data = _corpus(tmp_path / "d.jsonl", n=6)
-    opts = AblateOptions(layers=[2], experts=[(1,)], mode="drop", label_field="topic", seq_len=32, bootstrap=50)
+    opts = AblateOptions(
+        layers=[2], experts=[(1,)], mode="drop", label_field="topic", seq_len=32, bootstrap=50
+    )
     res = run_ablation(model, tok, [str(data)], opts)
     at = res.routing_change.filter(pl.col("observed_layer") <= 2)
     assert (at["changed_share"] == 0).all()
@@ -473,8 +497,25 @@ def _cli(*args):
 def test_cli_writes_tables_figures_and_one_json_document(tmp_path):
     data = _corpus(tmp_path / "d.jsonl", n=6)
     out = tmp_path / "out"
-    res = _cli("tiny:deepseek_v3", data, "--label-field", "topic", "--layer", "2,3", "--experts", "0,3+5",
-               "--bootstrap", "50", "--seq-len", "32", "--device", "cpu", "-o", out, "--json")
+    res = _cli(
+        "tiny:deepseek_v3",
+        data,
+        "--label-field",
+        "topic",
+        "--layer",
+        "2,3",
+        "--experts",
+        "0,3+5",
+        "--bootstrap",
+        "50",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["family"] == "deepseek_v3" and [x["layer"] for x in summary["layers"]] == [2, 3]
@@ -516,8 +557,26 @@ def test_bundled_model_and_corpus(tmp_path):
     if "tiny-mixtral" not in BUNDLED_MODELS:
         pytest.skip("no bundled tiny-mixtral")
     humaneval = [f for f in files if f.endswith("heldout-humaneval.jsonl")]
-    res = _cli("tiny-mixtral", *humaneval, "--label-field", "domain", "--max-documents", "2", "--experts", "0",
-               "--layer", "0", "--bootstrap", "50", "--device", "cpu", "--no-figures", "-o", tmp_path, "--json")
+    res = _cli(
+        "tiny-mixtral",
+        *humaneval,
+        "--label-field",
+        "domain",
+        "--max-documents",
+        "2",
+        "--experts",
+        "0",
+        "--layer",
+        "0",
+        "--bootstrap",
+        "50",
+        "--device",
+        "cpu",
+        "--no-figures",
+        "-o",
+        tmp_path,
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["domains"] == ["humaneval"] and summary["family"] == "mixtral"

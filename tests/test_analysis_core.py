@@ -60,7 +60,9 @@ def test_load_matches_loop(hand):
     assert df["layer"].unique().sort().to_list() == a["layers"]
     np.testing.assert_array_equal(df["assignments"].to_numpy().reshape(L, E), counts)
     np.testing.assert_array_equal(df["first_choice_count"].to_numpy().reshape(L, E), first)
-    np.testing.assert_allclose(df["assignment_share"].to_numpy().reshape(L, E), counts / (k * tokens[:, None]))
+    np.testing.assert_allclose(
+        df["assignment_share"].to_numpy().reshape(L, E), counts / (k * tokens[:, None])
+    )
     mw = df["mean_router_weight"].to_numpy().reshape(L, E)
     np.testing.assert_allclose(mw, np.where(counts > 0, wsum / np.maximum(counts, 1), np.nan), rtol=1e-5)
     s = load_summary(df, k).sort("layer")
@@ -85,12 +87,15 @@ def test_aux_loss_matches_transformers(tmp_path):
 
 
 def test_balance_analytic_cases(tmp_path):
-    uni = write_synthetic_trace(tmp_path / "u", n_tokens=40000, num_layers=3, logits=True, law="uniform", seed=3)
+    uni = write_synthetic_trace(
+        tmp_path / "u", n_tokens=40000, num_layers=3, logits=True, law="uniform", seed=3
+    )
     s = load_summary(load_balance(uni), 2)
     assert s["cv"].max() < 0.03  # multinomial noise: sqrt((E-1)/(kT)) ~ 0.01
     assert aux_loss(load_balance(uni)) == pytest.approx(2.0, abs=0.01)
-    det = write_synthetic_trace(tmp_path / "d", n_tokens=2000, num_layers=2, logits=True, law="token", seed=3,
-                                vocab_size=1)  # one token id: every token takes the same two experts
+    det = write_synthetic_trace(
+        tmp_path / "d", n_tokens=2000, num_layers=2, logits=True, law="token", seed=3, vocab_size=1
+    )  # one token id: every token takes the same two experts
     s = load_summary(load_balance(det), 2)
     E = 8
     # two experts share everything: counts (T, T, 0, ...): CV = sqrt(E/2 - 1), MaxVio = E/2 - 1
@@ -150,7 +155,9 @@ def test_transitions_match_loop(hand):
                     cnt[(i, j)] += 1
                     xs.append(str(i))
                     ys.append(str(j))
-            g = cells.filter((pl.col("layer_from") == a["layers"][li]) & (pl.col("layer_to") == a["layers"][li + d]))
+            g = cells.filter(
+                (pl.col("layer_from") == a["layers"][li]) & (pl.col("layer_to") == a["layers"][li + d])
+            )
             got = {(r["symbol_from"], r["symbol_to"]): r["count"] for r in g.iter_rows(named=True)}
             want = {("-".join(map(str, i)), "-".join(map(str, j))): c for (i, j), c in cnt.items()}
             assert got == want
@@ -185,7 +192,9 @@ def test_mutual_information_null_and_maximum(tmp_path):
     # plug-in MI of independent choices sits at its stated bias, (28-1)^2 / (2 N ln 2) ~ 0.018 bits
     assert (s["mi_bits"] - s["mi_bias_bits"]).abs().max() < 0.006
     assert s["mi_bias_bits"][0] == pytest.approx(27 * 27 / (2 * 30000 * np.log(2)), rel=0.01)
-    det = write_synthetic_trace(tmp_path / "d", n_tokens=5000, num_layers=3, law="token", seed=5, vocab_size=50)
+    det = write_synthetic_trace(
+        tmp_path / "d", n_tokens=5000, num_layers=3, law="token", seed=5, vocab_size=50
+    )
     s = layer_transitions(det)["summary"]
     assert s["nmi"].min() == pytest.approx(1.0)  # the set at L determines the set at L+1
 
@@ -241,7 +250,9 @@ def test_repetition_nulls_and_maximum(tmp_path):
     assert g["any_shared_null"][0] == pytest.approx(1 - 15 / 28)  # 0.464 for E8k2
     assert (g["first_choice_same"] - 1 / 8).abs().max() < 0.01
     assert (g["any_shared"] - g["any_shared_null"]).abs().max() < 0.015
-    det = write_synthetic_trace(tmp_path / "d", n_tokens=1000, num_layers=2, law="token", seed=7, vocab_size=1)
+    det = write_synthetic_trace(
+        tmp_path / "d", n_tokens=1000, num_layers=2, law="token", seed=7, vocab_size=1
+    )
     g = repetition(det).filter(pl.col("domain") == "all")
     assert g["first_choice_same"].min() == 1.0 and g["any_shared"].min() == 1.0
 
@@ -273,7 +284,9 @@ def test_vocabulary_specialisation_loop(hand):
 
 
 def test_vocabulary_specialisation_deterministic_router(tmp_path):
-    det = write_synthetic_trace(tmp_path / "d", n_tokens=6000, num_layers=2, law="token", seed=1, vocab_size=100)
+    det = write_synthetic_trace(
+        tmp_path / "d", n_tokens=6000, num_layers=2, law="token", seed=1, vocab_size=100
+    )
     s = vocabulary_specialisation(det)["summary"]
     assert s["specialisation_weighted"].min() == pytest.approx(1.0)
 
@@ -291,7 +304,9 @@ def test_domain_specialisation_jsd_and_permutation(hand, tmp_path):
     j = res["jsd"].filter(pl.col("layer") == a["layers"][li])["jsd_bits"][0]
     assert j == pytest.approx(jensenshannon(cx / cx.sum(), cy / cy.sum(), base=2) ** 2)
     # routing independent of the domain: the test must not reject
-    uni = write_synthetic_trace(tmp_path / "u", n_tokens=20000, num_layers=2, law="uniform", seed=11, doc_len=100)
+    uni = write_synthetic_trace(
+        tmp_path / "u", n_tokens=20000, num_layers=2, law="uniform", seed=11, doc_len=100
+    )
     assert domain_specialisation(uni, n_perm=100)["test"]["p_value"][0] > 0.01
 
 
@@ -306,7 +321,9 @@ def test_domain_permutation_detects_dependence(tmp_path):
             lab = "code" if d % 2 else "prose"
             p = [0.4, 0.3, 0.2, 0.1] if lab == "code" else [0.1, 0.2, 0.3, 0.4]
             ex = rng.choice(4, size=(50, 1, 1), p=p)
-            w.append(doc_id=np.full(50, d), position=np.arange(50), token_id=np.zeros(50), label=lab, experts=ex)
+            w.append(
+                doc_id=np.full(50, d), position=np.arange(50), token_id=np.zeros(50), label=lab, experts=ex
+            )
             w.commit(d)
     from moescope.trace import Trace
 

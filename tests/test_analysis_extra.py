@@ -38,9 +38,15 @@ def test_top_paths_match_counter(tmp_path):
 
 
 def test_density_pvalues_uniform_under_null_and_small_under_shift(tmp_path):
-    a = write_synthetic_trace(tmp_path / "a", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="uniform", seed=1)
-    b = write_synthetic_trace(tmp_path / "b", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="uniform", seed=2)
-    m = write_synthetic_trace(tmp_path / "m", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="markov", seed=3)
+    a = write_synthetic_trace(
+        tmp_path / "a", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="uniform", seed=1
+    )
+    b = write_synthetic_trace(
+        tmp_path / "b", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="uniform", seed=2
+    )
+    m = write_synthetic_trace(
+        tmp_path / "m", n_tokens=6000, num_layers=2, num_experts=4, logits=True, law="markov", seed=3
+    )
     model = fit_logit_density(a, max_points=900, seed=0)
     same = score_logits(model, b, max_points=600)
     p = same["p_values"]["p_value"].to_numpy()
@@ -86,15 +92,42 @@ def test_save_figure_writes_png_csv_json(tmp_path):
 
 
 def test_cli_analyze_json_and_files(tmp_path):
-    t = write_synthetic_trace(tmp_path / "t", n_tokens=3000, num_layers=3, logits=True, law="markov", noise=0.2, seed=1)
+    t = write_synthetic_trace(
+        tmp_path / "t", n_tokens=3000, num_layers=3, logits=True, law="markov", noise=0.2, seed=1
+    )
     o = write_synthetic_trace(tmp_path / "o", n_tokens=2000, num_layers=3, logits=True, law="uniform", seed=2)
-    r = CliRunner().invoke(app, ["analyze", str(t.path), "-o", str(tmp_path / "out"), "--json", "--tsne-points", "50",
-                                 "--permutations", "20", "--kde-points", "200", "--compare", str(o.path),
-                                 "--target-layer", "1"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            str(t.path),
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+            "--tsne-points",
+            "50",
+            "--permutations",
+            "20",
+            "--kde-points",
+            "200",
+            "--compare",
+            str(o.path),
+            "--target-layer",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert set(doc["analyses"]) == {"load", "entropy", "cooccurrence", "repetition", "specialisation",
-                                    "trajectories", "density", "compare"}
+    assert set(doc["analyses"]) == {
+        "load",
+        "entropy",
+        "cooccurrence",
+        "repetition",
+        "specialisation",
+        "trajectories",
+        "density",
+        "compare",
+    }
     out = tmp_path / "out"
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) > 15

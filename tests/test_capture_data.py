@@ -29,7 +29,7 @@ from moescope.models import byte_tokenizer
 RECORDS = [
     {"text": "First document.", "topic": "news", "n": 1},
     {"text": "  ", "topic": "news", "n": 2},  # blank: skipped, takes no id
-    {"text": "Second, with a comma and \"quotes\".", "topic": "code", "n": 3},
+    {"text": 'Second, with a comma and "quotes".', "topic": "code", "n": 3},
     {"text": "Third one\nover two lines.", "topic": "news", "n": 4},
 ]
 EXPECTED = [(r["text"], r["topic"]) for r in RECORDS if r["text"].strip()]
@@ -72,7 +72,12 @@ def test_text_file_units(tmp_path):
     path.write_text(text)
     assert [t for _, t, _ in _docs(path)] == ["Para one\nstill one.", "Para two.", "Para three.\n"]
     assert [t for _, t, _ in _docs(path, txt_unit="file")] == [text]
-    assert [t for _, t, _ in _docs(path, txt_unit="line")] == ["Para one", "still one.", "Para two.", "Para three."]
+    assert [t for _, t, _ in _docs(path, txt_unit="line")] == [
+        "Para one",
+        "still one.",
+        "Para two.",
+        "Para three.",
+    ]
     assert {lab for _, _, lab in _docs(path)} == {"notes"}
     with pytest.raises(ConfigError, match="--txt-unit"):
         resolve_source(str(path), txt_unit="sentence")
@@ -119,11 +124,17 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_ag_news_preset_on_a_local_parquet(tmp_path):
-    rows = [{"text": "Stocks rose.", "label": 2}, {"text": "Team wins cup.", "label": 1}, {"text": "New chip.", "label": 3}]
+    rows = [
+        {"text": "Stocks rose.", "label": 2},
+        {"text": "Team wins cup.", "label": 1},
+        {"text": "New chip.", "label": 3},
+    ]
     path = tmp_path / "agnews.parquet"
     _write(path, "parquet", rows)
     assert _docs(path, preset="ag_news") == [
-        (0, "Stocks rose.", "Business"), (1, "Team wins cup.", "Sports"), (2, "New chip.", "Sci/Tech"),
+        (0, "Stocks rose.", "Business"),
+        (1, "Team wins cup.", "Sports"),
+        (2, "New chip.", "Sci/Tech"),
     ]
     _write(path, "parquet", [{"text": "?", "label": 7}])
     with pytest.raises(DataError, match="label field 'label' has value 7, outside the 4 category names"):
@@ -132,24 +143,46 @@ def test_ag_news_preset_on_a_local_parquet(tmp_path):
 
 def test_hellaswag_and_humaneval_presets_on_local_jsonl(tmp_path):
     hs = tmp_path / "hs.jsonl"
-    _write(hs, "jsonl", [
-        {"ctx": "A man sits down.", "endings": ["He eats.", "He sings.", "He sleeps.", "He runs."], "label": "1",
-         "activity_label": "Eating"},
-        {"ctx": "Hidden test item.", "endings": ["a", "b", "c", "d"], "label": "", "activity_label": "X"},
-    ])
-    assert _docs(hs, preset="hellaswag") == [(0, "A man sits down. He sings.", "hs"), (1, "Hidden test item.", "hs")]
+    _write(
+        hs,
+        "jsonl",
+        [
+            {
+                "ctx": "A man sits down.",
+                "endings": ["He eats.", "He sings.", "He sleeps.", "He runs."],
+                "label": "1",
+                "activity_label": "Eating",
+            },
+            {"ctx": "Hidden test item.", "endings": ["a", "b", "c", "d"], "label": "", "activity_label": "X"},
+        ],
+    )
+    assert _docs(hs, preset="hellaswag") == [
+        (0, "A man sits down. He sings.", "hs"),
+        (1, "Hidden test item.", "hs"),
+    ]
     assert [lab for *_, lab in _docs(hs, preset="hellaswag", label_field="activity_label")] == ["Eating", "X"]
     _write(hs, "jsonl", [{"context": "x"}])
     with pytest.raises(DataError, match="unknown text field 'ctx'"):
         _docs(hs, preset="hellaswag")
     he = tmp_path / "he.jsonl"
-    _write(he, "jsonl", [{"task_id": "HumanEval/0", "prompt": "def f():\n    pass\n", "canonical_solution": "x"}])
+    _write(
+        he, "jsonl", [{"task_id": "HumanEval/0", "prompt": "def f():\n    pass\n", "canonical_solution": "x"}]
+    )
     assert _docs(he, preset="humaneval") == [(0, "def f():\n    pass\n", "he")]
 
 
 def test_wikitext_preset_joins_lines_into_articles(tmp_path):
-    lines = ["", " = Alpha = \n", "", " Alpha text .\n", " = = Section = = \n", " More alpha .\n", "",
-             " = Beta = \n", " Beta text .\n"]
+    lines = [
+        "",
+        " = Alpha = \n",
+        "",
+        " Alpha text .\n",
+        " = = Section = = \n",
+        " More alpha .\n",
+        "",
+        " = Beta = \n",
+        " Beta text .\n",
+    ]
     path = tmp_path / "wiki.parquet"
     _write(path, "parquet", [{"text": s} for s in lines])
     docs = _docs(path, preset="wikitext")
@@ -169,8 +202,12 @@ def test_hub_presets_map_to_hub_ids(monkeypatch):
         calls.append((path, name, split))
         return datasets.Dataset.from_dict(
             {"text": ["Stocks rose."], "label": [2]},
-            features=datasets.Features({"text": datasets.Value("string"),
-                                        "label": datasets.ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])}),
+            features=datasets.Features(
+                {
+                    "text": datasets.Value("string"),
+                    "label": datasets.ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"]),
+                }
+            ),
         )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
@@ -192,16 +229,23 @@ def test_hub_failure_is_a_data_error(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"someone/corpus: not a file or directory, and loading it as a hub data set"):
+    with pytest.raises(
+        DataError, match=r"someone/corpus: not a file or directory, and loading it as a hub data set"
+    ):
         _docs("someone/corpus")
 
 
 def test_load_from_disk_dataset_and_dataset_dict(tmp_path):
     datasets = pytest.importorskip("datasets")
-    feats = datasets.Features({"body": datasets.Value("string"), "cat": datasets.ClassLabel(names=["x", "y"])})
+    feats = datasets.Features(
+        {"body": datasets.Value("string"), "cat": datasets.ClassLabel(names=["x", "y"])}
+    )
     ds = datasets.Dataset.from_dict({"body": ["one", "", "three"], "cat": [1, 0, 0]}, features=feats)
     ds.save_to_disk(str(tmp_path / "single"))
-    assert _docs(tmp_path / "single", text_field="body", label_field="cat") == [(0, "one", "y"), (1, "three", "x")]
+    assert _docs(tmp_path / "single", text_field="body", label_field="cat") == [
+        (0, "one", "y"),
+        (1, "three", "x"),
+    ]
     dd = datasets.DatasetDict({"train": ds, "test": ds.select([2])})
     dd.save_to_disk(str(tmp_path / "dict"))
     assert _docs(tmp_path / "dict", text_field="body", split="test") == [(0, "three", "dict")]
@@ -234,7 +278,9 @@ def test_pad_token_falls_back_to_eos_or_fails_naming_the_tokenizer():
     assert tok.pad_token_id is None
     assert ensure_pad_token(tok) == tok.eos_token_id == 2
     tok = byte_tokenizer(128, pad=False, eos=False)
-    with pytest.raises(ConfigError, match="tokenizer 'moescope-bytes-128' has neither a pad token nor an EOS"):
+    with pytest.raises(
+        ConfigError, match="tokenizer 'moescope-bytes-128' has neither a pad token nor an EOS"
+    ):
         ensure_pad_token(tok)
 
 

@@ -13,7 +13,9 @@ from moescope.trace import Trace, validate_trace
 
 def test_demo_runs_every_step_and_judges_on_unseen_documents(tmp_path):
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "-o", str(out), "--max-tokens", "1500", "--predictor", "cooccurrence"])
+    res = CliRunner().invoke(
+        app, ["demo", "-o", str(out), "--max-tokens", "1500", "--predictor", "cooccurrence"]
+    )
     assert res.exit_code == 0, res.output
     for model in ("tiny-mixtral", "tiny-finegrained"):
         assert validate_trace(out / f"trace-{model}") == []

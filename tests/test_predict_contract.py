@@ -30,10 +30,17 @@ def write_trace(path: Path, n_docs: int = 12, doc_len: int = 48, seed: int = 0) 
             look = {}
             for v in ("gate_input", "residual"):
                 for d in (1, 2):
-                    look[f"lookahead_{v}_d{d}"] = np.argsort(rng.random((n, L, E)), axis=-1)[..., :M].astype(np.uint8)
+                    look[f"lookahead_{v}_d{d}"] = np.argsort(rng.random((n, L, E)), axis=-1)[..., :M].astype(
+                        np.uint8
+                    )
             w.append(
-                doc_id=np.full(n, doc), position=np.arange(n), token_id=rng.integers(0, 30, n), label="x",
-                experts=experts, weights=np.ascontiguousarray(weights), lookahead=look,
+                doc_id=np.full(n, doc),
+                position=np.arange(n),
+                token_id=rng.integers(0, 30, n),
+                label="x",
+                experts=experts,
+                weights=np.ascontiguousarray(weights),
+                lookahead=look,
             )
             w.commit(doc)
     return Trace.open(path)

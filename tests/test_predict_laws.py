@@ -24,8 +24,14 @@ def _split(tr: Trace, seed: int = 0) -> tuple[Trace, Trace]:
 @pytest.fixture(scope="module")
 def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
     tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("u") / "t", n_tokens=24 * 256, num_layers=L, num_experts=E, top_k=K,
-        law="uniform", doc_len=256, seed=3,
+        tmp_path_factory.mktemp("u") / "t",
+        n_tokens=24 * 256,
+        num_layers=L,
+        num_experts=E,
+        top_k=K,
+        law="uniform",
+        doc_len=256,
+        seed=3,
     )
     return _split(tr)
 
@@ -33,8 +39,15 @@ def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
 @pytest.fixture(scope="module")
 def markov(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
     tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("m") / "t", n_tokens=16 * 128, num_layers=L, num_experts=E, top_k=K,
-        law="markov", noise=0.0, doc_len=128, seed=4,
+        tmp_path_factory.mktemp("m") / "t",
+        n_tokens=16 * 128,
+        num_layers=L,
+        num_experts=E,
+        top_k=K,
+        law="markov",
+        noise=0.0,
+        doc_len=128,
+        seed=4,
     )
     return _split(tr)
 
@@ -42,16 +55,25 @@ def markov(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
 @pytest.fixture(scope="module")
 def token_law(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
     tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("k") / "t", n_tokens=24 * 128, num_layers=L, num_experts=E, top_k=K,
-        law="token", doc_len=128, vocab_size=40, seed=5,
+        tmp_path_factory.mktemp("k") / "t",
+        n_tokens=24 * 128,
+        num_layers=L,
+        num_experts=E,
+        top_k=K,
+        law="token",
+        doc_len=128,
+        vocab_size=40,
+        seed=5,
     )
     return _split(tr)
 
 
 def test_uniform_routing_gives_the_analytic_random_values(uniform: tuple[Trace, Trace]) -> None:
     train, test = uniform
-    preds = {n: make_predictor(n, distances=(1, 0)) if n in ("cooccurrence", "rules-hybrid") else make_predictor(n)
-             for n in ("uniform", "popularity", "previous", "window", "cooccurrence", "rules-hybrid")}
+    preds = {
+        n: make_predictor(n, distances=(1, 0)) if n in ("cooccurrence", "rules-hybrid") else make_predictor(n)
+        for n in ("uniform", "popularity", "previous", "window", "cooccurrence", "rules-hybrid")
+    }
     for p in preds.values():
         p.fit(train)
     res = evaluate_many(preds, test, modes=[1, 0], budgets=[2, 4], n_boot=200)
@@ -101,7 +123,14 @@ def test_token_law_learned_model_reaches_100_percent(token_law: tuple[Trace, Tra
     even at the first layer and two layers ahead; history-free baselines stay at chance."""
     train, test = token_law
     learned = make_predictor(
-        "learned", distances=(1, 2), hidden=32, epochs=6, batch_size=128, lr=1e-2, token_buckets=64, random_state=0
+        "learned",
+        distances=(1, 2),
+        hidden=32,
+        epochs=6,
+        batch_size=128,
+        lr=1e-2,
+        token_buckets=64,
+        random_state=0,
     ).fit(train)
     pop = make_predictor("popularity").fit(train)
     res = evaluate_many({"learned": learned, "popularity": pop}, test, modes=[1, 2], n_boot=50)
@@ -149,8 +178,11 @@ def _sticky_trace(path: Path, n_docs: int = 10, doc_len: int = 40, seed: int = 0
             bad = np.argsort(rng.random((doc_len, L, E)), axis=-1)[..., :3].astype(np.uint8)
             bad[:, L - 1] = 255
             w.append(
-                doc_id=np.full(doc_len, doc), position=np.arange(doc_len), token_id=rng.integers(0, 100, doc_len),
-                label="x", experts=experts,
+                doc_id=np.full(doc_len, doc),
+                position=np.arange(doc_len),
+                token_id=rng.integers(0, 100, doc_len),
+                label="x",
+                experts=experts,
                 lookahead={"lookahead_gate_input_d1": good, "lookahead_residual_d1": bad},
             )
             w.commit(doc)

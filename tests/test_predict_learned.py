@@ -24,11 +24,19 @@ def _random_trace(path: Path, L: int = 4, E: int = 8, K: int = 2, docs: int = 6,
     cols = default_columns(weights=False, lookahead_distances=[1, 2], lookahead_m=3)
     with TraceWriter.create(path, spec, columns=cols, overwrite=True) as w:
         for doc in range(docs):
-            look = {f"lookahead_{v}_d{d}": np.argsort(rng.random((doc_len, L, E)), -1)[..., :3].astype(np.uint8)
-                    for v in ("gate_input", "residual") for d in (1, 2)}
-            w.append(doc_id=np.full(doc_len, doc), position=np.arange(doc_len), token_id=rng.integers(0, 6, doc_len),
-                     label="x", experts=np.argsort(rng.random((doc_len, L, E)), -1)[..., :K].astype(np.uint8),
-                     lookahead=look)
+            look = {
+                f"lookahead_{v}_d{d}": np.argsort(rng.random((doc_len, L, E)), -1)[..., :3].astype(np.uint8)
+                for v in ("gate_input", "residual")
+                for d in (1, 2)
+            }
+            w.append(
+                doc_id=np.full(doc_len, doc),
+                position=np.arange(doc_len),
+                token_id=rng.integers(0, 6, doc_len),
+                label="x",
+                experts=np.argsort(rng.random((doc_len, L, E)), -1)[..., :K].astype(np.uint8),
+                lookahead=look,
+            )
             w.commit(doc)
     return Trace.open(path)
 
@@ -40,7 +48,9 @@ def test_training_and_prediction_paths_compute_the_same_logits(tmp_path: Path, h
     import torch
 
     tr = _random_trace(tmp_path / "t")
-    p = make_predictor("learned", distances=(1, 2, 0), use_lookahead=True, history_layers=history_layers, **TINY)
+    p = make_predictor(
+        "learned", distances=(1, 2, 0), use_lookahead=True, history_layers=history_layers, **TINY
+    )
     p.fit(tr)
     data = p._collect(tr, np.random.default_rng(0))
     L = p.num_layers_
@@ -49,7 +59,9 @@ def test_training_and_prediction_paths_compute_the_same_logits(tmp_path: Path, h
         with torch.no_grad():
             grid = p._module.grid(
                 *(torch.from_numpy(data[k]).long() for k in ("own", "prev", "same", "tok", "ptok")),
-                torch.full((n, L), mi), torch.full((n, L), int(d)), torch.from_numpy(data["look"]).long()[:, mi],
+                torch.full((n, L), mi),
+                torch.full((n, L), int(d)),
+                torch.from_numpy(data["look"]).long()[:, mi],
             ).numpy()
         start = 0
         for ctx in iter_contexts(tr, window=p.history_window()):
@@ -76,11 +88,18 @@ def far_rules(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
             ex = np.zeros((DOC_LEN, L, K), np.uint8)
             ex[:, 0] = np.argsort(rng.random((DOC_LEN, E)), -1)[:, :K]
             for layer in range(1, L - 1):
-                src = np.concatenate([np.argsort(rng.random((1, E)), -1)[:, :K], ex[:-1, 0]])  # previous token
+                src = np.concatenate(
+                    [np.argsort(rng.random((1, E)), -1)[:, :K], ex[:-1, 0]]
+                )  # previous token
                 ex[:, layer] = perms[layer][src]
             ex[:, L - 1] = perms[L - 1][ex[:, 0]]
-            w.append(doc_id=np.full(DOC_LEN, doc), position=np.arange(DOC_LEN), token_id=rng.integers(0, 50, DOC_LEN),
-                     label="x", experts=ex)
+            w.append(
+                doc_id=np.full(DOC_LEN, doc),
+                position=np.arange(DOC_LEN),
+                token_id=rng.integers(0, 50, DOC_LEN),
+                label="x",
+                experts=ex,
+            )
             w.commit(doc)
     tr = Trace.open(path)
     train, test = split_documents(tr, 0.25, seed=0)
@@ -144,7 +163,9 @@ def test_files_of_an_older_model_ask_for_a_refit(tmp_path: Path) -> None:
         h["state"]["learned_"]["version"] = 1
 
     old_best = _rewrite_header(best, tmp_path / "old_best.npz", nested_v1)
-    with pytest.raises(ConfigError, match=r"old_best\.npz: its 'learned' part is a 'learned' predictor of version 1"):
+    with pytest.raises(
+        ConfigError, match=r"old_best\.npz: its 'learned' part is a 'learned' predictor of version 1"
+    ):
         load_predictor(old_best)
 
     # same version, arrays of another shape (an architecture change without a version bump)

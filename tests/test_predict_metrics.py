@@ -111,7 +111,9 @@ HARD = np.array([-np.inf, -2.0, -1e-45, -0.0, 0.0, 1e-45, 0.5, 0.5, 3.0, np.inf,
         (300, 4, [4, 9], np.int64, 1000),  # more than 256 experts: wider id field in the sort key
     ],
 )
-def test_score_metrics_equal_brute_force_on_hard_values(E: int, k: int, budgets: list, dtype, missing: int) -> None:
+def test_score_metrics_equal_brute_force_on_hard_values(
+    E: int, k: int, budgets: list, dtype, missing: int
+) -> None:
     """Ties, signed zeros, infinities, partial and whole NaN rows, missing actual slots: the compiled
     kernel, the NumPy path and the plain per-row definition agree exactly."""
     from moescope.predict.metrics import score_metrics_numpy

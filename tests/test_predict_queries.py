@@ -12,7 +12,9 @@ from moescope.trace.synthetic import write_synthetic_trace
 
 
 def test_previous_windows_cross_batches_but_never_documents(tmp_path: Path) -> None:
-    tr = write_synthetic_trace(tmp_path / "t", n_tokens=300, num_layers=3, num_experts=8, top_k=2, doc_len=50, seed=1)
+    tr = write_synthetic_trace(
+        tmp_path / "t", n_tokens=300, num_layers=3, num_experts=8, top_k=2, doc_len=50, seed=1
+    )
     full = tr.load(["doc_id", "position", "experts", "token_id"])
     W = 3
     seen = 0
@@ -33,7 +35,9 @@ def test_previous_windows_cross_batches_but_never_documents(tmp_path: Path) -> N
 
 
 def test_batch_size_does_not_change_results(tmp_path: Path) -> None:
-    tr = write_synthetic_trace(tmp_path / "t", n_tokens=400, num_layers=3, law="markov", noise=0.2, doc_len=40, seed=2)
+    tr = write_synthetic_trace(
+        tmp_path / "t", n_tokens=400, num_layers=3, law="markov", noise=0.2, doc_len=40, seed=2
+    )
     pred = make_predictor("window").fit(tr)
     a = evaluate(pred, tr, modes=[1, 0], n_boot=10, batch_size=29)
     b = evaluate(pred, tr, modes=[1, 0], n_boot=10)
@@ -48,8 +52,9 @@ def test_token_hash_is_stable() -> None:
 
 def test_same_token_history_matches_a_plain_scan_across_batches(tmp_path: Path) -> None:
     # small vocabulary so tokens repeat; batches of 23 cut the 60-token documents
-    tr = write_synthetic_trace(tmp_path / "t", n_tokens=300, num_layers=3, num_experts=8, top_k=2, doc_len=60,
-                               vocab_size=12, seed=3)
+    tr = write_synthetic_trace(
+        tmp_path / "t", n_tokens=300, num_layers=3, num_experts=8, top_k=2, doc_len=60, vocab_size=12, seed=3
+    )
     full = tr.load(["doc_id", "position", "experts", "token_id"])
     seen, hits = 0, 0
     for ctx in iter_contexts(tr, window=1, batch_size=23):
@@ -58,7 +63,11 @@ def test_same_token_history_matches_a_plain_scan_across_batches(tmp_path: Path) 
         assert t.same_token is None  # temporal: the token is hidden
         for r in range(len(ctx)):
             i = seen + r
-            earlier = [j for j in range(i) if full.doc_id[j] == full.doc_id[i] and full.token_id[j] == full.token_id[i]]
+            earlier = [
+                j
+                for j in range(i)
+                if full.doc_id[j] == full.doc_id[i] and full.token_id[j] == full.token_id[i]
+            ]
             if earlier:
                 np.testing.assert_array_equal(q.same_token[r], full.experts[earlier[-1]])
                 hits += 1

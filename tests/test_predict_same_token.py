@@ -23,8 +23,13 @@ def doc_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
         for doc in range(24):
             table = np.argsort(rng.random((VOCAB, L, E)), axis=-1)[..., :K].astype(np.uint8)  # (V, L, K)
             tok = rng.integers(0, VOCAB, DOC_LEN)
-            w.append(doc_id=np.full(DOC_LEN, doc), position=np.arange(DOC_LEN), token_id=tok, label="x",
-                     experts=table[tok])
+            w.append(
+                doc_id=np.full(DOC_LEN, doc),
+                position=np.arange(DOC_LEN),
+                token_id=tok,
+                label="x",
+                experts=table[tok],
+            )
             w.commit(doc)
     tr = Trace.open(path)
     train, test = split_documents(tr, 0.25, seed=0)

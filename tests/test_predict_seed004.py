@@ -22,8 +22,14 @@ def write_raw(path: Path, journeys: dict[tuple[int, int], list[list[int]]]) -> P
     lines = []
     for (problem, tok), layers in journeys.items():
         for layer, ex in enumerate(layers):
-            rec = {"dataset": "humaneval", "problem_id": problem, "layer": layer, "experts": ex,
-                   "gating_probs": [0.7, 0.3], "token_idx": tok}
+            rec = {
+                "dataset": "humaneval",
+                "problem_id": problem,
+                "layer": layer,
+                "experts": ex,
+                "gating_probs": [0.7, 0.3],
+                "token_idx": tok,
+            }
             lines.append((problem, layer, tok, json.dumps(rec)))
     lines.sort()
     path.write_text("".join(x[3] + "\n" for x in lines), encoding="utf-8")
@@ -66,7 +72,9 @@ def test_known_rule_reaches_100_percent(tmp_path: Path) -> None:
 
 def test_counts_match_a_plain_reimplementation(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    journeys = {(0, t): [list(map(int, rng.choice(4, 2, replace=False))) for _ in range(LAYERS)] for t in range(30)}
+    journeys = {
+        (0, t): [list(map(int, rng.choice(4, 2, replace=False))) for _ in range(LAYERS)] for t in range(30)
+    }
     raw = write_raw(tmp_path / "raw.jsonl", journeys)
     files = extract_tokens(raw, 0, 0, 30, tmp_path / "j")
     train, test = files[:20], files[20:]
@@ -96,7 +104,9 @@ def test_missing_layers_drop_transitions(tmp_path: Path) -> None:
     journeys = rule_journeys(2, problems=(0,))
     raw = tmp_path / "raw.jsonl"
     write_raw(raw, journeys)
-    lines = [ln for ln in raw.read_text().splitlines() if not ('"layer": 5,' in ln and '"token_idx": 1' in ln)]
+    lines = [
+        ln for ln in raw.read_text().splitlines() if not ('"layer": 5,' in ln and '"token_idx": 1' in ln)
+    ]
     raw.write_text("\n".join(lines) + "\n")
     files = extract_tokens(raw, 0, 0, 2, tmp_path / "j")
     assert len(load_journey(files[1])) == LAYERS - 1
@@ -121,17 +131,41 @@ def test_cli_workflow_as_in_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     raw = write_raw(tmp_path / "raw.jsonl", rule_journeys(4, start=2))
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    r = runner.invoke(app, ["predict", "seed004", "extract", str(raw), "--problem", "0", "--tokens", "0", "4"])
+    r = runner.invoke(
+        app, ["predict", "seed004", "extract", str(raw), "--problem", "0", "--tokens", "0", "4"]
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["predict", "seed004", "extract", str(raw), "-p", "1", "-t", "0", "4", "-o", "d"])
     assert r.exit_code == 0 and (tmp_path / "d" / "p1_token_3.jsonl").is_file()
-    r = runner.invoke(app, ["predict", "seed004", "create-rules", "p0_token_0.jsonl", "p0_token_1.jsonl", "--output", "rules.json"])
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "seed004",
+            "create-rules",
+            "p0_token_0.jsonl",
+            "p0_token_1.jsonl",
+            "--output",
+            "rules.json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "rules.json").read_text())["level1"]
     r = runner.invoke(
         app,
-        ["predict", "seed004", "evaluate-rules", "--rules", "rules.json", "--test", "d/p1_token_0.jsonl",
-         "d/p1_token_1.jsonl", "d/p1_token_2.jsonl", "--output", "results.json"],
+        [
+            "predict",
+            "seed004",
+            "evaluate-rules",
+            "--rules",
+            "rules.json",
+            "--test",
+            "d/p1_token_0.jsonl",
+            "d/p1_token_1.jsonl",
+            "d/p1_token_2.jsonl",
+            "--output",
+            "results.json",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "EVALUATION RESULTS" in r.output and "BEST:" in r.output
@@ -139,8 +173,14 @@ def test_cli_workflow_as_in_the_seed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert doc["metadata"]["test_files"] == ["p1_token_0.jsonl", "p1_token_1.jsonl", "p1_token_2.jsonl"]
     for level in ("level1", "level2", "level3", "level4", "level5"):
         assert set(doc["results"][level]) == {"correct", "total", "accuracy_percent", "vs_random"}
-    r = runner.invoke(app, ["predict", "seed004", "evaluate-rules", "-r", "rules.json", "-t", "d/p1_token_0.jsonl", "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["best_level"] == {"name": "level1", "accuracy_percent": 100.0}
+    r = runner.invoke(
+        app,
+        ["predict", "seed004", "evaluate-rules", "-r", "rules.json", "-t", "d/p1_token_0.jsonl", "--json"],
+    )
+    assert r.exit_code == 0 and json.loads(r.stdout)["best_level"] == {
+        "name": "level1",
+        "accuracy_percent": 100.0,
+    }
 
 
 @pytest.mark.shared_data

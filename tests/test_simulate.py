@@ -195,23 +195,43 @@ COST = ModelCost(expert_params=3 * 64 * 32, bytes_per_param=2.0, dense_params_pe
 DEP = Deployment("test", 1.0, 100.0, 1.0, [Tier("host", 0.0000002, 20.0, 3.0), Tier("ssd", None, 2.0, 50.0)])
 
 POLICIES = {
-    "lru": LRU, "lfu": LFU, "lrfu": lambda: LRFU(decay=0.05), "lru-protect": ProtectedLRU,
-    "static": lambda: StaticPin(pin_fraction=0.5), "belady": Belady,
+    "lru": LRU,
+    "lfu": LFU,
+    "lrfu": lambda: LRFU(decay=0.05),
+    "lru-protect": ProtectedLRU,
+    "static": lambda: StaticPin(pin_fraction=0.5),
+    "belady": Belady,
 }
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     d = tmp_path_factory.mktemp("sim")
-    return write_synthetic_trace(d / "t", n_tokens=240, num_layers=3, num_experts=8, top_k=2, law="markov",
-                                 noise=0.4, doc_len=40, seed=3)
+    return write_synthetic_trace(
+        d / "t",
+        n_tokens=240,
+        num_layers=3,
+        num_experts=8,
+        top_k=2,
+        law="markov",
+        noise=0.4,
+        doc_len=40,
+        seed=3,
+    )
 
 
 def _engine_counts(res):
     from moescope.simulate import kernel as K
 
-    names = {"access": K.C_ACCESS, "hit": K.C_HIT, "pf_hit": K.C_PF_HIT, "miss": K.C_MISS, "stream": K.C_STREAM,
-             "pf_load": K.C_PF_LOAD, "pf_waste": K.C_PF_WASTE}
+    names = {
+        "access": K.C_ACCESS,
+        "hit": K.C_HIT,
+        "pf_hit": K.C_PF_HIT,
+        "miss": K.C_MISS,
+        "stream": K.C_STREAM,
+        "pf_load": K.C_PF_LOAD,
+        "pf_waste": K.C_PF_WASTE,
+    }
     return {n: res.counts[i].tolist() for n, i in names.items()}
 
 
@@ -246,7 +266,9 @@ def test_engine_matches_reference(small, policy, shared, pf, mode):
 
 
 def _random_demand(rng, S, L, E, k):
-    return np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(S)]).astype(np.int16)
+    return np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(S)]).astype(
+        np.int16
+    )
 
 
 def _steps_of(demand, E):
@@ -297,7 +319,9 @@ def test_belady_never_beaten(tmp_path):
         cap = np.array([3 + trial % 5] * L)
         best = run(steps, Belady().fit(), cap, DEP, COST).counts[1].sum()
         pin = StaticPin()
-        pin.counts_ = np.bincount((np.arange(L)[None, :, None] * E + demand).ravel(), minlength=L * E).reshape(L, E)
+        pin.counts_ = np.bincount(
+            (np.arange(L)[None, :, None] * E + demand).ravel(), minlength=L * E
+        ).reshape(L, E)
         pin.fitted_ = True
         for pol in (LRU().fit(), LFU().fit(), LRFU().fit(), ProtectedLRU().fit(), pin):
             assert run(steps, pol, cap, DEP, COST).counts[1].sum() <= best
@@ -313,7 +337,7 @@ def test_lru_hits_match_stack_distance():
         expect = 0
         for i, e in enumerate(seq):
             prev = [j for j in range(i) if seq[j] == e]
-            if prev and len(set(seq[prev[-1] + 1:i])) < cap:
+            if prev and len(set(seq[prev[-1] + 1 : i])) < cap:
                 expect += 1
         assert res.counts[1].sum() == expect
 
@@ -359,8 +383,20 @@ def test_capacity_forms_and_errors():
         run(_steps_of(np.zeros((1, 1, 1), np.int16), 2), LRU(), np.array([1]), dep, cost)
 
 
-@pytest.mark.parametrize("cls", [LRU, LFU, LRFU, ProtectedLRU, StaticPin, Belady, TablePrefetcher,
-                                 PreviousTokenPrefetcher, OraclePrefetcher])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        LRU,
+        LFU,
+        LRFU,
+        ProtectedLRU,
+        StaticPin,
+        Belady,
+        TablePrefetcher,
+        PreviousTokenPrefetcher,
+        OraclePrefetcher,
+    ],
+)
 def test_estimator_contract(small, cls):
     est = cls()
     assert clone(est).get_params() == est.get_params()
@@ -396,8 +432,17 @@ def test_table_prefetcher_against_counts(small):
 
 
 def test_markov_trace_prefetch_helps(tmp_path):
-    tr = write_synthetic_trace(tmp_path / "m", n_tokens=2000, num_layers=4, num_experts=16, top_k=1, law="markov",
-                               noise=0.05, doc_len=100, seed=0)
+    tr = write_synthetic_trace(
+        tmp_path / "m",
+        n_tokens=2000,
+        num_layers=4,
+        num_experts=16,
+        top_k=1,
+        law="markov",
+        noise=0.05,
+        doc_len=100,
+        seed=0,
+    )
     cost = ModelCost(expert_params=3 * 1024 * 512, top_k=1)
     # compute long enough to hide a transfer: prefetch must then pay off in time as well as in hits
     dep = get_preset("rtx4090-pcie4").replace(compute_ms_per_layer=0.5)
@@ -416,13 +461,37 @@ def test_cli_simulate_and_sweep(small, tmp_path):
     from moescope.cli import app
 
     out = tmp_path / "sim"
-    r = CliRunner().invoke(app, ["simulate", str(small.path), "--expert-params", "6144", "--cache-fraction", "0.5",
-                                 "--prefetch", "table", "--budget", "2", "--sweep", "-o", str(out), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(small.path),
+            "--expert-params",
+            "6144",
+            "--cache-fraction",
+            "0.5",
+            "--prefetch",
+            "table",
+            "--budget",
+            "2",
+            "--sweep",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = _json.loads(r.stdout)
     assert doc["policy"] == "lru" and 0 <= doc["hit_rate"] <= 1 and doc["prefetcher"].startswith("table")
-    for name in ("summary.json", "per_layer.csv", "sweep.csv", "sweep_hit_rate.png", "sweep_hit_rate.csv",
-                 "sweep_tokens_per_s.png", "sweep_tokens_per_s.csv"):
+    for name in (
+        "summary.json",
+        "per_layer.csv",
+        "sweep.csv",
+        "sweep_hit_rate.png",
+        "sweep_hit_rate.csv",
+        "sweep_tokens_per_s.png",
+        "sweep_tokens_per_s.csv",
+    ):
         assert (out / name).is_file(), name
     import polars as pl
 
@@ -430,8 +499,21 @@ def test_cli_simulate_and_sweep(small, tmp_path):
     for (_frac, pf), part in sw.group_by(["cache_fraction", "prefetcher"]):
         if pf == "none":
             assert part.filter(pl.col("policy") == "belady")["hits"][0] == part["hits"].max()
-    bad = CliRunner().invoke(app, ["simulate", str(small.path), "--expert-params", "10", "--cache-fraction", "0.5",
-                                   "--policy", "fifo", "-o", str(out)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(small.path),
+            "--expert-params",
+            "10",
+            "--cache-fraction",
+            "0.5",
+            "--policy",
+            "fifo",
+            "-o",
+            str(out),
+        ],
+    )
     assert bad.exit_code != 0
     assert "unknown policy 'fifo'" in str(bad.exception) + bad.output
 
@@ -453,8 +535,11 @@ def test_lru_loop_matches_reference_on_random_traces(policy, shared):
         demand[rng.random(demand.shape) < 0.1] = -1  # unrecorded slots
         pref = np.where(rng.random((S, L, m)) < 0.8, rng.integers(0, E, (S, L, m)), -1).astype(np.int16)
         steps = _steps_of(demand, E)
-        steps.popularity = np.bincount((np.arange(L)[None, :, None] * E + np.maximum(demand, 0)).ravel(),
-                                       minlength=L * E).reshape(L, E).astype(float)
+        steps.popularity = (
+            np.bincount((np.arange(L)[None, :, None] * E + np.maximum(demand, 0)).ravel(), minlength=L * E)
+            .reshape(L, E)
+            .astype(float)
+        )
         steps.doc_start = rng.random(S) < 0.1
         steps.doc_start[0] = True
         cap = np.array([2 + trial]) if shared else np.array([1 + trial % 3, 2 + trial % 4, 3])
@@ -468,7 +553,9 @@ def test_lru_loop_matches_reference_on_random_traces(policy, shared):
         load_t, _ = load_times(DEP, COST, steps.popularity)
         compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2))
         pinned = set(np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist())
-        ref, t_end = reference(demand, pref, dist, E, cap, shared, "lru", pinned, load_t, compute, steps.doc_start)
+        ref, t_end = reference(
+            demand, pref, dist, E, cap, shared, "lru", pinned, load_t, compute, steps.doc_start
+        )
         assert _engine_counts(res) == ref
         assert res.total_s == pytest.approx(t_end, rel=1e-12)
 
@@ -532,7 +619,11 @@ def test_sequential_and_parallel_table_ranking_agree_with_brute_force(L, dist, m
 
 
 def test_rank_ids_equals_ranked(small):
-    for pf in (TablePrefetcher(distance=1, budget=3), TablePrefetcher(distance=2), OraclePrefetcher(budget=1)):
+    for pf in (
+        TablePrefetcher(distance=1, budget=3),
+        TablePrefetcher(distance=2),
+        OraclePrefetcher(budget=1),
+    ):
         pf.fit(small)
         ids = prepare(small).demand
         assert np.array_equal(pf.rank_ids(ids), pf.ranked(small))
@@ -562,8 +653,11 @@ def test_streamed_prefetch_equals_array_path(small, monkeypatch, policy, shared)
         demand = _random_demand(rng, S, L, E, k)
         demand[rng.random(demand.shape) < 0.15] = -1
         steps = _steps_of(demand, E)
-        steps.popularity = np.bincount((np.arange(L)[None, :, None] * E + np.maximum(demand, 0)).ravel(),
-                                       minlength=L * E).reshape(L, E).astype(float)
+        steps.popularity = (
+            np.bincount((np.arange(L)[None, :, None] * E + np.maximum(demand, 0)).ravel(), minlength=L * E)
+            .reshape(L, E)
+            .astype(float)
+        )
         steps.doc_start = rng.random(S) < 0.05
         steps.doc_start[0] = True
         cap = np.array([3 + trial]) if shared else np.array([2, 1 + trial, 3])
@@ -579,7 +673,9 @@ def test_streamed_prefetch_equals_array_path(small, monkeypatch, policy, shared)
         load_t, _ = load_times(DEP, COST, steps.popularity)
         compute = compute_times(DEP, COST, steps.tokens.astype(float), (demand >= 0).sum(2))
         pinned = set(np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist())
-        ref, t_end = reference(demand, pref, dist, E, cap, shared, policy, pinned, load_t, compute, steps.doc_start)
+        ref, t_end = reference(
+            demand, pref, dist, E, cap, shared, policy, pinned, load_t, compute, steps.doc_start
+        )
         assert _engine_counts(streamed) == ref
         assert streamed.total_s == pytest.approx(t_end, rel=1e-12)
     with pytest.raises(ConfigError, match="either prefetch"):
@@ -593,8 +689,16 @@ def test_simulate_streams_the_table_prefetcher(small):
     cap = np.array([3, 2, 4])
     pf = TablePrefetcher(distance=1, budget=2).fit(small)
     steps = prepare(small)
-    arr = run(steps, LRU().fit(), cap, DEP, COST, prefetch=step_prefetch(steps, pf.ranked(small)), distance=1,
-              prefetcher_name=pf.describe())
+    arr = run(
+        steps,
+        LRU().fit(),
+        cap,
+        DEP,
+        COST,
+        prefetch=step_prefetch(steps, pf.ranked(small)),
+        distance=1,
+        prefetcher_name=pf.describe(),
+    )
     res = simulate(small, LRU(), cap, DEP, COST, prefetcher=TablePrefetcher(distance=1, budget=2))
     assert res.summary() == arr.summary()
 
@@ -607,22 +711,48 @@ def test_cli_train_trace(small, tmp_path):
 
     from moescope.cli import app
 
-    train = write_synthetic_trace(tmp_path / "train", n_tokens=300, num_layers=3, num_experts=8, top_k=2,
-                                  law="markov", noise=0.4, doc_len=40, seed=9)
-    args = ["simulate", str(small.path), "--expert-params", "6144", "--cache-experts", "3", "--prefetch", "table",
-            "--budget", "2", "-o", str(tmp_path / "sim"), "--json"]
+    train = write_synthetic_trace(
+        tmp_path / "train",
+        n_tokens=300,
+        num_layers=3,
+        num_experts=8,
+        top_k=2,
+        law="markov",
+        noise=0.4,
+        doc_len=40,
+        seed=9,
+    )
+    args = [
+        "simulate",
+        str(small.path),
+        "--expert-params",
+        "6144",
+        "--cache-experts",
+        "3",
+        "--prefetch",
+        "table",
+        "--budget",
+        "2",
+        "-o",
+        str(tmp_path / "sim"),
+        "--json",
+    ]
     help_text = CliRunner().invoke(app, ["simulate", "--help"]).output
     assert "--train" in help_text and "flatters" in help_text
     r = CliRunner().invoke(app, [*args, "--train", str(train.path)])
     assert r.exit_code == 0, r.output
     cost = ModelCost(expert_params=6144, top_k=small.top_k)
     dep = get_preset("rtx4090-pcie4")
-    want = simulate(small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2), fit_trace=train)
+    want = simulate(
+        small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2), fit_trace=train
+    )
     self_fit = simulate(small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2))
     got = _json.loads(r.stdout)
     assert got["hits"] == want.summary()["hits"] and got["bytes_moved"] == want.summary()["bytes_moved"]
     assert want.summary()["hits"] != self_fit.summary()["hits"]  # the table really came from the other trace
-    other = write_synthetic_trace(tmp_path / "wide", n_tokens=100, num_layers=3, num_experts=16, top_k=2, seed=1)
+    other = write_synthetic_trace(
+        tmp_path / "wide", n_tokens=100, num_layers=3, num_experts=16, top_k=2, seed=1
+    )
     bad = CliRunner().invoke(app, [*args, "--train", str(other.path)])
     assert bad.exit_code != 0
     assert "was fitted on 3 layers x 16 experts" in str(bad.exception) + bad.output
@@ -636,7 +766,18 @@ def test_belady_may_evict_what_the_first_prefetch_loaded():
     pref = np.full((2, 3, 1), -1, np.int16)
     pref[0, 2, 0] = 0  # the first issue for layer 2 (after layer 1, event 1) loads expert 0, never used
     res = run(_steps_of(demand, 4), Belady().fit(), np.array([1]), DEP, COST, shared=True, prefetch=pref)
-    ref, _ = reference(demand, pref, 1, 4, np.array([1]), True, "belady", set(), np.ones(12), np.zeros((2, 3)),
-                       np.r_[True, False])
+    ref, _ = reference(
+        demand,
+        pref,
+        1,
+        4,
+        np.array([1]),
+        True,
+        "belady",
+        set(),
+        np.ones(12),
+        np.zeros((2, 3)),
+        np.r_[True, False],
+    )
     assert _engine_counts(res) == ref
     assert res.counts[1, 2] == 1  # kept at step 0 (evicting the useless prefetch), hit at step 1

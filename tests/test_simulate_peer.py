@@ -17,15 +17,26 @@ COST = ModelCost(expert_params=1000, top_k=2)
 def _ours(tr, fraction):
     cap = np.full(tr.num_layers, peer_budget(tr.num_experts, tr.top_k, fraction))
     dep = get_preset("rtx4090-pcie4")
-    return {name: simulate(tr, pol, cap, dep, COST, reset="document").summary()["hit_rate"]
-            for name, pol in (("topk_lru", LRU()), ("belady", Belady()))}
+    return {
+        name: simulate(tr, pol, cap, dep, COST, reset="document").summary()["hit_rate"]
+        for name, pol in (("topk_lru", LRU()), ("belady", Belady()))
+    }
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_lru_identical_to_peer_at_top1(tmp_path, fraction):
     """With one expert per token the two replays' LRU semantics coincide: identical hit rates."""
-    tr = write_synthetic_trace(tmp_path / "t", n_tokens=600, num_layers=3, num_experts=16, top_k=1, law="markov",
-                               noise=0.5, doc_len=100, seed=4)
+    tr = write_synthetic_trace(
+        tmp_path / "t",
+        n_tokens=600,
+        num_layers=3,
+        num_experts=16,
+        top_k=1,
+        law="markov",
+        noise=0.5,
+        doc_len=100,
+        seed=4,
+    )
     peer = peer_hit_rates(to_recording(tr), tr.top_k, fraction)
     ours = _ours(tr, fraction)
     assert ours["topk_lru"] == peer["topk_lru"]
@@ -36,8 +47,17 @@ def test_lru_identical_to_peer_at_top1(tmp_path, fraction):
 def test_belady_not_below_peer_at_top2(tmp_path):
     """The peer serves a token's experts one by one and may evict one the token still needs; our
     MIN decides the step's hits first and is optimal (tests/test_simulate.py), so it is never lower."""
-    tr = write_synthetic_trace(tmp_path / "t", n_tokens=600, num_layers=3, num_experts=16, top_k=2, law="markov",
-                               noise=0.5, doc_len=100, seed=4)
+    tr = write_synthetic_trace(
+        tmp_path / "t",
+        n_tokens=600,
+        num_layers=3,
+        num_experts=16,
+        top_k=2,
+        law="markov",
+        noise=0.5,
+        doc_len=100,
+        seed=4,
+    )
     peer = peer_hit_rates(to_recording(tr), tr.top_k, 0.25)
     ours = _ours(tr, 0.25)
     assert ours["belady"] >= peer["belady"]

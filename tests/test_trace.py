@@ -27,7 +27,9 @@ def write_docs(path, shard_rows=8, logits=False, n_docs=len(LENGTHS)):
         for d in range(n_docs):
             rows = make_rows(d, LENGTHS[d])
             if logits:
-                rows["logits"] = np.random.default_rng(d).standard_normal((LENGTHS[d], 3, 8)).astype(np.float16)
+                rows["logits"] = (
+                    np.random.default_rng(d).standard_normal((LENGTHS[d], 3, 8)).astype(np.float16)
+                )
             w.append(label=LABELS[d], **rows)
             w.commit(d)
             docs.append(rows)
@@ -158,7 +160,9 @@ def test_validate_reports_corrupted_shard(tmp_path):
 def test_validate_reports_missing_shard_and_bad_manifest(tmp_path):
     write_docs(tmp_path / "t")
     (tmp_path / "t" / "part-00001.parquet").unlink()
-    assert any("part-00001.parquet: listed in manifest.json but missing" in p for p in validate_trace(tmp_path / "t"))
+    assert any(
+        "part-00001.parquet: listed in manifest.json but missing" in p for p in validate_trace(tmp_path / "t")
+    )
     with pytest.raises(TraceError, match="shard listed in the manifest is missing"):
         Trace.open(tmp_path / "t")
     m = tmp_path / "t" / "manifest.json"
@@ -241,7 +245,9 @@ def test_split_writes_disjoint_document_halves_with_every_column(tmp_path):
 
     src = tmp_path / "src"
     spec = RoutingSpec(num_experts=8, top_k=2, moe_layers=[0, 1, 2], family="mixtral")
-    with TraceWriter.create(src, spec, columns=default_columns(weights=True, logits=True, token_text=True)) as w:
+    with TraceWriter.create(
+        src, spec, columns=default_columns(weights=True, logits=True, token_text=True)
+    ) as w:
         for doc in range(6):
             rows = make_rows(doc, 5 + doc)
             n = len(rows["doc_id"])
@@ -249,13 +255,17 @@ def test_split_writes_disjoint_document_halves_with_every_column(tmp_path):
             w.append(**rows, label=f"d{doc % 2}", logits=logits, token=[f"t{doc}_{i}" for i in range(n)])
             w.commit(doc)
     tr = Trace.open(src)
-    res = CliRunner().invoke(app, ["split", str(src), "-o", str(tmp_path / "out"), "--test-fraction", "0.34", "--json"])
+    res = CliRunner().invoke(
+        app, ["split", str(src), "-o", str(tmp_path / "out"), "--test-fraction", "0.34", "--json"]
+    )
     assert res.exit_code == 0, res.output
     train, test = Trace.open(tmp_path / "out" / "train"), Trace.open(tmp_path / "out" / "test")
     want_train, want_test = split_documents(tr, 0.34, 0)
     np.testing.assert_array_equal(train.documents(), want_train)
     np.testing.assert_array_equal(test.documents(), want_test)
-    assert validate_trace(tmp_path / "out" / "train") == [] and validate_trace(tmp_path / "out" / "test") == []
+    assert (
+        validate_trace(tmp_path / "out" / "train") == [] and validate_trace(tmp_path / "out" / "test") == []
+    )
     whole = tr.to_polars()
     for part in (train, test):
         got = part.to_polars()

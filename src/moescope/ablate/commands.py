@@ -57,18 +57,26 @@ def ablate(
         " Default: the bundled held-out corpus, labelled by domain.",
         show_default=False,
     ),
-    output: Path = typer.Option(Path("ablation"), "--output", "-o", help="Output directory for tables and figures."),
+    output: Path = typer.Option(
+        Path("ablation"), "--output", "-o", help="Output directory for tables and figures."
+    ),
     layer: str | None = typer.Option(
-        None, "--layer", help="Decoder-layer index of the MoE layer to ablate, several comma-separated, or 'all'"
-        " (default: the middle MoE layer)."
+        None,
+        "--layer",
+        help="Decoder-layer index of the MoE layer to ablate, several comma-separated, or 'all'"
+        " (default: the middle MoE layer).",
     ),
     experts: str | None = typer.Option(
-        None, "--experts", help="Experts to disable: '3', '1,4,6' (each in turn), '3+5' (together);"
-        " default: each expert of the layer in turn."
+        None,
+        "--experts",
+        help="Experts to disable: '3', '1,4,6' (each in turn), '3+5' (together);"
+        " default: each expert of the layer in turn.",
     ),
     mode: str = typer.Option(
-        "reroute", "--mode", help="reroute: the token's choice goes to the next best expert, reweighted the"
-        " family's way; drop: the expert's weight is set to zero, nothing renormalised."
+        "reroute",
+        "--mode",
+        help="reroute: the token's choice goes to the next best expert, reweighted the"
+        " family's way; drop: the expert's weight is set to zero, nothing renormalised.",
     ),
     rank_by: str = typer.Option(
         "accuracy", "--rank-by", help="Metric whose harm ranks experts: accuracy, top5, nll or perplexity."
@@ -78,23 +86,37 @@ def ablate(
         None, "--label-field", help="Record field holding each document's domain or category."
     ),
     label: str | None = typer.Option(None, "--label", help="One label for every document."),
-    preset: str | None = typer.Option(None, "--preset", help="Read local files with a preset's field mapping."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Read local files with a preset's field mapping."
+    ),
     split: str | None = typer.Option(None, "--split", help="Split of a hub or saved data set."),
-    data_config: str | None = typer.Option(None, "--data-config", help="Configuration name of a hub data set."),
-    txt_unit: str = typer.Option("paragraph", "--txt-unit", help="How .txt files become documents: paragraph, file or line."),
-    max_documents: int | None = typer.Option(None, "--max-documents", help="Read at most this many documents per source."),
+    data_config: str | None = typer.Option(
+        None, "--data-config", help="Configuration name of a hub data set."
+    ),
+    txt_unit: str = typer.Option(
+        "paragraph", "--txt-unit", help="How .txt files become documents: paragraph, file or line."
+    ),
+    max_documents: int | None = typer.Option(
+        None, "--max-documents", help="Read at most this many documents per source."
+    ),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", help="Use at most this many tokens in all; the last document is cut to fit."
     ),
     seq_len: int | None = typer.Option(
-        None, "--seq-len", help="Window length; longer documents are split (default: min(max_position_embeddings, 2048))."
+        None,
+        "--seq-len",
+        help="Window length; longer documents are split (default: min(max_position_embeddings, 2048)).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of documents for the intervals."),
+    bootstrap: int = typer.Option(
+        1000, "--bootstrap", help="Bootstrap resamples of documents for the intervals."
+    ),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the intervals."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="float32, bfloat16, float16 or auto (float32 on CPU, else the checkpoint's dtype)."
+        "auto",
+        "--dtype",
+        help="float32, bfloat16, float16 or auto (float32 on CPU, else the checkpoint's dtype).",
     ),
     no_figures: bool = typer.Option(False, "--no-figures", help="Write the tables only, no PNG figures."),
     seed: SeedOpt = 0,
@@ -116,10 +138,24 @@ def ablate(
     from moescope.ablate.sweep import AblateOptions, check_options, run_ablation
 
     opts = AblateOptions(
-        layers=parse_layers(layer), experts=parse_experts(experts), mode=mode, text_field=text_field,
-        label_field=label_field, label=label, preset=preset, split=split, data_config=data_config,
-        txt_unit=txt_unit, max_documents=max_documents, max_tokens=max_tokens, seq_len=seq_len,
-        batch_size=batch_size, bootstrap=bootstrap, confidence=confidence, seed=seed, rank_by=rank_by,
+        layers=parse_layers(layer),
+        experts=parse_experts(experts),
+        mode=mode,
+        text_field=text_field,
+        label_field=label_field,
+        label=label,
+        preset=preset,
+        split=split,
+        data_config=data_config,
+        txt_unit=txt_unit,
+        max_documents=max_documents,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        bootstrap=bootstrap,
+        confidence=confidence,
+        seed=seed,
+        rank_by=rank_by,
         figures=not no_figures,
     )
     check_options(opts)

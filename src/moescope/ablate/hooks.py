@@ -78,9 +78,15 @@ def rule_weights(
     elif rule.score == "sparsemixer":
         return _sparsemixer_weights(logits, ids, excluded, rule.jitter_eps)
     else:
-        raise ConfigError(f"weight rule score {rule.score!r} is not one of softmax, sigmoid, softmax_chosen, sparsemixer")
+        raise ConfigError(
+            f"weight rule score {rule.score!r} is not one of softmax, sigmoid, softmax_chosen, sparsemixer"
+        )
     if rule.norm_p is not None:
-        norm = w.sum(-1, keepdim=True) if rule.norm_p == 1 else torch.linalg.vector_norm(w, ord=rule.norm_p, dim=-1, keepdim=True)
+        norm = (
+            w.sum(-1, keepdim=True)
+            if rule.norm_p == 1
+            else torch.linalg.vector_norm(w, ord=rule.norm_p, dim=-1, keepdim=True)
+        )
         w = w / (norm + rule.norm_eps).clamp(min=rule.norm_floor)
     return w * rule.scale if rule.scale != 1.0 else w
 
@@ -153,7 +159,9 @@ def drop(ids: torch.Tensor, weights: torch.Tensor, off: torch.Tensor) -> tuple[t
     return ids, weights.masked_fill(hit, 0)
 
 
-def _encode_router_output(fam: FamilySpec, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int) -> Any:
+def _encode_router_output(
+    fam: FamilySpec, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int
+) -> Any:
     """The router output a block consumes, rebuilt from edited ``ids``/``w`` (N, k) (inverse of decode)."""
     if fam.selection == "router_dense_scores":  # Llama4: (scores (N, E), logits)
         scores = torch.zeros_like(out[0]).scatter(1, ids.long(), w.to(out[0].dtype))
@@ -275,7 +283,9 @@ class ExpertAblator(HookSet):
     def disabled(self) -> dict[int, list[int]]:
         """The experts currently off, as ``{decoder_layer: ids}``."""
         return {
-            self.spec.moe_layers[j]: m.nonzero().squeeze(1).tolist() for j, m in enumerate(self._off) if m is not None
+            self.spec.moe_layers[j]: m.nonzero().squeeze(1).tolist()
+            for j, m in enumerate(self._off)
+            if m is not None
         }
 
     # -- installation ---------------------------------------------------------------------------

@@ -36,13 +36,16 @@ def ranking(results: pl.DataFrame, num_experts: int) -> pl.DataFrame:
     df = df.sort(["layer", "impact"], descending=[False, True], nulls_last=True)
     df = df.with_columns(pl.int_range(1, pl.len() + 1).over("layer").alias("rank"))
     effect = (
-        pl.when(pl.col("impact_lo") > 0).then(pl.lit("critical"))
-        .when(pl.col("impact_hi") < 0).then(pl.lit("helps when off"))
+        pl.when(pl.col("impact_lo") > 0)
+        .then(pl.lit("critical"))
+        .when(pl.col("impact_hi") < 0)
+        .then(pl.lit("helps when off"))
         .otherwise(pl.lit("redundant"))
     )
     usage = (
         pl.when(pl.col("load_share") < pl.col("n_disabled") / num_experts)
-        .then(pl.lit("under-used")).otherwise(pl.lit("busy"))
+        .then(pl.lit("under-used"))
+        .otherwise(pl.lit("busy"))
     )
     return df.with_columns(effect.alias("effect"), usage.alias("usage"))
 
@@ -53,8 +56,17 @@ def load_vs_impact(results: pl.DataFrame, num_experts: int) -> tuple[pl.DataFram
 
     df = ranking(results, num_experts)
     df = df.filter(pl.col("n_disabled") == 1).select(
-        "layer", "moe_layer", pl.col("experts").cast(pl.Int64).alias("expert"), "load_share",
-        "direct_share", "impact", "impact_lo", "impact_hi", "rank", "usage", "effect",
+        "layer",
+        "moe_layer",
+        pl.col("experts").cast(pl.Int64).alias("expert"),
+        "load_share",
+        "direct_share",
+        "impact",
+        "impact_lo",
+        "impact_hi",
+        "rank",
+        "usage",
+        "effect",
     )
     corr = []
     for (layer,), g in df.group_by(["layer"], maintain_order=True):
@@ -65,14 +77,30 @@ def load_vs_impact(results: pl.DataFrame, num_experts: int) -> tuple[pl.DataFram
             rho, p = float(r.statistic), float(r.pvalue)
         else:
             rho = p = float("nan")
-        corr.append({
-            "layer": layer, "experts": int(ok.sum()), "spearman_rho": rho, "p_value": p,
-            "critical": int((g["effect"] == "critical").sum()),
-            "under_used_critical": int(((g["effect"] == "critical") & (g["usage"] == "under-used")).sum()),
-            "under_used_redundant": int(((g["effect"] == "redundant") & (g["usage"] == "under-used")).sum()),
-        })
-    schema = {"layer": pl.Int64, "experts": pl.Int64, "spearman_rho": pl.Float64, "p_value": pl.Float64,
-              "critical": pl.Int64, "under_used_critical": pl.Int64, "under_used_redundant": pl.Int64}
+        corr.append(
+            {
+                "layer": layer,
+                "experts": int(ok.sum()),
+                "spearman_rho": rho,
+                "p_value": p,
+                "critical": int((g["effect"] == "critical").sum()),
+                "under_used_critical": int(
+                    ((g["effect"] == "critical") & (g["usage"] == "under-used")).sum()
+                ),
+                "under_used_redundant": int(
+                    ((g["effect"] == "redundant") & (g["usage"] == "under-used")).sum()
+                ),
+            }
+        )
+    schema = {
+        "layer": pl.Int64,
+        "experts": pl.Int64,
+        "spearman_rho": pl.Float64,
+        "p_value": pl.Float64,
+        "critical": pl.Int64,
+        "under_used_critical": pl.Int64,
+        "under_used_redundant": pl.Int64,
+    }
     return df, pl.DataFrame(corr, schema=schema)
 
 
@@ -80,7 +108,8 @@ def impact_frame(df: pl.DataFrame, metric: str) -> pl.DataFrame:
     """``df`` with its impact columns in plot units, named with the unit (``impact_pp``, ...)."""
     suffix, _, scale = _unit(metric)
     return df.with_columns(
-        (pl.col(c) * scale).alias(c.replace("impact", f"impact{suffix}")) for c in ("impact", "impact_lo", "impact_hi")
+        (pl.col(c) * scale).alias(c.replace("impact", f"impact{suffix}"))
+        for c in ("impact", "impact_lo", "impact_hi")
     ).drop(["impact", "impact_lo", "impact_hi"] if suffix else [])
 
 
@@ -109,8 +138,17 @@ def plot_heatmap(table: pl.DataFrame, metric: str, domains: list[str], title: st
             m[rows.index(r["experts"]), cols.index(r["domain"])] = r[col]
         # symmetric around 0, harm in red: a fall for accuracies, a rise for NLL and perplexity
         cmap = "RdBu" if HARM_SIGN[metric] < 0 else "RdBu_r"
-        heatmap(m, xlabel="domain", ylabel="disabled expert", title=f"layer {layer}: change in {metric}{label}",
-                cbar=f"ablated - baseline{label}", xticklabels=cols, yticklabels=rows, cmap=cmap, ax=ax)
+        heatmap(
+            m,
+            xlabel="domain",
+            ylabel="disabled expert",
+            title=f"layer {layer}: change in {metric}{label}",
+            cbar=f"ablated - baseline{label}",
+            xticklabels=cols,
+            yticklabels=rows,
+            cmap=cmap,
+            ax=ax,
+        )
         vmax = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
         ax.images[-1].set_clim(-vmax or -1e-12, vmax or 1e-12)
     fig.suptitle(title, fontsize=10)
@@ -195,22 +233,59 @@ def write_outputs(
     table(result.routing_change, "routing_change")
     rank = ranking(result.results, E)
     scatter, corr = load_vs_impact(result.results, E)
-    fig_params = {**(params or {}), "mode": info["mode"], "rank_by": metric, "bootstrap": info["bootstrap"],
-                  "confidence": info["confidence"], "seed": info["seed"], "resampling": info["resampling"]}
+    fig_params = {
+        **(params or {}),
+        "mode": info["mode"],
+        "rank_by": metric,
+        "bootstrap": info["bootstrap"],
+        "confidence": info["confidence"],
+        "seed": info["seed"],
+        "resampling": info["resampling"],
+    }
     tag = f"{info['family']}, {info['mode']}, {info['tokens']} tokens"
-    rank_cols = ["layer", "experts", "rank", "impact", "impact_lo", "impact_hi", "load_share", "usage", "effect"]
+    rank_cols = [
+        "layer",
+        "experts",
+        "rank",
+        "impact",
+        "impact_lo",
+        "impact_hi",
+        "load_share",
+        "usage",
+        "effect",
+    ]
     heat = heatmap_table(result.results, metric)
     rank_plot = impact_frame(rank.select(rank_cols), metric)
     scatter_plot = impact_frame(scatter, metric)
     if figures:
-        files += map(str, save_figure(plot_heatmap(heat, metric, info["domains"], f"Expert ablation ({tag})"),
-                                      heat, out / "heatmap", fig_params))
-        files += map(str, save_figure(plot_ranking(rank_plot, metric, f"Experts ranked by impact ({tag})"),
-                                      rank_plot, out / "ranking", fig_params))
+        files += map(
+            str,
+            save_figure(
+                plot_heatmap(heat, metric, info["domains"], f"Expert ablation ({tag})"),
+                heat,
+                out / "heatmap",
+                fig_params,
+            ),
+        )
+        files += map(
+            str,
+            save_figure(
+                plot_ranking(rank_plot, metric, f"Experts ranked by impact ({tag})"),
+                rank_plot,
+                out / "ranking",
+                fig_params,
+            ),
+        )
         if not scatter.is_empty():
-            files += map(str, save_figure(
-                plot_load_impact(scatter_plot, metric, E, f"Load share vs impact ({tag})"),
-                scatter_plot, out / "load_vs_impact", fig_params))
+            files += map(
+                str,
+                save_figure(
+                    plot_load_impact(scatter_plot, metric, E, f"Load share vs impact ({tag})"),
+                    scatter_plot,
+                    out / "load_vs_impact",
+                    fig_params,
+                ),
+            )
     else:
         table(heat, "heatmap")
         table(rank_plot, "ranking")
@@ -223,19 +298,28 @@ def write_outputs(
     for (layer,), g in rank.group_by(["layer"], maintain_order=True):
         top, bottom = g.row(0, named=True), g.row(len(g) - 1, named=True)
         c = corr.filter(pl.col("layer") == layer)
-        layers.append({
-            "layer": layer,
-            "most_harmful": {"experts": top["experts"], "impact": top["impact"],
-                             "interval": [top["impact_lo"], top["impact_hi"]], "load_share": top["load_share"]},
-            "least_harmful": {"experts": bottom["experts"], "impact": bottom["impact"],
-                              "interval": [bottom["impact_lo"], bottom["impact_hi"]],
-                              "load_share": bottom["load_share"]},
-            "critical": int((g["effect"] == "critical").sum()),
-            "conditions": len(g),
-            "spearman_load_impact": c["spearman_rho"][0] if len(c) else None,
-            "spearman_p_value": c["p_value"][0] if len(c) else None,
-            "mean_routing_changed_share": float(g["routing_changed_share"].mean()),
-        })
+        layers.append(
+            {
+                "layer": layer,
+                "most_harmful": {
+                    "experts": top["experts"],
+                    "impact": top["impact"],
+                    "interval": [top["impact_lo"], top["impact_hi"]],
+                    "load_share": top["load_share"],
+                },
+                "least_harmful": {
+                    "experts": bottom["experts"],
+                    "impact": bottom["impact"],
+                    "interval": [bottom["impact_lo"], bottom["impact_hi"]],
+                    "load_share": bottom["load_share"],
+                },
+                "critical": int((g["effect"] == "critical").sum()),
+                "conditions": len(g),
+                "spearman_load_impact": c["spearman_rho"][0] if len(c) else None,
+                "spearman_p_value": c["p_value"][0] if len(c) else None,
+                "mean_routing_changed_share": float(g["routing_changed_share"].mean()),
+            }
+        )
     summary = {
         **info,
         **(params or {}),

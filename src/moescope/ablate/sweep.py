@@ -107,9 +107,7 @@ def default_data() -> tuple[list[str], str]:
     return [str(corpus_path() / f"heldout-{d}.jsonl") for d in corpus_domains()], "domain"
 
 
-def prepare(
-    tokenizer: Any, data: Sequence[str], opts: AblateOptions, seq_len: int, pad_id: int
-) -> Prepared:
+def prepare(tokenizer: Any, data: Sequence[str], opts: AblateOptions, seq_len: int, pad_id: int) -> Prepared:
     """Read, tokenise and window the documents (capture's loaders), then plan padded batches."""
     from moescope.capture.data import (
         iter_documents,
@@ -122,8 +120,14 @@ def prepare(
 
     sources = [
         resolve_source(
-            item, text_field=opts.text_field, label_field=opts.label_field, label=opts.label,
-            preset=opts.preset, split=opts.split, data_config=opts.data_config, txt_unit=opts.txt_unit,
+            item,
+            text_field=opts.text_field,
+            label_field=opts.label_field,
+            label=opts.label,
+            preset=opts.preset,
+            split=opts.split,
+            data_config=opts.data_config,
+            txt_unit=opts.txt_unit,
             max_documents=opts.max_documents,
         )
         for item in data
@@ -253,13 +257,21 @@ def run_pass(
             continue
         assert baseline is not None and baseline.routing is not None
         base = baseline.routing[b]
-        dom = prep.doc_labels[doc.reshape(-1)[mask.reshape(-1).astype(bool)]]  # (n,) domain of each real token
+        dom = prep.doc_labels[
+            doc.reshape(-1)[mask.reshape(-1).astype(bool)]
+        ]  # (n,) domain of each real token
         changed = (routing != base).any(axis=-1)  # (n, L)
         direct = np.isin(base[:, j], disabled).any(axis=-1)  # (n,)
         for layer in range(L):
-            res.changed[:, layer] += np.bincount(dom, weights=changed[:, layer], minlength=nd).astype(np.int64)
-        res.any_changed += np.bincount(dom, weights=changed.any(axis=1) | direct, minlength=nd).astype(np.int64)
-        res.downstream += np.bincount(dom, weights=changed[:, j + 1 :].any(axis=1), minlength=nd).astype(np.int64)
+            res.changed[:, layer] += np.bincount(dom, weights=changed[:, layer], minlength=nd).astype(
+                np.int64
+            )
+        res.any_changed += np.bincount(dom, weights=changed.any(axis=1) | direct, minlength=nd).astype(
+            np.int64
+        )
+        res.downstream += np.bincount(dom, weights=changed[:, j + 1 :].any(axis=1), minlength=nd).astype(
+            np.int64
+        )
         res.direct += np.bincount(dom, weights=direct, minlength=nd).astype(np.int64)
     res.seconds = time.perf_counter() - t0
     ablator.set(None)
@@ -319,7 +331,9 @@ def run_ablation(
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     prep = prepare(tokenizer, data, opts, seq_len, ensure_pad_token(tokenizer))
     D = len(prep.doc_labels)
-    log(f"{D} documents, {prep.tokens} tokens, {len(prep.batches)} batches, {len(conds)} conditions + baseline")
+    log(
+        f"{D} documents, {prep.tokens} tokens, {len(prep.batches)} batches, {len(conds)} conditions + baseline"
+    )
 
     groups = [np.flatnonzero(prep.doc_labels == i) for i in range(len(prep.domains))]
     W = resample_counts(groups, D, opts.bootstrap, opts.seed)
@@ -347,55 +361,89 @@ def run_ablation(
                 cmp = compare(base.totals, res.totals, docs, W, opts.confidence)
                 sign = HARM_SIGN[opts.rank_by]
                 lo, hi = sign * cmp[f"delta_{opts.rank_by}_lo"], sign * cmp[f"delta_{opts.rank_by}_hi"]
-                rows.append({
-                    "layer": layer,
-                    "moe_layer": j,
-                    "experts": label,
-                    "n_disabled": len(experts),
-                    "mode": opts.mode,
-                    "domain": scope,
-                    "documents": len(docs),
-                    "predictions": int(base.totals.n[docs].sum()),
-                    "tokens": n_tok,
-                    "load_share": float(share[-1 if scope == ALL else si, j, list(experts)].sum()),
-                    "direct_share": _ratio(res.direct[dsel], n_tok),
-                    "routing_changed_share": _ratio(res.any_changed[dsel], n_tok),
-                    "downstream_changed_share": _ratio(res.downstream[dsel], n_tok),
-                    **cmp,
-                    "impact": sign * cmp[f"delta_{opts.rank_by}"] + 0.0,  # + 0.0: no negative zero
-                    "impact_lo": min(lo, hi) + 0.0,
-                    "impact_hi": max(lo, hi) + 0.0,
-                })
+                rows.append(
+                    {
+                        "layer": layer,
+                        "moe_layer": j,
+                        "experts": label,
+                        "n_disabled": len(experts),
+                        "mode": opts.mode,
+                        "domain": scope,
+                        "documents": len(docs),
+                        "predictions": int(base.totals.n[docs].sum()),
+                        "tokens": n_tok,
+                        "load_share": float(share[-1 if scope == ALL else si, j, list(experts)].sum()),
+                        "direct_share": _ratio(res.direct[dsel], n_tok),
+                        "routing_changed_share": _ratio(res.any_changed[dsel], n_tok),
+                        "downstream_changed_share": _ratio(res.downstream[dsel], n_tok),
+                        **cmp,
+                        "impact": sign * cmp[f"delta_{opts.rank_by}"] + 0.0,  # + 0.0: no negative zero
+                        "impact_lo": min(lo, hi) + 0.0,
+                        "impact_hi": max(lo, hi) + 0.0,
+                    }
+                )
             for t in range(ablator.spec.num_moe_layers):
-                change_rows.append({
-                    "layer": layer, "experts": experts_label(experts), "mode": opts.mode,
-                    "observed_layer": ablator.spec.moe_layers[t], "observed_moe_layer": t,
-                    "changed_share": _ratio(res.changed[:, t], int(tokens[-1])),
-                })
+                change_rows.append(
+                    {
+                        "layer": layer,
+                        "experts": experts_label(experts),
+                        "mode": opts.mode,
+                        "observed_layer": ablator.spec.moe_layers[t],
+                        "observed_moe_layer": t,
+                        "changed_share": _ratio(res.changed[:, t], int(tokens[-1])),
+                    }
+                )
 
     baseline_rows = [
-        {"domain": scope, "documents": len(docs), "predictions": int(base.totals.n[docs].sum()),
-         **baseline_intervals(base.totals, docs, W, opts.confidence)}
+        {
+            "domain": scope,
+            "documents": len(docs),
+            "predictions": int(base.totals.n[docs].sum()),
+            **baseline_intervals(base.totals, docs, W, opts.confidence),
+        }
         for scope, docs in scopes
     ]
     spec = ablator.spec
     load_rows = [
-        {"domain": scope, "layer": spec.moe_layers[t], "moe_layer": t, "expert": e,
-         "load_share": float(share[si, t, e])}
-        for si, (scope, _) in enumerate(scopes) for t in range(spec.num_moe_layers) for e in range(spec.num_experts)
+        {
+            "domain": scope,
+            "layer": spec.moe_layers[t],
+            "moe_layer": t,
+            "expert": e,
+            "load_share": float(share[si, t, e]),
+        }
+        for si, (scope, _) in enumerate(scopes)
+        for t in range(spec.num_moe_layers)
+        for e in range(spec.num_experts)
     ]
     info = {
-        "family": spec.family, "num_experts": spec.num_experts, "top_k": spec.top_k,
-        "moe_layers": list(spec.moe_layers), "mode": opts.mode, "rank_by": opts.rank_by,
-        "documents": D, "tokens": prep.tokens, "predictions": int(base.totals.n.sum()),
-        "domains": prep.domains, "seq_len": prep.seq_len, "batches": len(prep.batches),
-        "conditions": len(conds), "bootstrap": opts.bootstrap, "confidence": opts.confidence,
-        "seed": opts.seed, "resampling": "documents, stratified by domain, paired",
-        "seconds_baseline": seconds[0], "seconds_conditions": float(sum(seconds[1:])),
+        "family": spec.family,
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "moe_layers": list(spec.moe_layers),
+        "mode": opts.mode,
+        "rank_by": opts.rank_by,
+        "documents": D,
+        "tokens": prep.tokens,
+        "predictions": int(base.totals.n.sum()),
+        "domains": prep.domains,
+        "seq_len": prep.seq_len,
+        "batches": len(prep.batches),
+        "conditions": len(conds),
+        "bootstrap": opts.bootstrap,
+        "confidence": opts.confidence,
+        "seed": opts.seed,
+        "resampling": "documents, stratified by domain, paired",
+        "seconds_baseline": seconds[0],
+        "seconds_conditions": float(sum(seconds[1:])),
         "tokens_per_second": float(prep.tokens * len(seconds) / max(sum(seconds), 1e-9)),
     }
     return AblationResult(
-        pl.DataFrame(rows), pl.DataFrame(baseline_rows), pl.DataFrame(load_rows), pl.DataFrame(change_rows), info
+        pl.DataFrame(rows),
+        pl.DataFrame(baseline_rows),
+        pl.DataFrame(load_rows),
+        pl.DataFrame(change_rows),
+        info,
     )
 
 

@@ -154,7 +154,9 @@ def require(trace: Trace, column: str, analysis: str) -> None:
     """Raise :class:`DataError` naming the analysis when the trace lacks an optional column."""
     have = {"weights": trace.has_weights, "logits": trace.has_logits}
     if column in have and not have[column]:
-        raise DataError(f"{trace.path}: {analysis} needs the {column!r} column, which this trace does not have")
+        raise DataError(
+            f"{trace.path}: {analysis} needs the {column!r} column, which this trace does not have"
+        )
 
 
 def run_pass(
@@ -168,7 +170,11 @@ def run_pass(
     cols: set[str] = {"experts"}
     for acc in accumulators:
         cols |= acc.columns
-    order = [c for c in ("doc_id", "position", "token_id", "label", "token", "experts", "weights", "logits") if c in cols]
+    order = [
+        c
+        for c in ("doc_id", "position", "token_id", "label", "token", "experts", "weights", "logits")
+        if c in cols
+    ]
     sel = np.asarray(ctx.cols)
     all_layers = ctx.Ls == trace.num_layers
     missing = trace.missing_id

@@ -31,17 +31,23 @@ def analyze(
     trace: TraceArg,
     output: OutDirOpt = Path("analysis"),
     analyses: Annotated[
-        str, typer.Option("--analyses", "-a", help=f"Comma-separated analyses to run, from: {', '.join(ANALYSES)}.")
+        str,
+        typer.Option(
+            "--analyses", "-a", help=f"Comma-separated analyses to run, from: {', '.join(ANALYSES)}."
+        ),
     ] = ",".join(ANALYSES),
     layers: Annotated[
-        str | None, typer.Option("--layers", help="Comma-separated decoder-layer indices of MoE layers (default: all).")
+        str | None,
+        typer.Option("--layers", help="Comma-separated decoder-layer indices of MoE layers (default: all)."),
     ] = None,
     domains: Annotated[
         str | None, typer.Option("--domains", help="Comma-separated domain labels to keep (default: all).")
     ] = None,
     target_layer: Annotated[
         int | None,
-        typer.Option("--target-layer", help="Layer for single-layer figures (histograms, heatmaps); default: middle."),
+        typer.Option(
+            "--target-layer", help="Layer for single-layer figures (histograms, heatmaps); default: middle."
+        ),
     ] = None,
     compare: Annotated[
         Path | None,
@@ -51,27 +57,40 @@ def analyze(
         str, typer.Option("--distances", help="Comma-separated layer distances d for co-occurrence L -> L+d.")
     ] = "1",
     min_count: Annotated[
-        int, typer.Option("--min-count", help="Vocabulary specialisation: token ids seen at least this often.")
+        int,
+        typer.Option("--min-count", help="Vocabulary specialisation: token ids seen at least this often."),
     ] = 10,
     permutations: Annotated[
-        int, typer.Option("--permutations", help="Permutations of the domain labels for the specialisation test.")
+        int,
+        typer.Option("--permutations", help="Permutations of the domain labels for the specialisation test."),
     ] = 200,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", help="Trajectories: sample about this many tokens (all if fewer).")
     ] = 100_000,
-    tsne_points: Annotated[int, typer.Option("--tsne-points", help="Trajectories: points in the t-SNE (0: skip).")] = 1000,
+    tsne_points: Annotated[
+        int, typer.Option("--tsne-points", help="Trajectories: points in the t-SNE (0: skip).")
+    ] = 1000,
     kde_kernel: Annotated[
-        str, typer.Option("--kde-kernel", help="Density: gaussian, tophat, epanechnikov, exponential, linear, cosine.")
+        str,
+        typer.Option(
+            "--kde-kernel", help="Density: gaussian, tophat, epanechnikov, exponential, linear, cosine."
+        ),
     ] = "gaussian",
     kde_bandwidth: Annotated[
         str, typer.Option("--kde-bandwidth", help="Density: scott, silverman or a number.")
     ] = "scott",
     kde_trim: Annotated[
-        int | None, typer.Option("--kde-trim", help="Density: fit on the t largest logits (sorted) instead of all E.")
+        int | None,
+        typer.Option("--kde-trim", help="Density: fit on the t largest logits (sorted) instead of all E."),
     ] = None,
-    kde_points: Annotated[int, typer.Option("--kde-points", help="Density: logit vectors sampled per layer.")] = 2000,
+    kde_points: Annotated[
+        int, typer.Option("--kde-points", help="Density: logit vectors sampled per layer.")
+    ] = 2000,
     per_expert_plots: Annotated[
-        bool, typer.Option("--per-expert-plots", help="Density: one figure of per-expert logit histograms per layer.")
+        bool,
+        typer.Option(
+            "--per-expert-plots", help="Density: one figure of per-expert logit histograms per layer."
+        ),
     ] = False,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,

@@ -55,7 +55,11 @@ class TransitionAccumulator:
     """Count matrices (A x A) for every selected layer pair at each distance."""
 
     def __init__(
-        self, ctx: Context, distances: Sequence[int] = (1,), alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET
+        self,
+        ctx: Context,
+        distances: Sequence[int] = (1,),
+        alphabet: str = "auto",
+        max_alphabet: int = MAX_ALPHABET,
     ) -> None:
         self.ctx = ctx
         self.columns = {"experts"}
@@ -103,7 +107,9 @@ class TransitionAccumulator:
         for p, (i, j, d) in enumerate(self.pairs):
             c = mats[p]
             s = summarise_counts(c)
-            summary.append({"layer_from": ids[i], "layer_to": ids[j], "distance": d, "alphabet": self.mode, **s})
+            summary.append(
+                {"layer_from": ids[i], "layer_to": ids[j], "distance": d, "alphabet": self.mode, **s}
+            )
             frame = transition_frame(c)
             frame = frame.with_columns(
                 pl.lit(ids[i], pl.Int32).alias("layer_from"),
@@ -151,8 +157,15 @@ def summarise_counts(c: np.ndarray) -> dict[str, float]:
     c = np.asarray(c, np.float64)
     n = c.sum()
     if n == 0:
-        return {"samples": 0, "mi_bits": None, "mi_bias_bits": None, "mi_corrected_bits": None,
-                "h_from_bits": None, "h_to_bits": None, "nmi": None}
+        return {
+            "samples": 0,
+            "mi_bits": None,
+            "mi_bias_bits": None,
+            "mi_corrected_bits": None,
+            "h_from_bits": None,
+            "h_to_bits": None,
+            "nmi": None,
+        }
     pj = c / n
     pi, pk = pj.sum(1), pj.sum(0)
     h_from, h_to, h_joint = float(entropy_bits(pi)), float(entropy_bits(pk)), float(entropy_bits(pj.ravel()))
@@ -242,7 +255,9 @@ class CoactivationAccumulator:
         ).with_columns(pl.col("p_b_given_a", "ratio_to_null").fill_nan(None))
 
 
-def coactivation(trace: Trace, layers: Iterable[int] | None = None, *, batch_size: int = 65536) -> pl.DataFrame:
+def coactivation(
+    trace: Trace, layers: Iterable[int] | None = None, *, batch_size: int = 65536
+) -> pl.DataFrame:
     """Intra-layer co-activation P(b | a) over all ordered pairs of a token's k chosen experts.
 
     Under uniform random k-subsets P(b | a) = (k - 1) / (E - 1) (column ``null_p_b_given_a``);
@@ -254,7 +269,9 @@ def coactivation(trace: Trace, layers: Iterable[int] | None = None, *, batch_siz
     return acc.result()
 
 
-def transition_matrix(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, size: int) -> np.ndarray:
+def transition_matrix(
+    cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, size: int
+) -> np.ndarray:
     """Dense ``(A, A)`` matrix of one pair's ``value`` column (zeros where no count; NaN lift/PMI there)."""
     g = cells.filter((pl.col("layer_from") == layer_from) & (pl.col("layer_to") == layer_to))
     if g.is_empty():
@@ -280,8 +297,14 @@ def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: 
     }
     center = {"lift": 1.0, "pmi_bits": 0.0}.get(value)
     return heatmap(
-        m, xlabel=f"j (layer {layer_to})", ylabel=f"i (layer {layer_from})", title=titles[value], cbar=value,
-        xticklabels=names, yticklabels=names, center=center,
+        m,
+        xlabel=f"j (layer {layer_to})",
+        ylabel=f"i (layer {layer_from})",
+        title=titles[value],
+        cbar=value,
+        xticklabels=names,
+        yticklabels=names,
+        center=center,
     )
 
 
@@ -309,5 +332,12 @@ def plot_coactivation(coact: pl.DataFrame, layer: int, num_experts: int):
     m = np.full((num_experts, num_experts), np.nan)
     m[g["a"].to_numpy(), g["b"].to_numpy()] = g["p_b_given_a"].fill_null(np.nan).to_numpy()
     names = [str(e) for e in range(num_experts)]
-    return heatmap(m, xlabel="b", ylabel="a", title=f"Co-activation P(b | a) at layer {layer}", cbar="P(b|a)",
-                   xticklabels=names, yticklabels=names)
+    return heatmap(
+        m,
+        xlabel="b",
+        ylabel="a",
+        title=f"Co-activation P(b | a) at layer {layer}",
+        cbar="P(b|a)",
+        xticklabels=names,
+        yticklabels=names,
+    )

@@ -113,7 +113,9 @@ class LogitDensity:
             pts = self.points[layer]
             if self.kernel == "gaussian":
                 try:
-                    self._models[layer] = stats.gaussian_kde(pts.T, bw_method=self.bw_value.get(layer, self.bandwidth))
+                    self._models[layer] = stats.gaussian_kde(
+                        pts.T, bw_method=self.bw_value.get(layer, self.bandwidth)
+                    )
                 except np.linalg.LinAlgError:
                     raise DataError(
                         f"layer {layer}: the logit sample's covariance is singular ({len(pts)} points in"
@@ -162,9 +164,16 @@ class LogitDensity:
 
         atomic_write(npz, write)
         meta = {
-            "format": FORMAT, "version": 1, "kernel": self.kernel, "bandwidth": self.bandwidth, "trim": self.trim,
-            "num_experts": self.num_experts, "top_k": self.top_k, "layers": self.layers,
-            "bandwidth_value": {str(k): v for k, v in self.bw_value.items()}, "source": self.source,
+            "format": FORMAT,
+            "version": 1,
+            "kernel": self.kernel,
+            "bandwidth": self.bandwidth,
+            "trim": self.trim,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "layers": self.layers,
+            "bandwidth_value": {str(k): v for k, v in self.bw_value.items()},
+            "source": self.source,
             "points": {str(k): len(v) for k, v in self.points.items()},
         }
         atomic_write_json(path.with_suffix(".json"), meta)
@@ -186,13 +195,24 @@ class LogitDensity:
             raise DataError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
         with np.load(npz_path, allow_pickle=False) as z:
             try:
-                get = {name: {int(l): z[f"{name}_{l}"] for l in meta["layers"]} for name in ("points", "raw", "ref", "pop")}  # noqa: E741
+                get = {
+                    name: {int(layer): z[f"{name}_{layer}"] for layer in meta["layers"]}
+                    for name in ("points", "raw", "ref", "pop")
+                }
             except KeyError as exc:
                 raise DataError(f"{npz_path}: missing array {exc}") from None
         return cls(
-            kernel=meta["kernel"], bandwidth=meta["bandwidth"], trim=meta["trim"], num_experts=meta["num_experts"],
-            top_k=meta["top_k"], points=get["points"], raw=get["raw"], ref_logdens=get["ref"], popularity=get["pop"],
-            bw_value={int(k): v for k, v in meta["bandwidth_value"].items()}, source=meta.get("source", ""),
+            kernel=meta["kernel"],
+            bandwidth=meta["bandwidth"],
+            trim=meta["trim"],
+            num_experts=meta["num_experts"],
+            top_k=meta["top_k"],
+            points=get["points"],
+            raw=get["raw"],
+            ref_logdens=get["ref"],
+            popularity=get["pop"],
+            bw_value={int(k): v for k, v in meta["bandwidth_value"].items()},
+            source=meta.get("source", ""),
         )
 
 
@@ -201,7 +221,9 @@ def _parse_bandwidth(bandwidth: str | float) -> str | float:
         try:
             bandwidth = float(bandwidth)
         except ValueError:
-            raise ConfigError(f"--kde-bandwidth must be scott, silverman or a positive number, got {bandwidth!r}") from None
+            raise ConfigError(
+                f"--kde-bandwidth must be scott, silverman or a positive number, got {bandwidth!r}"
+            ) from None
     if isinstance(bandwidth, float) and bandwidth <= 0:
         raise ConfigError(f"--kde-bandwidth must be positive, got {bandwidth}")
     return bandwidth
@@ -265,8 +287,14 @@ def fit_logit_density(
     """
     samples = sample_logits(trace, layers, max_points=max_points, seed=seed)
     return fit_from_samples(
-        samples, num_experts=trace.num_experts, top_k=trace.top_k, kernel=kernel, bandwidth=bandwidth, trim=trim,
-        seed=seed, source=str(trace.path),
+        samples,
+        num_experts=trace.num_experts,
+        top_k=trace.top_k,
+        kernel=kernel,
+        bandwidth=bandwidth,
+        trim=trim,
+        seed=seed,
+        source=str(trace.path),
     )
 
 
@@ -293,24 +321,50 @@ def score_from_samples(model: LogitDensity, samples: dict[int, np.ndarray]) -> d
         p = model.p_values(layer, x)
         joint.append(pl.DataFrame({"layer": np.full(len(p), layer), "log_density": ld, "p_value": p}))
         ks = stats.kstest(p, "uniform")
-        summ.append({"layer": layer, "vectors": len(p), "mean_p": float(p.mean()), "share_p_below_0.05": float((p < 0.05).mean()),
-                     "ks_stat_vs_uniform": float(ks.statistic), "ks_p_value": float(ks.pvalue)})
+        summ.append(
+            {
+                "layer": layer,
+                "vectors": len(p),
+                "mean_p": float(p.mean()),
+                "share_p_below_0.05": float((p < 0.05).mean()),
+                "ks_stat_vs_uniform": float(ks.statistic),
+                "ks_p_value": float(ks.pvalue),
+            }
+        )
         train = model.raw[layer]
         srt_t, srt_x = -np.sort(-train, 1), -np.sort(-x, 1)
         for r in range(min(k + 1, x.shape[1])):
             pr = _marginal_p(srt_t[:, r], srt_x[:, r])
-            by_rank.append({"layer": layer, "rank": r + 1, "vectors": len(pr), "mean_p": float(pr.mean()),
-                            "share_p_below_0.05": float((pr < 0.05).mean()),
-                            "ks_stat_vs_uniform": float(stats.kstest(pr, "uniform").statistic)})
+            by_rank.append(
+                {
+                    "layer": layer,
+                    "rank": r + 1,
+                    "vectors": len(pr),
+                    "mean_p": float(pr.mean()),
+                    "share_p_below_0.05": float((pr < 0.05).mean()),
+                    "ks_stat_vs_uniform": float(stats.kstest(pr, "uniform").statistic),
+                }
+            )
         order = np.argsort(-model.popularity[layer], kind="stable")
         for pos, e in enumerate(order):
             pe = _marginal_p(train[:, e], x[:, e])
-            by_pop.append({"layer": layer, "popularity_rank": pos + 1, "expert": int(e),
-                           "train_topk_count": int(model.popularity[layer][e]), "mean_p": float(pe.mean()),
-                           "share_p_below_0.05": float((pe < 0.05).mean()),
-                           "ks_stat_vs_uniform": float(stats.kstest(pe, "uniform").statistic)})
-    return {"p_values": pl.concat(joint) if joint else pl.DataFrame(), "summary": pl.DataFrame(summ),
-            "by_rank": pl.DataFrame(by_rank), "by_popularity": pl.DataFrame(by_pop)}
+            by_pop.append(
+                {
+                    "layer": layer,
+                    "popularity_rank": pos + 1,
+                    "expert": int(e),
+                    "train_topk_count": int(model.popularity[layer][e]),
+                    "mean_p": float(pe.mean()),
+                    "share_p_below_0.05": float((pe < 0.05).mean()),
+                    "ks_stat_vs_uniform": float(stats.kstest(pe, "uniform").statistic),
+                }
+            )
+    return {
+        "p_values": pl.concat(joint) if joint else pl.DataFrame(),
+        "summary": pl.DataFrame(summ),
+        "by_rank": pl.DataFrame(by_rank),
+        "by_popularity": pl.DataFrame(by_pop),
+    }
 
 
 def score_logits(
@@ -318,8 +372,12 @@ def score_logits(
 ) -> dict[str, pl.DataFrame]:
     """Score a seeded sample of ``trace``'s logit vectors under ``model`` (stage 6 of seed 002)."""
     if trace.num_experts != model.num_experts:
-        raise ConfigError(f"{trace.path}: {trace.num_experts} experts, the density model has {model.num_experts}")
-    samples = sample_logits(trace, [x for x in model.layers if x in trace.moe_layers], max_points=max_points, seed=seed)
+        raise ConfigError(
+            f"{trace.path}: {trace.num_experts} experts, the density model has {model.num_experts}"
+        )
+    samples = sample_logits(
+        trace, [x for x in model.layers if x in trace.moe_layers], max_points=max_points, seed=seed
+    )
     return score_from_samples(model, samples)
 
 
@@ -338,8 +396,17 @@ def logit_distributions(samples: dict[int, np.ndarray], router_kind: str, bins: 
             p = special.softmax(x, axis=1)
         for name, vals, rng in (("raw_logit", x.ravel(), None), ("probability", p.ravel(), (0.0, 1.0))):
             c, edges = np.histogram(vals, bins=bins, range=rng)
-            rows.append(pl.DataFrame({"layer": layer, "quantity": name, "bin_left": edges[:-1], "bin_right": edges[1:],
-                                      "count": c}))
+            rows.append(
+                pl.DataFrame(
+                    {
+                        "layer": layer,
+                        "quantity": name,
+                        "bin_left": edges[:-1],
+                        "bin_right": edges[1:],
+                        "count": c,
+                    }
+                )
+            )
     return pl.concat(rows)
 
 
@@ -368,7 +435,11 @@ def per_expert_distributions(samples: dict[int, np.ndarray], layer: int, bins: i
     rows = []
     for e in range(x.shape[1]):
         c, edges = np.histogram(x[:, e], bins=bins, range=(lo, hi))
-        rows.append(pl.DataFrame({"layer": layer, "expert": e, "bin_left": edges[:-1], "bin_right": edges[1:], "count": c}))
+        rows.append(
+            pl.DataFrame(
+                {"layer": layer, "expert": e, "bin_left": edges[:-1], "bin_right": edges[1:], "count": c}
+            )
+        )
     return pl.concat(rows)
 
 
@@ -387,8 +458,12 @@ def plot_per_expert(hist: pl.DataFrame):
     return fig
 
 
-def kernel_comparison(model: LogitDensity, layer: int, kernels: Iterable[str] = ("gaussian", "epanechnikov", "tophat"),
-                      grid: int = 200) -> pl.DataFrame:
+def kernel_comparison(
+    model: LogitDensity,
+    layer: int,
+    kernels: Iterable[str] = ("gaussian", "epanechnikov", "tophat"),
+    grid: int = 200,
+) -> pl.DataFrame:
     """Stage 5: 1-D densities of the top-1 logit under several kernels (same Scott bandwidth), the KDE
     CDF against the empirical CDF, for one layer."""
     from sklearn.neighbors import KernelDensity
@@ -429,8 +504,17 @@ def pvalue_histogram(pv: pl.DataFrame, bins: int = 20) -> pl.DataFrame:
     rows = []
     for (layer,), g in pv.group_by("layer", maintain_order=True):
         c, edges = np.histogram(g["p_value"].to_numpy(), bins=bins, range=(0, 1))
-        rows.append(pl.DataFrame({"layer": layer, "bin_left": edges[:-1], "bin_right": edges[1:], "count": c,
-                                  "uniform_count": np.full(bins, len(g) / bins)}))
+        rows.append(
+            pl.DataFrame(
+                {
+                    "layer": layer,
+                    "bin_left": edges[:-1],
+                    "bin_right": edges[1:],
+                    "count": c,
+                    "uniform_count": np.full(bins, len(g) / bins),
+                }
+            )
+        )
     return pl.concat(rows)
 
 

@@ -196,7 +196,9 @@ def plot_entropy_histogram(hist: pl.DataFrame, by_layer: pl.DataFrame, layer: in
     fig, ax = plt.subplots(figsize=(6, 3.4))
     left = h["bin_left_bits"].to_numpy()
     ax.bar(left, h["count"].to_numpy(), width=h["bin_right_bits"].to_numpy() - left, align="edge", alpha=0.8)
-    ax.axvline(row["mean_entropy_bits"][0], color="red", ls="--", label=f"mean {row['mean_entropy_bits'][0]:.3f}")
+    ax.axvline(
+        row["mean_entropy_bits"][0], color="red", ls="--", label=f"mean {row['mean_entropy_bits'][0]:.3f}"
+    )
     med = hist_median(h)
     ax.axvline(med, color="green", ls=":", label=f"median ≈ {med:.3f}")
     ax.set_xlabel("router entropy (bits)")

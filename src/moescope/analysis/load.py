@@ -168,10 +168,14 @@ def aux_loss(per_expert: pl.DataFrame) -> float | None:
     """
     if per_expert["mean_router_prob"].null_count():
         return None
-    g = per_expert.group_by("expert").agg(
-        pl.col("assignments").sum(),
-        (pl.col("mean_router_prob") * pl.col("logit_tokens")).sum().alias("psum"),
-    ).sort("expert")
+    g = (
+        per_expert.group_by("expert")
+        .agg(
+            pl.col("assignments").sum(),
+            (pl.col("mean_router_prob") * pl.col("logit_tokens")).sum().alias("psum"),
+        )
+        .sort("expert")
+    )
     layers = per_expert.group_by("layer").agg(pl.col("tokens").first(), pl.col("logit_tokens").first())
     T, Tp = layers["tokens"].sum(), layers["logit_tokens"].sum()
     if T == 0 or Tp == 0:
@@ -211,8 +215,13 @@ def plot_load_heatmap(per_expert: pl.DataFrame):
         g = per_expert.filter(pl.col("layer") == layer).sort("expert")
         m[i, g["expert"].to_numpy()] = g["assignment_share"].to_numpy() * E
     return heatmap(
-        m, xlabel="expert", ylabel="layer", yticklabels=[str(x) for x in layers],
-        title="Load relative to perfect balance (share x E; 1 = balanced)", cbar="share x E", center=1.0,
+        m,
+        xlabel="expert",
+        ylabel="layer",
+        yticklabels=[str(x) for x in layers],
+        title="Load relative to perfect balance (share x E; 1 = balanced)",
+        cbar="share x E",
+        center=1.0,
     )
 
 

@@ -41,7 +41,7 @@ class RepetitionAccumulator:
     def _fold(self, a: np.ndarray, b: np.ndarray, ok: np.ndarray, lab: np.ndarray) -> None:
         """``a``, ``b``: ``(m, Ls, k)`` expert ids of token i and i+1; ``ok``: ``(m, Ls)``; ``lab``: (m,)."""
         Ls = self.ctx.Ls
-        key = (np.where(lab < 0, self.D - 1, lab)[:, None] * Ls + np.arange(Ls)[None, :])  # (m, Ls)
+        key = np.where(lab < 0, self.D - 1, lab)[:, None] * Ls + np.arange(Ls)[None, :]  # (m, Ls)
         kk = key[ok]
         self.pairs += bincount(kk, len(self.pairs))
         same_first = a[..., 0] == b[..., 0]  # (m, Ls)
@@ -89,7 +89,9 @@ class RepetitionAccumulator:
                         "any_shared_null": null_any_shared(E, k),
                     }
                 )
-        return pl.DataFrame(rows, schema_overrides={"first_choice_same": pl.Float64, "any_shared": pl.Float64})
+        return pl.DataFrame(
+            rows, schema_overrides={"first_choice_same": pl.Float64, "any_shared": pl.Float64}
+        )
 
 
 def repetition(trace: Trace, layers: Iterable[int] | None = None, *, batch_size: int = 65536) -> pl.DataFrame:

@@ -126,12 +126,20 @@ def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, 
     ctx = acc.ctx
     k, E = ctx.k, ctx.E
     ls, t, e, c = acc.cells()
-    cells = pl.DataFrame({"col": ls.astype(np.int32), "token_id": t.astype(np.int64), "expert": e.astype(np.int32),
-                          "count": c.astype(np.int64)})
+    cells = pl.DataFrame(
+        {
+            "col": ls.astype(np.int32),
+            "token_id": t.astype(np.int64),
+            "expert": e.astype(np.int32),
+            "count": c.astype(np.int64),
+        }
+    )
     occ = cells.group_by("col", "token_id").agg((pl.col("count").sum() // k).alias("occurrences"))
     cells = cells.join(occ, on=["col", "token_id"]).filter(pl.col("occurrences") >= min_count)
     cells = cells.with_columns((pl.col("count") / pl.col("occurrences")).alias("token_fraction"))
-    layer_map = pl.DataFrame({"col": np.arange(ctx.Ls, dtype=np.int32), "layer": np.asarray(ctx.layer_ids, np.int32)})
+    layer_map = pl.DataFrame(
+        {"col": np.arange(ctx.Ls, dtype=np.int32), "layer": np.asarray(ctx.layer_ids, np.int32)}
+    )
     per_token = (
         cells.sort("count", "expert", descending=[True, False])
         .group_by("col", "token_id")
@@ -145,15 +153,17 @@ def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, 
     )
     text = acc.text
     if text:
-        per_token = per_token.with_columns(pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token"))
+        per_token = per_token.with_columns(
+            pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token")
+        )
     summary = (
         per_token.group_by("layer")
         .agg(
             pl.len().alias("token_ids"),
             pl.col("occurrences").sum(),
-            ((pl.col("top_expert_fraction") * pl.col("occurrences")).sum() / pl.col("occurrences").sum()).alias(
-                "specialisation_weighted"
-            ),
+            (
+                (pl.col("top_expert_fraction") * pl.col("occurrences")).sum() / pl.col("occurrences").sum()
+            ).alias("specialisation_weighted"),
             pl.col("top_expert_fraction").mean().alias("specialisation_mean"),
         )
         .with_columns(pl.lit(k / E).alias("uniform_fraction"), pl.lit(min_count).alias("min_count"))
@@ -169,7 +179,9 @@ def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, 
         .sort("layer", "expert", "rank")
     )
     if text:
-        tops = tops.with_columns(pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token"))
+        tops = tops.with_columns(
+            pl.col("token_id").replace_strict(text, default=None, return_dtype=pl.String).alias("token")
+        )
     return {"per_token": per_token.drop("col"), "summary": summary, "top_tokens": tops}
 
 
@@ -200,7 +212,9 @@ def vocabulary_specialisation(
 class DomainAccumulator:
     """Per (domain, layer, expert) counts, and per (document, layer, expert) counts for the permutation test."""
 
-    def __init__(self, ctx: Context, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False) -> None:
+    def __init__(
+        self, ctx: Context, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False
+    ) -> None:
         self.ctx = ctx
         self.single = single_domain  # every row is domain 0 (used to compare whole traces)
         self.columns = {"experts", "doc_id"} | (set() if single_domain else {"label"})
@@ -248,9 +262,13 @@ class DomainAccumulator:
 
     def result(self, n_perm: int = 200, seed: int = 0) -> dict[str, pl.DataFrame]:
         return domain_frames(
-            self.ctx, self.ctx.labels, self.counts, self.tokens,
+            self.ctx,
+            self.ctx.labels,
+            self.counts,
+            self.tokens,
             None if self.dropped_docs else (np.asarray(self.doc_counts), np.asarray(self.doc_labels)),
-            n_perm, seed,
+            n_perm,
+            seed,
         )
 
 
@@ -293,19 +311,35 @@ def domain_frames(
             T = tokens[d, i]
             for e in range(E):
                 rows.append((names[d], layer, e, int(T), int(counts[d, i, e])))
-    share = pl.DataFrame(rows, schema=["domain", "layer", "expert", "tokens", "count"], orient="row").with_columns(
-        (pl.col("count") / pl.col("tokens")).alias("token_fraction"),
-        pl.lit(k / E).alias("uniform_fraction"),
-    ).with_columns((pl.col("token_fraction") / pl.col("uniform_fraction")).alias("ratio_to_uniform"))
+    share = (
+        pl.DataFrame(rows, schema=["domain", "layer", "expert", "tokens", "count"], orient="row")
+        .with_columns(
+            (pl.col("count") / pl.col("tokens")).alias("token_fraction"),
+            pl.lit(k / E).alias("uniform_fraction"),
+        )
+        .with_columns((pl.col("token_fraction") / pl.col("uniform_fraction")).alias("ratio_to_uniform"))
+    )
     jsd = []
     for a in range(D):
         for b in range(a + 1, D):
             for i, layer in enumerate(ids):
                 ca, cb = counts[a, i].astype(float), counts[b, i].astype(float)
                 if ca.sum() and cb.sum():
-                    jsd.append({"domain_a": names[a], "domain_b": names[b], "layer": layer,
-                                "jsd_bits": _js_bits(ca / ca.sum(), cb / cb.sum())})
-    test: dict[str, object] = {"domains": D, "permutations": 0, "mi_bits_mean": None, "p_value": None, "note": ""}
+                    jsd.append(
+                        {
+                            "domain_a": names[a],
+                            "domain_b": names[b],
+                            "layer": layer,
+                            "jsd_bits": _js_bits(ca / ca.sum(), cb / cb.sum()),
+                        }
+                    )
+    test: dict[str, object] = {
+        "domains": D,
+        "permutations": 0,
+        "mi_bits_mean": None,
+        "p_value": None,
+        "note": "",
+    }
     present = [d for d in range(D) if counts[d].sum()]
     if len(present) < 2:
         test["note"] = "fewer than two domains with tokens: no test"
@@ -327,15 +361,21 @@ def domain_frames(
                 agg = onehot.T @ dc  # (G, Ls * E)
                 stat = float(np.nanmean(mi_domain_expert(agg.reshape(G, len(ids), E))))
                 ge += stat >= test["mi_bits_mean"] - 1e-12
-            test.update(permutations=n_perm, p_value=(1 + ge) / (1 + n_perm),
-                        note=f"domain labels permuted across {len(dl)} documents")
+            test.update(
+                permutations=n_perm,
+                p_value=(1 + ge) / (1 + n_perm),
+                note=f"domain labels permuted across {len(dl)} documents",
+            )
     return {
         "share": share,
-        "jsd": pl.DataFrame(jsd, schema={"domain_a": pl.String, "domain_b": pl.String, "layer": pl.Int64,
-                                         "jsd_bits": pl.Float64}),
+        "jsd": pl.DataFrame(
+            jsd,
+            schema={"domain_a": pl.String, "domain_b": pl.String, "layer": pl.Int64, "jsd_bits": pl.Float64},
+        ),
         "test": pl.DataFrame([test]),
         "mi_by_layer": pl.DataFrame({"layer": ids, "mi_bits": mi_domain_expert(counts[present])})
-        if len(present) >= 2 else pl.DataFrame({"layer": [], "mi_bits": []}),
+        if len(present) >= 2
+        else pl.DataFrame({"layer": [], "mi_bits": []}),
     }
 
 
@@ -406,8 +446,15 @@ def plot_domain_share(share: pl.DataFrame, layer: int):
     for i, d in enumerate(doms):
         h = g.filter(pl.col("domain") == d)
         m[i, h["expert"].to_numpy()] = h["ratio_to_uniform"].to_numpy()
-    return heatmap(m, xlabel="expert", ylabel="domain", yticklabels=doms, center=1.0, cbar="fraction / (k/E)",
-                   title=f"Domain specialisation at layer {layer} (1 = uniform k/E)")
+    return heatmap(
+        m,
+        xlabel="expert",
+        ylabel="domain",
+        yticklabels=doms,
+        center=1.0,
+        cbar="fraction / (k/E)",
+        title=f"Domain specialisation at layer {layer} (1 = uniform k/E)",
+    )
 
 
 def plot_vocab_specialisation(summary: pl.DataFrame):

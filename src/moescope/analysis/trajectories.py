@@ -99,7 +99,8 @@ class TrajectorySample:
         order = np.argsort(-counts, kind="stable")[:top]
         ids = self.ctx.layer_ids[start : start + width]
         names = [
-            " > ".join("-".join(str(e) for e in r.reshape(width, -1)[i]) for i in range(width)) for r in u[order]
+            " > ".join("-".join(str(e) for e in r.reshape(width, -1)[i]) for i in range(width))
+            for r in u[order]
         ]
         return pl.DataFrame(
             {
@@ -172,7 +173,9 @@ class TrajectorySample:
 
             sub = np.sort(rng.choice(len(pick), size=m, replace=False))
             perplexity = float(min(30.0, (m - 1) / 3))
-            emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Z[sub])
+            emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+                Z[sub]
+            )
             t1[sub], t2[sub] = emb[:, 0], emb[:, 1]
         return df.with_columns(pl.Series("tsne1", t1).fill_nan(None), pl.Series("tsne2", t2).fill_nan(None))
 
@@ -201,7 +204,11 @@ class TrajectorySample:
 
 
 def sample_trajectories(
-    trace: Trace, layers: Iterable[int] | None = None, *, max_tokens: int = 100_000, seed: int = 0,
+    trace: Trace,
+    layers: Iterable[int] | None = None,
+    *,
+    max_tokens: int = 100_000,
+    seed: int = 0,
     batch_size: int = 65536,
 ) -> TrajectorySample:
     """Sample trajectories from ``trace``; call :meth:`TrajectorySample.top_paths`, ``embedding``, ``curves``.

@@ -108,7 +108,10 @@ def _w_biased_sigmoid(config: Any) -> WeightRule:
     # DeepSeek-V3, GLM4-MoE: unbiased sigmoid scores, `/ (sum + 1e-20)` if norm_topk_prob, then scaled.
     norm = 1 if getattr(config, "norm_topk_prob", False) else None
     return WeightRule(
-        "sigmoid", norm_p=norm, norm_eps=1e-20, scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
+        "sigmoid",
+        norm_p=norm,
+        norm_eps=1e-20,
+        scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
     )
 
 
@@ -260,7 +263,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         is_moe_layer=_qwen_sparse,
     ),
     FamilySpec(
-        ("olmoe",), block="mlp", router="gate", router_classes=("OlmoeTopKRouter",), weight_rule=_w_norm_topk, **_STD
+        ("olmoe",),
+        block="mlp",
+        router="gate",
+        router_classes=("OlmoeTopKRouter",),
+        weight_rule=_w_norm_topk,
+        **_STD,
     ),
     FamilySpec(
         ("deepseek_v2",),

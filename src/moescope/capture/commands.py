@@ -39,12 +39,20 @@ def capture(
         None, "--label", help="One label for every document (default: the data set's name or file stem)."
     ),
     preset: str | None = typer.Option(
-        None, "--preset", help="Read local files with a preset's field mapping (e.g. ag_news for its categories)."
+        None,
+        "--preset",
+        help="Read local files with a preset's field mapping (e.g. ag_news for its categories).",
     ),
-    split: str | None = typer.Option(None, "--split", help="Split of a hub or saved data set (default: the preset's)."),
-    data_config: str | None = typer.Option(None, "--data-config", help="Configuration name of a hub data set."),
+    split: str | None = typer.Option(
+        None, "--split", help="Split of a hub or saved data set (default: the preset's)."
+    ),
+    data_config: str | None = typer.Option(
+        None, "--data-config", help="Configuration name of a hub data set."
+    ),
     txt_unit: str = typer.Option(
-        "paragraph", "--txt-unit", help="How .txt files become documents: paragraph (blank-line separated), file or line."
+        "paragraph",
+        "--txt-unit",
+        help="How .txt files become documents: paragraph (blank-line separated), file or line.",
     ),
     max_documents: int | None = typer.Option(
         None, "--max-documents", help="Read at most this many documents from each DATA source."
@@ -58,23 +66,35 @@ def capture(
         help="Window length: longer documents are split, positions continuing across windows"
         " (default: min(max_position_embeddings, 2048)).",
     ),
-    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass (similar lengths are batched)."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Windows per forward pass (similar lengths are batched)."
+    ),
     device: str = typer.Option(
         "auto", "--device", help="cpu, cuda, cuda:N or auto (device_map='auto' when CUDA is available)."
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="float32, bfloat16, float16 or auto (the checkpoint's dtype)."),
-    logits: bool = typer.Option(False, "--logits", help="Also record router logits (L x E per token, float16)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="float32, bfloat16, float16 or auto (the checkpoint's dtype)."
+    ),
+    logits: bool = typer.Option(
+        False, "--logits", help="Also record router logits (L x E per token, float16)."
+    ),
     lookahead: int = typer.Option(
         0, "--lookahead", help="Record gate lookahead: later layers' routers applied here, distances 1..D."
     ),
     lookahead_m: int | None = typer.Option(
-        None, "--lookahead-m", help="Experts kept per lookahead prediction (top_k..num_experts; default top_k)."
+        None,
+        "--lookahead-m",
+        help="Experts kept per lookahead prediction (top_k..num_experts; default top_k).",
     ),
     token_text: bool = typer.Option(False, "--token-text", help="Also store each token's text."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted trace after its last committed document (same settings)."
+        False,
+        "--resume",
+        help="Continue an interrupted trace after its last committed document (same settings).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace in the output directory."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing trace in the output directory."
+    ),
     shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows (tokens) per Parquet shard, at least."),
     json_out: JsonOpt = False,
 ) -> None:
@@ -92,10 +112,24 @@ def capture(
     from moescope.capture.runner import capture as run_capture
 
     opts = CaptureOptions(
-        text_field=text_field, label_field=label_field, label=label, preset=preset, split=split,
-        data_config=data_config, txt_unit=txt_unit, max_documents=max_documents, max_tokens=max_tokens,
-        seq_len=seq_len, batch_size=batch_size, logits=logits, lookahead=lookahead, lookahead_m=lookahead_m,
-        token_text=token_text, resume=resume, overwrite=overwrite, shard_rows=shard_rows,
+        text_field=text_field,
+        label_field=label_field,
+        label=label,
+        preset=preset,
+        split=split,
+        data_config=data_config,
+        txt_unit=txt_unit,
+        max_documents=max_documents,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        logits=logits,
+        lookahead=lookahead,
+        lookahead_m=lookahead_m,
+        token_text=token_text,
+        resume=resume,
+        overwrite=overwrite,
+        shard_rows=shard_rows,
     )
     with _Progress(max_tokens) as bar:
         result = run_capture(
@@ -106,7 +140,11 @@ def capture(
         f"{result.trace}: captured {result.tokens} tokens of {result.documents} documents"
         f" ({result.tokens_per_second:,.0f} tokens/s, {result.padded_tokens} padding tokens computed);"
         f" trace holds {result.total_tokens} tokens in {result.shards} shard(s)"
-        + (f"; resumed after document {result.resumed_after_document}" if result.resumed_after_document is not None else "")
+        + (
+            f"; resumed after document {result.resumed_after_document}"
+            if result.resumed_after_document is not None
+            else ""
+        )
     )
     emit(summary, json_out, text=text)
 

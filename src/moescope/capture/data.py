@@ -77,28 +77,56 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
-            "wikitext", "Salesforce/wikitext", "wikitext-103-raw-v1", "test", "text",
-            group="wikitext_articles", description="WikiText-103 (raw), one document per article",
+            "wikitext",
+            "Salesforce/wikitext",
+            "wikitext-103-raw-v1",
+            "test",
+            "text",
+            group="wikitext_articles",
+            description="WikiText-103 (raw), one document per article",
         ),
         Preset(
-            "wikitext-2", "Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text",
-            group="wikitext_articles", description="WikiText-2 (raw), one document per article",
+            "wikitext-2",
+            "Salesforce/wikitext",
+            "wikitext-2-raw-v1",
+            "test",
+            "text",
+            group="wikitext_articles",
+            description="WikiText-2 (raw), one document per article",
         ),
         Preset(
-            "lambada", "EleutherAI/lambada_openai", "default", "test", "text",
+            "lambada",
+            "EleutherAI/lambada_openai",
+            "default",
+            "test",
+            "text",
             description="LAMBADA (OpenAI version), one passage per document",
         ),
         Preset(
-            "hellaswag", "Rowan/hellaswag", None, "validation", _hellaswag_text, needs=("ctx", "endings"),
+            "hellaswag",
+            "Rowan/hellaswag",
+            None,
+            "validation",
+            _hellaswag_text,
+            needs=("ctx", "endings"),
             description="HellaSwag, context + gold ending",
         ),
         Preset(
-            "ag_news", "fancyzhx/ag_news", None, "test", "text", label_field="label",
+            "ag_news",
+            "fancyzhx/ag_news",
+            None,
+            "test",
+            "text",
+            label_field="label",
             label_names=("World", "Sports", "Business", "Sci/Tech"),
             description="AG News, labelled with its four categories",
         ),
         Preset(
-            "humaneval", "openai/openai_humaneval", None, "test", "prompt",
+            "humaneval",
+            "openai/openai_humaneval",
+            None,
+            "test",
+            "prompt",
             description="HumanEval, one function prompt per document",
         ),
     )
@@ -240,8 +268,10 @@ class Source:
         rule = self.mapping.text_rule()
         d["text"] = rule if isinstance(rule, str) else f"preset:{self.mapping.preset.name}"
         d["label_field"] = self.mapping.label_rule()
-        d["label"] = self.mapping.label if self.mapping.label is not None else (
-            None if self.mapping.label_rule() else self.mapping.default_label
+        d["label"] = (
+            self.mapping.label
+            if self.mapping.label is not None
+            else (None if self.mapping.label_rule() else self.mapping.default_label)
         )
         if self.mapping.preset is not None:
             d["preset"] = self.mapping.preset.name
@@ -254,7 +284,10 @@ class Source:
         """``(text, label)`` pairs in file order, before empty texts are dropped."""
         if self.kind == "txt":
             for text in _read_txt(self.path, self.txt_unit):
-                yield text, self.mapping.label if self.mapping.label is not None else self.mapping.default_label
+                yield (
+                    text,
+                    self.mapping.label if self.mapping.label is not None else self.mapping.default_label,
+                )
             return
         records = self._records()
         if self.group == "wikitext_articles":
@@ -283,9 +316,7 @@ class Source:
 
     def _load_dataset(self) -> Any:
         if self._dataset is None:
-            self._dataset = (
-                _load_from_disk(self.path, self.split) if self.kind == "disk" else _load_hub(self)
-            )
+            self._dataset = _load_from_disk(self.path, self.split) if self.kind == "disk" else _load_hub(self)
             if self.split is None and getattr(self._dataset, "split", None) is not None:
                 self.split = str(self._dataset.split)
         return self._dataset
@@ -303,7 +334,9 @@ def _read_txt(path: Path, unit: str) -> Iterator[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); convert it or use another format") from None
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {exc.start}); convert it or use another format"
+        ) from None
     if unit == "file":
         yield text
     elif unit == "line":
@@ -320,10 +353,14 @@ def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+                raise DataError(
+                    f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                ) from None
             for i, rec in enumerate(rows):
                 if not isinstance(rec, dict):
-                    raise DataError(f"{path}: item {i} is {type(rec).__name__}, expected an object with fields")
+                    raise DataError(
+                        f"{path}: item {i} is {type(rec).__name__}, expected an object with fields"
+                    )
                 yield rec, f"{path} item {i}"
             return
         for lineno, line in enumerate(f, 1):
@@ -334,7 +371,9 @@ def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: a JSON line must be an object with fields, got {type(rec).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: a JSON line must be an object with fields, got {type(rec).__name__}"
+                )
             yield rec, f"{path}:{lineno}"
 
 
@@ -400,7 +439,9 @@ def _pick_split(dsd: Any, split: str | None, where: str) -> Any:
     splits = list(dsd.keys())
     if split is not None:
         if split not in dsd:
-            raise DataError(f"{where}: no split {split!r}; available splits: {', '.join(splits)} (use --split)")
+            raise DataError(
+                f"{where}: no split {split!r}; available splits: {', '.join(splits)} (use --split)"
+            )
         return dsd[split]
     if len(splits) == 1:
         return dsd[splits[0]]
@@ -411,7 +452,9 @@ def _load_from_disk(path: Path, split: str | None) -> Any:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{path}: reading a saved data set needs the 'datasets' package (pip install datasets)") from None
+        raise ConfigError(
+            f"{path}: reading a saved data set needs the 'datasets' package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ...
@@ -427,7 +470,9 @@ def _load_hub(src: Source) -> Any:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{src.name}: loading a hub data set needs the 'datasets' package (pip install datasets)") from None
+        raise ConfigError(
+            f"{src.name}: loading a hub data set needs the 'datasets' package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_dataset(src.hub_path, src.config, split=src.split)
     except Exception as exc:  # offline, unknown name, bad config: datasets raises many types
@@ -466,8 +511,12 @@ def resolve_source(
     if p.exists():
         default_label = p.stem if p.is_file() else p.name
         mapping = FieldMapping(text_field, label_field, label, pre, default_label)
-        common = {"mapping": mapping, "path": p, "max_documents": max_documents,
-                  "group": pre.group if pre else None}
+        common = {
+            "mapping": mapping,
+            "path": p,
+            "max_documents": max_documents,
+            "group": pre.group if pre else None,
+        }
         if p.is_dir():
             if not _is_saved_dataset(p):
                 raise DataError(
@@ -497,15 +546,29 @@ def resolve_source(
             raise ConfigError(f"--preset {pre.name} conflicts with DATA {item!r}, itself a preset")
         mapping = FieldMapping(text_field, label_field, label, hub, hub.name)
         return Source(
-            item, "hub", mapping, hub_path=hub.path, config=data_config or hub.config,
-            split=split or hub.split, max_documents=max_documents, group=hub.group,
+            item,
+            "hub",
+            mapping,
+            hub_path=hub.path,
+            config=data_config or hub.config,
+            split=split or hub.split,
+            max_documents=max_documents,
+            group=hub.group,
         )
-    if any(item.lower().endswith(s) for s in (*TEXT_SUFFIXES, *JSON_SUFFIXES, *CSV_SUFFIXES, *PARQUET_SUFFIXES)):
+    if any(
+        item.lower().endswith(s) for s in (*TEXT_SUFFIXES, *JSON_SUFFIXES, *CSV_SUFFIXES, *PARQUET_SUFFIXES)
+    ):
         raise DataError(f"{item}: no such file")
     mapping = FieldMapping(text_field, label_field, label, pre, item.rsplit("/", 1)[-1])
     return Source(
-        item, "hub", mapping, hub_path=item, config=data_config, split=split or (pre.split if pre else None),
-        max_documents=max_documents, group=pre.group if pre else None,
+        item,
+        "hub",
+        mapping,
+        hub_path=item,
+        config=data_config,
+        split=split or (pre.split if pre else None),
+        max_documents=max_documents,
+        group=pre.group if pre else None,
     )
 
 

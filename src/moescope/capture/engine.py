@@ -443,7 +443,9 @@ class RoutingRecorder(HookSet):
                 lg = lg.reshape(-1, lg.shape[-1]) if lg.dim() == 3 else lg
                 _check(path, "router_logits", lg, (n_all, E))
                 parts.append(lg.to(dev))
-            result["logits"] = _host(torch.stack(parts, 1)[keep].float()).astype(self.logits_dtype, copy=False)
+            result["logits"] = _host(torch.stack(parts, 1)[keep].float()).astype(
+                self.logits_dtype, copy=False
+            )
         if self._plan is not None:
             sentinel, dt = missing_id(E), id_dtype(E)
             for variant in self._plan.variants:
@@ -454,7 +456,9 @@ class RoutingRecorder(HookSet):
                         for j in range(L - d):
                             pred = col.lookahead.get((variant, d, j))
                             if pred is None:
-                                raise ConfigError(f"lookahead {variant} d={d} was not computed at MoE layer {j}")
+                                raise ConfigError(
+                                    f"lookahead {variant} d={d} was not computed at MoE layer {j}"
+                                )
                             _check(spec.module_paths[j], f"lookahead_{variant}_d{d}", pred, (n_all, self._m))
                             parts.append(pred.to(dev))
                         arr[:, : L - d] = _host(torch.stack(parts, 1)[keep]).astype(dt)

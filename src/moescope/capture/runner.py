@@ -181,7 +181,9 @@ def _load_pretrained(name: str, device: str, torch_dtype: Any, log: Callable[[st
     local = Path(name).expanduser()
     source = "local" if local.is_dir() else "hub"
     if source == "local" and not (local / "config.json").is_file():
-        raise ConfigError(f"{local}: a model directory needs config.json (is this a saved transformers model?)")
+        raise ConfigError(
+            f"{local}: a model directory needs config.json (is this a saved transformers model?)"
+        )
     where = str(local) if source == "local" else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -197,7 +199,11 @@ def _load_pretrained(name: str, device: str, torch_dtype: Any, log: Callable[[st
             move_to = "cuda" if device == "auto" else device
             log(
                 f"accelerate is not installed: loading {name} on the CPU, then moving it to {move_to}"
-                + (" (install accelerate to spread it over devices with device_map='auto')" if device == "auto" else "")
+                + (
+                    " (install accelerate to spread it over devices with device_map='auto')"
+                    if device == "auto"
+                    else ""
+                )
             )
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -343,7 +349,9 @@ def _check_resume(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> 
     option = _OPTION_OF.get(top, top)
     if top == "data":
         leaf = path.rsplit(".", 1)[-1] if "." in path else ""
-        option = _DATA_OPTION_OF.get(leaf, "DATA (the data changed)" if leaf in ("sha256", "bytes", "fingerprint") else "DATA")
+        option = _DATA_OPTION_OF.get(
+            leaf, "DATA (the data changed)" if leaf in ("sha256", "bytes", "fingerprint") else "DATA"
+        )
     raise ConfigError(
         f"{directory}: cannot resume: capture setting {path!r} was {json.dumps(_lookup(old, path))},"
         f" now {json.dumps(_lookup(new, path))} (set by {option}); rerun with the original settings or"
@@ -377,8 +385,14 @@ def capture(
         raise DataError("no DATA given: pass at least one file, directory, preset or hub data set")
     sources = [
         resolve_source(
-            item, text_field=opts.text_field, label_field=opts.label_field, label=opts.label,
-            preset=opts.preset, split=opts.split, data_config=opts.data_config, txt_unit=opts.txt_unit,
+            item,
+            text_field=opts.text_field,
+            label_field=opts.label_field,
+            label=opts.label,
+            preset=opts.preset,
+            split=opts.split,
+            data_config=opts.data_config,
+            txt_unit=opts.txt_unit,
             max_documents=opts.max_documents,
         )
         for item in data
@@ -387,7 +401,9 @@ def capture(
     if output.exists() and not output.is_dir():
         raise TraceError(f"{output}: exists and is not a directory")
     if opts.resume and not resuming and output.is_dir() and any(output.iterdir()):
-        raise TraceError(f"{output}: --resume: the directory is not empty but has no manifest.json to resume from")
+        raise TraceError(
+            f"{output}: --resume: the directory is not empty but has no manifest.json to resume from"
+        )
     if output.is_dir() and any(output.iterdir()) and not (resuming or opts.overwrite):
         raise TraceError(
             f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
@@ -452,9 +468,16 @@ def capture(
         log(f"resuming {output} after document {writer.last_document}")
     else:
         writer = TraceWriter.create(
-            output, spec, columns=columns, model=model_info, tokenizer=tok_info,
-            datasets=[dict(d) for d in described], capture=capture_params,
-            source={"tool": "moescope capture"}, shard_rows=opts.shard_rows, overwrite=opts.overwrite,
+            output,
+            spec,
+            columns=columns,
+            model=model_info,
+            tokenizer=tok_info,
+            datasets=[dict(d) for d in described],
+            capture=capture_params,
+            source={"tool": "moescope capture"},
+            shard_rows=opts.shard_rows,
+            overwrite=opts.overwrite,
         )
     result = CaptureResult(trace=str(output), model=loaded.name, resumed_after_document=writer.last_document)
     start_doc = 0 if writer.last_document is None else writer.last_document + 1
@@ -498,7 +521,8 @@ class _Tally:
 
     def __init__(self, entries: list[dict[str, Any]]) -> None:
         self.entries = [
-            {"documents": 0, "tokens": 0, "labels": [], "first_doc": None, "last_doc": None, **e} for e in entries
+            {"documents": 0, "tokens": 0, "labels": [], "first_doc": None, "last_doc": None, **e}
+            for e in entries
         ]
 
     def add(self, docs: list[Document], ids: list[np.ndarray]) -> None:

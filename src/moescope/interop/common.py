@@ -687,5 +687,14 @@ def _ranges(layers: Sequence[int]) -> str:
 
 #: Options every importer takes: the routing facts (or a model preset giving them) and a label.
 ROUTING_OPTIONS = frozenset(
-    {"model", "num_experts", "top_k", "moe_layers", "family", "n_shared_experts", "num_hidden_layers", "label"}
+    {
+        "model",
+        "num_experts",
+        "top_k",
+        "moe_layers",
+        "family",
+        "n_shared_experts",
+        "num_hidden_layers",
+        "label",
+    }
 )

@@ -30,7 +30,6 @@ SEEDS: dict[str, str] = {
 }
 
 
-
 def _resolve(name: str) -> str:
     """``mini-mixtral-8x7b`` or ``mixtral-8x7b`` -> ``mini-mixtral-8x7b``; ConfigError otherwise."""
     key = name.strip().lower()

@@ -21,7 +21,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 #: Bytes in the order they enter a small vocabulary: printable ASCII first, then whitespace, then the rest.
-_BYTE_PRIORITY = [*range(32, 127), 10, 9, 13, *(b for b in range(256) if not (32 <= b < 127 or b in (9, 10, 13)))]
+_BYTE_PRIORITY = [
+    *range(32, 127),
+    10,
+    9,
+    13,
+    *(b for b in range(256) if not (32 <= b < 127 or b in (9, 10, 13))),
+]
 
 
 def byte_tokenizer(vocab_size: int = 260, *, pad: bool = True, eos: bool = True) -> Any:
@@ -38,7 +44,9 @@ def byte_tokenizer(vocab_size: int = 260, *, pad: bool = True, eos: bool = True)
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     if vocab_size < len(specials) + 95:
-        raise ConfigError(f"byte_tokenizer: vocab_size must be >= {len(specials) + 95} (printable ASCII), got {vocab_size}")
+        raise ConfigError(
+            f"byte_tokenizer: vocab_size must be >= {len(specials) + 95} (printable ASCII), got {vocab_size}"
+        )
     table = _bytes_to_unicode()
     vocab = {t: i for i, t in enumerate(specials)}
     for b in _BYTE_PRIORITY[: vocab_size - len(specials)]:

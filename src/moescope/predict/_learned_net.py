@@ -27,7 +27,9 @@ from torch import nn
 N_REL = 2  # the newest known own layers that also enter through relative-position rows
 N_RANK_BUCKETS = 4  # lookahead rank buckets: 0, 1, 2, 3+
 N_OVERLAP = 8  # experts shared with the same token's earlier occurrence at the newest known layer: 0..6, 7 = none known
-N_AGREE = 8  # share of all known own slots that the earlier occurrence shares, in sixths: 0..6, 7 = none known
+N_AGREE = (
+    8  # share of all known own slots that the earlier occurrence shares, in sixths: 0..6, 7 = none known
+)
 TOKEN_LAYER_FACTOR = 4  # (token, layer) hash buckets per token bucket
 
 
@@ -90,8 +92,18 @@ class Net(nn.Module):
     """
 
     def __init__(
-        self, lay: Layout, tl: TokenLayout, vocab: torch.Tensor, *, hidden: int, depth: int, dropout: float,
-        top_k: int, history_layers: int, use_same: bool, use_token: bool,
+        self,
+        lay: Layout,
+        tl: TokenLayout,
+        vocab: torch.Tensor,
+        *,
+        hidden: int,
+        depth: int,
+        dropout: float,
+        top_k: int,
+        history_layers: int,
+        use_same: bool,
+        use_token: bool,
     ) -> None:
         super().__init__()
         self.lay, self.tl = lay, tl
@@ -122,8 +134,15 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ shared pieces
     def _cell_sum(
-        self, layer: torch.Tensor, mode: torch.Tensor, V: torch.Tensor, last_ov: torch.Tensor, agree_num: torch.Tensor,
-        agree_den: torch.Tensor, has_same: torch.Tensor, look: torch.Tensor | None,
+        self,
+        layer: torch.Tensor,
+        mode: torch.Tensor,
+        V: torch.Tensor,
+        last_ov: torch.Tensor,
+        agree_num: torch.Tensor,
+        agree_den: torch.Tensor,
+        has_same: torch.Tensor,
+        look: torch.Tensor | None,
     ) -> torch.Tensor:
         """``(..., D)`` sum of each cell's ``cell`` rows: target layer, mode, same-token agreement, lookahead."""
         lay = self.lay
@@ -145,7 +164,9 @@ class Net(nn.Module):
         bag = F.embedding_bag(out.reshape(-1, out.shape[-1]), self.cell, mode="sum", padding_idx=lay.pad)
         return bag.view(*shape, -1)
 
-    def _token_sum(self, raw_tok: torch.Tensor, raw_ptok: torch.Tensor, layer: torch.Tensor) -> torch.Tensor | None:
+    def _token_sum(
+        self, raw_tok: torch.Tensor, raw_ptok: torch.Tensor, layer: torch.Tensor
+    ) -> torch.Tensor | None:
         """``(..., D)`` sum of the token rows of each cell (``raw_tok`` -1 where the token is hidden)."""
         if not self.use_token:
             return None
@@ -161,7 +182,9 @@ class Net(nn.Module):
         ptok = torch.where(raw_ptok >= 0, tl.ptok + row(raw_ptok), tl.pad)
         both = (raw_tok >= 0) & (raw_ptok >= 0)
         big = torch.where(both, tl.bigram + (raw_tok * 1_000_003 + raw_ptok * 7919) % tl.B, tl.pad)
-        tlr = torch.where(raw_tok >= 0, tl.tok_layer + (raw_tok * 131 + layer) % (TOKEN_LAYER_FACTOR * tl.B), tl.pad)
+        tlr = torch.where(
+            raw_tok >= 0, tl.tok_layer + (raw_tok * 131 + layer) % (TOKEN_LAYER_FACTOR * tl.B), tl.pad
+        )
         items = torch.stack([tok, ptok, big, tlr], -1)
         shape = items.shape[:-1]
         out = F.embedding_bag(items.reshape(-1, 4), self.tokens, mode="sum", sparse=True, padding_idx=tl.pad)
@@ -174,8 +197,15 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ training path
     def grid(
-        self, own: torch.Tensor, prev: torch.Tensor, same: torch.Tensor, raw_tok: torch.Tensor, raw_ptok: torch.Tensor,
-        mode: torch.Tensor, dist: torch.Tensor, look: torch.Tensor | None,
+        self,
+        own: torch.Tensor,
+        prev: torch.Tensor,
+        same: torch.Tensor,
+        raw_tok: torch.Tensor,
+        raw_ptok: torch.Tensor,
+        mode: torch.Tensor,
+        dist: torch.Tensor,
+        look: torch.Tensor | None,
     ) -> torch.Tensor:
         """``(T, L, E)`` logits of every layer of ``T`` tokens, each (token, layer) cell in its own mode.
 
@@ -232,7 +262,9 @@ class Net(nn.Module):
         else:
             none = torch.zeros_like(V)
             h = h + self._cell_sum(layer, mode, V, none, none, none, none > 0, look)
-        tok = self._token_sum(torch.where(spatial, raw_tok.unsqueeze(1), -1), raw_ptok.unsqueeze(1).expand(T, L), layer)
+        tok = self._token_sum(
+            torch.where(spatial, raw_tok.unsqueeze(1), -1), raw_ptok.unsqueeze(1).expand(T, L), layer
+        )
         if tok is not None:
             h = h + tok
         h = self._trunk(h + self.bias)  # (T, L, D)
@@ -240,8 +272,16 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ prediction path
     def flat(
-        self, own: torch.Tensor, prev: torch.Tensor, same: torch.Tensor, raw_tok: torch.Tensor, raw_ptok: torch.Tensor,
-        layer: int, mode: int, dist: int, look: torch.Tensor | None,
+        self,
+        own: torch.Tensor,
+        prev: torch.Tensor,
+        same: torch.Tensor,
+        raw_tok: torch.Tensor,
+        raw_ptok: torch.Tensor,
+        layer: int,
+        mode: int,
+        dist: int,
+        look: torch.Tensor | None,
     ) -> torch.Tensor:
         """``(n, E)`` logits of ``n`` queries for one target ``layer`` and mode.
 
@@ -262,8 +302,9 @@ class Net(nn.Module):
                 return 0.0
             ok = ids < E
             idx = torch.where(ok, ids + (off if isinstance(off, int) else off.reshape(1, -1)), 0)
-            return F.embedding_bag(idx, table.reshape(-1, table.shape[-1]), mode="sum",
-                                   per_sample_weights=ok.to(table.dtype))
+            return F.embedding_bag(
+                idx, table.reshape(-1, table.shape[-1]), mode="sum", per_sample_weights=ok.to(table.dtype)
+            )
 
         V = max(layer - dist + 1, 0) if dist > 0 else 0
         lo = max(V - self.history_layers, 0) if self.history_layers else 0
@@ -277,12 +318,17 @@ class Net(nn.Module):
         full = torch.full((n,), layer, dtype=torch.long, device=dev)
         Vt = torch.full_like(full, V)
         if self.use_same and dist > 0:
-            h = h + bag(same, self.same, (j * E).expand(1, L, same.shape[-1])) + bag(same[:, layer], self.same_tgt[layer])
+            h = (
+                h
+                + bag(same, self.same, (j * E).expand(1, L, same.shape[-1]))
+                + bag(same[:, layer], self.same_tgt[layer])
+            )
             ovl = overlap(own, same, E)  # (n, L), zero beyond the known layers
             last = ovl[:, V - 1] if V > 0 else torch.zeros_like(full)
             has = (same < E).any(-1).any(-1)
-            h = h + self._cell_sum(full, torch.full_like(full, mode), Vt, last, ovl.sum(1), (own < E).sum((1, 2)),
-                                   has, look)
+            h = h + self._cell_sum(
+                full, torch.full_like(full, mode), Vt, last, ovl.sum(1), (own < E).sum((1, 2)), has, look
+            )
         else:
             none = torch.zeros_like(full)
             h = h + self._cell_sum(full, torch.full_like(full, mode), Vt, none, none, none, none > 0, look)

@@ -63,7 +63,9 @@ class Interval:
         self.kind, self.lo, self.hi = kind, lo, hi
 
     def check(self, v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer) if self.kind is int else (int, float, np.number)):
+        if isinstance(v, bool) or not isinstance(
+            v, (int, np.integer) if self.kind is int else (int, float, np.number)
+        ):
             return False
         return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
 
@@ -102,7 +104,9 @@ class Modes:
             vals = list(v)
         except TypeError:
             return False
-        return bool(vals) and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0 for x in vals)
+        return bool(vals) and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0 for x in vals
+        )
 
     def __str__(self) -> str:
         return "a non-empty list of ints (spatial distances >= 1, 0 = temporal)"
@@ -125,7 +129,9 @@ class BasePredictor:
     """
 
     name: ClassVar[str] = "base"
-    version: ClassVar[int] = 1  # layout of the learned state; bump when saved files of the old layout cannot load
+    version: ClassVar[int] = (
+        1  # layout of the learned state; bump when saved files of the old layout cannot load
+    )
     table: ClassVar[bool] = True  # a table lookup (counted in the >= 1M predictions/s target)
     _parameter_constraints: ClassVar[dict[str, Any]] = {}
 
@@ -156,7 +162,9 @@ class BasePredictor:
         for key, cons in self._parameter_constraints.items():
             v = getattr(self, key)
             if not cons.check(v):
-                raise ConfigError(f"{type(self).__name__}: parameter {key}={v!r} is invalid; it must be {cons}")
+                raise ConfigError(
+                    f"{type(self).__name__}: parameter {key}={v!r} is invalid; it must be {cons}"
+                )
 
     # -- fitting
     def fit(self, trace: Any) -> BasePredictor:
@@ -205,7 +213,9 @@ class BasePredictor:
                 f"{type(self).__name__} was fitted on E={self.num_experts_} experts; the queries have E={q.num_experts}"
             )
         if not 0 <= q.layer < self.num_layers_:
-            raise ConfigError(f"{type(self).__name__}: layer {q.layer} out of range 0..{self.num_layers_ - 1}")
+            raise ConfigError(
+                f"{type(self).__name__}: layer {q.layer} out of range 0..{self.num_layers_ - 1}"
+            )
         modes = self._modes()
         if modes and q.distance not in modes:
             raise ConfigError(
@@ -250,8 +260,12 @@ class BasePredictor:
                 sa, ss = v._state()
                 for sub, arr in sa.items():
                     arrays[f"{key}>{sub}"] = arr
-                scalars[key] = {"__predictor__": v.name, "version": v.version, "params": _jsonable(v.get_params()),
-                                "state": ss}
+                scalars[key] = {
+                    "__predictor__": v.name,
+                    "version": v.version,
+                    "params": _jsonable(v.get_params()),
+                    "state": ss,
+                }
             else:
                 scalars[key] = _jsonable(v)
         return arrays, scalars
@@ -325,7 +339,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
     if header.get("format") != FORMAT:
         raise ConfigError(f"{path}: header format is {header.get('format')!r}, expected {FORMAT!r}")
     if header.get("format_version", 0) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: format_version {header['format_version']} is newer than this moescope reads")
+        raise ConfigError(
+            f"{path}: format_version {header['format_version']} is newer than this moescope reads"
+        )
     return header
 
 
@@ -373,7 +389,9 @@ def clone(pred: BasePredictor) -> BasePredictor:
     new = type(pred)(**params)
     for k, v in new.get_params().items():
         if v is not params[k] and not (_eq(v, params[k])):
-            raise ConfigError(f"{type(pred).__name__}.__init__ altered parameter {k!r}: {params[k]!r} -> {v!r}")
+            raise ConfigError(
+                f"{type(pred).__name__}.__init__ altered parameter {k!r}: {params[k]!r} -> {v!r}"
+            )
     return new
 
 
@@ -418,7 +436,11 @@ def rank(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     m = int(min(max(m, 1), E))
     nan = np.isnan(scores)
     abstain = nan.all(axis=1) if n else np.zeros(0, bool)
-    s = np.where(nan, -np.inf, scores).astype(np.float32) if nan.any() else scores.astype(np.float32, copy=False)
+    s = (
+        np.where(nan, -np.inf, scores).astype(np.float32)
+        if nan.any()
+        else scores.astype(np.float32, copy=False)
+    )
     if m < E:
         t = np.partition(s, E - m, axis=1)[:, E - m : E - m + 1]  # (n, 1) the m-th largest score
         above = s > t

@@ -44,7 +44,9 @@ class FrequencyPredictor(BasePredictor):
         "random_state": RandomState(),
     }
 
-    def __init__(self, *, strategy: str = "most_frequent", window: int = 4, random_state: int | None = 0) -> None:
+    def __init__(
+        self, *, strategy: str = "most_frequent", window: int = 4, random_state: int | None = 0
+    ) -> None:
         self.strategy = strategy
         self.window = window
         self.random_state = random_state
@@ -73,14 +75,18 @@ class FrequencyPredictor(BasePredictor):
             if w == 0:
                 return np.broadcast_to(base, (n, E)).copy()
             hist = q.prev[:, :w, q.layer]  # (n, w, k), most recent first
-            weight = (1.0 + 1e-2 * (w - np.arange(w, dtype=np.float32)) / w).astype(np.float32)  # newer counts more
+            weight = (1.0 + 1e-2 * (w - np.arange(w, dtype=np.float32)) / w).astype(
+                np.float32
+            )  # newer counts more
         out = np.empty((n, E), np.float32)
         _add_history(base, hist, weight, q.missing, out)
         return out
 
 
 @njit(cache=True, nogil=True)
-def _add_history(base: np.ndarray, hist: np.ndarray, weight: np.ndarray, missing: int, out: np.ndarray) -> None:
+def _add_history(
+    base: np.ndarray, hist: np.ndarray, weight: np.ndarray, missing: int, out: np.ndarray
+) -> None:
     """``out[i]`` = ``base`` + per expert the summed ``weight[t]`` of its appearances in ``hist[i, t]``.
 
     ``hist`` is ``(n, T, k)`` ids (``missing`` and ids outside ``[0, E)`` are skipped). Sums run in
@@ -147,7 +153,11 @@ class TokenPredictor(BasePredictor):
         pair, val = _reduce(np.concatenate(pairs), np.concatenate(vals))
         self.keys_, self.indptr_, self.experts_, self.counts_ = _to_csr(pair, val, E, E)
         k = self.top_k_
-        self.totals_ = (np.add.reduceat(self.counts_, self.indptr_[:-1]) / k).astype(np.float32) if len(self.counts_) else np.zeros(0, np.float32)
+        self.totals_ = (
+            (np.add.reduceat(self.counts_, self.indptr_[:-1]) / k).astype(np.float32)
+            if len(self.counts_)
+            else np.zeros(0, np.float32)
+        )
 
     def _match(self, q: Queries) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose (layer, token) was seen in training and the table index of each."""

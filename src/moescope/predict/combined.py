@@ -169,7 +169,9 @@ class CombinedPredictor(BasePredictor):
         docs = trace.documents()
         fit_trace, val_trace = trace, trace
         if self.validation_fraction > 0 and len(docs) >= 4:
-            train_docs, val_docs = split_documents(trace, self.validation_fraction, seed=self.random_state or 0)
+            train_docs, val_docs = split_documents(
+                trace, self.validation_fraction, seed=self.random_state or 0
+            )
             fit_trace, val_trace = trace.filter(documents=train_docs), trace.filter(documents=val_docs)
         self._log("fitting tables")
         self._fit_tables(fit_trace)
@@ -177,15 +179,29 @@ class CombinedPredictor(BasePredictor):
         if self.learned:
             self._log("training the neural model")
             self.learned_ = LearnedPredictor(
-                distances=tuple(int(d) for d in self.modes_), hidden=self.hidden, depth=self.depth,
-                history_layers=self.history_layers, window=self.window, token_buckets=self.token_buckets,
-                use_lookahead=bool(variants), use_same_token=self.use_same_token, dropout=self.dropout,
-                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, max_samples=self.max_samples,
-                random_state=self.random_state, device=self.device, num_threads=self.num_threads, verbose=self.verbose,
+                distances=tuple(int(d) for d in self.modes_),
+                hidden=self.hidden,
+                depth=self.depth,
+                history_layers=self.history_layers,
+                window=self.window,
+                token_buckets=self.token_buckets,
+                use_lookahead=bool(variants),
+                use_same_token=self.use_same_token,
+                dropout=self.dropout,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                max_samples=self.max_samples,
+                random_state=self.random_state,
+                device=self.device,
+                num_threads=self.num_threads,
+                verbose=self.verbose,
             ).fit(fit_trace)
         self.lookahead_ = None
         if variants:
-            self.lookahead_ = LookaheadPredictor(variant="gate_input" if "gate_input" in variants else variants[0])
+            self.lookahead_ = LookaheadPredictor(
+                variant="gate_input" if "gate_input" in variants else variants[0]
+            )
             self.lookahead_.fit(fit_trace)
         self.features_ = self._feature_names()
         self._log(f"stacking {len(self.features_)} features on held-out documents")
@@ -215,7 +231,9 @@ class CombinedPredictor(BasePredictor):
         total = val_trace.num_tokens
         keep = min(1.0, self.max_stack_rows / max(total, 1))
         look = self.lookahead_ is not None or (self.learned_ is not None and bool(self.learned_.variants_))
-        for q, actual, valid in iter_labelled(val_trace, list(self.modes_), window=self.history_window(), lookahead=look):
+        for q, actual, valid in iter_labelled(
+            val_trace, list(self.modes_), window=self.history_window(), lookahead=look
+        ):
             sel = valid & (rng.random(len(q)) < keep)
             if not sel.any():
                 continue
@@ -232,7 +250,9 @@ class CombinedPredictor(BasePredictor):
                 self.coef_[mi, layer], self.bias_[mi, layer] = w, b
         if self.verbose:
             mean = self.coef_.mean(axis=(0, 1))
-            self._log("mean weights " + ", ".join(f"{n} {v:.2f}" for n, v in zip(self.features_, mean, strict=True)))
+            self._log(
+                "mean weights " + ", ".join(f"{n} {v:.2f}" for n, v in zip(self.features_, mean, strict=True))
+            )
 
     # ------------------------------------------------------------------ features
     def _features(self, q: Queries) -> np.ndarray:
@@ -254,12 +274,16 @@ class CombinedPredictor(BasePredictor):
         feats.append(self._cooc_llr(qp))
         W = q.prev.shape[1]
         prev_sets = q.prev[:, :, q.layer] if W else np.zeros((n, 0, self.top_k_), np.uint8)  # (n, W, k)
-        feats.append(scatter_counts(prev_sets[:, :1], E, q.missing)[:, 0] if W else np.zeros((n, E), np.float32))
+        feats.append(
+            scatter_counts(prev_sets[:, :1], E, q.missing)[:, 0] if W else np.zeros((n, E), np.float32)
+        )
         feats.append(scatter_counts(prev_sets.reshape(n, -1), E, q.missing) / max(W, 1))
         if "same_token" in self.features_:  # the fitted feature list, not the parameter: old files load
             same = q.same_token
             feats.append(
-                np.zeros((n, E), np.float32) if same is None else scatter_counts(same[:, q.layer], E, q.missing)
+                np.zeros((n, E), np.float32)
+                if same is None
+                else scatter_counts(same[:, q.layer], E, q.missing)
             )
         if self.learned_ is not None:
             feats.append(self.learned_.predict_scores(q))
@@ -269,7 +293,9 @@ class CombinedPredictor(BasePredictor):
             if look is not None:
                 m = look.shape[1]
                 ids = np.where(look == q.missing, E, look).astype(np.int64)
-                np.put_along_axis(bonus, ids, ((m - np.arange(m)) / m).astype(np.float32)[None].repeat(n, 0), axis=1)
+                np.put_along_axis(
+                    bonus, ids, ((m - np.arange(m)) / m).astype(np.float32)[None].repeat(n, 0), axis=1
+                )
             feats.append(bonus[:, :E])
         return np.stack(feats, axis=2).astype(np.float32)
 

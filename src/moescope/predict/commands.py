@@ -66,20 +66,44 @@ def list_predictors(json_out: JsonOpt = False) -> None:
             }
         )
     width = max(len(r["name"]) for r in rows)
-    emit({"predictors": rows}, json_out, text="\n".join(f"{r['name']:<{width}}  {r['description']}" for r in rows))
+    emit(
+        {"predictors": rows},
+        json_out,
+        text="\n".join(f"{r['name']:<{width}}  {r['description']}" for r in rows),
+    )
 
 
 @predict_app.command("fit")
 def fit(
     trace: TraceArg,
-    predictor: str = typer.Option(..., "--predictor", "-p", help="Predictor name (see `moescope predict list`); 'best' = combined.", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Model file to write (.npz, no pickle).", show_default=False),
-    distance: list[int] = typer.Option([1], "--distance", "-d", help="Spatial prediction distance(s) in layers to fit (repeat)."),
-    temporal: bool = typer.Option(False, "--temporal", help="Also fit temporal prediction (same layer, next token)."),
-    param: list[str] = typer.Option([], "--param", help="Predictor parameter KEY=VALUE (repeat), e.g. --param alpha=0.5."),
-    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of documents held out for `predict eval`."),
-    no_split: bool = typer.Option(False, "--no-split", help="Fit on every document (evaluate on another trace)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the document split (and the predictor's random_state default)."),
+    predictor: str = typer.Option(
+        ...,
+        "--predictor",
+        "-p",
+        help="Predictor name (see `moescope predict list`); 'best' = combined.",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Model file to write (.npz, no pickle).", show_default=False
+    ),
+    distance: list[int] = typer.Option(
+        [1], "--distance", "-d", help="Spatial prediction distance(s) in layers to fit (repeat)."
+    ),
+    temporal: bool = typer.Option(
+        False, "--temporal", help="Also fit temporal prediction (same layer, next token)."
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", help="Predictor parameter KEY=VALUE (repeat), e.g. --param alpha=0.5."
+    ),
+    test_fraction: float = typer.Option(
+        0.2, "--test-fraction", help="Share of documents held out for `predict eval`."
+    ),
+    no_split: bool = typer.Option(
+        False, "--no-split", help="Fit on every document (evaluate on another trace)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the document split (and the predictor's random_state default)."
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Fit a predictor on a trace's training documents and save it; the held-out documents are recorded.
@@ -95,14 +119,22 @@ def fit(
     tr = Trace.open(trace)
     make_predictor("uniform")  # fills the registry
     if predictor not in _REGISTRY:
-        raise ConfigError(f"--predictor {predictor!r} is unknown; choose one of: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(
+            f"--predictor {predictor!r} is unknown; choose one of: {', '.join(sorted(_REGISTRY))}"
+        )
     cls, _ = _REGISTRY[predictor]
     params = _parse_params(param)
     names = cls._param_names()
     modes = sorted(set(distance) | ({0} if temporal else set()))
     if any(d < 1 for d in distance):
-        raise ConfigError(f"--distance values must be >= 1 (use --temporal for the next token), got {distance}")
-    if "distances" in names and "distances" not in params and not (predictor == "rules-level5" and distance == [1]):
+        raise ConfigError(
+            f"--distance values must be >= 1 (use --temporal for the next token), got {distance}"
+        )
+    if (
+        "distances" in names
+        and "distances" not in params
+        and not (predictor == "rules-level5" and distance == [1])
+    ):
         params["distances"] = tuple(modes)
     if "random_state" in names and "random_state" not in params:
         params["random_state"] = seed
@@ -149,14 +181,29 @@ def fit(
 
 @predict_app.command("eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Model file written by `moescope predict fit`.", show_default=False),
+    model: Path = typer.Argument(
+        ..., help="Model file written by `moescope predict fit`.", show_default=False
+    ),
     trace: TraceArg = ...,
-    mode: list[str] = typer.Option([], "--mode", "-m", help="Mode(s) to score: d1, d2, ... or temporal (default: the model's)."),
-    budget: list[int] = typer.Option([], "--budget", "-b", help="Prefetch budget(s) m >= k for recall@m and precision@m (default k and 2k)."),
-    documents: str = typer.Option("test", "--documents", help="On the training trace: 'test' (held-out documents) or 'all' (leaks training data)."),
+    mode: list[str] = typer.Option(
+        [], "--mode", "-m", help="Mode(s) to score: d1, d2, ... or temporal (default: the model's)."
+    ),
+    budget: list[int] = typer.Option(
+        [],
+        "--budget",
+        "-b",
+        help="Prefetch budget(s) m >= k for recall@m and precision@m (default k and 2k).",
+    ),
+    documents: str = typer.Option(
+        "test",
+        "--documents",
+        help="On the training trace: 'test' (held-out documents) or 'all' (leaks training data).",
+    ),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    figures: Path | None = typer.Option(None, "--figures", help="Directory for accuracy-by-layer/-distance PNG + CSV."),
+    figures: Path | None = typer.Option(
+        None, "--figures", help="Directory for accuracy-by-layer/-distance PNG + CSV."
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Score a saved predictor on a trace: per layer, per mode and overall, with CIs and random baselines.
@@ -176,7 +223,9 @@ def eval_cmd(
     pred = load_predictor(model)
     tr = Trace.open(trace)
     extra = header.get("extra", {})
-    same = extra.get("trace") == str(Path(trace).resolve()) and extra.get("trace_created") == tr.manifest.get("created")
+    same = extra.get("trace") == str(Path(trace).resolve()) and extra.get("trace_created") == tr.manifest.get(
+        "created"
+    )
     scored = "all documents"
     if same and documents == "test":
         test_docs = extra.get("test_documents") or []
@@ -187,20 +236,27 @@ def eval_cmd(
         tr = tr.filter(documents=test_docs)
         scored = f"{len(test_docs)} held-out documents"
     elif same:
-        print("warning: scoring the training documents too (--documents all): numbers are optimistic", file=sys.stderr)
+        print(
+            "warning: scoring the training documents too (--documents all): numbers are optimistic",
+            file=sys.stderr,
+        )
     modes = [parse_mode(m) for m in mode] or None
     res = evaluate(pred, tr, modes=modes, budgets=budget or None, n_boot=n_boot, seed=seed)
     summary = {"model": str(model), "scored": scored, **res.summary}
     if figures is not None:
         from moescope.predict.figures import plot_by_distance, plot_by_layer
 
-        paths = plot_by_layer({header["predictor"]: res}, figures) + plot_by_distance({header["predictor"]: res}, figures)
+        paths = plot_by_layer({header["predictor"]: res}, figures) + plot_by_distance(
+            {header["predictor"]: res}, figures
+        )
         summary["figures"] = [str(p) for p in paths]
     emit(summary, json_out, text=_format_eval(summary))
 
 
 def _format_eval(s: dict[str, Any]) -> str:
-    lines = [f"{s['model']} ({s['predictor']}) on {s['trace']} ({s['scored']}), top-{s['top_k']} of {s['num_experts']}"]
+    lines = [
+        f"{s['model']} ({s['predictor']}) on {s['trace']} ({s['scored']}), top-{s['top_k']} of {s['num_experts']}"
+    ]
     for mname, entry in s["modes"].items():
         lines.append(f"{mname}: {entry['queries']} queries")
         for metric, v in entry["overall"].items():
@@ -216,10 +272,16 @@ def _format_eval(s: dict[str, Any]) -> str:
 
 @seed004_app.command("extract")
 def seed004_extract(
-    raw: Path = typer.Argument(..., help="Raw routing JSONL (e.g. humaneval_2_routing.jsonl).", show_default=False),
+    raw: Path = typer.Argument(
+        ..., help="Raw routing JSONL (e.g. humaneval_2_routing.jsonl).", show_default=False
+    ),
     problem: int = typer.Option(..., "--problem", "-p", help="Problem id to extract.", show_default=False),
-    tokens: tuple[int, int] = typer.Option(..., "--tokens", "-t", help="Token range START END (end exclusive).", show_default=False),
-    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="Directory for p<problem>_token_<i>.jsonl."),
+    tokens: tuple[int, int] = typer.Option(
+        ..., "--tokens", "-t", help="Token range START END (end exclusive).", show_default=False
+    ),
+    output_dir: Path = typer.Option(
+        Path("."), "--output-dir", "-o", help="Directory for p<problem>_token_<i>.jsonl."
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Extract token journeys (one file per token, one record per layer) from seed 004's raw JSONL.
@@ -229,9 +291,16 @@ def seed004_extract(
     from moescope.predict.seed004 import extract_tokens
 
     files = extract_tokens(raw, problem, tokens[0], tokens[1], output_dir)
-    short = [f for f in files if sum(1 for _ in open(f, encoding="utf-8")) < max(sum(1 for _ in open(g, encoding="utf-8")) for g in files)]
+    short = [
+        f
+        for f in files
+        if sum(1 for _ in open(f, encoding="utf-8"))
+        < max(sum(1 for _ in open(g, encoding="utf-8")) for g in files)
+    ]
     for f in short:
-        print(f"warning: {f} has fewer layers than the others (records missing from the log)", file=sys.stderr)
+        print(
+            f"warning: {f} has fewer layers than the others (records missing from the log)", file=sys.stderr
+        )
     emit({"files": [str(f) for f in files]}, json_out, text="\n".join(f"wrote {f}" for f in files))
 
 
@@ -263,9 +332,19 @@ def seed004_create(
 
 @seed004_app.command("evaluate-rules")
 def seed004_evaluate(
-    rules: Path = typer.Option(..., "--rules", "-r", help="Rules JSON from create-rules.", show_default=False),
-    test: list[Path] = typer.Option(..., "--test", "-t", help="Test token journey file(s): --test a.jsonl b.jsonl ... as in the seed.", show_default=False),
-    more: list[Path] = typer.Argument(None, help="More test files (what follows the first --test file).", show_default=False),
+    rules: Path = typer.Option(
+        ..., "--rules", "-r", help="Rules JSON from create-rules.", show_default=False
+    ),
+    test: list[Path] = typer.Option(
+        ...,
+        "--test",
+        "-t",
+        help="Test token journey file(s): --test a.jsonl b.jsonl ... as in the seed.",
+        show_default=False,
+    ),
+    more: list[Path] = typer.Argument(
+        None, help="More test files (what follows the first --test file).", show_default=False
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
     json_out: JsonOpt = False,
 ) -> None:

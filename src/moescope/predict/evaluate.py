@@ -45,7 +45,11 @@ class EvalResult:
         """One number: ``metric`` for ``mode`` (distance, 0 = temporal) over all layers or at ``layer``."""
         mname = mode if isinstance(mode, str) else mode_name(mode)
         for row in self.table:
-            if row["mode"] == mname and row["metric"] == metric and row["layer"] == (-1 if layer is None else layer):
+            if (
+                row["mode"] == mname
+                and row["metric"] == metric
+                and row["layer"] == (-1 if layer is None else layer)
+            ):
                 return float(row["value"])
         raise KeyError(f"no {metric} for mode {mname} layer {layer}")
 
@@ -105,7 +109,9 @@ def evaluate_many(
     acc: dict[str, list[tuple[np.ndarray, ...]]] = {n: [] for n in predictors}
     timing = {n: 0.0 for n in predictors}
     count = {n: 0 for n in predictors}
-    look = any(p.name in ("lookahead", "combined") or getattr(p, "use_lookahead", False) for p in predictors.values())
+    look = any(
+        p.name in ("lookahead", "combined") or getattr(p, "use_lookahead", False) for p in predictors.values()
+    )
     ndocs_seen: set[int] = set()
     first = True  # warm up on the first block: compiling or loading kernels is not throughput
     for ctx in iter_contexts(trace, window=window, lookahead=look, batch_size=batch_size):
@@ -125,14 +131,22 @@ def evaluate_many(
             for mi, d in enumerate(modes):
                 q = ctx.queries(layer, d, rows=rows)
                 if first:
-                    _warm_up(predictors, ctx.queries(layer, d, rows=rows[:WARM_ROWS]), act[:WARM_ROWS], E,
-                             ctx.missing, budgets)
+                    _warm_up(
+                        predictors,
+                        ctx.queries(layer, d, rows=rows[:WARM_ROWS]),
+                        act[:WARM_ROWS],
+                        E,
+                        ctx.missing,
+                        budgets,
+                    )
                 for name, p in predictors.items():
                     t0 = time.perf_counter()
                     vals = score_metrics(p.predict_scores(q), act, E, ctx.missing, budgets)  # (n, X)
                     timing[name] += time.perf_counter() - t0
                     count[name] += len(q)
-                    sums = np.bincount(codes, weights=vals.reshape(-1), minlength=len(uniq) * X).reshape(-1, X)
+                    sums = np.bincount(codes, weights=vals.reshape(-1), minlength=len(uniq) * X).reshape(
+                        -1, X
+                    )
                     acc[name].append((np.full(len(uniq), mi), np.full(len(uniq), layer), uniq, cnt, sums))
         first = False
     by_doc = len(ndocs_seen) >= min_docs
@@ -158,7 +172,11 @@ def evaluate_many(
                 "num_experts": E,
                 "top_k": k,
                 "budgets": budgets,
-                "ci": {"level": level, "n_boot": n_boot, "unit": "document" if by_doc else f"block of {BLOCK} tokens"},
+                "ci": {
+                    "level": level,
+                    "n_boot": n_boot,
+                    "unit": "document" if by_doc else f"block of {BLOCK} tokens",
+                },
                 "predict_seconds": timing[name],
                 "predictions_per_second": count[name] / timing[name] if timing[name] > 0 else None,
             }

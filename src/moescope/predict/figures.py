@@ -16,7 +16,24 @@ def accuracy_rows(results: dict[str, EvalResult], metric: str) -> list[dict[str,
     for name, r in results.items():
         for row in r.table:
             if row["metric"] == metric:
-                rows.append({"predictor": name, **{k: row[k] for k in ("mode", "distance", "layer", "value", "ci_lo", "ci_hi", "random", "queries")}})
+                rows.append(
+                    {
+                        "predictor": name,
+                        **{
+                            k: row[k]
+                            for k in (
+                                "mode",
+                                "distance",
+                                "layer",
+                                "value",
+                                "ci_lo",
+                                "ci_hi",
+                                "random",
+                                "queries",
+                            )
+                        },
+                    }
+                )
     return rows
 
 
@@ -39,11 +56,15 @@ def _save(fig: Any, rows: list[dict[str, Any]], stem: Path, params: dict[str, An
     png, csv_path, meta = stem.with_suffix(".png"), stem.with_suffix(".csv"), stem.with_suffix(".json")
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     _write_csv(csv_path, rows)
-    atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(params, indent=2, default=str) + "\n", encoding="utf-8"))
+    atomic_write(
+        meta, lambda tmp: tmp.write_text(json.dumps(params, indent=2, default=str) + "\n", encoding="utf-8")
+    )
     return [png, csv_path, meta]
 
 
-def plot_by_layer(results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall") -> list[Path]:
+def plot_by_layer(
+    results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall"
+) -> list[Path]:
     """One panel per mode: ``metric`` against MoE layer for every predictor, random baseline dashed."""
     import matplotlib
 
@@ -55,7 +76,9 @@ def plot_by_layer(results: dict[str, EvalResult], out_dir: str | Path, metric: s
     fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(5 * max(len(modes), 1), 3.6), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=False):
         for name in results:
-            pts = sorted((r["layer"], r["value"]) for r in rows if r["predictor"] == name and r["mode"] == mode)
+            pts = sorted(
+                (r["layer"], r["value"]) for r in rows if r["predictor"] == name and r["mode"] == mode
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
         rnd = [r["random"] for r in rows if r["mode"] == mode]
@@ -66,12 +89,19 @@ def plot_by_layer(results: dict[str, EvalResult], out_dir: str | Path, metric: s
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    paths = _save(fig, rows, Path(out_dir) / f"predict_{metric}_by_layer", {"metric": metric, "predictors": list(results)})
+    paths = _save(
+        fig,
+        rows,
+        Path(out_dir) / f"predict_{metric}_by_layer",
+        {"metric": metric, "predictors": list(results)},
+    )
     plt.close(fig)
     return paths
 
 
-def plot_by_distance(results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall") -> list[Path]:
+def plot_by_distance(
+    results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall"
+) -> list[Path]:
     """``metric`` over all layers against spatial distance, one line per predictor (temporal apart)."""
     import matplotlib
 
@@ -81,7 +111,9 @@ def plot_by_distance(results: dict[str, EvalResult], out_dir: str | Path, metric
     rows = [r for r in accuracy_rows(results, metric) if r["layer"] == -1]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name in results:
-        pts = sorted((r["distance"], r["value"]) for r in rows if r["predictor"] == name and r["distance"] > 0)
+        pts = sorted(
+            (r["distance"], r["value"]) for r in rows if r["predictor"] == name and r["distance"] > 0
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("prediction distance (layers ahead)")
@@ -91,6 +123,11 @@ def plot_by_distance(results: dict[str, EvalResult], out_dir: str | Path, metric
     if rows:
         ax.axhline(rows[0]["random"], color="grey", linestyle="--", linewidth=1, label="random")
     ax.legend(fontsize=7)
-    paths = _save(fig, rows, Path(out_dir) / f"predict_{metric}_by_distance", {"metric": metric, "predictors": list(results)})
+    paths = _save(
+        fig,
+        rows,
+        Path(out_dir) / f"predict_{metric}_by_distance",
+        {"metric": metric, "predictors": list(results)},
+    )
     plt.close(fig)
     return paths

@@ -194,7 +194,9 @@ class LearnedPredictor(BasePredictor):
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("LearnedPredictor: device='cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+            raise ConfigError(
+                "LearnedPredictor: device='cuda' but torch sees no CUDA device; use 'cpu' or 'auto'"
+            )
         return torch.device(self.device)
 
     # ------------------------------------------------------------------ model
@@ -206,9 +208,16 @@ class LearnedPredictor(BasePredictor):
         lay = Layout(self.num_layers_, self.num_experts_, len(self.modes_), self.window, len(self.variants_))
         tl = TokenLayout(len(self.vocab_), self.token_buckets)
         return Net(
-            lay, tl, torch.from_numpy(np.asarray(self.vocab_, np.int64)), hidden=self.hidden, depth=self.depth,
-            dropout=self.dropout, top_k=self.top_k_, history_layers=self.history_layers,
-            use_same=self.use_same_token, use_token=self.use_token,
+            lay,
+            tl,
+            torch.from_numpy(np.asarray(self.vocab_, np.int64)),
+            hidden=self.hidden,
+            depth=self.depth,
+            dropout=self.dropout,
+            top_k=self.top_k_,
+            history_layers=self.history_layers,
+            use_same=self.use_same_token,
+            use_token=self.use_token,
         )
 
     def _after_load(self) -> None:
@@ -244,7 +253,9 @@ class LearnedPredictor(BasePredictor):
                 "prev": _ids(prev, E, miss),
                 "same": _ids(same, E, miss),
                 "tok": q.token_id.astype(np.int64),
-                "ptok": q.prev_token_id[:, 0].astype(np.int64) if q.prev_token_id.shape[1] else np.full(len(rows), -1),
+                "ptok": q.prev_token_id[:, 0].astype(np.int64)
+                if q.prev_token_id.shape[1]
+                else np.full(len(rows), -1),
             }
             if look:
                 la = np.full((len(rows), len(self.modes_), L, len(self.variants_), m), miss, q.own.dtype)
@@ -279,7 +290,11 @@ class LearnedPredictor(BasePredictor):
         import torch
 
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
-        vs = sorted({v for v, _ in map(_split_lookahead, trace.lookahead_columns)}) if self.use_lookahead else []
+        vs = (
+            sorted({v for v, _ in map(_split_lookahead, trace.lookahead_columns)})
+            if self.use_lookahead
+            else []
+        )
         self.variants_ = list(vs)
         la = trace.columns.get("lookahead") or {}
         self.look_m_ = int(la.get("m") or trace.top_k) if vs else 0
@@ -296,8 +311,10 @@ class LearnedPredictor(BasePredictor):
         modes = torch.from_numpy(self.modes_).to(dev)
         per = max(1, self.batch_size // L)  # tokens per step
         steps = self.epochs * ((n + per - 1) // per)
-        self._log(f"{n} tokens x {L} layers, {len(self.vocab_)} vocabulary ids, prepared in "
-                  f"{time.perf_counter() - t0:.0f}s; {steps} steps on {dev}")
+        self._log(
+            f"{n} tokens x {L} layers, {len(self.vocab_)} vocabulary ids, prepared in "
+            f"{time.perf_counter() - t0:.0f}s; {steps} steps on {dev}"
+        )
         with torch.random.fork_rng(devices=[dev] if cuda else []):
             torch.manual_seed(0 if self.random_state is None else int(self.random_state))
             module = self._build().to(dev)
@@ -318,13 +335,25 @@ class LearnedPredictor(BasePredictor):
                     look = None
                     if "look" in t:
                         lk = t["look"][idx]  # (T, M, L, V, m): each cell takes its mode's lookahead
-                        look = lk[torch.arange(len(idx), device=dev)[:, None], mi, torch.arange(L, device=dev)].long()
+                        look = lk[
+                            torch.arange(len(idx), device=dev)[:, None], mi, torch.arange(L, device=dev)
+                        ].long()
                     own = t["own"][idx].long()
-                    logits = module.grid(own, t["prev"][idx].long(), t["same"][idx].long(), t["tok"][idx],
-                                         t["ptok"][idx], mi, dist, look)
+                    logits = module.grid(
+                        own,
+                        t["prev"][idx].long(),
+                        t["same"][idx].long(),
+                        t["tok"][idx],
+                        t["ptok"][idx],
+                        mi,
+                        dist,
+                        look,
+                    )
                     y = torch.zeros(len(idx), L, E + 1, device=dev).scatter_(2, own, 1.0)[..., :E]
                     valid = valid_all[idx].to(logits.dtype)
-                    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)
+                    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits, y, reduction="none"
+                    ).mean(-1)
                     count = valid.sum()
                     loss = (bce * valid).sum() / count.clamp(min=1)
                     opt.zero_grad(set_to_none=True)
@@ -336,7 +365,9 @@ class LearnedPredictor(BasePredictor):
                         sc.step()
                     total += (bce * valid).sum().detach()
                 losses.append(float(total) / max(int(valid_all.sum()), 1))
-                self._log(f"epoch {epoch + 1}/{self.epochs} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
+                self._log(
+                    f"epoch {epoch + 1}/{self.epochs} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)"
+                )
         module.eval()
         self._module = module
         self.weights_ = {key: v.detach().cpu().numpy().copy() for key, v in module.state_dict().items()}
@@ -358,7 +389,11 @@ class LearnedPredictor(BasePredictor):
         prev = np.full((n, W, L, k), miss, q.prev.dtype)
         w = min(W, q.prev.shape[1])
         prev[:, :w] = q.prev[:, :w]
-        same = q.same_token if q.same_token is not None and not q.temporal else np.full((n, L, k), miss, q.own.dtype)
+        same = (
+            q.same_token
+            if q.same_token is not None and not q.temporal
+            else np.full((n, L, k), miss, q.own.dtype)
+        )
         ptok = q.prev_token_id[:, 0] if q.prev_token_id.shape[1] else np.full(n, -1)
         look = None
         if self.variants_:
@@ -378,7 +413,14 @@ class LearnedPredictor(BasePredictor):
         with torch.inference_mode(), torch_threads(self.num_threads):
             for s in range(0, n, PREDICT_CHUNK):
                 logits = module.flat(
-                    tt(own, s), tt(prev, s), tt(same, s), tt(q.token_id, s), tt(ptok, s), q.layer, mode, q.distance,
+                    tt(own, s),
+                    tt(prev, s),
+                    tt(same, s),
+                    tt(q.token_id, s),
+                    tt(ptok, s),
+                    q.layer,
+                    mode,
+                    q.distance,
                     None if look is None else tt(look, s),
                 )
                 out[s : s + PREDICT_CHUNK] = logits.float().cpu().numpy()

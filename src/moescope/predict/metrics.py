@@ -27,9 +27,12 @@ _NEG_INF_BITS = -8388608  # int32 bits of float32 -inf
 
 def metric_names(budgets: list[int]) -> list[str]:
     """Metric column names for these prefetch budgets, in report order."""
-    return ["slot_recall", "top1", "exact"] + [f"recall@{m}" for m in budgets] + [
-        f"precision@{m}" for m in budgets
-    ] + ["coverage"]
+    return (
+        ["slot_recall", "top1", "exact"]
+        + [f"recall@{m}" for m in budgets]
+        + [f"precision@{m}" for m in budgets]
+        + ["coverage"]
+    )
 
 
 def hit_matrix(ids: np.ndarray, actual: np.ndarray, num_experts: int, missing: int) -> np.ndarray:
@@ -46,7 +49,9 @@ def hit_matrix(ids: np.ndarray, actual: np.ndarray, num_experts: int, missing: i
     return np.take_along_axis(member, pred, axis=1)
 
 
-def query_metrics(ids: np.ndarray, actual: np.ndarray, num_experts: int, missing: int, budgets: list[int]) -> np.ndarray:
+def query_metrics(
+    ids: np.ndarray, actual: np.ndarray, num_experts: int, missing: int, budgets: list[int]
+) -> np.ndarray:
     """``(n, X)`` per-query metric values in :func:`metric_names` order (``ids`` must have ``max(budgets)`` columns)."""
     k = actual.shape[1]
     hits = hit_matrix(ids, actual, num_experts, missing)  # (n, M)
@@ -164,7 +169,9 @@ def _score_kernel(
                 rank[j] = E  # never in a top-j set
                 continue
             if a < 0 or a >= E:
-                raise ValueError("actual expert id out of range [0, num_experts) and not the missing sentinel")
+                raise ValueError(
+                    "actual expert id out of range [0, num_experts) and not the missing sentinel"
+                )
             ka = key[a]
             r = 0
             for e in range(E):
@@ -199,7 +206,11 @@ def score_metrics_numpy(
     k = actual.shape[1]
     nan = np.isnan(scores)
     answered = ~nan.all(axis=1)
-    s = np.where(nan, -np.inf, scores).astype(np.float32) if nan.any() else scores.astype(np.float32, copy=False)
+    s = (
+        np.where(nan, -np.inf, scores).astype(np.float32)
+        if nan.any()
+        else scores.astype(np.float32, copy=False)
+    )
     known = actual != missing
     a = np.where(known, actual, 0).astype(np.int64)
     sa = np.take_along_axis(s, a, 1)  # (n, k) scores of the actual experts

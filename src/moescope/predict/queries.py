@@ -44,7 +44,9 @@ def parse_mode(name: str | int) -> int:
         try:
             d = int(s[1:] if s.startswith("d") else s)
         except ValueError:
-            raise ConfigError(f"mode {name!r}: use 'temporal' or a spatial distance such as 'd1' or 2") from None
+            raise ConfigError(
+                f"mode {name!r}: use 'temporal' or a spatial distance such as 'd1' or 2"
+            ) from None
     if d < 0:
         raise ConfigError(f"mode {name!r}: a spatial distance must be >= 1 (0 means temporal)")
     return d
@@ -163,7 +165,9 @@ class Context:
         safe = np.where(prev_index >= 0, prev_index, 0)
         self._prev = experts[safe]  # (n, W, L, k)
         self._prev[prev_index < 0] = missing
-        self._prev_token = np.where(prev_index >= 0, token_id[safe], -1).astype(np.int32).reshape(len(prev_index), w)
+        self._prev_token = (
+            np.where(prev_index >= 0, token_id[safe], -1).astype(np.int32).reshape(len(prev_index), w)
+        )
         self.lookahead_ok = lookahead_ok
         self._same = same_token  # (n, L, k) or None
 
@@ -282,10 +286,14 @@ def iter_contexts(
             jj = np.where(ok, j, 0)
             ok &= (doc[jj] == doc[idx]) & (pos[jj] < pos[idx])
             prev_index[:, w] = np.where(ok, jj, -1)
-        yield Context(experts, tok_all, doc, prev_index, E, missing, la, start=c, position=pos, same_token=same)
+        yield Context(
+            experts, tok_all, doc, prev_index, E, missing, la, start=c, position=pos, same_token=same
+        )
         keep = min(window, c + n)
         carry = Batch(
-            doc_id=doc[-keep:], position=pos[-keep:], experts=experts[-keep:],
+            doc_id=doc[-keep:],
+            position=pos[-keep:],
+            experts=experts[-keep:],
             lookahead={k: v[-keep:] for k, v in la.items()},
         )
         carry_tok = tok_all[-keep:]
@@ -301,7 +309,11 @@ class _TokenMemory:
 
 
 def _same_token_history(
-    doc: np.ndarray, pos: np.ndarray, tok: np.ndarray, experts: np.ndarray, missing: int,
+    doc: np.ndarray,
+    pos: np.ndarray,
+    tok: np.ndarray,
+    experts: np.ndarray,
+    missing: int,
     memory: _TokenMemory | None,
 ) -> tuple[np.ndarray, _TokenMemory | None]:
     """``(n, L, k)`` experts of each row's most recent earlier occurrence of its token id in its document.

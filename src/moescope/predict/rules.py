@@ -167,15 +167,26 @@ class RulesPredictor(BasePredictor):
             if len(todo) == 0:
                 break
             pos, found = self._match(q, lv, todo)
-            _fill_rows(out, todo[found], pos[found], self.tables_[f"{lv}.indptr"], self.tables_[f"{lv}.experts"],
-                       self.tables_[f"{lv}.votes"])
+            _fill_rows(
+                out,
+                todo[found],
+                pos[found],
+                self.tables_[f"{lv}.indptr"],
+                self.tables_[f"{lv}.experts"],
+                self.tables_[f"{lv}.votes"],
+            )
             todo = todo[~found]
         out += tie
         return out
 
 
 def _fill_rows(
-    out: np.ndarray, rows: np.ndarray, pos: np.ndarray, indptr: np.ndarray, experts: np.ndarray, values: np.ndarray
+    out: np.ndarray,
+    rows: np.ndarray,
+    pos: np.ndarray,
+    indptr: np.ndarray,
+    experts: np.ndarray,
+    values: np.ndarray,
 ) -> None:
     """``out[rows[i]]`` = zeros, then ``values`` at ``experts`` of CSR entry ``pos[i]`` (``(n, E)`` in place)."""
     if len(rows):
@@ -184,7 +195,12 @@ def _fill_rows(
 
 @njit(cache=True, nogil=True)
 def _fill_rows_kernel(
-    out: np.ndarray, rows: np.ndarray, pos: np.ndarray, indptr: np.ndarray, experts: np.ndarray, values: np.ndarray
+    out: np.ndarray,
+    rows: np.ndarray,
+    pos: np.ndarray,
+    indptr: np.ndarray,
+    experts: np.ndarray,
+    values: np.ndarray,
 ) -> None:
     """Compiled body of :func:`_fill_rows`: one row at a time, no temporaries."""
     E = out.shape[1]

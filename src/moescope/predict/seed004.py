@@ -66,7 +66,9 @@ def _field(rec: dict[str, Any], name: str, path: Path, lineno: int | str) -> Any
     return rec[name]
 
 
-def extract_tokens(raw: str | Path, problem: int, start: int, end: int, output_dir: str | Path = ".") -> list[Path]:
+def extract_tokens(
+    raw: str | Path, problem: int, start: int, end: int, output_dir: str | Path = "."
+) -> list[Path]:
     """Write ``p<problem>_token_<i>.jsonl`` for ``start <= token_idx < end``; returns the files written."""
     raw, out = Path(raw), Path(output_dir)
     if end <= start:
@@ -199,13 +201,17 @@ def evaluate_rules(
     if not test_files:
         raise DataError("evaluate-rules needs at least one --test file")
     E = int(rules.get("metadata", {}).get("num_experts", 8))
-    tally = {name: [0, 0] for name in ["level1", "level2", "level3", "level4", *(f"level5_k{K}" for K in SKIPS)]}
+    tally = {
+        name: [0, 0] for name in ["level1", "level2", "level3", "level4", *(f"level5_k{K}" for K in SKIPS)]
+    }
     hybrid = [0, 0]
     most_common = {int(k): v for k, v in rules.get("layer_most_common", {}).items()}
     for f in test_files:
         j = load_journey(f)
         for level, pairs in _examples(j).items():
-            table = rules["level5"].get(level.split("_k")[1], {}) if level.startswith("level5") else rules[level]
+            table = (
+                rules["level5"].get(level.split("_k")[1], {}) if level.startswith("level5") else rules[level]
+            )
             for key, nxt in pairs:
                 if key in table:
                     tally[level][1] += 1
@@ -227,13 +233,19 @@ def evaluate_rules(
                 pred = most_common.get(n + 1)
             hybrid[1] += 1
             hybrid[0] += int(pred == p[n + 1])
-    results: dict[str, Any] = {name: _score(c, t, E) for name, (c, t) in tally.items() if not name.startswith("level5")}
+    results: dict[str, Any] = {
+        name: _score(c, t, E) for name, (c, t) in tally.items() if not name.startswith("level5")
+    }
     l5 = [tally[f"level5_k{K}"] for K in SKIPS]
     results["level5"] = _score(sum(c for c, _ in l5), sum(t for _, t in l5), E)
     for K in SKIPS:
         results[f"level5_k{K}"] = _score(*tally[f"level5_k{K}"], E)
     results["hybrid"] = _score(*hybrid, E)
-    ranked = [(results[f"level{i}"]["accuracy_percent"], f"level{i}") for i in range(1, 6) if results[f"level{i}"]["total"]]
+    ranked = [
+        (results[f"level{i}"]["accuracy_percent"], f"level{i}")
+        for i in range(1, 6)
+        if results[f"level{i}"]["total"]
+    ]
     best = max(ranked, key=lambda x: x[0]) if ranked else (0.0, None)
     return {
         "metadata": {
@@ -254,7 +266,9 @@ def format_results(doc: dict[str, Any]) -> str:
     res = doc["results"]
     for key, label in [*LEVEL_NAMES.items(), ("hybrid", "Hybrid (3 > 2 > 1 > most common)")]:
         r = res[key]
-        lines.append(f"{label:<31}{r['correct']:<11}{r['total']:<11}{r['accuracy_percent']:<13.1f}{r['vs_random']:.1f}x")
+        lines.append(
+            f"{label:<31}{r['correct']:<11}{r['total']:<11}{r['accuracy_percent']:<13.1f}{r['vs_random']:.1f}x"
+        )
     best = doc["best_level"]
     if best["name"]:
         lines.append("")

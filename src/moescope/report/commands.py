@@ -12,9 +12,15 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    output: Path = typer.Option(Path("demo-out"), "--output", "-o", help="Directory for traces, tables and figures."),
+    output: Path = typer.Option(
+        Path("demo-out"), "--output", "-o", help="Directory for traces, tables and figures."
+    ),
     max_tokens: int = typer.Option(16000, "--max-tokens", help="Tokens captured per bundled model."),
-    predictor: str = typer.Option("best", "--predictor", help="Predictor to fit, evaluate and prefetch with (see `moescope predict list`)."),
+    predictor: str = typer.Option(
+        "best",
+        "--predictor",
+        help="Predictor to fit, evaluate and prefetch with (see `moescope predict list`).",
+    ),
 ) -> None:
     """Run the whole pipeline on the bundled models and held-out corpus, offline: capture both
     models, validate, analyse, fit and evaluate the best predictor, simulate an expert cache, ablate each

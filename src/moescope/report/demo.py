@@ -22,13 +22,38 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     for model in ("tiny-mixtral", "tiny-finegrained"):
         trace = str(out / f"trace-{model}")
         steps.append(
-            ["capture", model, *corpus, "--label-field", "domain", "--max-documents", "6",
-             "--max-tokens", str(max_tokens), "--seq-len", "256", "--lookahead", "2", "--logits",
-             "--overwrite", "-o", trace]
+            [
+                "capture",
+                model,
+                *corpus,
+                "--label-field",
+                "domain",
+                "--max-documents",
+                "6",
+                "--max-tokens",
+                str(max_tokens),
+                "--seq-len",
+                "256",
+                "--lookahead",
+                "2",
+                "--logits",
+                "--overwrite",
+                "-o",
+                trace,
+            ]
         )
         steps.append(["validate", trace])
         steps.append(
-            ["analyze", trace, "-o", str(out / f"analysis-{model}"), "--tsne-points", "300", "--permutations", "100"]
+            [
+                "analyze",
+                trace,
+                "-o",
+                str(out / f"analysis-{model}"),
+                "--tsne-points",
+                "300",
+                "--permutations",
+                "100",
+            ]
         )
     fine = str(out / "trace-tiny-finegrained")
     split = out / "split-tiny-finegrained"
@@ -39,12 +64,36 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     steps.append(["predict", "fit", train, "--no-split", "--predictor", predictor, "-o", model_file])
     steps.append(["predict", "eval", model_file, test, "--figures", str(out / "predict-tiny-finegrained")])
     steps.append(
-        ["simulate", test, "--train", train, "--cache-fraction", "0.25", "--prefetch", model_file, "--sweep",
-         "-o", str(out / "simulate-tiny-finegrained")]
+        [
+            "simulate",
+            test,
+            "--train",
+            train,
+            "--cache-fraction",
+            "0.25",
+            "--prefetch",
+            model_file,
+            "--sweep",
+            "-o",
+            str(out / "simulate-tiny-finegrained"),
+        ]
     )
     steps.append(
-        ["ablate", "tiny-mixtral", *corpus, "--label-field", "domain", "--layer", "3", "--max-documents", "2",
-         "--rank-by", "perplexity", "-o", str(out / "ablate-tiny-mixtral-layer3")]
+        [
+            "ablate",
+            "tiny-mixtral",
+            *corpus,
+            "--label-field",
+            "domain",
+            "--layer",
+            "3",
+            "--max-documents",
+            "2",
+            "--rank-by",
+            "perplexity",
+            "-o",
+            str(out / "ablate-tiny-mixtral-layer3"),
+        ]
     )
     return steps
 

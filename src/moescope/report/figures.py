@@ -98,13 +98,22 @@ def heatmap(
     finite = m[np.isfinite(m)]
     if center is not None and finite.size and finite.min() < center < finite.max():
         norm = TwoSlopeNorm(vcenter=center, vmin=float(finite.min()), vmax=float(finite.max()))
-    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap=cmap or ("RdBu_r" if norm else "viridis"), norm=norm)
+    im = ax.imshow(
+        m, aspect="auto", interpolation="nearest", cmap=cmap or ("RdBu_r" if norm else "viridis"), norm=norm
+    )
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    for labels, setter, n in ((xticklabels, ax.set_xticks, m.shape[1]), (yticklabels, ax.set_yticks, m.shape[0])):
+    for labels, setter, n in (
+        (xticklabels, ax.set_xticks, m.shape[1]),
+        (yticklabels, ax.set_yticks, m.shape[0]),
+    ):
         if labels is not None and n <= 64:
-            setter(np.arange(n), labels=list(labels), fontsize=6 if n > 20 else 8,
-                   rotation=90 if setter == ax.set_xticks and n > 20 else 0)
+            setter(
+                np.arange(n),
+                labels=list(labels),
+                fontsize=6 if n > 20 else 8,
+                rotation=90 if setter == ax.set_xticks and n > 20 else 0,
+            )
     return fig

@@ -17,26 +17,68 @@ def register(app: typer.Typer) -> None:
 
 def simulate_cmd(
     trace: TraceArg,
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for summary.json, per_layer.csv and sweeps."),
-    preset: str = typer.Option("rtx4090-pcie4", "--preset", help="Deployment preset (rtx4090-pcie4, a100-80gb-pcie4, h100-pcie5, rtx4090-nvme)."),
-    model: str = typer.Option(None, "--model", help="Model config for expert sizes: shipped name or config.json (default: the trace's model id)."),
-    expert_params: int = typer.Option(None, "--expert-params", help="Parameters of one expert, instead of --model."),
-    dtype: str = typer.Option("bf16", "--dtype", help="Expert storage width: fp32, bf16, fp16, fp8, int8, int4."),
-    cache_experts: int = typer.Option(None, "--cache-experts", help="Cache slots per layer (or in total with --shared)."),
-    cache_fraction: float = typer.Option(None, "--cache-fraction", help="Cache size as a share of all experts."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Directory for summary.json, per_layer.csv and sweeps."
+    ),
+    preset: str = typer.Option(
+        "rtx4090-pcie4",
+        "--preset",
+        help="Deployment preset (rtx4090-pcie4, a100-80gb-pcie4, h100-pcie5, rtx4090-nvme).",
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Model config for expert sizes: shipped name or config.json (default: the trace's model id).",
+    ),
+    expert_params: int = typer.Option(
+        None, "--expert-params", help="Parameters of one expert, instead of --model."
+    ),
+    dtype: str = typer.Option(
+        "bf16", "--dtype", help="Expert storage width: fp32, bf16, fp16, fp8, int8, int4."
+    ),
+    cache_experts: int = typer.Option(
+        None, "--cache-experts", help="Cache slots per layer (or in total with --shared)."
+    ),
+    cache_fraction: float = typer.Option(
+        None, "--cache-fraction", help="Cache size as a share of all experts."
+    ),
     cache_gb: float = typer.Option(None, "--cache-gb", help="GPU memory given to the expert cache, GB."),
-    shared: bool = typer.Option(False, "--shared", help="One cache shared by all layers instead of one per layer."),
-    policy: str = typer.Option("lru", "--policy", help="Eviction: lru, lfu, lrfu, lru-protect, static, belady."),
-    prefetch: str = typer.Option("none", "--prefetch", help="none, table, previous, oracle, or a saved predictor file."),
-    distance: int = typer.Option(1, "--distance", help="Prefetch distance d: predict layer l+d after layer l."),
+    shared: bool = typer.Option(
+        False, "--shared", help="One cache shared by all layers instead of one per layer."
+    ),
+    policy: str = typer.Option(
+        "lru", "--policy", help="Eviction: lru, lfu, lrfu, lru-protect, static, belady."
+    ),
+    prefetch: str = typer.Option(
+        "none", "--prefetch", help="none, table, previous, oracle, or a saved predictor file."
+    ),
+    distance: int = typer.Option(
+        1, "--distance", help="Prefetch distance d: predict layer l+d after layer l."
+    ),
     budget: int = typer.Option(None, "--budget", help="Experts prefetched per issue (default: top_k)."),
-    mode: str = typer.Option("decode", "--mode", help="decode (one token per step) or prefill (union per batch)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Prefill batch in tokens (default: whole document)."),
-    reset: str = typer.Option("none", "--reset", help="none, or document (every document starts with a cold cache)."),
-    compute_ms: float = typer.Option(None, "--compute-ms", help="Fixed compute time per layer, ms (default: derived)."),
-    link_efficiency: float = typer.Option(1.0, "--link-efficiency", help="Share of the published link bandwidth reached."),
-    train: Path = typer.Option(None, "--train", help="Trace to fit the prefetcher and static pinning on, e.g. a training split by document (default: TRACE itself, which flatters them)."),
-    do_sweep: bool = typer.Option(False, "--sweep", help="Also sweep cache size x policy (and budgets 1..2k when prefetching)."),
+    mode: str = typer.Option(
+        "decode", "--mode", help="decode (one token per step) or prefill (union per batch)."
+    ),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Prefill batch in tokens (default: whole document)."
+    ),
+    reset: str = typer.Option(
+        "none", "--reset", help="none, or document (every document starts with a cold cache)."
+    ),
+    compute_ms: float = typer.Option(
+        None, "--compute-ms", help="Fixed compute time per layer, ms (default: derived)."
+    ),
+    link_efficiency: float = typer.Option(
+        1.0, "--link-efficiency", help="Share of the published link bandwidth reached."
+    ),
+    train: Path = typer.Option(
+        None,
+        "--train",
+        help="Trace to fit the prefetcher and static pinning on, e.g. a training split by document (default: TRACE itself, which flatters them).",
+    ),
+    do_sweep: bool = typer.Option(
+        False, "--sweep", help="Also sweep cache size x policy (and budgets 1..2k when prefetching)."
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Replay a trace through an expert cache, a prefetcher and a timing model.
@@ -69,13 +111,37 @@ def simulate_cmd(
             cost = model_cost(name, dtype)
         except ConfigError as exc:
             raise ConfigError(f"--model {name!r}: {exc}; pass --model or --expert-params") from None
-    cap = cache_capacity(dep, cost, tr.num_layers, tr.num_experts, experts=cache_experts, fraction=cache_fraction,
-                         gb=cache_gb, shared=shared)
+    cap = cache_capacity(
+        dep,
+        cost,
+        tr.num_layers,
+        tr.num_experts,
+        experts=cache_experts,
+        fraction=cache_fraction,
+        gb=cache_gb,
+        shared=shared,
+    )
     pf = None if prefetch == "none" else make_prefetcher(prefetch, distance=distance, budget=budget)
-    res = simulate(tr, make_policy(policy), cap, dep, cost, shared=shared, prefetcher=pf, mode=mode,
-                   batch_size=batch_size, reset=reset, fit_trace=fit_tr)
+    res = simulate(
+        tr,
+        make_policy(policy),
+        cap,
+        dep,
+        cost,
+        shared=shared,
+        prefetcher=pf,
+        mode=mode,
+        batch_size=batch_size,
+        reset=reset,
+        fit_trace=fit_tr,
+    )
     output.mkdir(parents=True, exist_ok=True)
-    summary = {"trace": str(trace), "deployment": dep.to_dict(), "expert_bytes": cost.expert_bytes, **res.summary()}
+    summary = {
+        "trace": str(trace),
+        "deployment": dep.to_dict(),
+        "expert_bytes": cost.expert_bytes,
+        **res.summary(),
+    }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     res.per_layer().write_csv(output / "per_layer.csv")
     if do_sweep:
@@ -83,8 +149,17 @@ def simulate_cmd(
         if prefetch != "none":
             k = tr.top_k
             pfs += [make_prefetcher(prefetch, distance=distance, budget=m) for m in sorted({k, 2 * k})]
-        df = sweep(tr, dep, cost, prefetchers=pfs, mode=mode, batch_size=batch_size, shared=shared, reset=reset,
-                   fit_trace=fit_tr)
+        df = sweep(
+            tr,
+            dep,
+            cost,
+            prefetchers=pfs,
+            mode=mode,
+            batch_size=batch_size,
+            shared=shared,
+            reset=reset,
+            fit_trace=fit_tr,
+        )
         df.write_csv(output / "sweep.csv")
         plot_sweep(df, output / "sweep", {"trace": str(trace), "preset": preset, "mode": mode})
         summary["sweep"] = str(output / "sweep.csv")

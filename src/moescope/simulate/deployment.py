@@ -79,14 +79,20 @@ class Deployment:
             if not getattr(self, f) > 0:
                 raise ConfigError(f"deployment {self.name!r}: {f} must be > 0, got {getattr(self, f)!r}")
         if not 0 < self.link_efficiency <= 1:
-            raise ConfigError(f"deployment {self.name!r}: link_efficiency must be in (0, 1], got {self.link_efficiency}")
+            raise ConfigError(
+                f"deployment {self.name!r}: link_efficiency must be in (0, 1], got {self.link_efficiency}"
+            )
         if not self.tiers:
             raise ConfigError(f"deployment {self.name!r}: at least one offload tier is needed")
         for t in self.tiers:
             if not t.bandwidth_gbs > 0 or t.latency_us < 0:
-                raise ConfigError(f"deployment {self.name!r}: tier {t.name!r} needs bandwidth_gbs > 0, latency_us >= 0")
+                raise ConfigError(
+                    f"deployment {self.name!r}: tier {t.name!r} needs bandwidth_gbs > 0, latency_us >= 0"
+                )
         if self.tiers[-1].capacity_gb is not None:
-            raise ConfigError(f"deployment {self.name!r}: the last tier ({self.tiers[-1].name}) must be unlimited")
+            raise ConfigError(
+                f"deployment {self.name!r}: the last tier ({self.tiers[-1].name}) must be unlimited"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,14 +164,24 @@ def model_cost(config: Any, dtype: str = "bf16") -> ModelCost:
     n_moe = max(len(pc.moe_layers), 1)
     dense = (pc.attention + pc.router + pc.shared_experts) // n_moe
     return ModelCost(
-        expert_params=int(pc.expert_params), bytes_per_param=BYTES_PER_PARAM[dtype],
-        dense_params_per_layer=int(dense), top_k=int(pc.top_k), source=str(config) if isinstance(config, str) else "config",
+        expert_params=int(pc.expert_params),
+        bytes_per_param=BYTES_PER_PARAM[dtype],
+        dense_params_per_layer=int(dense),
+        top_k=int(pc.top_k),
+        source=str(config) if isinstance(config, str) else "config",
     )
 
 
 def cache_capacity(
-    deployment: Deployment, cost: ModelCost, num_layers: int, num_experts: int, *,
-    experts: int | None = None, fraction: float | None = None, gb: float | None = None, shared: bool = False,
+    deployment: Deployment,
+    cost: ModelCost,
+    num_layers: int,
+    num_experts: int,
+    *,
+    experts: int | None = None,
+    fraction: float | None = None,
+    gb: float | None = None,
+    shared: bool = False,
 ) -> np.ndarray:
     """Cache slots per partition (``(L,)`` per layer, or ``(1,)`` shared), from exactly one of three forms.
 
@@ -186,7 +202,9 @@ def cache_capacity(
         n_total = round(fraction * total)
     else:
         if not 0 < gb <= deployment.gpu_memory_gb:
-            raise ConfigError(f"--cache-gb must be in (0, gpu_memory_gb={deployment.gpu_memory_gb}], got {gb}")
+            raise ConfigError(
+                f"--cache-gb must be in (0, gpu_memory_gb={deployment.gpu_memory_gb}], got {gb}"
+            )
         n_total = int(gb * GB // cost.expert_bytes)
     n_total = max(1, min(n_total, total))
     if shared:
@@ -195,7 +213,9 @@ def cache_capacity(
     return np.full(num_layers, per, np.int64)
 
 
-def load_times(deployment: Deployment, cost: ModelCost, popularity: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def load_times(
+    deployment: Deployment, cost: ModelCost, popularity: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
     """Seconds to move each key ``layer * E + e`` to the GPU, and the tier each one lives in.
 
     Tiers with a capacity are filled with the most popular experts first (``popularity`` is ``(L, E)``).
@@ -207,15 +227,21 @@ def load_times(deployment: Deployment, cost: ModelCost, popularity: np.ndarray) 
     tier_of = np.empty(flat.size, dtype=object)
     pos = 0
     for tier in deployment.tiers:
-        n = flat.size - pos if tier.capacity_gb is None else min(flat.size - pos, int(tier.capacity_gb * GB // eb))
-        keys = order[pos:pos + n]
+        n = (
+            flat.size - pos
+            if tier.capacity_gb is None
+            else min(flat.size - pos, int(tier.capacity_gb * GB // eb))
+        )
+        keys = order[pos : pos + n]
         times[keys] = tier.latency_us * 1e-6 + eb / (tier.bandwidth_gbs * GB * deployment.link_efficiency)
         tier_of[keys] = tier.name
         pos += n
     return times, list(tier_of)
 
 
-def compute_times(deployment: Deployment, cost: ModelCost, tokens: np.ndarray, unique: np.ndarray) -> np.ndarray:
+def compute_times(
+    deployment: Deployment, cost: ModelCost, tokens: np.ndarray, unique: np.ndarray
+) -> np.ndarray:
     """``(S, L)`` seconds per layer: the larger of reading the weights once and doing the FLOPs.
 
     ``tokens`` is ``(S,)`` tokens per step and ``unique`` ``(S, L)`` distinct experts per step and

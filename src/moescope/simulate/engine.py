@@ -62,8 +62,9 @@ class Steps:
         return int(self.demand.shape[1])
 
 
-def _union_rank(ids: np.ndarray, group: np.ndarray, n_groups: int, E: int, weight: np.ndarray | None = None
-                ) -> np.ndarray:
+def _union_rank(
+    ids: np.ndarray, group: np.ndarray, n_groups: int, E: int, weight: np.ndarray | None = None
+) -> np.ndarray:
     """Per group and layer, the distinct ids of ``ids`` ``(n, L, w)`` ordered by count (ties: lower id).
 
     Returns ``(G, L, W)`` int16 padded with -1, ``W`` the largest union.
@@ -98,8 +99,8 @@ def prepare(trace: Any, *, mode: str = "decode", batch_size: int | None = None) 
     start = 0
     for b in trace.iter_batches(["doc_id", "experts"]):
         n = len(b)
-        ids[start:start + n] = np.where(b.experts == trace.missing_id, -1, b.experts)
-        doc[start:start + n] = b.doc_id
+        ids[start : start + n] = np.where(b.experts == trace.missing_id, -1, b.experts)
+        doc[start : start + n] = b.doc_id
         start += n
     new_doc = np.ones(N, bool)
     new_doc[1:] = doc[1:] != doc[:-1]
@@ -130,7 +131,9 @@ def step_prefetch(steps: Steps, ranked: np.ndarray | None) -> np.ndarray:
     if ranked is None:
         return np.full((S, L, 0), -1, np.int16)
     if ranked.shape[:2] != (len(steps.step_of_row), L):
-        raise ConfigError(f"prefetch array has shape {ranked.shape}; the trace needs ({len(steps.step_of_row)}, {L}, m)")
+        raise ConfigError(
+            f"prefetch array has shape {ranked.shape}; the trace needs ({len(steps.step_of_row)}, {L}, m)"
+        )
     if steps.mode == "decode":
         return np.ascontiguousarray(ranked, dtype=np.int16)
     m = ranked.shape[2]
@@ -174,22 +177,35 @@ class SimResult:
         acc, hit, pfh = self._c("C_ACCESS"), self._c("C_HIT"), self._c("C_PF_HIT")
         miss, pfl, waste = self._c("C_MISS"), self._c("C_PF_LOAD"), self._c("C_PF_WASTE")
         with np.errstate(invalid="ignore", divide="ignore"):
-            return pl.DataFrame({
-                "layer": np.arange(self.counts.shape[1]),
-                "capacity_experts": (self.capacity if not self.shared else np.full(self.counts.shape[1], -1)),
-                "accesses": acc, "hits": hit, "hit_rate": hit / acc, "prefetch_hits": pfh,
-                "late_prefetch_hits": self._c("C_LATE"), "demand_misses": miss, "streamed": self._c("C_STREAM"),
-                "demand_bytes": miss * self.expert_bytes, "prefetch_bytes": pfl * self.expert_bytes,
-                "wasted_prefetch_bytes": waste * self.expert_bytes,
-                "prefetch_precision": pfh / pfl, "prefetch_coverage": pfh / (pfh + miss),
-                "stall_ms_per_token": self.stall_s * 1e3 / self.tokens,
-            })
+            return pl.DataFrame(
+                {
+                    "layer": np.arange(self.counts.shape[1]),
+                    "capacity_experts": (
+                        self.capacity if not self.shared else np.full(self.counts.shape[1], -1)
+                    ),
+                    "accesses": acc,
+                    "hits": hit,
+                    "hit_rate": hit / acc,
+                    "prefetch_hits": pfh,
+                    "late_prefetch_hits": self._c("C_LATE"),
+                    "demand_misses": miss,
+                    "streamed": self._c("C_STREAM"),
+                    "demand_bytes": miss * self.expert_bytes,
+                    "prefetch_bytes": pfl * self.expert_bytes,
+                    "wasted_prefetch_bytes": waste * self.expert_bytes,
+                    "prefetch_precision": pfh / pfl,
+                    "prefetch_coverage": pfh / (pfh + miss),
+                    "stall_ms_per_token": self.stall_s * 1e3 / self.tokens,
+                }
+            )
 
     def summary(self) -> dict[str, Any]:
         """Overall figures (JSON-ready)."""
         c = self.counts.sum(axis=1)
-        acc, hit, pfh, miss, pfl, waste = (int(c[getattr(K, n)]) for n in (
-            "C_ACCESS", "C_HIT", "C_PF_HIT", "C_MISS", "C_PF_LOAD", "C_PF_WASTE"))
+        acc, hit, pfh, miss, pfl, waste = (
+            int(c[getattr(K, n)])
+            for n in ("C_ACCESS", "C_HIT", "C_PF_HIT", "C_MISS", "C_PF_LOAD", "C_PF_WASTE")
+        )
 
         def ratio(a: float, b: float) -> float | None:
             return None if b == 0 else a / b
@@ -232,7 +248,9 @@ def _occurrences(demand: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     S, L, _W = demand.shape
     valid = demand >= 0
     keys = (np.arange(L)[None, :, None] * E + demand.astype(np.int64))[valid]
-    events = np.broadcast_to((np.arange(S)[:, None] * L + np.arange(L)[None, :])[:, :, None], demand.shape)[valid]
+    events = np.broadcast_to((np.arange(S)[:, None] * L + np.arange(L)[None, :])[:, :, None], demand.shape)[
+        valid
+    ]
     order = np.argsort(keys, kind="stable")  # events are already ascending in row-major order
     occ_start = np.zeros(L * E + 1, np.int64)
     np.cumsum(np.bincount(keys, minlength=L * E), out=occ_start[1:])
@@ -263,8 +281,13 @@ def _cores() -> int:
 STREAM_BLOCK = 2048  # steps ranked per block when a prefetcher is ranked alongside the replay
 
 
-def _stream(demand: np.ndarray, rank: Callable[[int, int, np.ndarray], np.ndarray],
-            replay: Callable[[int, int, np.ndarray], None], m: int, block: int | None = None) -> None:
+def _stream(
+    demand: np.ndarray,
+    rank: Callable[[int, int, np.ndarray], np.ndarray],
+    replay: Callable[[int, int, np.ndarray], None],
+    m: int,
+    block: int | None = None,
+) -> None:
     """Replay ``demand`` block by block, ranking block ``i + 1`` on a second core while block ``i`` replays.
 
     ``rank(a, b, buf)`` fills ``buf`` ``(b - a, L, m)`` with the predictions of steps ``a:b``;
@@ -279,7 +302,7 @@ def _stream(demand: np.ndarray, rank: Callable[[int, int, np.ndarray], np.ndarra
     if len(starts) == 1 or _cores() < 2:
         for a in starts:
             b = min(S, a + block)
-            replay(a, b, rank(a, b, bufs[0][:b - a]))
+            replay(a, b, rank(a, b, bufs[0][: b - a]))
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = pool.submit(rank, 0, block, bufs[0])
@@ -288,7 +311,7 @@ def _stream(demand: np.ndarray, rank: Callable[[int, int, np.ndarray], np.ndarra
             pref = ahead.result()
             if b < S:
                 c = min(S, b + block)
-                ahead = pool.submit(rank, b, c, bufs[(i + 1) % 2][:c - b])
+                ahead = pool.submit(rank, b, c, bufs[(i + 1) % 2][: c - b])
             replay(a, b, pref)
 
 
@@ -372,14 +395,36 @@ def run(
     wait_pf = np.zeros(L, np.float64)
     clock = np.zeros(K.NCLOCK, np.float64)
     dist = int(distance)
-    if (policy.priority_rule == K.PRIO_LAST and policy.use_rule == K.USE_NONE and not policy.protect
-            and not policy.bypass and not policy.needs_future):
+    if (
+        policy.priority_rule == K.PRIO_LAST
+        and policy.use_rule == K.USE_NONE
+        and not policy.protect
+        and not policy.bypass
+        and not policy.needs_future
+    ):
         # LRU and static pinning: the O(1) recency-list loop (same semantics, several times faster)
         node, lists = K.lru_state(load_t, E, capacity.shape[0])
 
         def replay(a: int, b: int, pref: np.ndarray) -> None:
-            K.replay_lru(demand[a:b], pref, dist, int(E), per_layer, capacity, pinned, reset_mask[a:b], ctab,
-                         crow[a:b], a, node, lists, clock, counts, stall, wait_pf)
+            K.replay_lru(
+                demand[a:b],
+                pref,
+                dist,
+                int(E),
+                per_layer,
+                capacity,
+                pinned,
+                reset_mask[a:b],
+                ctab,
+                crow[a:b],
+                a,
+                node,
+                lists,
+                clock,
+                counts,
+                stall,
+                wait_pf,
+            )
 
         unused = node["unused"]
     else:
@@ -399,19 +444,52 @@ def run(
         arrival = np.zeros(L * E, np.float64)
         ptr = occ_start[:-1].copy()
         unused = np.zeros(L * E, np.bool_)
-        rules = (int(policy.priority_rule), int(policy.use_rule), float(policy.param()), bool(policy.bypass),
-                 bool(policy.protect), bool(policy.needs_future))
+        rules = (
+            int(policy.priority_rule),
+            int(policy.use_rule),
+            float(policy.param()),
+            bool(policy.bypass),
+            bool(policy.protect),
+            bool(policy.needs_future),
+        )
 
         def replay(a: int, b: int, pref: np.ndarray) -> None:
             K.replay_chunk(
-                demand[a:b], pref, dist, int(E), per_layer, capacity, pinned, *rules, occ_start, occ_ev,
-                seg_end[a:b], reset_mask[a:b], load_t, ctab, crow[a:b], a,
-                slots, nres, where, st, lock, protect_until, unused, arrival, ptr, clock, counts, stall, wait_pf,
+                demand[a:b],
+                pref,
+                dist,
+                int(E),
+                per_layer,
+                capacity,
+                pinned,
+                *rules,
+                occ_start,
+                occ_ev,
+                seg_end[a:b],
+                reset_mask[a:b],
+                load_t,
+                ctab,
+                crow[a:b],
+                a,
+                slots,
+                nres,
+                where,
+                st,
+                lock,
+                protect_until,
+                unused,
+                arrival,
+                ptr,
+                clock,
+                counts,
+                stall,
+                wait_pf,
             )
 
     if prefetcher is None:
         replay(0, S, prefetch)
     else:
+
         def rank(a: int, b: int, buf: np.ndarray) -> np.ndarray:
             return prefetcher.rank_ids(demand[a:b], buf)
 
@@ -421,10 +499,22 @@ def run(
     np.add.at(counts[K.C_PF_WASTE], left // E, 1)
 
     return SimResult(
-        policy=policy.describe(), prefetcher=prefetcher_name, distance=dist, budget=int(M), capacity=capacity,
-        shared=shared, mode=steps.mode, counts=counts, stall_s=stall, prefetch_wait_s=wait_pf,
-        total_s=float(clock[K.T_NOW]), compute_s=float(clock[K.T_COMPUTE]), no_cache_s=float(clock[K.T_NOCACHE]),
-        tokens=int(steps.tokens.sum()), steps=S, expert_bytes=cost.expert_bytes,
+        policy=policy.describe(),
+        prefetcher=prefetcher_name,
+        distance=dist,
+        budget=int(M),
+        capacity=capacity,
+        shared=shared,
+        mode=steps.mode,
+        counts=counts,
+        stall_s=stall,
+        prefetch_wait_s=wait_pf,
+        total_s=float(clock[K.T_NOW]),
+        compute_s=float(clock[K.T_COMPUTE]),
+        no_cache_s=float(clock[K.T_NOCACHE]),
+        tokens=int(steps.tokens.sum()),
+        steps=S,
+        expert_bytes=cost.expert_bytes,
     )
 
 
@@ -464,6 +554,18 @@ def simulate(
         prefetcher = prefetcher.fit(fit_on)
     if prefetcher.from_ids and steps.mode == "decode":  # ranked block by block alongside the replay
         prefetcher.check_fitted(trace)
-        return run(steps, policy, capacity, deployment, cost, shared=shared, prefetcher=prefetcher, reset=reset)
-    return run(steps, policy, capacity, deployment, cost, shared=shared, prefetch=step_prefetch(steps, prefetcher.ranked(trace)),
-               distance=int(prefetcher.distance), prefetcher_name=prefetcher.describe(), reset=reset)
+        return run(
+            steps, policy, capacity, deployment, cost, shared=shared, prefetcher=prefetcher, reset=reset
+        )
+    return run(
+        steps,
+        policy,
+        capacity,
+        deployment,
+        cost,
+        shared=shared,
+        prefetch=step_prefetch(steps, prefetcher.ranked(trace)),
+        distance=int(prefetcher.distance),
+        prefetcher_name=prefetcher.describe(),
+        reset=reset,
+    )

@@ -110,8 +110,25 @@ def _next_use(key, after, ptr, occ_start, occ_ev, seg_end):
 
 
 @njit(cache=True, inline="always")
-def _pick_victim(part, slots, nres, st, lock, stamp, pinned, protect_until, event, use_protect,
-                 prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end):
+def _pick_victim(
+    part,
+    slots,
+    nres,
+    st,
+    lock,
+    stamp,
+    pinned,
+    protect_until,
+    event,
+    use_protect,
+    prio_rule,
+    param,
+    need_next,
+    ptr,
+    occ_start,
+    occ_ev,
+    seg_end,
+):
     """Slot index of the victim in partition ``part``, or -1 when every resident is locked/pinned."""
     best = -1
     best_prot = 2
@@ -126,17 +143,49 @@ def _pick_victim(part, slots, nres, st, lock, stamp, pinned, protect_until, even
         prot = 1 if (use_protect and protect_until[key] >= event) else 0
         pri = priority(prio_rule, st, key, param)
         last = st[key, LAST]
-        if (prot < best_prot or (prot == best_prot and (pri < best_pri or (pri == best_pri and last < best_last)))):
+        if prot < best_prot or (
+            prot == best_prot and (pri < best_pri or (pri == best_pri and last < best_last))
+        ):
             best, best_prot, best_pri, best_last = i, prot, pri, last
     return best
 
 
 @njit(cache=True, nogil=True)
 def replay_chunk(
-    demand, pref, dist, E, per_layer, cap, pinned, prio_rule, use_rule, param, bypass, use_protect, need_next,
-    occ_start, occ_ev, seg_end_of_step, reset, load_time, ctab, crow, step0,
-    slots, nres, where, st, lock, protect_until, pf_unused, arrival, ptr, clock,
-    counts, stall, wait_pf,
+    demand,
+    pref,
+    dist,
+    E,
+    per_layer,
+    cap,
+    pinned,
+    prio_rule,
+    use_rule,
+    param,
+    bypass,
+    use_protect,
+    need_next,
+    occ_start,
+    occ_ev,
+    seg_end_of_step,
+    reset,
+    load_time,
+    ctab,
+    crow,
+    step0,
+    slots,
+    nres,
+    where,
+    st,
+    lock,
+    protect_until,
+    pf_unused,
+    arrival,
+    ptr,
+    clock,
+    counts,
+    stall,
+    wait_pf,
 ):
     """Replay steps ``demand[0:S]`` (global step index ``step0 + s``); all state arrays are updated in place.
 
@@ -217,14 +266,32 @@ def replay_chunk(
                     victim = -1
                     if nres[part] >= cap[part]:
                         # a bypassing policy may evict what this step already used: it need not stay
-                        victim = _pick_victim(part, slots, nres, st, lock, NO_STAMP if bypass else event, pinned, protect_until, event,
-                                              use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev,
-                                              seg_end)
+                        victim = _pick_victim(
+                            part,
+                            slots,
+                            nres,
+                            st,
+                            lock,
+                            NO_STAMP if bypass else event,
+                            pinned,
+                            protect_until,
+                            event,
+                            use_protect,
+                            prio_rule,
+                            param,
+                            need_next,
+                            ptr,
+                            occ_start,
+                            occ_ev,
+                            seg_end,
+                        )
                         if victim < 0:
                             keep = False
                         elif bypass:
                             st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-                            if priority(prio_rule, st, key, param) <= priority(prio_rule, st, slots[part, victim], param):
+                            if priority(prio_rule, st, key, param) <= priority(
+                                prio_rule, st, slots[part, victim], param
+                            ):
                                 keep = False
                     if keep:
                         if victim >= 0:
@@ -274,13 +341,32 @@ def replay_chunk(
                     continue
                 victim = -1
                 if nres[tpart] >= cap[tpart]:
-                    victim = _pick_victim(tpart, slots, nres, st, lock, pf_stamp, pinned, protect_until, event,
-                                          use_protect, prio_rule, param, need_next, ptr, occ_start, occ_ev, seg_end)
+                    victim = _pick_victim(
+                        tpart,
+                        slots,
+                        nres,
+                        st,
+                        lock,
+                        pf_stamp,
+                        pinned,
+                        protect_until,
+                        event,
+                        use_protect,
+                        prio_rule,
+                        param,
+                        need_next,
+                        ptr,
+                        occ_start,
+                        occ_ev,
+                        seg_end,
+                    )
                     if victim < 0:
                         continue
                     if bypass:
                         st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-                        if priority(prio_rule, st, key, param) <= priority(prio_rule, st, slots[tpart, victim], param):
+                        if priority(prio_rule, st, key, param) <= priority(
+                            prio_rule, st, slots[tpart, victim], param
+                        ):
                             continue
                     old = slots[tpart, victim]
                     if pf_unused[old]:
@@ -320,6 +406,7 @@ NODE = np.dtype(
     align=True,
 )
 
+
 def lru_state(load_time: np.ndarray, num_experts: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
     """Fresh ``(node, lists)`` state of :func:`replay_lru`: one :data:`NODE` per key, and per
     partition ``lists[0]`` the recency list's head, ``lists[1]`` its tail, ``lists[2]`` the residents."""
@@ -335,8 +422,25 @@ def lru_state(load_time: np.ndarray, num_experts: int, num_partitions: int) -> t
 
 
 @njit(cache=True, nogil=True)
-def replay_lru(demand, pref, dist, E, per_layer, cap, pinned, reset, ctab, crow, step0,
-               node, lists, clock, counts, stall, wait_pf):
+def replay_lru(
+    demand,
+    pref,
+    dist,
+    E,
+    per_layer,
+    cap,
+    pinned,
+    reset,
+    ctab,
+    crow,
+    step0,
+    node,
+    lists,
+    clock,
+    counts,
+    stall,
+    wait_pf,
+):
     """:func:`replay_chunk` for LRU (optionally with pinned experts), with O(1) victims.
 
     Same semantics and outputs as :func:`replay_chunk` with ``PRIO_LAST``, ``USE_NONE`` and no

@@ -31,7 +31,9 @@ def to_recording(trace: Any) -> Any:
     from moe_policylang.integrations.trace_recorder import TraceEntry, TraceRecording
 
     E, k, L = trace.num_experts, trace.top_k, trace.num_layers
-    rec = TraceRecording(model_name=str(trace.path), num_layers=L, num_experts=E, top_k=k, records_full_softmax=True)
+    rec = TraceRecording(
+        model_name=str(trace.path), num_layers=L, num_experts=E, top_k=k, records_full_softmax=True
+    )
     rank_mass = (k - np.arange(k)) / (k * (k + 1) / 2)
     for b in trace.iter_batches(["doc_id", "position", "experts"]):
         for i in range(len(b)):
@@ -41,10 +43,15 @@ def to_recording(trace: Any) -> Any:
                     continue
                 probs = np.zeros(E)
                 probs[ids.astype(np.int64)] = rank_mass
-                rec.entries.append(TraceEntry(
-                    prompt_id=int(b.doc_id[i]), token_idx=int(b.position[i]), layer_idx=layer,
-                    selected_experts=ids.astype(int).tolist(), router_softmax=probs.tolist(),
-                ))
+                rec.entries.append(
+                    TraceEntry(
+                        prompt_id=int(b.doc_id[i]),
+                        token_idx=int(b.position[i]),
+                        layer_idx=layer,
+                        selected_experts=ids.astype(int).tolist(),
+                        router_softmax=probs.tolist(),
+                    )
+                )
     return rec
 
 
@@ -53,8 +60,9 @@ def peer_budget(num_experts: int, top_k: int, fraction: float) -> int:
     return max(top_k, round(num_experts * fraction))
 
 
-def peer_hit_rates(recording: Any, top_k: int, fraction: float, policies: tuple[str, ...] = ("topk_lru", "belady")
-                   ) -> dict[str, float]:
+def peer_hit_rates(
+    recording: Any, top_k: int, fraction: float, policies: tuple[str, ...] = ("topk_lru", "belady")
+) -> dict[str, float]:
     """Hit rates from moe-policylang's own replay (``replay_policies``)."""
     from moe_policylang.benchmark.replay import replay_policies
 

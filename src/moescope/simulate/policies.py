@@ -105,8 +105,14 @@ class LRFU(CachePolicy):
         self.decay = decay
 
     def _validate(self) -> None:
-        if not isinstance(self.decay, (int, float)) or isinstance(self.decay, bool) or not 0 <= self.decay <= 64:
-            raise ConfigError(f"LRFU: parameter decay={self.decay!r} is invalid; it must be a number in [0, 64]")
+        if (
+            not isinstance(self.decay, (int, float))
+            or isinstance(self.decay, bool)
+            or not 0 <= self.decay <= 64
+        ):
+            raise ConfigError(
+                f"LRFU: parameter decay={self.decay!r} is invalid; it must be a number in [0, 64]"
+            )
 
     def param(self) -> float:
         return float(self.decay)

@@ -79,7 +79,7 @@ class Prefetcher(BaseEstimator):
         for b in trace.iter_batches(["doc_id", "experts"]):
             n = len(b)
             ids = np.where(b.experts == trace.missing_id, -1, b.experts).astype(np.int16)  # (n, L, k)
-            out[start:start + n] = self._ranked_block(ids, b.doc_id, prev_tail)
+            out[start : start + n] = self._ranked_block(ids, b.doc_id, prev_tail)
             prev_tail = (ids[-1:], b.doc_id[-1:])
             start += n
         return out
@@ -94,7 +94,9 @@ class Prefetcher(BaseEstimator):
         calling thread (no parallel loop), so that it can overlap a replay on another core.
         """
         if not self.from_ids:
-            raise ConfigError(f"{type(self).__name__} needs the trace (documents, history): use ranked(trace)")
+            raise ConfigError(
+                f"{type(self).__name__} needs the trace (documents, history): use ranked(trace)"
+            )
         if not getattr(self, "fitted_", False):
             raise ConfigError(f"{type(self).__name__} is not fitted: call fit(trace) first")
         if ids.ndim != 3 or ids.shape[1] != self.num_layers_:
@@ -240,10 +242,14 @@ class TablePrefetcher(Prefetcher):
 
     def _fit(self, trace: Any) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha < 0:
-            raise ConfigError(f"TablePrefetcher: parameter alpha={self.alpha!r} is invalid; it must be a number >= 0")
+            raise ConfigError(
+                f"TablePrefetcher: parameter alpha={self.alpha!r} is invalid; it must be a number >= 0"
+            )
         L, E, d, missing = trace.num_layers, trace.num_experts, self.distance, trace.missing_id
         if d >= L:
-            raise ConfigError(f"TablePrefetcher: distance={d} leaves no layer to predict in a {L}-layer trace")
+            raise ConfigError(
+                f"TablePrefetcher: distance={d} leaves no layer to predict in a {L}-layer trace"
+            )
         counts = np.zeros((L - d, E + 1, E + 1), np.float64)
         for b in trace.iter_batches(["experts"]):
             ids = np.where(b.experts == missing, E, b.experts).astype(np.int64)  # (n, L, k)
@@ -288,7 +294,7 @@ class PreviousTokenPrefetcher(Prefetcher):
             prev[0] = prev_tail[0][0]
             same[0] = prev_tail[1][0] == doc_id[0]
         w = min(m, k)
-        out[:, self.distance:, :w] = np.where(same[:, None, None], prev[:, self.distance:, :w], -1)
+        out[:, self.distance :, :w] = np.where(same[:, None, None], prev[:, self.distance :, :w], -1)
         return out
 
 
@@ -310,7 +316,7 @@ class OraclePrefetcher(Prefetcher):
     def _rank_ids(self, ids: np.ndarray, out: np.ndarray) -> None:
         w = min(self.m_, ids.shape[2])
         out.fill(-1)
-        out[:, self.distance:, :w] = ids[:, self.distance:, :w]
+        out[:, self.distance :, :w] = ids[:, self.distance :, :w]
 
 
 class PredictorPrefetcher(Prefetcher):
@@ -325,8 +331,9 @@ class PredictorPrefetcher(Prefetcher):
 
     name = "predictor"
 
-    def __init__(self, *, predictor: Any = None, distance: int = 1, budget: int | None = None,
-                 window: int = 4) -> None:
+    def __init__(
+        self, *, predictor: Any = None, distance: int = 1, budget: int | None = None, window: int = 4
+    ) -> None:
         self.predictor = predictor
         self.distance = distance
         self.budget = budget
@@ -363,7 +370,7 @@ class PredictorPrefetcher(Prefetcher):
             n = len(ctx)
             for layer in range(d, L):
                 ids, _ = self.predictor_.predict(ctx.queries(layer, d), m)
-                out[start:start + n, layer, : ids.shape[1]] = ids
+                out[start : start + n, layer, : ids.shape[1]] = ids
             start += n
         return out
 

@@ -45,10 +45,22 @@ def sweep(
             pf = pf.fit(fit_on)
             pref, dist, pf_name = step_prefetch(steps, pf.ranked(trace)), int(pf.distance), pf.describe()
         for frac in fractions:
-            cap = cache_capacity(deployment, cost, trace.num_layers, trace.num_experts, fraction=frac, shared=shared)
+            cap = cache_capacity(
+                deployment, cost, trace.num_layers, trace.num_experts, fraction=frac, shared=shared
+            )
             for _name, pol in fitted.items():
-                res = run(steps, pol, cap, deployment, cost, shared=shared, prefetch=pref, distance=dist,
-                          prefetcher_name=pf_name, reset=reset)
+                res = run(
+                    steps,
+                    pol,
+                    cap,
+                    deployment,
+                    cost,
+                    shared=shared,
+                    prefetch=pref,
+                    distance=dist,
+                    prefetcher_name=pf_name,
+                    reset=reset,
+                )
                 rows.append({"cache_fraction": frac, **res.summary()})
     return pl.DataFrame(rows)
 
@@ -73,11 +85,23 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
         fig, ax = plt.subplots(figsize=(8.4, 4.2))
         for (pf, pol), part in data.group_by(["prefetcher", "policy"], maintain_order=True):
             part = part.sort("cache_fraction")
-            ax.plot(part["cache_fraction"], part[metric], marker="o", markersize=3, color=colours[pol],
-                    linestyle=styles[pf], label=f"{pol} + {pf}" if pf != "none" else pol)
+            ax.plot(
+                part["cache_fraction"],
+                part[metric],
+                marker="o",
+                markersize=3,
+                color=colours[pol],
+                linestyle=styles[pf],
+                label=f"{pol} + {pf}" if pf != "none" else pol,
+            )
         if metric == "tokens_per_s":
             for bound, style in (("tokens_per_s_all_in_gpu", ":"), ("tokens_per_s_no_cache", "--")):
-                ax.axhline(float(df[bound][0]), color="grey", linestyle=style, label=bound.removeprefix("tokens_per_s_"))
+                ax.axhline(
+                    float(df[bound][0]),
+                    color="grey",
+                    linestyle=style,
+                    label=bound.removeprefix("tokens_per_s_"),
+                )
         ax.set_xlabel("cache size (share of all experts)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -85,7 +109,8 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
         out = stem.with_name(f"{stem.name}_{metric}")
         if metric == "tokens_per_s":
             data = data.with_columns(
-                tokens_per_s_all_in_gpu=df["tokens_per_s_all_in_gpu"], tokens_per_s_no_cache=df["tokens_per_s_no_cache"]
+                tokens_per_s_all_in_gpu=df["tokens_per_s_all_in_gpu"],
+                tokens_per_s_no_cache=df["tokens_per_s_no_cache"],
             )
         data.write_csv(out.with_suffix(".csv"))
         fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
@@ -102,6 +127,12 @@ def best_row(df: Any, fraction: float) -> dict[str, Any]:
     best = at.sort("tokens_per_s", descending=True).row(0, named=True)
     lru = at.filter((at["policy"] == "lru") & (at["prefetcher"] == "none"))
     base = lru.row(0, named=True)["tokens_per_s"] if len(lru) else None
-    return {"cache_fraction": fraction, "best_policy": best["policy"], "best_prefetcher": best["prefetcher"],
-            "tokens_per_s": best["tokens_per_s"], "hit_rate": best["hit_rate"], "lru_tokens_per_s": base,
-            "speedup_vs_lru": (best["tokens_per_s"] / base) if base else None}
+    return {
+        "cache_fraction": fraction,
+        "best_policy": best["policy"],
+        "best_prefetcher": best["prefetcher"],
+        "tokens_per_s": best["tokens_per_s"],
+        "hit_rate": best["hit_rate"],
+        "lru_tokens_per_s": base,
+        "speedup_vs_lru": (best["tokens_per_s"] / base) if base else None,
+    }

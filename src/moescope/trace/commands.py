@@ -75,8 +75,12 @@ def info(trace: TraceArg, json_out: JsonOpt = False) -> None:
 
 def split(
     trace: TraceArg,
-    output: Path = typer.Option(..., "--output", "-o", help="Folder that receives train/ and test/ (two traces)."),
-    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of documents in the test trace, in (0, 1)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder that receives train/ and test/ (two traces)."
+    ),
+    test_fraction: float = typer.Option(
+        0.2, "--test-fraction", help="Share of documents in the test trace, in (0, 1)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random document split (same seed, same split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing train/ and test/ traces."),
     json_out: JsonOpt = False,
@@ -92,12 +96,18 @@ def split(
     from moescope.trace.reader import Trace
     from moescope.trace.split import split_trace
 
-    train, test = split_trace(Trace.open(trace), output, test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+    train, test = split_trace(
+        Trace.open(trace), output, test_fraction=test_fraction, seed=seed, overwrite=overwrite
+    )
     summary = {
         "train": {"trace": str(train.path), "documents": len(train.documents()), "tokens": train.num_tokens},
         "test": {"trace": str(test.path), "documents": len(test.documents()), "tokens": test.num_tokens},
     }
     emit(
-        summary, json_out,
-        text="\n".join(f"{k}: {v['trace']} ({v['documents']} documents, {v['tokens']} tokens)" for k, v in summary.items()),
+        summary,
+        json_out,
+        text="\n".join(
+            f"{k}: {v['trace']} ({v['documents']} documents, {v['tokens']} tokens)"
+            for k, v in summary.items()
+        ),
     )

@@ -40,7 +40,15 @@ class Batch:
     lookahead: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        for v in (self.doc_id, self.experts, self.position, self.token_id, self.label, self.weights, self.logits):
+        for v in (
+            self.doc_id,
+            self.experts,
+            self.position,
+            self.token_id,
+            self.label,
+            self.weights,
+            self.logits,
+        ):
             if v is not None:
                 return len(v)
         return 0

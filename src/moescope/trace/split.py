@@ -36,14 +36,28 @@ def write_subset(
     m = trace.manifest
     source = {"tool": "moescope split", "parent": str(trace.path), "documents": len(documents), "note": note}
     with TraceWriter.create(
-        output, trace.routing, columns=m["columns"], model=m.get("model"), tokenizer=m.get("tokenizer"),
-        datasets=m.get("datasets"), capture=m.get("capture"), source=source, overwrite=overwrite,
+        output,
+        trace.routing,
+        columns=m["columns"],
+        model=m.get("model"),
+        tokenizer=m.get("tokenizer"),
+        datasets=m.get("datasets"),
+        capture=m.get("capture"),
+        source=source,
+        overwrite=overwrite,
     ) as writer:
         labels = np.asarray([*trace.labels, ""], dtype=object)
         for b in sub.iter_batches():
             writer.append(
-                doc_id=b.doc_id, position=b.position, token_id=b.token_id, label=list(labels[b.label]),
-                experts=b.experts, weights=b.weights, logits=b.logits, lookahead=b.lookahead or None, token=b.token,
+                doc_id=b.doc_id,
+                position=b.position,
+                token_id=b.token_id,
+                label=list(labels[b.label]),
+                experts=b.experts,
+                weights=b.weights,
+                logits=b.logits,
+                lookahead=b.lookahead or None,
+                token=b.token,
             )
             writer.commit(int(b.doc_id[-1]))
     return Trace.open(output)

@@ -79,12 +79,19 @@ def write_synthetic_trace(
         raise ValueError(f"law must be one of {LAWS}, got {law!r}")
     rng = np.random.default_rng(seed)
     L, E, k = num_layers, num_experts, top_k
-    spec = RoutingSpec(num_experts=E, top_k=k, moe_layers=list(range(L)), family="synthetic", num_hidden_layers=L)
+    spec = RoutingSpec(
+        num_experts=E, top_k=k, moe_layers=list(range(L)), family="synthetic", num_hidden_layers=L
+    )
     cols = default_columns(weights=True, logits=logits)
     chunk_tokens = max(doc_len, (chunk_tokens // doc_len) * doc_len)  # chunks end on document boundaries
     with TraceWriter.create(
-        path, spec, columns=cols, model={"id": f"synthetic-{law}"}, source={"law": law, "noise": noise, "seed": seed},
-        shard_rows=shard_rows, overwrite=True,
+        path,
+        spec,
+        columns=cols,
+        model={"id": f"synthetic-{law}"},
+        source={"law": law, "noise": noise, "seed": seed},
+        shard_rows=shard_rows,
+        overwrite=True,
     ) as w:
         for start in range(0, n_tokens, chunk_tokens):
             n = min(chunk_tokens, n_tokens - start)
@@ -95,7 +102,12 @@ def write_synthetic_trace(
             ids, wts = _topk_from_logits(lg, k)
             lab = np.asarray(labels, dtype=object)[doc % len(labels)]
             w.append(
-                doc_id=doc, position=rows % doc_len, token_id=tok, label=list(lab), experts=ids, weights=wts,
+                doc_id=doc,
+                position=rows % doc_len,
+                token_id=tok,
+                label=list(lab),
+                experts=ids,
+                weights=wts,
                 logits=lg.astype(np.float16) if logits else None,
             )
             w.commit(int(doc[-1]))

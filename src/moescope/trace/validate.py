@@ -40,7 +40,9 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
             problems.append(f"{f}: listed in manifest.json but missing")
             continue
         if checksums and file_sha256(f) != shard["sha256"]:
-            problems.append(f"{f}: SHA-256 differs from manifest.json (the shard is corrupted or was replaced)")
+            problems.append(
+                f"{f}: SHA-256 differs from manifest.json (the shard is corrupted or was replaced)"
+            )
             continue
         try:
             pf = pq.ParquetFile(f)
@@ -73,7 +75,9 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
             dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != sentinel)
             if dup.any():
                 row, layer, _ = np.argwhere(dup)[0]
-                problems.append(f"{f}: column 'experts' repeats an expert within top-k at row {row}, MoE layer {layer}")
+                problems.append(
+                    f"{f}: column 'experts' repeats an expert within top-k at row {row}, MoE layer {layer}"
+                )
             if "weights" in rb.schema.names:
                 w = nested_to_numpy(rb.column("weights"))
                 nonfinite = ~np.isfinite(w) & (ex != sentinel)
@@ -87,14 +91,20 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
     if seen_pairs:
         pairs = np.concatenate(seen_pairs)
         if len(np.unique(pairs)) != len(pairs):
-            problems.append(f"{path}: {len(pairs) - len(np.unique(pairs))} duplicated (doc_id, position) rows")
+            problems.append(
+                f"{path}: {len(pairs) - len(np.unique(pairs))} duplicated (doc_id, position) rows"
+            )
     if manifest.get("progress", {}).get("rows", total) != total:
-        problems.append(f"{path / 'manifest.json'}: progress.rows={manifest['progress']['rows']} but shards hold {total}")
+        problems.append(
+            f"{path / 'manifest.json'}: progress.rows={manifest['progress']['rows']} but shards hold {total}"
+        )
     for p in path.glob("*.parquet"):
         if p.name not in listed:
             problems.append(f"{p}: shard not listed in manifest.json (an orphan from an interrupted write)")
     if not manifest.get("complete"):
-        problems.append(f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with --resume)")
+        problems.append(
+            f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with --resume)"
+        )
     return problems[:max_problems]
 
 

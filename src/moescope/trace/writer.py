@@ -179,7 +179,9 @@ class TraceWriter:
         L, k, E = self.routing.num_moe_layers, self.routing.top_k, self.routing.num_experts
         experts = np.asarray(experts)
         if experts.shape != (n, L, k):
-            raise TraceError(f"experts has shape {experts.shape}, expected {(n, L, k)} (rows, MoE layers, top_k)")
+            raise TraceError(
+                f"experts has shape {experts.shape}, expected {(n, L, k)} (rows, MoE layers, top_k)"
+            )
         cols = self.manifest["columns"]
         if isinstance(label, str) or label is None:
             label_arr = pa.array([label or ""] * n, pa.string()).dictionary_encode()
@@ -211,7 +213,9 @@ class TraceWriter:
         self._pending.append(pa.Table.from_pydict(data, schema=self.schema))
 
     @staticmethod
-    def _add_optional(data: dict, name: str, values: np.ndarray | None, dtype: str | None, shape: tuple) -> None:
+    def _add_optional(
+        data: dict, name: str, values: np.ndarray | None, dtype: str | None, shape: tuple
+    ) -> None:
         if not dtype:
             return
         if values is None:
