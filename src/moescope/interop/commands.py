@@ -132,7 +132,7 @@ def import_cmd(
         "tokens": tr.num_tokens,
         "documents": docs,
         "routing": r.to_dict(),
-        "slot_order": source.get("slot_order"),
+        "slot_order": r.slot_order,
         "issues": report["issues"],
         "examples": report["examples"],
         "masked_series_count": report["masked_series_count"],

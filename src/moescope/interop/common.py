@@ -376,13 +376,13 @@ def check_ids(ids: np.ndarray, num_experts: int, where: Any) -> None:
 
 
 def slot_order_of(weights: np.ndarray | None, experts: np.ndarray, sentinel: int, claimed: str) -> str:
-    """Check a claimed rank order against the weights: ``claimed`` if consistent, else ``"as logged"``."""
+    """Check a claimed ``"rank"`` order against the weights: ``"set"`` when some weight rises along k."""
     if claimed != "rank" or weights is None:
         return claimed
     valid = (experts != sentinel).all(axis=-1)
     w = weights[valid]
     if w.size and (np.diff(w, axis=-1) > 1e-6).any():
-        return "as logged"
+        return "set"
     return "rank"
 
 
@@ -441,6 +441,8 @@ def write_documents(
 
     The trace is built in ``.<name>.<uuid8>.incomplete`` beside ``out`` and renamed into place at the
     end, so a failed import never leaves a half-written trace; ``source`` gets the report's counts.
+    ``source["slot_order"]`` (``"rank"`` or ``"set"``, default ``"rank"``; the importer may settle it
+    while reading) becomes the trace's ``routing.slot_order``.
     """
     from moescope.trace.writer import TraceWriter
 
@@ -482,7 +484,9 @@ def write_documents(
         writer.manifest["datasets"] = [
             {"name": name, "labels": [name], "documents": n} for name, n in labels.items()
         ]
-        writer.manifest["source"] = {**source, "report": report.to_dict()}
+        writer.set_slot_order(source.get("slot_order", "rank"))
+        rest = {key: value for key, value in source.items() if key != "slot_order"}
+        writer.manifest["source"] = {**rest, "report": report.to_dict()}
         writer.close()
         if out.exists():
             old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.replaced")
