@@ -28,8 +28,8 @@ from moescope.ablate.commands import load_model
 from moescope.ablate.hooks import ExpertAblator
 from moescope.ablate.report import write_outputs
 from moescope.ablate.sweep import AblateOptions, Prepared, default_data, prepare, run_ablation, run_pass
-from moescope.capture.data import ensure_pad_token
 from moescope.capture.runner import DEFAULT_MAX_SEQ_LEN
+from moescope.core.windows import ensure_pad_token
 
 
 def plain_pass_seconds(model, prep) -> float:

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moescope.capture.data import make_windows, pad_batch, plan_batches, tokenize
 from moescope.capture.engine import RoutingRecorder
 from moescope.capture.runner import CaptureOptions, LoadedModel, capture
 from moescope.capture.tiny import tiny_model
+from moescope.core.windows import make_windows, pad_batch, plan_batches, tokenize
 from moescope.models import byte_tokenizer
 from moescope.trace import Trace
 

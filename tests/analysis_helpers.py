@@ -61,8 +61,9 @@ def build_trace(
         family="hand",
         router_kind=router_kind,
         num_hidden_layers=2 * L + 1,
+        slot_order=slot_order or "rank",
     )
-    source = {"slot_order": slot_order} if slot_order else {}
+    source: dict = {}
     cols = default_columns(weights=weights, logits=logits)
     with TraceWriter.create(path, spec, columns=cols, source=source, shard_rows=40, overwrite=True) as wr:
         for d in range(docs):

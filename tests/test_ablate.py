@@ -20,13 +20,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moescope.ablate.hooks import ExpertAblator, ablate, rule_weights
+from moescope.ablate.hooks import ExpertAblator, ablate
 from moescope.ablate.measure import DocTotals, baseline_intervals, compare, resample_counts, token_scores
 from moescope.ablate.sweep import AblateOptions, default_data, run_ablation
-from moescope.capture.adapters import resolve_adapter
 from moescope.capture.engine import RoutingRecorder
 from moescope.capture.tiny import TINY_CONFIGS, tiny_model
 from moescope.cli import app
+from moescope.core.families import resolve_adapter
+from moescope.core.routing import rule_weights
 from moescope.errors import ConfigError
 from moescope.models import byte_tokenizer
 

@@ -257,8 +257,9 @@ def test_repetition_nulls_and_maximum(tmp_path):
     assert g["first_choice_same"].min() == 1.0 and g["any_shared"].min() == 1.0
 
 
-def test_unordered_slots_flag_first_choice(tmp_path):
-    tr, _ = build_trace(tmp_path / "t", slot_order="unordered")
+def test_set_slots_flag_first_choice(tmp_path):
+    tr, _ = build_trace(tmp_path / "t", slot_order="set")
+    assert tr.slot_order == "set" and not tr.ranked
     assert repetition(tr)["first_choice_same"].null_count() == repetition(tr).height
     assert load_balance(tr)["first_choice_share"].null_count() == load_balance(tr).height
 

@@ -10,17 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moescope.capture.data import (
-    PRESETS,
-    Document,
+from moescope.core.sources import PRESETS, Document, iter_documents, resolve_source
+from moescope.core.windows import (
     Window,
     ensure_pad_token,
-    iter_documents,
     iter_tokenized,
     make_windows,
     pad_batch,
     plan_batches,
-    resolve_source,
     tokenize,
 )
 from moescope.errors import ConfigError, DataError

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from moescope.capture.adapters import resolve_adapter, supported_model_types
-from moescope.capture.engine import RoutingRecorder, routing_spec
+from moescope.capture.engine import RoutingRecorder
 from moescope.capture.tiny import TINY_CONFIGS, tiny_config, tiny_model
+from moescope.core.families import resolve_adapter, supported_model_types
+from moescope.core.routing import routing_spec
 from moescope.errors import ConfigError, MoescopeError
 
 torch.set_num_threads(1)  # tiny tensors: intra-op threads only contend on a shared 2-core machine

@@ -100,7 +100,8 @@ def test_seed004_routing_places_records_and_masks_dropped_series(tmp_path) -> No
         else:
             assert got[(p, t, layer)] == (ex, w)
     src = tr.manifest["source"]
-    assert src["slot_order"] == "rank"
+    assert tr.slot_order == "rank" and tr.manifest["routing"]["slot_order"] == "rank"
+    assert "slot_order" not in src  # one place: the routing facts
     rep = src["report"]
     assert rep["issues"] == {"short_series": 1}
     assert rep["masked_series"] == [
@@ -254,6 +255,7 @@ def test_seed004_journeys_round_trip_and_missing_cells(tmp_path) -> None:
     assert len((tmp_path / "j" / "p2_token_0.jsonl").read_text().splitlines()) == 2  # layer 1 is missing
     back = import_log("seed004-journeys", tmp_path / "j", tmp_path / "t3", model="none", num_experts=E)
     assert cells(back) == cells(tr)
+    assert tr.slot_order == back.slot_order == "rank"  # weights non-increasing along k
     a, b = tr.load(), back.load()
     assert np.array_equal(a.weights, b.weights, equal_nan=True)  # float32 survives JSON exactly
     # extract_tokens.py's selection: one problem, a token range
@@ -314,7 +316,7 @@ def test_seed002_import_matches_the_json_and_round_trips(tmp_path) -> None:
     tr = import_log("seed002-json", path, tmp_path / "t")
     assert validate_trace(tr.path) == []
     assert (tr.num_experts, tr.top_k, tr.moe_layers, tr.routing.num_hidden_layers) == (E, K, [1, 2, 3], 4)
-    assert tr.labels == ["lambada"] and tr.has_logits and tr.has_weights
+    assert tr.labels == ["lambada"] and tr.has_logits and tr.has_weights and tr.slot_order == "rank"
     b = tr.load()
     for s in log["samples"]:
         rows = b.doc_id == s["sample_id"]
@@ -469,7 +471,7 @@ def test_moe_beyond_folder_and_archive_give_the_same_trace(tmp_path) -> None:
         rows = b.doc_id == num
         assert [t for t, r in zip(b.token, rows, strict=True) if r] == toks
         assert np.array_equal(b.experts[rows], ids)  # kept as given: slot order is not rank order
-    assert tr.manifest["source"]["slot_order"] == "unordered"
+    assert tr.slot_order == "set" and not tr.ranked
     assert (b.token_id == -1).all()
 
     archive = tmp_path / "prompts.tar.xz"
@@ -601,6 +603,7 @@ def test_vllm_replay_npy_and_npz(tmp_path) -> None:
     docs = tr.manifest["source"]["documents"]
     assert [(d["key"], d["tokens"]) for d in docs] == [(None, 6), ("r1", 4), ("r2", 3)]
     assert tr.manifest["source"]["report"]["issues"] == {"unset": 2}
+    assert tr.slot_order == "set"  # no weights: rank order cannot be checked
 
     bad = a.copy()
     bad[4, 2, 0] = 8
@@ -667,7 +670,7 @@ def test_megatron_router_trace_documents_and_gaps(tmp_path) -> None:
             else:
                 assert np.array_equal(x.experts[rows, col], truth[(step, mb, layer)])
     src = tr.manifest["source"]
-    assert src["slot_order"] == "ascending"
+    assert tr.slot_order == "set" and "sorted by id" in src["slot_order_note"]
     assert src["report"]["issues"] == {"mtp_skipped": 1, "missing_layer": 1}
 
     recs[0]["num_tokens"] = 5

@@ -56,7 +56,7 @@ def test_mixtral_published_facts(mixtral) -> None:
     assert collections.Counter(b.doc_id.tolist()) == {0: 83, 1: 255}  # decode tokens per problem
     complete = {d: int((b.experts[b.doc_id == d] != tr.missing_id).all(axis=(0, 2)).sum()) for d in (0, 1)}
     assert complete == {0: 25, 1: 12}  # complete layers: 25 of 32 and 12 of 32
-    assert tr.manifest["source"]["slot_order"] == "rank"
+    assert tr.slot_order == "rank"
 
 
 def test_mixtral_incomplete_series_are_exactly_the_short_ones(mixtral) -> None:
@@ -130,7 +130,7 @@ def test_deepseek_published_facts(deepseek) -> None:
     ex = tr.experts()
     assert (ex != tr.missing_id).all(axis=-1).sum() == 2_448_290  # (token, layer) rows, none missing
     src = tr.manifest["source"]
-    assert src["slot_order"] == "unordered" and src["report"]["issues"] == {}
+    assert tr.slot_order == "set" and src["report"]["issues"] == {}
 
 
 def test_deepseek_prompts_match_the_csv_read_plainly(deepseek) -> None:

@@ -447,7 +447,9 @@ def test_markov_trace_prefetch_helps(tmp_path):
     # compute long enough to hide a transfer: prefetch must then pay off in time as well as in hits
     dep = get_preset("rtx4090-pcie4").replace(compute_ms_per_layer=0.5)
     base = simulate(tr, LRU(), np.full(4, 4), dep, cost).summary()
-    pf = simulate(tr, LRU(), np.full(4, 4), dep, cost, prefetcher=TablePrefetcher(budget=1)).summary()
+    pf = simulate(
+        tr, LRU(), np.full(4, 4), dep, cost, prefetcher=TablePrefetcher(budget=1), fit_trace="replayed"
+    ).summary()
     assert pf["hit_rate"] > base["hit_rate"] + 0.3
     assert pf["prefetch_precision"] > 0.8
     assert pf["tokens_per_s"] > base["tokens_per_s"]
@@ -475,6 +477,7 @@ def test_cli_simulate_and_sweep(small, tmp_path):
             "--budget",
             "2",
             "--sweep",
+            "--fit-on-replayed",
             "-o",
             str(out),
             "--json",
@@ -699,7 +702,9 @@ def test_simulate_streams_the_table_prefetcher(small):
         distance=1,
         prefetcher_name=pf.describe(),
     )
-    res = simulate(small, LRU(), cap, DEP, COST, prefetcher=TablePrefetcher(distance=1, budget=2))
+    res = simulate(
+        small, LRU(), cap, DEP, COST, prefetcher=TablePrefetcher(distance=1, budget=2), fit_trace="replayed"
+    )
     assert res.summary() == arr.summary()
 
 
@@ -738,7 +743,10 @@ def test_cli_train_trace(small, tmp_path):
         "--json",
     ]
     help_text = CliRunner().invoke(app, ["simulate", "--help"]).output
-    assert "--train" in help_text and "flatters" in help_text
+    assert "--train" in help_text and "--fit-on-replayed" in help_text and "flatters" in help_text
+    implicit = CliRunner().invoke(app, args)  # neither --train nor --fit-on-replayed: refused, naming both
+    assert implicit.exit_code != 0
+    assert "--train TRAIN_TRACE" in str(implicit.exception) + implicit.output
     r = CliRunner().invoke(app, [*args, "--train", str(train.path)])
     assert r.exit_code == 0, r.output
     cost = ModelCost(expert_params=6144, top_k=small.top_k)
@@ -746,7 +754,9 @@ def test_cli_train_trace(small, tmp_path):
     want = simulate(
         small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2), fit_trace=train
     )
-    self_fit = simulate(small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2))
+    self_fit = simulate(
+        small, LRU(), np.full(3, 3), dep, cost, prefetcher=TablePrefetcher(budget=2), fit_trace="replayed"
+    )
     got = _json.loads(r.stdout)
     assert got["hits"] == want.summary()["hits"] and got["bytes_moved"] == want.summary()["bytes_moved"]
     assert want.summary()["hits"] != self_fit.summary()["hits"]  # the table really came from the other trace

@@ -1,7 +1,7 @@
 """Disable experts at run time by editing the routing a MoE model consumes, for every family.
 
 No weight is touched. Hooks sit where each family's block consumes the routing (read off the
-adapter table in :mod:`moescope.capture.adapters`):
+family table in :mod:`moescope.core.families`, through :func:`moescope.core.routing.moe_sites`):
 
 - ``experts_call`` families: a forward pre-hook on ``<block>.experts`` rewrites the
   ``(top_k_index, top_k_weights)`` it is called with; a forward hook on the router keeps the
@@ -19,9 +19,9 @@ Two modes:
 ``reroute``
     each slot holding a disabled expert goes to the best expert that is neither disabled nor
     already chosen, ranked by the score the router selects with (its probability transform plus
-    its correction bias, :func:`moescope.capture.lookahead.choice_scores`); group limits
+    its correction bias, :func:`moescope.core.routing.choice_scores`); group limits
     (DeepSeek/GLM ``n_group``/``topk_group``) are not re-applied to the refill. The new set is then
-    weighted by the family's own rule (:class:`moescope.capture.adapters.WeightRule`) from the
+    weighted by the family's own rule (:class:`moescope.core.family_rules.WeightRule`, applied by :func:`moescope.core.routing.rule_weights`) from the
     router's unchanged scores: Mixtral renormalises the softmax over the new pair, DeepSeek-V3 takes
     the unbiased sigmoid scores, normalises and scales them, Jamba keeps raw probabilities, and so on.
     Only tokens that chose a disabled expert change; every other token keeps its exact ids and weights.
@@ -42,16 +42,26 @@ False
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from moescope.capture.adapters import FamilySpec, WeightRule, resolve_adapter
-from moescope.capture.engine import HookSet, decode_router_output, routing_spec
-from moescope.capture.lookahead import choice_scores
+from moescope.core.families import FamilySpec, resolve_adapter, text_config
+from moescope.core.family_rules import WeightRule
+from moescope.core.routing import (
+    HookSet,
+    call_arg,
+    choice_scores,
+    decode_router_output,
+    encode_router_output,
+    moe_sites,
+    replace_arg,
+    router_logits,
+    routing_spec,
+    rule_weights,
+)
 from moescope.errors import ConfigError
 
 #: How a disabled expert is taken out of a token's top-k.
@@ -59,61 +69,6 @@ MODES = ("reroute", "drop")
 
 
 # --------------------------------------------------------------------------- routing arithmetic
-def rule_weights(
-    rule: WeightRule, logits: torch.Tensor, ids: torch.Tensor, excluded: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Weights ``(n, k)`` float32 the family gives the chosen ``ids`` (n, k), from router ``logits`` (n, E).
-
-    ``excluded`` (E,) bool marks disabled experts; only the sparsemixer uses it (its masked softmax
-    spans experts near the chosen logit, and a disabled one must not sit among them).
-    """
-    logits = logits.reshape(-1, logits.shape[-1]).float()  # (n, E)
-    ids = ids.long()
-    if rule.score == "softmax":
-        w = logits.softmax(dim=-1).gather(1, ids)
-    elif rule.score == "sigmoid":
-        w = logits.sigmoid().gather(1, ids)
-    elif rule.score == "softmax_chosen":
-        w = logits.gather(1, ids).softmax(dim=-1)
-    elif rule.score == "sparsemixer":
-        return _sparsemixer_weights(logits, ids, excluded, rule.jitter_eps)
-    else:
-        raise ConfigError(
-            f"weight rule score {rule.score!r} is not one of softmax, sigmoid, softmax_chosen, sparsemixer"
-        )
-    if rule.norm_p is not None:
-        norm = (
-            w.sum(-1, keepdim=True)
-            if rule.norm_p == 1
-            else torch.linalg.vector_norm(w, ord=rule.norm_p, dim=-1, keepdim=True)
-        )
-        w = w / (norm + rule.norm_eps).clamp(min=rule.norm_floor)
-    return w * rule.scale if rule.scale != 1.0 else w
-
-
-def _sparsemixer_weights(
-    logits: torch.Tensor, ids: torch.Tensor, excluded: torch.Tensor | None, jitter_eps: float
-) -> torch.Tensor:
-    """PhiMoE's eval-mode sparsemixer multipliers for the given experts (transformers ``sparsemixer``).
-
-    Slot i takes the i-th best of ``ids`` by logit; its weight is a softmax over the experts whose
-    logit lies within ``2 * jitter_eps`` (relative) of it, earlier slots and ``excluded`` left out.
-    """
-    scores = logits if excluded is None else logits.masked_fill(excluded.to(logits.device), float("-inf"))
-    order = torch.argsort(logits.gather(1, ids), dim=1, descending=True, stable=True)
-    ranked = ids.gather(1, order)  # (n, k), best logit first
-    w_ranked = torch.empty(ranked.shape, dtype=logits.dtype, device=logits.device)
-    masked = scores
-    for i in range(ranked.shape[1]):
-        e = ranked[:, i : i + 1]
-        top = scores.gather(1, e)  # (n, 1)
-        factor = scores.abs().clamp(min=top)
-        far = ((top - scores) / factor) > (2 * jitter_eps)
-        w_ranked[:, i : i + 1] = masked.masked_fill(far, float("-inf")).softmax(dim=-1).gather(1, e)
-        masked = masked.scatter(1, e, float("-inf"))
-    return torch.empty_like(w_ranked).scatter(1, order, w_ranked)
-
-
 def reroute(
     fam: FamilySpec,
     rule: WeightRule,
@@ -159,43 +114,13 @@ def drop(ids: torch.Tensor, weights: torch.Tensor, off: torch.Tensor) -> tuple[t
     return ids, weights.masked_fill(hit, 0)
 
 
-def _encode_router_output(
-    fam: FamilySpec, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int
-) -> Any:
-    """The router output a block consumes, rebuilt from edited ``ids``/``w`` (N, k) (inverse of decode)."""
-    if fam.selection == "router_dense_scores":  # Llama4: (scores (N, E), logits)
-        scores = torch.zeros_like(out[0]).scatter(1, ids.long(), w.to(out[0].dtype))
-        return (scores, *tuple(out[1:]))
-    if fam.selection == "router_sorted":  # JetMoE: ScatterMoE layout, as JetMoeTopKGating builds it
-        k = ids.shape[1]
-        flat = ids.reshape(-1)
-        _, index_sorted = flat.sort(0)
-        batch_index = index_sorted.div(k, rounding_mode="trunc")
-        batch_gates = w.reshape(-1)[index_sorted].to(out[2].dtype)
-        expert_size = torch.bincount(flat, minlength=num_experts).tolist()
-        return (index_sorted, batch_index, batch_gates, expert_size, *tuple(out[4:]))
-    raise ConfigError(f"{fam.family}: selection {fam.selection!r} has no router-output encoding")
-
-
-def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
-    if len(args) > pos:
-        return args[pos]
-    return kwargs.get(name)
-
-
-def _put(args: tuple, kwargs: dict, pos: int, name: str, value: Any) -> tuple[tuple, dict]:
-    if len(args) > pos:
-        return (*args[:pos], value, *args[pos + 1 :]), kwargs
-    return args, {**kwargs, name: value}
-
-
 # --------------------------------------------------------------------------- the hooks
 class ExpertAblator(HookSet):
     """Context manager that hooks every MoE block once; :meth:`set` chooses which experts are off.
 
     Parameters
     ----------
-    model : a transformers causal LM of a family in :mod:`moescope.capture.adapters`.
+    model : a transformers causal LM of a family in :mod:`moescope.core.families`.
     mode : ``"reroute"`` or ``"drop"`` (see the module docstring).
     record : keep the expert ids each MoE layer consumed in the last forward pass
         (:attr:`routing`, after the edit), to measure how routing changed downstream.
@@ -222,17 +147,15 @@ class ExpertAblator(HookSet):
         self.spec = routing_spec(model)
         self.family = resolve_adapter(self.spec.family)
         self._check_mode(mode)
-        self.config = _text_config(model.config)
+        self.config = text_config(model.config)
         self._rule = self.family.weight_rule(self.config) if self.family.weight_rule else None
-        self._blocks = [model.get_submodule(p) for p in self.spec.module_paths]
-        self._routers = [getattr(b, self.family.router) for b in self._blocks]
+        self._sites = moe_sites(model, self.spec, self.family)
+        self._routers = [site.router for site in self._sites]
         L = self.spec.num_moe_layers
         self._off: list[torch.Tensor | None] = [None] * L
         self._logits: list[torch.Tensor | None] = [None] * L
         self.routing: list[torch.Tensor | None] = [None] * L
-        self._handles: list[Any] = []
-        self._depth = 0
-        self._lock = threading.Lock()
+        self._init_hooks()
 
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -296,25 +219,21 @@ class ExpertAblator(HookSet):
             if self._depth == 0:
                 self._logits = [None] * self.spec.num_moe_layers
 
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
     def _install(self) -> None:
-        fam = self.family
-        for j, (block, router) in enumerate(zip(self._blocks, self._routers, strict=True)):
-            if fam.selection == "experts_call":
-                experts = getattr(block, fam.experts, None) if fam.experts else None
-                if experts is None:
-                    raise ConfigError(f"{self.spec.module_paths[j]}: no {fam.experts!r} module to hook")
+        for site in self._sites:
+            j = site.j
+            if site.consumer is not None:
                 # prepend: a RoutingRecorder hooked on the same module then records the edited routing
                 self._handles.append(
-                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True, prepend=True)
+                    site.consumer.register_forward_pre_hook(
+                        self._experts_hook(j), with_kwargs=True, prepend=True
+                    )
                 )
-                self._handles.append(router.register_forward_hook(self._logits_hook(j), prepend=True))
+                self._handles.append(site.router.register_forward_hook(self._logits_hook(j), prepend=True))
             else:
-                self._handles.append(router.register_forward_hook(self._router_hook(j, block), prepend=True))
+                self._handles.append(
+                    site.router.register_forward_hook(self._router_hook(j, site.block), prepend=True)
+                )
 
     def _edit(self, j: int, ids: torch.Tensor, w: torch.Tensor, logits: torch.Tensor | None):
         off = self._off[j]
@@ -328,10 +247,10 @@ class ExpertAblator(HookSet):
         return reroute(self.family, self._rule, self._routers[j], logits, ids, w, off)
 
     def _logits_hook(self, j: int):
-        index = self.family.logits_index
+        fam = self.family
 
         def hook(module: torch.nn.Module, args: tuple, out: Any) -> None:
-            self._logits[j] = out if index is None else out[index]
+            self._logits[j] = router_logits(fam, out)
 
         return hook
 
@@ -339,8 +258,8 @@ class ExpertAblator(HookSet):
         fam = self.family
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-            ids = _arg(args, kwargs, fam.index_arg, fam.index_kwarg)
-            w = _arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+            ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+            w = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
             if ids is None or w is None:
                 raise ConfigError(
                     f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
@@ -351,8 +270,8 @@ class ExpertAblator(HookSet):
                 self.routing[j] = new_ids.detach()
             if new_ids is ids and new_w is w:
                 return None
-            args, kwargs = _put(args, kwargs, fam.index_arg, fam.index_kwarg, new_ids)
-            args, kwargs = _put(args, kwargs, fam.weights_arg, fam.weights_kwarg, new_w)
+            args, kwargs = replace_arg(args, kwargs, fam.index_arg, fam.index_kwarg, new_ids)
+            args, kwargs = replace_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg, new_w)
             return args, kwargs
 
         return hook
@@ -365,21 +284,14 @@ class ExpertAblator(HookSet):
             if self._off[j] is None and not self.record:
                 return None
             ids, w = decode_router_output(fam, block, out, k)
-            logits = out if fam.logits_index is None else out[fam.logits_index]
-            new_ids, new_w = self._edit(j, ids, w, logits)
+            new_ids, new_w = self._edit(j, ids, w, router_logits(fam, out))
             if self.record:
                 self.routing[j] = new_ids.detach()
             if new_ids is ids and new_w is w:
                 return None
-            return _encode_router_output(fam, out, new_ids, new_w, E)
+            return encode_router_output(fam, out, new_ids, new_w, E)
 
         return hook
-
-
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else config
-    return text if text is not None else config
 
 
 @contextmanager

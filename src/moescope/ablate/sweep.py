@@ -27,6 +27,7 @@ from moescope.ablate.measure import (
     resample_counts,
     token_scores,
 )
+from moescope.core.sources import DataOptions
 from moescope.errors import ConfigError, DataError
 
 #: Label of the row that pools every domain.
@@ -34,23 +35,13 @@ ALL = "all"
 
 
 @dataclass
-class AblateOptions:
-    """Every setting of an ablation run; the CLI options map one to one."""
+class AblateOptions(DataOptions):
+    """Every setting of an ablation run: the shared data settings plus the ablation's own; the CLI
+    options map one to one (``seq_len`` None: min(max_position_embeddings, 2048), as capture)."""
 
     layers: list[int] | str | None = None  # decoder-layer indices, "all", or None: the middle MoE layer
     experts: list[tuple[int, ...]] | None = None  # conditions (sets disabled together); None: each expert
     mode: str = "reroute"
-    text_field: str | None = None
-    label_field: str | None = None
-    label: str | None = None
-    preset: str | None = None
-    split: str | None = None
-    data_config: str | None = None
-    txt_unit: str = "paragraph"
-    max_documents: int | None = None  # per data source
-    max_tokens: int | None = None  # over all data; the last document is cut to fit
-    seq_len: int | None = None  # None: min(max_position_embeddings, 2048), as capture
-    batch_size: int = 8
     bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
@@ -109,29 +100,10 @@ def default_data() -> tuple[list[str], str]:
 
 def prepare(tokenizer: Any, data: Sequence[str], opts: AblateOptions, seq_len: int, pad_id: int) -> Prepared:
     """Read, tokenise and window the documents (capture's loaders), then plan padded batches."""
-    from moescope.capture.data import (
-        iter_documents,
-        iter_tokenized,
-        make_windows,
-        pad_batch,
-        plan_batches,
-        resolve_source,
-    )
+    from moescope.core.sources import iter_documents, resolve_sources
+    from moescope.core.windows import iter_tokenized, make_windows, pad_batch, plan_batches
 
-    sources = [
-        resolve_source(
-            item,
-            text_field=opts.text_field,
-            label_field=opts.label_field,
-            label=opts.label,
-            preset=opts.preset,
-            split=opts.split,
-            data_config=opts.data_config,
-            txt_unit=opts.txt_unit,
-            max_documents=opts.max_documents,
-        )
-        for item in data
-    ]
+    sources = resolve_sources(data, opts)
     windows: list[Any] = []
     labels: list[str] = []
     tokens = 0
@@ -311,8 +283,8 @@ def run_ablation(
     ``data`` are DATA arguments as ``moescope capture`` takes them (empty: the bundled held-out
     corpus, labelled by domain). ``model`` is a loaded causal LM in eval mode.
     """
-    from moescope.capture.data import ensure_pad_token
     from moescope.capture.runner import DEFAULT_MAX_SEQ_LEN
+    from moescope.core.windows import ensure_pad_token
 
     opts = opts or AblateOptions()
     check_options(opts)

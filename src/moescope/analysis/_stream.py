@@ -39,12 +39,6 @@ def resolve_layers(trace: Trace, layers: Iterable[int] | None, option: str = "la
     return sorted({moe.index(x) for x in wanted})
 
 
-def slots_ordered(trace: Trace) -> bool:
-    """False when the trace says its top-k slots are not in rank order (some imported logs)."""
-    src = trace.manifest.get("source") or {}
-    return src.get("slot_order", "ranked") != "unordered"
-
-
 def subset_rank_table(num_experts: int, k: int) -> np.ndarray:
     """``table[v, j] = C(v, j + 1)``: ranks sorted k-subsets in the combinatorial number system."""
     t = np.zeros((num_experts + 1, k), dtype=np.int64)
@@ -145,7 +139,7 @@ def make_context(trace: Trace, layers: Iterable[int] | None = None) -> Context:
         cols=resolve_layers(trace, layers),
         E=trace.num_experts,
         k=trace.top_k,
-        ordered=slots_ordered(trace),
+        ordered=trace.ranked,
         labels=trace.labels,
     )
 

@@ -92,7 +92,7 @@ def load_balance(
     """Per (layer, expert) load: counts over all k slots, shares, first choices, mean weight and probability.
 
     ``assignment_share`` = assignments / (k * tokens) sums to 1 over a layer's experts (perfect
-    balance: 1/E). ``first_choice_share`` is null when the trace's slots are unordered;
+    balance: 1/E). ``first_choice_share`` is null when the trace's slots form a set;
     ``mean_router_weight`` (mean weight of the assignments) needs weights, ``mean_router_prob``
     (mean softmax probability over all tokens, the ``P_e`` of the aux loss) needs logits.
     (token, layer) entries without recorded routing are excluded.

@@ -97,7 +97,7 @@ class RepetitionAccumulator:
 def repetition(trace: Trace, layers: Iterable[int] | None = None, *, batch_size: int = 65536) -> pl.DataFrame:
     """Consecutive-token repetition per layer, overall (``domain == "all"``) and per domain.
 
-    Columns ``first_choice_same`` (null when the trace's slots are unordered) and ``any_shared``
+    Columns ``first_choice_same`` (null when the trace's slots form a set) and ``any_shared``
     are shares of consecutive pairs, next to their analytic nulls.
 
     Examples

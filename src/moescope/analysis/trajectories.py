@@ -6,7 +6,7 @@ a Bernoulli sample of at most about ``max_tokens`` tokens (every token when the 
 consecutive layers) with their counts in the sample, PCA and t-SNE of one-hot path encodings
 (``Ls * E`` dimensions, k ones per layer) coloured by domain or token class, and parametric curves
 ``(E1(l), E2(l))`` of a few tokens, where E1/E2 are the first and second choice (sorted ids when
-the trace's slots are unordered).
+the trace's slots form a set, ``routing.slot_order == "set"``).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class TrajectorySample:
                 "layer": np.tile(self.ctx.layer_ids, len(pick)),
                 "e1": ex[..., 0].ravel(),
                 "e2": e2.ravel(),
-                "slot_order": ["ranked" if self.ctx.ordered else "sorted ids"] * (len(pick) * Ls),
+                "slot_order": ["rank" if self.ctx.ordered else "set (sorted ids)"] * (len(pick) * Ls),
             }
         )
 

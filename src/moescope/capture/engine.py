@@ -1,7 +1,7 @@
 """Record the expert routing a transformers MoE model really used, one forward pass at a time.
 
 :class:`RoutingRecorder` hooks each MoE block once, through the family's row in
-:mod:`moescope.capture.adapters`:
+:mod:`moescope.core.families` (hook sites, router decoding: :mod:`moescope.core.routing`):
 
 - ids and weights come from a forward pre-hook on ``<block>.experts``, whose call carries the
   ``top_k_index`` and ``top_k_weights`` the model consumed, after bias correction, group limits and
@@ -30,7 +30,6 @@ Examples
 from __future__ import annotations
 
 import inspect
-import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,45 +37,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from moescope.capture.adapters import FamilySpec, config_value, resolve_adapter
-from moescope.capture.lookahead import LookaheadPlan, choice_scores, extend_ranking
+from moescope.capture.lookahead import LookaheadPlan, extend_ranking
+from moescope.core.families import resolve_adapter
+from moescope.core.routing import (
+    HookSet,
+    call_arg,
+    choice_scores,
+    decode_router_output,
+    moe_sites,
+    router_logits,
+    routing_spec,
+)
 from moescope.errors import ConfigError
-from moescope.trace import RoutingSpec
 from moescope.trace.schema import id_dtype, lookahead_column, missing_id
 
 LOGITS_DTYPES = ("float16", "float32")
-
-
-def _text_config(config: Any) -> Any:
-    """The language-model config of a composite model (Llama4 -> llama4_text), else the config."""
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else config
-    return text if text is not None else config
-
-
-def _model_dtype(model: torch.nn.Module | None, config: Any) -> str:
-    if model is not None:
-        for p in model.parameters():
-            if p.is_floating_point():
-                return str(p.dtype).removeprefix("torch.")
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return str(dt).removeprefix("torch.") if dt is not None else "float32"
-
-
-def _find_blocks(model: torch.nn.Module, fam: FamilySpec) -> list[tuple[int, str]]:
-    """(decoder layer, module path) of every MoE block, matched by name and router class."""
-    pattern = fam.block_pattern()
-    found = []
-    for name, module in model.named_modules():
-        m = pattern.match(name)
-        if not m:
-            continue
-        router = getattr(module, fam.router, None)
-        if router is None or type(router).__name__ not in fam.router_classes:
-            continue  # a dense MLP at a MoE block's path
-        found.append((int(m.group(1)), name))
-    found.sort()
-    return found
 
 
 #: The v5 router API (routers return ``(logits, weights, ids)``, experts take the ids) and router
@@ -98,71 +73,6 @@ def check_transformers_version(version: str | None = None) -> None:
         )
 
 
-def routing_spec(model_or_config: Any) -> RoutingSpec:
-    """The routing facts of a model or config, without running anything.
-
-    With a model, MoE layers and module paths come from its module names and must agree with the
-    family's dense-layer rule; with a config alone, they follow the rule and the usual prefix.
-    """
-    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
-    config = _text_config(model.config if model is not None else model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if not model_type:
-        raise ConfigError(f"cannot tell the model family: {type(config).__name__} has no model_type")
-    fam = resolve_adapter(model_type)
-    num_experts = int(config_value(config, fam.num_experts_keys, "the number of routed experts"))
-    top_k = int(config_value(config, fam.top_k_keys, "top-k"))
-    n_layers = int(config_value(config, ("num_hidden_layers", "n_layers"), "the number of layers"))
-    if fam.shared_rule is not None:
-        n_shared = fam.shared_rule(config)
-    else:
-        n_shared = int(config_value(config, fam.shared_keys, "shared experts")) if fam.shared_keys else 0
-    rule_layers = [i for i in range(n_layers) if fam.is_moe_layer(config, i)]
-    if model is not None:
-        blocks = _find_blocks(model, fam)
-        moe_layers = [i for i, _ in blocks]
-        paths = [p for _, p in blocks]
-        if moe_layers != rule_layers:
-            raise ConfigError(
-                f"{model_type}: MoE blocks found at decoder layers {moe_layers} but the config's dense-layer"
-                f" rule gives {rule_layers}; the adapter does not fit this model"
-            )
-    else:
-        moe_layers = rule_layers
-        paths = [f"{fam.prefix}{fam.layers}.{i}.{fam.block}" for i in moe_layers]
-    if not moe_layers:
-        raise ConfigError(
-            f"{model_type}: the model has no MoE layer (no {fam.layers}.<i>.{fam.block}.{fam.router})"
-        )
-    if not 1 <= top_k <= num_experts:
-        raise ConfigError(f"{model_type}: config top-k={top_k} is not in 1..num_experts={num_experts}")
-    spec = RoutingSpec(
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_layers=moe_layers,
-        family=model_type,
-        router_kind=fam.router_kind,
-        n_shared_experts=int(n_shared),
-        num_hidden_layers=n_layers,
-        module_paths=paths,
-        dtype=_model_dtype(model, config),
-    )
-    spec.check()
-    return spec
-
-
-def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
-    if len(args) > pos:
-        return args[pos]
-    if name in kwargs:
-        return kwargs[name]
-    return None
-
-
-def _output(out: Any, index: int | None) -> torch.Tensor:
-    return out if index is None else out[index]
-
-
 @dataclass
 class _Collector:
     """Tensors gathered during one forward pass, keyed by MoE-layer position (0..L-1)."""
@@ -177,40 +87,6 @@ class _Collector:
 _ACTIVE: ContextVar[_Collector | None] = ContextVar("moescope_routing_collector", default=None)
 
 
-class HookSet:
-    """Hooks installed on entering the first ``with`` block and removed when the last one exits.
-
-    Re-entrant and thread-safe; a failed installation removes whatever was installed. Subclasses
-    define ``_install`` and ``_remove`` and set ``_depth = 0`` and ``_lock`` in ``__init__``.
-    """
-
-    _depth: int
-    _lock: threading.Lock
-
-    def _install(self) -> None:
-        raise NotImplementedError
-
-    def _remove(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                try:
-                    self._install()
-                except BaseException:
-                    self._remove()
-                    raise
-            self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._remove()
-
-
 class RoutingRecorder(HookSet):
     """Context manager that records routing from a loaded transformers MoE model.
 
@@ -219,7 +95,7 @@ class RoutingRecorder(HookSet):
 
     Parameters
     ----------
-    model : a transformers causal LM of a family in :mod:`moescope.capture.adapters`, in eval mode.
+    model : a transformers causal LM of a family in :mod:`moescope.core.families`, in eval mode.
     logits : also record router logits ``(n, L, E)``.
     lookahead : largest gate-lookahead distance D (0 = none); distances 1..D are recorded.
     lookahead_m : ids kept per lookahead prediction (>= k; default k).
@@ -259,39 +135,31 @@ class RoutingRecorder(HookSet):
                 f" got {lookahead_m}"
             )
         self._m = m
-        self._blocks = [model.get_submodule(p) for p in self.spec.module_paths]
-        self._routers = [getattr(b, self.family.router) for b in self._blocks]
+        self._sites = moe_sites(model, self.spec, self.family)
+        self._blocks = [site.block for site in self._sites]
+        self._routers = [site.router for site in self._sites]
         self._plan = (
             LookaheadPlan.build(model, self.spec, self.family, self._routers, lookahead)
             if lookahead
             else None
         )
         self.lookahead_columns = self._plan.columns if self._plan else []
-        self._handles: list[Any] = []
-        self._depth = 0  # nesting of `with` blocks (run() enters one itself)
-        self._lock = threading.Lock()
+        self._init_hooks()  # run() enters a `with` block itself
         sig = inspect.signature(model.forward).parameters
         self._pass_positions = "position_ids" in sig
         self._logits_to_keep = "logits_to_keep" in sig
 
     # -- hook installation ---------------------------------------------------------------------
 
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
     def _install(self) -> None:
-        fam = self.family
-        for j, (block, router) in enumerate(zip(self._blocks, self._routers, strict=True)):
-            if fam.selection == "experts_call":
-                experts = getattr(block, fam.experts, None) if fam.experts else None
-                if experts is None:
-                    raise ConfigError(f"{self.spec.module_paths[j]}: no {fam.experts!r} module to hook")
+        for site in self._sites:
+            if site.consumer is not None:
                 self._handles.append(
-                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True)
+                    site.consumer.register_forward_pre_hook(self._experts_hook(site.j), with_kwargs=True)
                 )
-            self._handles.append(router.register_forward_hook(self._router_hook(j, block), with_kwargs=True))
+            self._handles.append(
+                site.router.register_forward_hook(self._router_hook(site.j, site.block), with_kwargs=True)
+            )
         if self._plan is not None:
             self._handles.extend(self._plan.install(self._lookahead_sink))
 
@@ -302,8 +170,8 @@ class RoutingRecorder(HookSet):
             col = _ACTIVE.get()
             if col is None or col.suspended:
                 return
-            ids = _arg(args, kwargs, fam.index_arg, fam.index_kwarg)
-            weights = _arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+            ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+            weights = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
             if ids is None or weights is None:
                 raise ConfigError(
                     f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
@@ -322,12 +190,12 @@ class RoutingRecorder(HookSet):
             if col is None or col.suspended:
                 return
             if self.logits:
-                col.logits[j] = _output(out, fam.logits_index).detach()
+                col.logits[j] = router_logits(fam, out).detach()
             if fam.selection != "experts_call":
                 ids, weights = decode_router_output(fam, block, out, k)
                 col.ids[j], col.weights[j] = ids.detach(), weights.detach()
             if self._plan is not None:
-                x = _arg(args, kwargs, 0, "hidden_states")
+                x = call_arg(args, kwargs, 0, "hidden_states")
                 self._lookahead_sink(col, "gate_input", j, x)
 
         return hook
@@ -358,7 +226,7 @@ class RoutingRecorder(HookSet):
         dev = next(router.parameters()).device
         out = router(hidden.to(dev))
         ids, _ = decode_router_output(self.family, block, out, self.spec.top_k)
-        scores = choice_scores(self.family, router, _output(out, self.family.logits_index))
+        scores = choice_scores(self.family, router, router_logits(self.family, out))
         return extend_ranking(scores, ids, self._m)
 
     # -- one forward pass ----------------------------------------------------------------------
@@ -477,34 +345,3 @@ def _check(path: str, what: str, t: torch.Tensor, shape: tuple[int, int]) -> Non
         raise ConfigError(
             f"{path}: captured {what} has shape {tuple(t.shape)}, expected {shape} (N=batch*seq, then k or E)"
         )
-
-
-def decode_router_output(
-    fam: FamilySpec, block: torch.nn.Module, out: Any, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids (N, k), weights (N, k))`` a router's output stands for, per the family's row.
-
-    Used for families whose block consumes the router output directly (Llama4, JetMoE), and by
-    gate lookahead, which needs a router's choice without running its block.
-    """
-    if fam.router_ids is not None:
-        return out[fam.router_ids], out[fam.router_ids - 1]
-    if fam.block_route is not None:
-        weights, ids = getattr(block, fam.block_route)(_output(out, fam.logits_index))
-        return ids, weights
-    if fam.selection == "router_dense_scores":
-        scores = out[0]  # (N, E), zero outside the chosen experts
-        weights, ids = torch.topk(scores, k, dim=-1)
-        if ((scores != 0).sum(-1) > k).any():
-            raise ConfigError(f"{fam.family}: router scores have more than k={k} non-zero entries per token")
-        return ids, weights
-    if fam.selection == "router_sorted":
-        index_sorted, _, batch_gates, expert_size, _ = out
-        sizes = torch.as_tensor(expert_size, device=index_sorted.device)
-        sorted_experts = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
-        flat_ids = torch.empty_like(index_sorted)
-        flat_ids[index_sorted] = sorted_experts
-        flat_w = torch.empty_like(batch_gates)
-        flat_w[index_sorted] = batch_gates
-        return flat_ids.view(-1, k), flat_w.view(-1, k)
-    raise ConfigError(f"{fam.family}: adapter row gives no way to read the router's choice")

@@ -25,26 +25,10 @@ from typing import Any
 
 import torch
 
-from moescope.capture.adapters import FamilySpec
+from moescope.core.families import FamilySpec
 from moescope.errors import ConfigError
 from moescope.trace import RoutingSpec
 from moescope.trace.schema import LOOKAHEAD_VARIANTS, lookahead_column
-
-
-def choice_scores(fam: FamilySpec, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """The score a router ranks experts by: transform(logits) + selection bias, ``(N, E)`` float32."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    if fam.choice_score == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif fam.choice_score == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        scores = logits
-    if fam.choice_bias:
-        bias = router.get_submodule(fam.choice_bias.rsplit(".", 1)[0]) if "." in fam.choice_bias else router
-        bias = getattr(bias, fam.choice_bias.rsplit(".", 1)[-1])
-        scores = scores + bias.reshape(-1).to(scores)
-    return scores
 
 
 def extend_ranking(scores: torch.Tensor, chosen: torch.Tensor, m: int) -> torch.Tensor:

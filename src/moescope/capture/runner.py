@@ -21,16 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from moescope.capture.data import (
-    Document,
+from moescope.core.sources import DataOptions, Document, iter_documents, resolve_sources
+from moescope.core.windows import (
     Window,
     ensure_pad_token,
-    iter_documents,
     iter_tokenized,
     make_windows,
     pad_batch,
     plan_batches,
-    resolve_source,
 )
 from moescope.errors import ConfigError, DataError, TraceError
 from moescope.models.tokenizer import byte_tokenizer
@@ -151,7 +149,7 @@ def resolve_model(
     """Load ``name``: a registered alias, ``tiny:<family>``, a local directory or a hub id.
 
     ``tiny:<family>`` is a seeded random model from :func:`moescope.capture.tiny.tiny_model` with
-    the offline :func:`~moescope.capture.data.byte_tokenizer`, for demos and tests. Other models
+    the offline :func:`~moescope.models.tokenizer.byte_tokenizer`, for demos and tests. Other models
     load with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer``; ``device="auto"``
     spreads them with ``device_map="auto"`` when CUDA is available (with ``accelerate``; without
     it the model loads on the CPU and moves to one GPU). ``log`` receives one-line notes.
@@ -216,20 +214,11 @@ def _load_pretrained(name: str, device: str, torch_dtype: Any, log: Callable[[st
 
 # --------------------------------------------------------------------------- options and result
 @dataclass
-class CaptureOptions:
-    """Every setting of a capture; the CLI options map one to one (``seq_len`` is ``--seq-len``)."""
+class CaptureOptions(DataOptions):
+    """Every setting of a capture: the shared data settings plus the capture's own; the CLI options
+    map one to one (``seq_len`` is ``--seq-len``; None: min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN)).
+    """
 
-    text_field: str | None = None
-    label_field: str | None = None
-    label: str | None = None
-    preset: str | None = None
-    split: str | None = None
-    data_config: str | None = None
-    txt_unit: str = "paragraph"
-    max_documents: int | None = None  # per data source
-    max_tokens: int | None = None  # over the whole capture; the last document is cut to fit
-    seq_len: int | None = None  # None: min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    batch_size: int = 8
     logits: bool = False
     lookahead: int = 0
     lookahead_m: int | None = None
@@ -383,20 +372,7 @@ def capture(
     log = log or (lambda _msg: None)
     if not data:
         raise DataError("no DATA given: pass at least one file, directory, preset or hub data set")
-    sources = [
-        resolve_source(
-            item,
-            text_field=opts.text_field,
-            label_field=opts.label_field,
-            label=opts.label,
-            preset=opts.preset,
-            split=opts.split,
-            data_config=opts.data_config,
-            txt_unit=opts.txt_unit,
-            max_documents=opts.max_documents,
-        )
-        for item in data
-    ]
+    sources = resolve_sources(data, opts)
     resuming = opts.resume and (output / "manifest.json").is_file()
     if output.exists() and not output.is_dir():
         raise TraceError(f"{output}: exists and is not a directory")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import ConfigError
-from moescope.interop.common import PRESETS, ImportOptions, write_documents
+from moescope.interop.common import ImportOptions, known_models, write_documents
 
 #: Import formats: name -> (module, one-line description). Modules load only when used.
 IMPORT_FORMATS: dict[str, tuple[str, str]] = {
@@ -57,7 +57,7 @@ EXPORT_FORMATS: dict[str, tuple[str, str]] = {
     ),
 }
 
-__all__ = ["EXPORT_FORMATS", "IMPORT_FORMATS", "PRESETS", "ImportOptions", "export_trace", "import_log"]
+__all__ = ["EXPORT_FORMATS", "IMPORT_FORMATS", "ImportOptions", "export_trace", "import_log", "known_models"]
 
 
 def _module(name: str, table: dict[str, tuple[str, str]], what: str) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from moescope.cli_utils import JsonOpt, TraceArg, emit
-from moescope.interop import EXPORT_FORMATS, IMPORT_FORMATS, PRESETS
+from moescope.interop import EXPORT_FORMATS, IMPORT_FORMATS, known_models
 
 ImportFormat = enum.Enum("ImportFormat", {n.replace("-", "_"): n for n in IMPORT_FORMATS}, type=str)
 ExportFormat = enum.Enum("ExportFormat", {n.replace("-", "_"): n for n in EXPORT_FORMATS}, type=str)
@@ -60,7 +60,7 @@ def import_cmd(
     model: str | None = typer.Option(
         None,
         "--model",
-        help=f"Routing facts of a known model ({', '.join(PRESETS)}) or 'none'. Default: mixtral-8x7b for"
+        help=f"Routing facts of a known model ({', '.join(known_models())}) or 'none'. Default: mixtral-8x7b for"
         " seed004-*, deepseek-v2-lite for moe-beyond, none otherwise (seed002-json matches its 'config').",
     ),
     num_experts: int | None = typer.Option(None, "--num-experts", help="Routed experts per MoE layer."),
@@ -132,7 +132,7 @@ def import_cmd(
         "tokens": tr.num_tokens,
         "documents": docs,
         "routing": r.to_dict(),
-        "slot_order": source.get("slot_order"),
+        "slot_order": r.slot_order,
         "issues": report["issues"],
         "examples": report["examples"],
         "masked_series_count": report["masked_series_count"],

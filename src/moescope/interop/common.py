@@ -8,6 +8,7 @@ temporary directory beside the target, moved into place only when every document
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shutil
 import uuid
@@ -30,7 +31,11 @@ MAX_LISTED_SERIES = 5000
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Published routing facts of a model whose logs carry no configuration (FIELD-NOTES section 2)."""
+    """Routing facts of a known model whose logs carry no configuration.
+
+    Derived, never typed: the shipped config (:mod:`moescope.models.registry`) read through the
+    family table (:func:`moescope.core.families.config_facts`), exactly as capture reads a model.
+    """
 
     name: str
     model_id: str
@@ -43,51 +48,58 @@ class ModelFacts:
     router_kind: str = "softmax"
 
 
-#: Models the seed documents and the shared data use. Numbers: FIELD-NOTES.md section 2.
-PRESETS: dict[str, ModelFacts] = {
-    f.name: f
-    for f in (
-        ModelFacts(
-            "mixtral-8x7b", "mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral", 8, 2, tuple(range(32)), 32
-        ),
-        ModelFacts("tinymistral-6x248m", "M4-ai/TinyMistral-6x248M", "mixtral", 6, 2, tuple(range(12)), 12),
-        # layer 0 is dense (first_k_dense_replace=1); 2 shared experts are always active and never logged
-        ModelFacts(
-            "deepseek-v2-lite",
-            "deepseek-ai/DeepSeek-V2-Lite-Chat",
-            "deepseek_v2",
-            64,
-            6,
-            tuple(range(1, 27)),
-            27,
-            2,
-        ),
-        ModelFacts("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "qwen3_moe", 128, 8, tuple(range(48)), 48),
-        ModelFacts("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924", "olmoe", 64, 8, tuple(range(16)), 16),
+def known_models() -> list[str]:
+    """Names ``--model`` accepts: the shipped configs (``moescope params --list`` names the same)."""
+    from moescope.models.registry import shipped_names
+
+    return shipped_names()
+
+
+@functools.cache
+def _model_facts(name: str) -> ModelFacts:
+    from moescope.core.families import config_facts
+    from moescope.models.registry import HUB_IDS, load_config
+
+    f = config_facts(load_config(name))
+    return ModelFacts(
+        name=name,
+        model_id=HUB_IDS.get(name, name),
+        family=f.model_type,
+        num_experts=f.num_experts,
+        top_k=f.top_k,
+        moe_layers=f.moe_layers,
+        num_hidden_layers=f.num_hidden_layers,
+        n_shared_experts=f.n_shared_experts,
+        router_kind=f.router_kind,
     )
-}
 
 
 def preset(name: str | None) -> ModelFacts | None:
-    """The preset called ``name`` (``None`` or ``"none"``: no preset); unknown names list the known ones."""
+    """The known model called ``name`` (``None`` or ``"none"``: none); unknown names list the known ones."""
     if name is None or name.lower() == "none":
         return None
-    key = name.lower()
-    if key not in PRESETS:
-        raise ConfigError(f"option --model: unknown model {name!r}; known: {', '.join(PRESETS)} or 'none'")
-    return PRESETS[key]
+    from moescope.models.registry import resolve_shipped
+
+    key = resolve_shipped(name)
+    if key is None:
+        raise ConfigError(
+            f"option --model: unknown model {name!r}; known: {', '.join(known_models())} or 'none'"
+        )
+    return _model_facts(key)
 
 
 def preset_for_model_id(model_id: str) -> ModelFacts | None:
-    """The preset whose name or model id matches a free-form model string (``config`` of seed 002 logs)."""
+    """The known model whose name or hub id matches a free-form model string (``config`` of seed 002 logs)."""
+    from moescope.models.registry import HUB_IDS, VARIANT_IDS
 
     def norm(s: str) -> str:
         return re.sub(r"[^a-z0-9]", "", s.lower())
 
     target = norm(model_id)
-    for facts in PRESETS.values():
-        if norm(facts.name) in target or norm(facts.model_id.split("/")[-1]) in target:
-            return facts
+    for name in known_models():
+        ids = (HUB_IDS.get(name, name), *VARIANT_IDS.get(name, ()))
+        if norm(name) in target or any(norm(i.split("/")[-1]) in target for i in ids):
+            return _model_facts(name)
     return None
 
 
@@ -116,7 +128,7 @@ def parse_layers(text: str | Sequence[int] | None, option: str = "--moe-layers")
 class ImportOptions:
     """Options an importer may take; each format says which ones it uses (others are refused).
 
-    model : preset of routing facts (``PRESETS``) or ``"none"``; ``None`` means the format's default.
+    model : a known model (:func:`known_models`) whose routing facts apply, or ``"none"``; ``None`` means the format's default.
     num_experts, top_k, moe_layers, family, n_shared_experts, num_hidden_layers : override the facts.
     label : domain label of every document (default: the log's data set name, else the file stem).
     tokenizer : SentencePiece ``.model``, ``tokenizer.json``, a local tokenizer folder, or
@@ -376,13 +388,13 @@ def check_ids(ids: np.ndarray, num_experts: int, where: Any) -> None:
 
 
 def slot_order_of(weights: np.ndarray | None, experts: np.ndarray, sentinel: int, claimed: str) -> str:
-    """Check a claimed rank order against the weights: ``claimed`` if consistent, else ``"as logged"``."""
+    """Check a claimed ``"rank"`` order against the weights: ``"set"`` when some weight rises along k."""
     if claimed != "rank" or weights is None:
         return claimed
     valid = (experts != sentinel).all(axis=-1)
     w = weights[valid]
     if w.size and (np.diff(w, axis=-1) > 1e-6).any():
-        return "as logged"
+        return "set"
     return "rank"
 
 
@@ -441,6 +453,8 @@ def write_documents(
 
     The trace is built in ``.<name>.<uuid8>.incomplete`` beside ``out`` and renamed into place at the
     end, so a failed import never leaves a half-written trace; ``source`` gets the report's counts.
+    ``source["slot_order"]`` (``"rank"`` or ``"set"``, default ``"rank"``; the importer may settle it
+    while reading) becomes the trace's ``routing.slot_order``.
     """
     from moescope.trace.writer import TraceWriter
 
@@ -482,7 +496,9 @@ def write_documents(
         writer.manifest["datasets"] = [
             {"name": name, "labels": [name], "documents": n} for name, n in labels.items()
         ]
-        writer.manifest["source"] = {**source, "report": report.to_dict()}
+        writer.set_slot_order(source.get("slot_order", "rank"))
+        rest = {key: value for key, value in source.items() if key != "slot_order"}
+        writer.manifest["source"] = {**rest, "report": report.to_dict()}
         writer.close()
         if out.exists():
             old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.replaced")

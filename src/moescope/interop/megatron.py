@@ -159,7 +159,12 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                 mapping.append([doc_id, fi, ranks.get(fi, fi), step, m])
                 yield Document(doc_id, default_label(opts, None, files[fi]), np.arange(n), experts)
                 doc_id += 1
-        source["slot_order"] = "ascending" if ascending and facts.top_k > 1 else "as logged"
-        source["slot_order_note"] = "ids from the routing map come sorted by id: treat them as a set"
+        source["slot_order"] = "set" if facts.top_k > 1 else "rank"
+        if facts.top_k > 1:
+            source["slot_order_note"] = (
+                "ids from the routing map come sorted by id: treat them as a set"
+                if ascending
+                else "ids are not in the ascending order the tracer writes: order unknown, treated as a set"
+            )
 
     return Imported(facts, documents(), report, source)

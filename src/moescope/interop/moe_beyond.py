@@ -9,8 +9,8 @@ Layout of ``prompt_<N>_data.csv``::
 
 ``Layer ID`` is the decoder layer (DeepSeek-V2-Lite: 1..26, layer 0 is dense), ``Token`` the
 byte-level BPE piece (``Ġ`` = space), ``Activated Expert IDs`` the top-k ids from
-``torch.topk(..., sorted=False)``: **a set, not rank order** (``source.slot_order`` is
-``"unordered"``). No weights. Inputs: CSV files, folders of them, or tar archives of them
+``torch.topk(..., sorted=False)``: **a set, not rank order** (``routing.slot_order`` is
+``"set"``). No weights. Inputs: CSV files, folders of them, or tar archives of them
 (``.tar.xz`` etc., read in one pass with the standard library).
 
 A prompt's token sequence is that of its first complete layer block. A layer block that is
@@ -117,7 +117,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "doc_id": "prompt number in the file name" if by_number else "index in natural file-name order",
         "first_member": names[0],
         "position": "row order inside a layer block (the token's index in the prompt)",
-        "slot_order": "unordered",
+        "slot_order": "set",
         "slot_order_note": "ids come from torch.topk(sorted=False): treat each token's ids as a set",
     }
 

@@ -275,7 +275,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     yield doc
             _check_meta(m, path, facts)
             offset = last + 1
-        source["slot_order"] = "rank" if ordered else "as logged"
+        source["slot_order"] = "rank" if ordered else "set"
 
     return Imported(facts, documents(), report, source, weights=has_weights, logits=has_logits)
 

@@ -95,7 +95,8 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "files": [str(f) for f in files],
         "doc_id": "index of the array: files in the order given, keys of an .npz in stored order",
         "position": "row of the array (token index in prompt + completion)",
-        "slot_order": "as logged",
+        "slot_order": "set",
+        "slot_order_note": "routed_experts carry no weights: rank order cannot be checked, so ids are a set",
         "documents": mapping,
     }
     if opts.moe_layers is None and opts.model is None:

@@ -4,7 +4,9 @@ Counts follow the module definitions of transformers 5.23 (``models/<family>/mod
 term by term, so ``ParamCount.total`` equals ``sum(p.numel() for p in model.parameters())`` of the
 model transformers builds from the same config (tests check this for every family on tiny models).
 Buffers are not parameters: DeepSeek-V3/GLM4-MoE ``e_score_correction_bias`` is a buffer and is
-not counted (Ernie 4.5 stores it as a parameter, and it is counted under ``router``).
+not counted (Ernie 4.5 stores it as a parameter, and it is counted under ``router``). Which decoder
+layers are MoE layers is the family table's rule (:mod:`moescope.core.families`), the one capture
+and ablation use, never retyped here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moescope.core.families import resolve_adapter
 from moescope.errors import ConfigError
 from moescope.models.registry import load_config
 
@@ -209,12 +212,9 @@ def _phimoe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     return _mixtral_like(cfg, t, qkv_bias=bias, o_bias=bias)
 
 
-def _qwen_moe_layer(cfg: Any, i: int) -> bool:
-    return (
-        i not in (cfg.mlp_only_layers or [])
-        and cfg.num_experts > 0
-        and (i + 1) % cfg.decoder_sparse_step == 0
-    )
+def _is_moe_layer(cfg: Any, i: int) -> bool:
+    """Whether decoder layer ``i`` is a MoE layer: the family table's dense-layer rule."""
+    return resolve_adapter(cfg.model_type).is_moe_layer(cfg, i)
 
 
 def _qwen2_moe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
@@ -224,7 +224,7 @@ def _qwen2_moe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     t.add("norms", (2 * cfg.num_hidden_layers + 1) * h)
     for i in range(cfg.num_hidden_layers):
         t.add("attention", _gqa(cfg, qkv_bias=bool(cfg.qkv_bias), o_bias=False))
-        if _qwen_moe_layer(cfg, i):
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h, shared=shared)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size))
@@ -238,7 +238,7 @@ def _qwen3_moe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     for i in range(cfg.num_hidden_layers):
         bias = bool(cfg.attention_bias)
         t.add("attention", _gqa(cfg, qkv_bias=bias, o_bias=bias))
-        if _qwen_moe_layer(cfg, i):
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size))
@@ -268,7 +268,7 @@ def _deepseek(cfg: Any, t: _Tally, mlp_bias: bool) -> tuple[int, int, int, int]:
     t.add("norms", (2 * cfg.num_hidden_layers + 1) * h)
     for i in range(cfg.num_hidden_layers):
         _mla(cfg, t)
-        if i >= cfg.first_k_dense_replace:
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h, shared=shared)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size, mlp_bias))
@@ -291,7 +291,7 @@ def _glm4_moe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     t.add("norms", (2 * cfg.num_hidden_layers + 1) * h + cfg.num_hidden_layers * qk_norms)
     for i in range(cfg.num_hidden_layers):
         t.add("attention", _gqa(cfg, qkv_bias=bool(cfg.attention_bias), o_bias=False))
-        if i >= cfg.first_k_dense_replace:
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h, shared=shared)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size))
@@ -306,10 +306,9 @@ def _ernie4_5_moe(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     t.add("norms", (2 * cfg.num_hidden_layers + 1) * h)
     for i in range(cfg.num_hidden_layers):
         t.add("attention", _gqa(cfg, qkv_bias=bias, o_bias=bias))
-        is_moe = (
-            i + 1
-        ) % cfg.moe_layer_interval == 0 and cfg.moe_layer_start_index <= i <= cfg.moe_layer_end_index
-        if is_moe:  # router weight + e_score_correction_bias, an (1, E) parameter in moe_statics
+        if _is_moe_layer(
+            cfg, i
+        ):  # router weight + e_score_correction_bias, an (1, E) parameter in moe_statics
             _moe(t, i, e, expert, router=e * h + e, shared=shared)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size, bias))
@@ -333,12 +332,12 @@ def _jamba(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
         + rank
         + 2 * state  # dt/b/c layernorms inside the mixer
     )
-    for i, (kind, n_exp) in enumerate(zip(cfg.layers_block_type, cfg.layers_num_experts, strict=True)):
+    for i, kind in enumerate(cfg.layers_block_type):
         if kind == "attention":
             t.add("attention", _gqa(cfg, qkv_bias=False, o_bias=False))
         else:
             t.add("other", mamba)
-        if n_exp > 1:
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h)
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size))
@@ -364,7 +363,7 @@ def _llama4_text(cfg: Any, t: _Tally) -> tuple[int, int, int, int]:
     t.add("norms", (2 * cfg.num_hidden_layers + 1) * h)  # the q/k L2 norm has no weight
     for i in range(cfg.num_hidden_layers):
         t.add("attention", _gqa(cfg, qkv_bias=bias, o_bias=bias))
-        if i in cfg.moe_layers:
+        if _is_moe_layer(cfg, i):
             _moe(t, i, e, expert, router=e * h, shared=_glu(h, cfg.intermediate_size))
         else:
             t.add("dense_mlp", _glu(h, cfg.intermediate_size_mlp))

@@ -22,7 +22,16 @@ HUB_IDS: dict[str, str] = {
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
     "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924",
 }
-_ALIASES: dict[str, str] = {hub.lower(): name for name, hub in HUB_IDS.items()}
+# Fine-tuned variants with the same routing layout, as the seed logs name them.
+VARIANT_IDS: dict[str, tuple[str, ...]] = {
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-Instruct-v0.1",),
+    "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite-Chat",),
+}
+_ALIASES: dict[str, str] = {
+    hub.lower(): name
+    for name, hubs in ((n, (h, *VARIANT_IDS.get(n, ()))) for n, h in HUB_IDS.items())
+    for hub in hubs
+}
 
 
 def shipped_names() -> list[str]:

@@ -113,8 +113,8 @@ def fit(
     import time
 
     from moescope.predict.base import _REGISTRY, make_predictor
-    from moescope.predict.evaluate import split_documents
     from moescope.trace.reader import Trace
+    from moescope.trace.split import fit_record, split_documents
 
     tr = Trace.open(trace)
     make_predictor("uniform")  # fills the registry
@@ -148,15 +148,7 @@ def fit(
     t0 = time.perf_counter()
     pred.fit(fit_trace)
     seconds = time.perf_counter() - t0
-    extra = {
-        "trace": str(Path(trace).resolve()),
-        "trace_created": tr.manifest.get("created"),
-        "trace_tokens": tr.num_tokens,
-        "train_documents": len(train_docs),
-        "test_documents": [int(d) for d in test_docs],
-        "split_seed": seed,
-        "fit_seconds": seconds,
-    }
+    extra = {**fit_record(tr, train_docs, test_docs, seed), "fit_seconds": seconds}
     pred.save(output, extra=extra)
     fitted_modes = pred.modes() or modes
     from moescope.predict.queries import mode_name
@@ -216,30 +208,16 @@ def eval_cmd(
     from moescope.predict.evaluate import evaluate
     from moescope.predict.queries import parse_mode
     from moescope.trace.reader import Trace
+    from moescope.trace.split import held_out
 
     if documents not in ("test", "all"):
         raise ConfigError(f"--documents must be 'test' or 'all', got {documents!r}")
     header = read_header(model)
     pred = load_predictor(model)
-    tr = Trace.open(trace)
-    extra = header.get("extra", {})
-    same = extra.get("trace") == str(Path(trace).resolve()) and extra.get("trace_created") == tr.manifest.get(
-        "created"
-    )
-    scored = "all documents"
-    if same and documents == "test":
-        test_docs = extra.get("test_documents") or []
-        if not test_docs:
-            raise ConfigError(
-                f"{model} was fitted on every document of {trace} (--no-split): evaluate it on another trace"
-            )
-        tr = tr.filter(documents=test_docs)
-        scored = f"{len(test_docs)} held-out documents"
-    elif same:
-        print(
-            "warning: scoring the training documents too (--documents all): numbers are optimistic",
-            file=sys.stderr,
-        )
+    part = held_out(Trace.open(trace), header.get("extra", {}), documents, what=str(model))
+    if part.warning:
+        print(f"warning: {part.warning}", file=sys.stderr)
+    tr, scored = part.trace, part.scored
     modes = [parse_mode(m) for m in mode] or None
     res = evaluate(pred, tr, modes=modes, budgets=budget or None, n_boot=n_boot, seed=seed)
     summary = {"model": str(model), "scored": scored, **res.summary}

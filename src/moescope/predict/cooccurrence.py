@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from moescope.predict.base import BasePredictor, Interval, Modes, Options
-from moescope.predict.queries import Queries, iter_labelled, slots_ordered
+from moescope.predict.queries import Queries, iter_labelled, require_ranked
 
 
 class CooccurrencePredictor(BasePredictor):
@@ -34,7 +34,8 @@ class CooccurrencePredictor(BasePredictor):
     distances : modes to fit (spatial distances >= 1; 0 = temporal).
     alpha : smoothing strength (pseudo-counts toward the marginal).
     slots : ``"ordered"`` (one table per slot rank), ``"set"`` (one table for every source expert),
-        or ``"auto"`` (ordered when the trace's slots are in rank order).
+        or ``"auto"`` (ordered when the trace's slots are in rank order, ``routing.slot_order``);
+        ``"ordered"`` on a ``set`` trace is refused.
     combine : ``"naive_bayes"`` (sum of log-likelihood ratios) or ``"mean"`` (mean conditional).
 
     Attributes
@@ -72,7 +73,9 @@ class CooccurrencePredictor(BasePredictor):
     def _fit(self, trace: Any) -> None:
         E, L, k = self.num_experts_, self.num_layers_, self.top_k_
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
-        self.ordered_ = bool(self.slots == "ordered" or (self.slots == "auto" and slots_ordered(trace)))
+        if self.slots == "ordered":
+            require_ranked(trace, "slots", self.slots)
+        self.ordered_ = bool(self.slots == "ordered" or (self.slots == "auto" and trace.ranked))
         S = k if self.ordered_ else 1
         M = len(self.modes_)
         counts = np.zeros((M, L, S, E, E), np.float64)

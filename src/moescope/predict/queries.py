@@ -398,16 +398,11 @@ def iter_labelled(
                 yield ctx.queries(layer, d), actual, valid
 
 
-def slots_ordered(trace: Trace, sample_rows: int = 65536) -> bool:
-    """Whether expert slots are in rank order (slot 0 = the router's first choice).
-
-    True when the trace has weights and they are non-increasing along ``k`` in at least 99% of the
-    sampled rows; unordered logs (``topk(sorted=False)``, no weights) must be treated as sets.
-    """
-    if not trace.has_weights or trace.top_k < 2:
-        return trace.top_k == 1
-    for b in trace.iter_batches(["weights"], batch_size=sample_rows):
-        w = b.weights
-        ok = np.isnan(w).any(-1) | (np.diff(w, axis=-1) <= 1e-6).all(-1)  # (n, L)
-        return bool(ok.mean() >= 0.99)
-    return False
+def require_ranked(trace: Trace, parameter: str, value: str) -> None:
+    """Refuse a first-choice option on a trace whose slots form a set (``routing.slot_order``)."""
+    if not trace.ranked:
+        raise ConfigError(
+            f"{trace.path}: {parameter}={value!r} needs slots in rank order (slot 0 = the first choice),"
+            f" but this trace's slot order is {trace.slot_order!r}: its ids form a set; use {parameter}='set'"
+            " or 'auto'"
+        )

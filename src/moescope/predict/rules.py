@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from moescope.predict.base import BasePredictor, Interval, Modes, Options, count_popularity
-from moescope.predict.queries import Queries, iter_labelled, set_mask, slots_ordered
+from moescope.predict.queries import Queries, iter_labelled, require_ranked, set_mask
 
 LEVELS = (1, 2, 3, 4)
 
@@ -67,7 +67,8 @@ class RulesPredictor(BasePredictor):
         ``level=1, distances=(2, 4, 8)``.
     target : ``"primary"`` votes for the next first choice as the seed does, with membership votes
         ranking the rest; ``"set"`` votes for membership only; ``"auto"`` picks ``"primary"`` when the
-        trace's slots are in rank order (weights present and sorted), else ``"set"``.
+        trace's slots are in rank order (``routing.slot_order == "rank"``), else ``"set"``;
+        ``"primary"`` on a ``set`` trace is refused.
     max_candidates : experts kept per rule (the most voted), bounding the table size.
 
     Attributes
@@ -108,7 +109,9 @@ class RulesPredictor(BasePredictor):
     def _fit(self, trace: Any) -> None:
         E, L, k = self.num_experts_, self.num_layers_, self.top_k_
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
-        self.primary_ = bool(self.target == "primary" or (self.target == "auto" and slots_ordered(trace)))
+        if self.target == "primary":
+            require_ranked(trace, "target", self.target)
+        self.primary_ = bool(self.target == "primary" or (self.target == "auto" and trace.ranked))
         self.popularity_ = count_popularity(trace)
         mode_idx = {int(d): i for i, d in enumerate(self.modes_)}
         # votes per (key, expert): primary votes weigh (k + 1) set votes, so primary decides first

@@ -74,7 +74,12 @@ def simulate_cmd(
     train: Path = typer.Option(
         None,
         "--train",
-        help="Trace to fit the prefetcher and static pinning on, e.g. a training split by document (default: TRACE itself, which flatters them).",
+        help="Trace to fit the prefetcher and static pinning on, e.g. the train half of `moescope split`.",
+    ),
+    fit_on_replayed: bool = typer.Option(
+        False,
+        "--fit-on-replayed",
+        help="Fit the prefetcher and static pinning on TRACE itself instead of --train (this flatters them).",
     ),
     do_sweep: bool = typer.Option(
         False, "--sweep", help="Also sweep cache size x policy (and budgets 1..2k when prefetching)."
@@ -89,13 +94,16 @@ def simulate_cmd(
     """
     from moescope.simulate.deployment import ModelCost, cache_capacity, get_preset, model_cost
     from moescope.simulate.engine import simulate
+    from moescope.simulate.fitting import REPLAYED, learns_from_trace
     from moescope.simulate.policies import make_policy
     from moescope.simulate.prefetch import make_prefetcher
     from moescope.simulate.sweep import plot_sweep, sweep
     from moescope.trace.reader import Trace
 
+    if train is not None and fit_on_replayed:
+        raise ConfigError("--train and --fit-on-replayed exclude each other: choose one")
     tr = Trace.open(trace)
-    fit_tr = Trace.open(train) if train is not None else None
+    fit_tr = Trace.open(train) if train is not None else (REPLAYED if fit_on_replayed else None)
     dep = get_preset(preset).replace(compute_ms_per_layer=compute_ms, link_efficiency=link_efficiency)
     if expert_params is not None:
         from moescope.simulate.deployment import BYTES_PER_PARAM
@@ -122,6 +130,11 @@ def simulate_cmd(
         shared=shared,
     )
     pf = None if prefetch == "none" else make_prefetcher(prefetch, distance=distance, budget=budget)
+    if fit_tr is None and (do_sweep or learns_from_trace(make_policy(policy)) or learns_from_trace(pf)):
+        raise ConfigError(
+            "the prefetcher or cache policy (or the sweep's static pinning) learns from a trace: pass"
+            " --train TRAIN_TRACE (e.g. the train half of `moescope split`) or --fit-on-replayed"
+        )
     res = simulate(
         tr,
         make_policy(policy),
@@ -138,6 +151,7 @@ def simulate_cmd(
     output.mkdir(parents=True, exist_ok=True)
     summary = {
         "trace": str(trace),
+        "fit_on": str(train) if train is not None else ("replayed trace" if fit_on_replayed else None),
         "deployment": dep.to_dict(),
         "expert_bytes": cost.expert_bytes,
         **res.summary(),

@@ -534,8 +534,10 @@ def simulate(
 ) -> SimResult:
     """Replay ``trace`` through ``policy`` (and ``prefetcher``) on ``deployment``.
 
-    Unfitted policies and prefetchers are fitted on ``fit_trace`` (default: the replayed trace
-    itself, which flatters learned ones: pass a separate training trace for honest numbers).
+    Unfitted policies and prefetchers are fitted on ``fit_trace``: a training trace (e.g. the train
+    half of ``trace.split()``), or ``"replayed"`` to fit on ``trace`` itself, which flatters whatever
+    learns; ``None`` only when nothing learns from a trace (see
+    :func:`moescope.simulate.fitting.fit_source`).
 
     Examples
     --------
@@ -544,7 +546,9 @@ def simulate(
     ...              ModelCost(expert_params=3 * 4096 * 14336, top_k=2))  # doctest: +SKIP
     >>> r.summary()["hit_rate"]  # doctest: +SKIP
     """
-    fit_on = trace if fit_trace is None else fit_trace
+    from moescope.simulate.fitting import fit_source
+
+    fit_on = fit_source(trace, fit_trace, policy, prefetcher)
     if not getattr(policy, "fitted_", False):
         policy = policy.fit(fit_on)
     steps = prepare(trace, mode=mode, batch_size=batch_size)

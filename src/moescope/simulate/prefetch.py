@@ -339,6 +339,20 @@ class PredictorPrefetcher(Prefetcher):
         self.budget = budget
         self.window = window
 
+    def learns_from_trace(self) -> bool:
+        """A predictor instance that is not fitted yet learns from the fitting trace; a saved one does not."""
+        return not isinstance(self.predictor, (str, Path)) and not (
+            hasattr(self.predictor, "is_fitted") and self.predictor.is_fitted()
+        )
+
+    def fit_record(self) -> dict[str, Any] | None:
+        """Which trace and held-out documents a saved predictor was fitted on (its file header), if known."""
+        if not isinstance(self.predictor, (str, Path)):
+            return None
+        from moescope.predict.base import read_header
+
+        return read_header(self.predictor).get("extra") or None
+
     def _fit(self, trace: Any) -> None:
         from moescope.predict.base import BasePredictor, load_predictor
 

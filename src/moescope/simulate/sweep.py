@@ -31,13 +31,17 @@ def sweep(
     """One summary row per (prefetcher, policy, cache fraction) as a Polars frame.
 
     ``prefetchers`` holds unfitted :class:`~moescope.simulate.prefetch.Prefetcher` objects (or None);
-    each is fitted once on ``fit_trace`` (default: ``trace``) and its predictions reused.
+    each is fitted once on ``fit_trace`` (a training trace, ``"replayed"`` or ``None`` as in
+    :func:`~moescope.simulate.engine.simulate`) and its predictions reused.
     """
     import polars as pl
 
-    fit_on = trace if fit_trace is None else fit_trace
+    from moescope.simulate.fitting import fit_source
+
+    made = {name: make_policy(name) for name in policies}
+    fit_on = fit_source(trace, fit_trace, *made.values(), *prefetchers)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
-    fitted = {name: make_policy(name).fit(fit_on) for name in policies}
+    fitted = {name: pol.fit(fit_on) for name, pol in made.items()}
     rows: list[dict[str, Any]] = []
     for pf in prefetchers:
         pref, dist, pf_name = None, 1, "none"

@@ -94,11 +94,8 @@ def split(
     Example: moescope split runs/deepseek -o runs/deepseek-split --test-fraction 0.2
     """
     from moescope.trace.reader import Trace
-    from moescope.trace.split import split_trace
 
-    train, test = split_trace(
-        Trace.open(trace), output, test_fraction=test_fraction, seed=seed, overwrite=overwrite
-    )
+    train, test = Trace.open(trace).split(test_fraction, seed, output=output, overwrite=overwrite)
     summary = {
         "train": {"trace": str(train.path), "documents": len(train.documents()), "tokens": train.num_tokens},
         "test": {"trace": str(test.path), "documents": len(test.documents()), "tokens": test.num_tokens},

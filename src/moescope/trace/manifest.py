@@ -17,6 +17,22 @@ MANIFEST_NAME = "manifest.json"
 #: How a router turns logits into probabilities, for entropy and density work.
 ROUTER_KINDS = ("softmax", "sigmoid", "sparsemixer", "unknown")
 
+#: What the order of a token's top-k slots means. ``rank``: slot 0 is the router's first choice and
+#: the rest follow in rank (weight) order, so first-choice statistics mean something. ``set``: the
+#: ids form a set whose order carries nothing (ids sorted by id, ``topk(sorted=False)``, logs whose
+#: order is unknown); first-choice statistics are refused or skipped.
+SLOT_ORDERS = ("rank", "set")
+
+#: Spellings of ``source.slot_order`` written by moescope before slot order became a routing fact.
+LEGACY_SLOT_ORDERS = {
+    "rank": "rank",
+    "ranked": "rank",
+    "set": "set",
+    "as logged": "set",
+    "ascending": "set",
+    "unordered": "set",
+}
+
 
 @dataclass
 class RoutingSpec:
@@ -33,6 +49,7 @@ class RoutingSpec:
     num_hidden_layers : decoder layers in the model, dense ones included.
     module_paths : module path of each MoE block, so layers are mapped by name, never by order.
     dtype : the dtype the model ran in.
+    slot_order : what the order of a token's top-k slots means, one of ``SLOT_ORDERS``.
     """
 
     num_experts: int
@@ -44,6 +61,7 @@ class RoutingSpec:
     num_hidden_layers: int | None = None
     module_paths: list[str] = field(default_factory=list)
     dtype: str = "float32"
+    slot_order: str = "rank"
 
     @property
     def num_moe_layers(self) -> int:
@@ -65,6 +83,8 @@ class RoutingSpec:
             )
         if self.router_kind not in ROUTER_KINDS:
             raise TraceError(f"routing.router_kind must be one of {ROUTER_KINDS}, got {self.router_kind!r}")
+        if self.slot_order not in SLOT_ORDERS:
+            raise TraceError(f"routing.slot_order must be one of {SLOT_ORDERS}, got {self.slot_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +101,28 @@ class RoutingSpec:
             raise TraceError(f"{source}: routing section is incomplete: {exc}") from None
         spec.check()
         return spec
+
+
+def legacy_slot_order(value: Any, where: str = "source.slot_order") -> str:
+    """Map a slot-order spelling of older traces (``"ranked"``, ``"ascending"``, ...) to ``SLOT_ORDERS``."""
+    if value not in LEGACY_SLOT_ORDERS:
+        raise TraceError(f"{where}: unknown slot order {value!r}; known: {sorted(LEGACY_SLOT_ORDERS)}")
+    return LEGACY_SLOT_ORDERS[value]
+
+
+def routing_from_manifest(manifest: dict[str, Any], where: str = "manifest") -> RoutingSpec:
+    """The checked :class:`RoutingSpec` of a manifest, older ones included.
+
+    Traces written before ``routing.slot_order`` existed said it (if at all) in ``source.slot_order``
+    with one of five spellings; those are mapped, and a trace saying nothing is a capture: ``rank``.
+    """
+    routing = dict(manifest["routing"])
+    if "slot_order" not in routing:
+        legacy = (manifest.get("source") or {}).get("slot_order")
+        routing["slot_order"] = (
+            "rank" if legacy is None else legacy_slot_order(legacy, f"{where}: source.slot_order")
+        )
+    return RoutingSpec.from_dict(routing, source=where)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

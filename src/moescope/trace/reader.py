@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import RoutingSpec, read_manifest
+from moescope.trace.manifest import read_manifest, routing_from_manifest
 from moescope.trace.readahead import read_ahead_iter
 from moescope.trace.schema import missing_id, nested_to_numpy
 
@@ -78,7 +78,7 @@ class Trace:
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self.routing = RoutingSpec.from_dict(manifest["routing"], source=str(self.path / "manifest.json"))
+        self.routing = routing_from_manifest(manifest, str(self.path / "manifest.json"))
         self._domains = domains
         self._documents = documents
 
@@ -110,6 +110,21 @@ class Trace:
     def num_layers(self) -> int:
         """Number of MoE layers, the ``L`` of every routing array."""
         return self.routing.num_moe_layers
+
+    @property
+    def slot_order(self) -> str:
+        """``"rank"`` (slot 0 is the first choice) or ``"set"`` (slot order means nothing)."""
+        return self.routing.slot_order
+
+    @property
+    def ranked(self) -> bool:
+        """Whether first-choice statistics mean something: slots in rank order (or a single slot)."""
+        return self.routing.slot_order == "rank" or self.routing.top_k == 1
+
+    @property
+    def model_id(self) -> str | None:
+        """The model the routing came from (hub id or path), when the trace says."""
+        return (self.manifest.get("model") or {}).get("id")
 
     @property
     def labels(self) -> list[str]:
@@ -179,6 +194,32 @@ class Trace:
             new = np.unique(np.fromiter(documents, dtype=np.int64))
             docs = new if docs is None else np.intersect1d(docs, new)
         return Trace(self.path, self.manifest, domains, docs)
+
+    def split(
+        self,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        *,
+        output: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> tuple[Trace, Trace]:
+        """``(train, test)`` traces from a random split by document (never by token).
+
+        Without ``output`` both are views of this trace (no copy; every stage reads them like any
+        trace); with it they are written to ``output/train`` and ``output/test``, as ``moescope
+        split`` does. The same ``test_fraction`` and ``seed`` give the same split either way, and
+        the one ``moescope predict fit`` holds out.
+
+        Examples
+        --------
+        >>> train, test = Trace.open("my-trace").split(0.2, seed=0)  # doctest: +SKIP
+        """
+        from moescope.trace.split import split_documents, split_trace
+
+        if output is not None:
+            return split_trace(self, output, test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+        train, test = split_documents(self, test_fraction, seed)
+        return self.filter(documents=train), self.filter(documents=test)
 
     # ----------------------------------------------------------------- reading
     def _check_columns(self, columns: list[str]) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import RoutingSpec, read_manifest
+from moescope.trace.manifest import read_manifest, routing_from_manifest
 from moescope.trace.reader import Trace
 from moescope.trace.schema import build_schema, missing_id, nested_to_numpy
 from moescope.trace.writer import file_sha256
@@ -24,7 +24,7 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
     path = Path(path)
     try:
         manifest = read_manifest(path)
-        spec = RoutingSpec.from_dict(manifest["routing"], source=str(path / "manifest.json"))
+        spec = routing_from_manifest(manifest, str(path / "manifest.json"))
         expected = build_schema(spec, manifest["columns"])
     except TraceError as exc:
         return [str(exc)]

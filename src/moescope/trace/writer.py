@@ -18,7 +18,15 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.trace.atomic import atomic_write, atomic_write_json
-from moescope.trace.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, RoutingSpec, read_manifest
+from moescope.trace.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SLOT_ORDERS,
+    RoutingSpec,
+    read_manifest,
+    routing_from_manifest,
+)
 from moescope.trace.schema import build_schema, default_columns, id_dtype, numpy_to_nested
 
 SHARD_PATTERN = "part-{:05d}.parquet"
@@ -62,7 +70,8 @@ class TraceWriter:
     def __init__(self, directory: Path, manifest: dict[str, Any], shard_rows: int) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
-        self.routing = RoutingSpec.from_dict(manifest["routing"])
+        self.routing = routing_from_manifest(manifest, str(Path(directory) / MANIFEST_NAME))
+        manifest["routing"] = self.routing.to_dict()
         self.schema = build_schema(self.routing, manifest["columns"])
         self.shard_rows = int(shard_rows)
         self._pending: list[pa.Table] = []  # appended, not yet committed to a document boundary
@@ -152,6 +161,13 @@ class TraceWriter:
         writer = cls(directory, manifest, shard_rows)
         writer._write_manifest()
         return writer
+
+    def set_slot_order(self, slot_order: str) -> None:
+        """Declare what the slot order means (``"rank"`` or ``"set"``) once an importer knows it."""
+        if slot_order not in SLOT_ORDERS:
+            raise TraceError(f"{self.directory}: slot order must be one of {SLOT_ORDERS}, got {slot_order!r}")
+        self.routing.slot_order = slot_order
+        self.manifest["routing"] = self.routing.to_dict()
 
     @property
     def last_document(self) -> int | None:

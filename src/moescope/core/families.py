@@ -4,7 +4,10 @@ Each family is one frozen :class:`FamilySpec` row. It says where the MoE block s
 layer, what its router and experts children are called, where the expert ids and weights the
 model really used can be read, which output of the router holds the logits, how the router turns
 logits into probabilities, which config keys give E, k and the shared experts, and which decoder
-layers are dense. Everything family-specific lives here; the engine only interprets the rows.
+layers are dense. Everything family-specific lives here: capture, ablation, routing strategies,
+parameter counting (:mod:`moescope.models.params`) and the importers' model presets
+(:mod:`moescope.interop.common`) all read these rows; :mod:`moescope.core.routing` holds the
+torch side (hooks, router decoding, weights). No torch import here.
 
 Facts come from the transformers 5.23 modeling files (``models/<family>/modeling_<family>.py``)
 and FIELD-NOTES section 1.
@@ -17,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moescope.core import family_rules as R
+from moescope.core.family_rules import WeightRule
 from moescope.errors import ConfigError
 
 #: Where the expert ids and weights the model consumed are read.
@@ -31,125 +36,6 @@ SELECTION_KINDS = ("experts_call", "router_dense_scores", "router_sorted")
 #: Score used to rank experts beyond the router's own top-k in gate lookahead: the router's
 #: probability transform of the logits, plus its selection bias when it has one.
 CHOICE_SCORES = ("logits", "softmax", "sigmoid")
-
-
-def _all_layers(config: Any, layer: int) -> bool:
-    return True
-
-
-def _qwen_sparse(config: Any, layer: int) -> bool:
-    # Qwen2/3-MoE decoder layer: `layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0`.
-    only = getattr(config, "mlp_only_layers", None) or []
-    step = getattr(config, "decoder_sparse_step", 1) or 1
-    return layer not in only and getattr(config, "num_experts", 0) > 0 and (layer + 1) % step == 0
-
-
-def _first_k_dense(config: Any, layer: int) -> bool:
-    # DeepSeek-V2/V3, GLM4-MoE: `layer >= first_k_dense_replace`.
-    return layer >= (getattr(config, "first_k_dense_replace", 0) or 0)
-
-
-def _ernie_interval(config: Any, layer: int) -> bool:
-    # Ernie4.5-MoE: `(layer + 1) % moe_layer_interval == 0 and start <= layer <= end`.
-    end = config.moe_layer_end_index
-    end = config.num_hidden_layers - 1 if end is None or end < 0 else end
-    return (layer + 1) % config.moe_layer_interval == 0 and config.moe_layer_start_index <= layer <= end
-
-
-def _jamba_period(config: Any, layer: int) -> bool:
-    # Jamba: `layers_num_experts[layer] > 1`, i.e. `layer % expert_layer_period == expert_layer_offset`.
-    return config.num_experts > 1 and layer % config.expert_layer_period == config.expert_layer_offset
-
-
-def _llama4_listed(config: Any, layer: int) -> bool:
-    # Llama4: the config lists its MoE layers (derived from interleave_moe_layer_step).
-    return layer in (config.moe_layers or [])
-
-
-#: Per-expert score a router's weights are built from (see :class:`WeightRule`).
-WEIGHT_SCORES = ("softmax", "sigmoid", "softmax_chosen", "sparsemixer")
-
-
-@dataclass(frozen=True)
-class WeightRule:
-    """How a router turns its logits into the weights of the experts it chose.
-
-    Ablation re-routes a token to another expert and must weight the new set exactly as the
-    family would have: ``score`` is computed per expert from the logits (``softmax`` over all E,
-    ``sigmoid``, ``softmax_chosen``: softmax over the chosen logits only, ``sparsemixer``: PhiMoE's
-    eval-mode sparsemixer with threshold ``2 * jitter_eps``), gathered at the chosen ids, divided by
-    ``max(norm_p-norm + norm_eps, norm_floor)`` when ``norm_p`` is set, then multiplied by ``scale``.
-    """
-
-    score: str = "softmax"
-    norm_p: float | None = None
-    norm_eps: float = 0.0
-    norm_floor: float = 0.0
-    scale: float = 1.0
-    jitter_eps: float = 0.0
-
-
-def _w_renorm(config: Any) -> WeightRule:
-    # Mixtral: softmax over E, top-k renormalised to sum 1.
-    return WeightRule("softmax", norm_p=1)
-
-
-def _w_norm_topk(config: Any) -> WeightRule:
-    # Qwen2/3-MoE, OLMoE: renormalised only when config.norm_topk_prob.
-    return WeightRule("softmax", norm_p=1 if getattr(config, "norm_topk_prob", False) else None)
-
-
-def _w_scaled_softmax(config: Any) -> WeightRule:
-    # DeepSeek-V2: softmax probabilities times routed_scaling_factor, never renormalised.
-    return WeightRule("softmax", scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0))
-
-
-def _w_biased_sigmoid(config: Any) -> WeightRule:
-    # DeepSeek-V3, GLM4-MoE: unbiased sigmoid scores, `/ (sum + 1e-20)` if norm_topk_prob, then scaled.
-    norm = 1 if getattr(config, "norm_topk_prob", False) else None
-    return WeightRule(
-        "sigmoid",
-        norm_p=norm,
-        norm_eps=1e-20,
-        scale=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0),
-    )
-
-
-def _w_ernie(config: Any) -> WeightRule:
-    # Ernie4.5-MoE: unbiased softmax, `/ clamp(sum, min=moe_norm_min)`.
-    return WeightRule("softmax", norm_p=1, norm_floor=float(getattr(config, "moe_norm_min", 0.0) or 0.0))
-
-
-def _w_chosen(config: Any) -> WeightRule:
-    # GraniteMoE, gpt-oss, JetMoE: softmax over the k chosen logits.
-    return WeightRule("softmax_chosen")
-
-
-def _w_softmax(config: Any) -> WeightRule:
-    # Jamba: softmax probabilities, not renormalised.
-    return WeightRule("softmax")
-
-
-def _w_dbrx(config: Any) -> WeightRule:
-    # DBRX: softmax probabilities divided by their p-norm, p = ffn_config.moe_normalize_expert_weights.
-    ffn = getattr(config, "ffn_config", None)
-    key = "moe_normalize_expert_weights"
-    p = ffn.get(key) if isinstance(ffn, dict) else getattr(ffn, key, None)
-    return WeightRule("softmax", norm_p=None if p is None else float(p))
-
-
-def _w_sigmoid(config: Any) -> WeightRule:
-    # Llama4: sigmoid of the chosen logits, not renormalised.
-    return WeightRule("sigmoid")
-
-
-def _w_sparsemixer(config: Any) -> WeightRule:
-    # PhiMoE: sparsemixer in eval mode, threshold from router_jitter_noise.
-    return WeightRule("sparsemixer", jitter_eps=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
-
-
-def _qwen2_shared(config: Any) -> int:
-    return 1 if (getattr(config, "shared_expert_intermediate_size", 0) or 0) > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -210,7 +96,7 @@ class FamilySpec:
     choice_bias: str | None = None
     shared_keys: tuple[str, ...] = ()
     shared_rule: Callable[[Any], int] | None = None
-    is_moe_layer: Callable[[Any, int], bool] = _all_layers
+    is_moe_layer: Callable[[Any, int], bool] = R.all_layers
     pre_moe_norm: str = "post_attention_layernorm"
     weight_rule: Callable[[Any], WeightRule] | None = None
     unsupported: str | None = None
@@ -238,7 +124,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("MixtralTopKRouter",),
-        weight_rule=_w_renorm,
+        weight_rule=R.w_renorm,
         **_STD,
         notes="softmax over E, top-k renormalised",
     ),
@@ -247,10 +133,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Qwen2MoeTopKRouter",),
-        weight_rule=_w_norm_topk,
+        weight_rule=R.w_norm_topk,
         **_STD,
-        shared_rule=_qwen2_shared,
-        is_moe_layer=_qwen_sparse,
+        shared_rule=R.qwen2_shared,
+        is_moe_layer=R.qwen_sparse,
         notes="one shared expert with a sigmoid gate; dense layers from mlp_only_layers/decoder_sparse_step",
     ),
     FamilySpec(
@@ -258,16 +144,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Qwen3MoeTopKRouter",),
-        weight_rule=_w_norm_topk,
+        weight_rule=R.w_norm_topk,
         **_STD,
-        is_moe_layer=_qwen_sparse,
+        is_moe_layer=R.qwen_sparse,
     ),
     FamilySpec(
         ("olmoe",),
         block="mlp",
         router="gate",
         router_classes=("OlmoeTopKRouter",),
-        weight_rule=_w_norm_topk,
+        weight_rule=R.w_norm_topk,
         **_STD,
     ),
     FamilySpec(
@@ -275,10 +161,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("DeepseekV2TopkRouter",),
-        weight_rule=_w_scaled_softmax,
+        weight_rule=R.w_scaled_softmax,
         **_STD,
         shared_keys=("n_shared_experts",),
-        is_moe_layer=_first_k_dense,
+        is_moe_layer=R.first_k_dense,
         notes="greedy or group-limited greedy over softmax; weights scaled by routed_scaling_factor",
     ),
     FamilySpec(
@@ -286,13 +172,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("DeepseekV3TopkRouter",),
-        weight_rule=_w_biased_sigmoid,
+        weight_rule=R.w_biased_sigmoid,
         **_STD,
         router_kind="sigmoid",
         choice_score="sigmoid",
         choice_bias="e_score_correction_bias",
         shared_keys=("n_shared_experts",),
-        is_moe_layer=_first_k_dense,
+        is_moe_layer=R.first_k_dense,
         notes="sigmoid scores + e_score_correction_bias select within top groups; naive topk(logits) is wrong",
     ),
     FamilySpec(
@@ -300,25 +186,25 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="gate",
         router_classes=("Glm4MoeTopkRouter",),
-        weight_rule=_w_biased_sigmoid,
+        weight_rule=R.w_biased_sigmoid,
         **_STD,
         router_kind="sigmoid",
         choice_score="sigmoid",
         choice_bias="e_score_correction_bias",
         shared_keys=("n_shared_experts",),
-        is_moe_layer=_first_k_dense,
+        is_moe_layer=R.first_k_dense,
     ),
     FamilySpec(
         ("ernie4_5_moe",),
         block="mlp",
         router="gate",
         router_classes=("Ernie4_5_MoeTopKRouter",),
-        weight_rule=_w_ernie,
+        weight_rule=R.w_ernie,
         **_STD,
         choice_score="softmax",
         choice_bias="moe_statics.e_score_correction_bias",
         shared_keys=("moe_num_shared_experts",),
-        is_moe_layer=_ernie_interval,
+        is_moe_layer=R.ernie_interval,
         notes="softmax + e_score_correction_bias selects; weights renormalised without the bias",
     ),
     FamilySpec(
@@ -326,7 +212,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("PhimoeTopKRouter",),
-        weight_rule=_w_sparsemixer,
+        weight_rule=R.w_sparsemixer,
         **_STD,
         router_kind="sparsemixer",
         notes="sparsemixer (top-2 only); eval-mode selection is deterministic",
@@ -336,7 +222,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="block_sparse_moe",
         router="router",
         router_classes=("GraniteMoeTopKRouter",),
-        weight_rule=_w_chosen,
+        weight_rule=R.w_chosen,
         **_STD,
         notes="softmax over the top-k logits",
     ),
@@ -345,7 +231,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="block_sparse_moe",
         router="router",
         router_classes=("GraniteMoeSharedTopKRouter",),
-        weight_rule=_w_chosen,
+        weight_rule=R.w_chosen,
         **_STD,
         shared_rule=lambda c: 1 if (getattr(c, "shared_intermediate_size", 0) or 0) > 0 else 0,
     ),
@@ -354,9 +240,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="feed_forward",
         router="router",
         router_classes=("JambaTopKRouter",),
-        weight_rule=_w_softmax,
+        weight_rule=R.w_softmax,
         **_STD,
-        is_moe_layer=_jamba_period,
+        is_moe_layer=R.jamba_period,
         pre_moe_norm="pre_ff_layernorm",
         notes="MoE every expert_layer_period layers; weights are unnormalised softmax probabilities",
     ),
@@ -365,7 +251,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("GptOssTopKRouter",),
-        weight_rule=_w_chosen,
+        weight_rule=R.w_chosen,
         **_STD,
         notes="router logits include a bias; softmax over the top-k logits",
     ),
@@ -376,7 +262,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="ffn",
         router="router",
         router_classes=("DbrxRouter",),
-        weight_rule=_w_dbrx,
+        weight_rule=R.w_dbrx,
         num_experts_keys=("ffn_config.moe_num_experts",),
         top_k_keys=("ffn_config.moe_top_k",),
         router_ids=None,
@@ -390,14 +276,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="feed_forward",
         router="router",
         router_classes=("Llama4Router",),
-        weight_rule=_w_sigmoid,
+        weight_rule=R.w_sigmoid,
         **_STD,
         selection="router_dense_scores",
         router_ids=None,
         logits_index=1,
         router_kind="sigmoid",
         shared_rule=lambda c: 1,
-        is_moe_layer=_llama4_listed,
+        is_moe_layer=R.llama4_listed,
         notes="router returns (scores, logits); the dense sigmoid scores scale each expert's INPUT, "
         "so weights are those scores; one shared expert per MoE layer",
     ),
@@ -406,7 +292,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block="mlp",
         router="router",
         router_classes=("JetMoeTopKGating",),
-        weight_rule=_w_chosen,
+        weight_rule=R.w_chosen,
         **_STD,
         experts=None,
         selection="router_sorted",
@@ -448,4 +334,49 @@ def config_value(config: Any, keys: tuple[str, ...], what: str) -> Any:
             return value
     raise ConfigError(
         f"config of model_type {getattr(config, 'model_type', '?')!r} has none of {list(keys)} for {what}"
+    )
+
+
+def text_config(config: Any) -> Any:
+    """The language-model config of a composite model (Llama4 -> llama4_text), else the config."""
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else config
+    return text if text is not None else config
+
+
+@dataclass(frozen=True)
+class ConfigFacts:
+    """The routing facts a config states, read through its family's row (no model, no torch)."""
+
+    model_type: str
+    num_experts: int
+    top_k: int
+    n_shared_experts: int
+    num_hidden_layers: int
+    moe_layers: tuple[int, ...]
+    router_kind: str
+
+
+def config_facts(config: Any) -> ConfigFacts:
+    """E, k, shared experts, layer count and MoE layers of a transformers config, per its family's row."""
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise ConfigError(f"cannot tell the model family: {type(config).__name__} has no model_type")
+    fam = resolve_adapter(model_type)
+    num_experts = int(config_value(config, fam.num_experts_keys, "the number of routed experts"))
+    top_k = int(config_value(config, fam.top_k_keys, "top-k"))
+    n_layers = int(config_value(config, ("num_hidden_layers", "n_layers"), "the number of layers"))
+    if fam.shared_rule is not None:
+        n_shared = fam.shared_rule(config)
+    else:
+        n_shared = int(config_value(config, fam.shared_keys, "shared experts")) if fam.shared_keys else 0
+    return ConfigFacts(
+        model_type=model_type,
+        num_experts=num_experts,
+        top_k=top_k,
+        n_shared_experts=int(n_shared),
+        num_hidden_layers=n_layers,
+        moe_layers=tuple(i for i in range(n_layers) if fam.is_moe_layer(config, i)),
+        router_kind=fam.router_kind,
     )

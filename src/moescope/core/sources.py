@@ -1,29 +1,25 @@
-"""Texts to capture: data sources, data-set presets, tokenisation and windowing.
+"""Texts to run a model on: data sources, data-set presets, and the options every stage shares.
 
-A capture reads one or more *sources* (text, JSONL/JSON, CSV/TSV, Parquet files, a ``datasets``
+Capture, ablation (and evaluation) read one or more *sources* (text, JSONL/JSON, CSV/TSV, Parquet files, a ``datasets``
 ``save_to_disk`` directory, a hub data set or a named preset). Every source yields records that go
 through one field-mapping step (:class:`FieldMapping`), so a preset applied to a local file behaves
 exactly as it does on the hub. Documents get consecutive ids in reading order; empty texts are
 skipped and get no id, so the same data always gives the same ids (which resume relies on).
-
-Long documents are cut into windows of ``seq_len`` tokens. Windows do not overlap and no token is
-added: ``position`` stays the token's index in the whole document, so a trace row means the same
-thing whatever the window size (only the context the model saw before it changes).
+The file readers live in :mod:`moescope.core.readers`, tokenising and windowing in
+:mod:`moescope.core.windows`. :class:`DataOptions` holds the data settings every stage shares, and
+:func:`resolve_sources` turns DATA arguments and those options into sources.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moescope.core import readers as R
 from moescope.errors import ConfigError, DataError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -32,8 +28,6 @@ CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: How a ``.txt`` file is cut into documents.
 TXT_UNITS = ("paragraph", "file", "line")
-#: A text file that is not UTF-8, or a CSV cell this long, is almost certainly not what was meant.
-_CSV_FIELD_LIMIT = 1 << 30
 
 
 # --------------------------------------------------------------------------- presets
@@ -262,7 +256,7 @@ class Source:
             d["fingerprint"] = getattr(self._load_dataset(), "_fingerprint", None)
         elif self.path is not None:
             d["bytes"] = self.path.stat().st_size
-            d["sha256"] = _file_sha256(self.path)
+            d["sha256"] = R.file_sha256(self.path)
         if self.kind == "txt":
             d["txt_unit"] = self.txt_unit
         rule = self.mapping.text_rule()
@@ -283,7 +277,7 @@ class Source:
     def texts(self) -> Iterator[tuple[str, str]]:
         """``(text, label)`` pairs in file order, before empty texts are dropped."""
         if self.kind == "txt":
-            for text in _read_txt(self.path, self.txt_unit):
+            for text in R.read_txt(self.path, self.txt_unit):
                 yield (
                     text,
                     self.mapping.label if self.mapping.label is not None else self.mapping.default_label,
@@ -291,17 +285,17 @@ class Source:
             return
         records = self._records()
         if self.group == "wikitext_articles":
-            records = _group_wikitext(records, self.mapping.text_rule())
+            records = R.group_wikitext(records, self.mapping.text_rule())
         for rec, where in records:
             yield self.mapping.map(rec, where)
 
     def _records(self) -> Iterator[tuple[dict[str, Any], str]]:
         if self.kind in ("jsonl", "json"):
-            yield from _read_json(self.path)
+            yield from R.read_json(self.path)
         elif self.kind in ("csv", "tsv"):
-            yield from _read_csv(self.path, self.mapping, delimiter="\t" if self.kind == "tsv" else ",")
+            yield from R.read_csv(self.path, self.mapping, delimiter="\t" if self.kind == "tsv" else ",")
         elif self.kind == "parquet":
-            yield from _read_parquet(self.path, self.mapping)
+            yield from R.read_parquet(self.path, self.mapping)
         else:
             ds = self._load_dataset()
             feats = getattr(ds, "features", None) or {}
@@ -316,173 +310,12 @@ class Source:
 
     def _load_dataset(self) -> Any:
         if self._dataset is None:
-            self._dataset = _load_from_disk(self.path, self.split) if self.kind == "disk" else _load_hub(self)
+            self._dataset = (
+                R.load_from_disk(self.path, self.split) if self.kind == "disk" else R.load_hub(self)
+            )
             if self.split is None and getattr(self._dataset, "split", None) is not None:
                 self.split = str(self._dataset.split)
         return self._dataset
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_txt(path: Path, unit: str) -> Iterator[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not UTF-8 text (byte {exc.start}); convert it or use another format"
-        ) from None
-    if unit == "file":
-        yield text
-    elif unit == "line":
-        yield from text.splitlines()
-    else:
-        yield from re.split(r"\n[ \t\r\f\v]*\n", text)
-
-
-def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if path.suffix == ".json" and head.startswith("["):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-                ) from None
-            for i, rec in enumerate(rows):
-                if not isinstance(rec, dict):
-                    raise DataError(
-                        f"{path}: item {i} is {type(rec).__name__}, expected an object with fields"
-                    )
-                yield rec, f"{path} item {i}"
-            return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(
-                    f"{path}:{lineno}: a JSON line must be an object with fields, got {type(rec).__name__}"
-                )
-            yield rec, f"{path}:{lineno}"
-
-
-def _read_csv(path: Path, mapping: FieldMapping, delimiter: str) -> Iterator[tuple[dict[str, Any], str]]:
-    csv.field_size_limit(_CSV_FIELD_LIMIT)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None:
-            return
-        mapping.check_fields(list(reader.fieldnames), str(path))
-        for i, rec in enumerate(reader):
-            yield rec, f"{path} row {i + 1}"
-
-
-def _read_parquet(path: Path, mapping: FieldMapping) -> Iterator[tuple[dict[str, Any], str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    mapping.check_fields(names, str(path))
-    row = 0
-    for rb in pf.iter_batches(batch_size=4096):
-        for rec in rb.to_pylist():
-            yield rec, f"{path} row {row}"
-            row += 1
-
-
-_WIKITEXT_TITLE = re.compile(r"^ = (?!=).* = ?\n?$")
-
-
-def _group_wikitext(
-    records: Iterator[tuple[dict[str, Any], str]], rule: str | Callable
-) -> Iterator[tuple[dict[str, Any], str]]:
-    """Join WikiText's one-line rows into articles; a top-level `` = Title = `` row starts one."""
-    if not isinstance(rule, str):
-        yield from records
-        return
-    lines: list[str] = []
-    start = ""
-    for rec, where in records:
-        if rule not in rec:
-            yield rec, where  # let the mapping raise its unknown-field error
-            return
-        line = rec[rule] or "\n"  # an empty row stands for a blank line of the original text
-        if _WIKITEXT_TITLE.match(line) and any(s.strip() for s in lines):
-            yield {rule: "".join(lines).strip()}, start
-            lines = []
-        if not lines:
-            start = where
-        lines.append(line)
-    if any(s.strip() for s in lines):
-        yield {rule: "".join(lines).strip()}, start
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def _pick_split(dsd: Any, split: str | None, where: str) -> Any:
-    splits = list(dsd.keys())
-    if split is not None:
-        if split not in dsd:
-            raise DataError(
-                f"{where}: no split {split!r}; available splits: {', '.join(splits)} (use --split)"
-            )
-        return dsd[split]
-    if len(splits) == 1:
-        return dsd[splits[0]]
-    raise DataError(f"{where}: has several splits ({', '.join(splits)}); choose one with --split")
-
-
-def _load_from_disk(path: Path, split: str | None) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"{path}: reading a saved data set needs the 'datasets' package (pip install datasets)"
-        ) from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ...
-        raise DataError(f"{path}: cannot load the saved data set: {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = _pick_split(ds, split, str(path))
-    elif split is not None and ds.split is not None and str(ds.split) != split:
-        raise DataError(f"{path}: holds split {str(ds.split)!r}, not --split {split!r}")
-    return ds
-
-
-def _load_hub(src: Source) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"{src.name}: loading a hub data set needs the 'datasets' package (pip install datasets)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(src.hub_path, src.config, split=src.split)
-    except Exception as exc:  # offline, unknown name, bad config: datasets raises many types
-        raise DataError(
-            f"{src.name}: not a file or directory, and loading it as a hub data set"
-            f" ({src.hub_path!r}, config {src.config!r}, split {src.split!r}) failed: {exc}"
-        ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = _pick_split(ds, None, src.name)
-    return ds
 
 
 def resolve_source(
@@ -518,7 +351,7 @@ def resolve_source(
             "group": pre.group if pre else None,
         }
         if p.is_dir():
-            if not _is_saved_dataset(p):
+            if not R.is_saved_dataset(p):
                 raise DataError(
                     f"{p}: a directory that is not a datasets save_to_disk folder (no dataset_dict.json or"
                     " state.json); pass its files instead"
@@ -603,100 +436,40 @@ def iter_documents(sources: Sequence[Source], start: int = 0) -> Iterator[Docume
             n += 1
 
 
-# --------------------------------------------------------------------------- tokens and windows
-def ensure_pad_token(tokenizer: Any) -> int:
-    """The pad id for batching: the tokenizer's, else its EOS (set on the tokenizer), else an error."""
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return int(tokenizer.pad_token_id)
-    if getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-        return int(tokenizer.pad_token_id)
-    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    raise ConfigError(
-        f"tokenizer {name!r} has neither a pad token nor an EOS token to pad batches with; set"
-        " tokenizer.pad_token before capturing"
-    )
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
-    """Token ids of each text as the tokenizer encodes it by default (BOS/EOS as it adds them)."""
-    if not texts:
-        return []
-    enc = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
-    return [np.asarray(ids, dtype=np.int64) for ids in enc]
-
-
-def iter_tokenized(
-    documents: Iterable[Document], tokenizer: Any, *, max_tokens: int | None = None, group: int = 64
-) -> Iterator[tuple[Document, np.ndarray]]:
-    """Each document with its token ids, tokenised ``group`` documents at a time (one fast batch call).
-
-    With ``max_tokens`` the document that reaches the budget is cut so the total matches it exactly,
-    and nothing after it is read.
-    """
-    budget = max_tokens
-    pending: list[Document] = []
-
-    def flush() -> Iterator[tuple[Document, np.ndarray]]:
-        nonlocal budget
-        for d, ids in zip(pending, tokenize(tokenizer, [d.text for d in pending]), strict=True):
-            if budget is not None:
-                if budget <= 0:
-                    break
-                ids = ids[:budget]
-                budget -= len(ids)
-            yield d, ids
-        pending.clear()
-
-    for doc in documents:
-        pending.append(doc)
-        if len(pending) >= group:
-            yield from flush()
-            if budget is not None and budget <= 0:
-                return
-    yield from flush()
-
-
 @dataclass
-class Window:
-    """A slice of one document's tokens: ``ids`` start at document position ``start``."""
+class DataOptions:
+    """The data settings capture, ablation and evaluation share (their CLI options map one to one).
 
-    doc_id: int
-    start: int
-    ids: np.ndarray  # (n,) int64
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def make_windows(doc_id: int, ids: np.ndarray, seq_len: int) -> list[Window]:
-    """Cut a document into consecutive, non-overlapping windows of at most ``seq_len`` tokens."""
-    if seq_len < 1:
-        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
-    return [Window(doc_id, s, ids[s : s + seq_len]) for s in range(0, len(ids), seq_len)]
-
-
-def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
-    """Group window indices into batches of similar length (longest first), so padding stays small.
-
-    Sorting is stable on (length, document, start), so the plan is the same on every run.
+    Stage options classes extend it (``CaptureOptions(DataOptions)``), so each field has one
+    name, one default and one meaning everywhere.
     """
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i]), windows[i].doc_id, windows[i].start))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    text_field: str | None = None
+    label_field: str | None = None
+    label: str | None = None
+    preset: str | None = None
+    split: str | None = None
+    data_config: str | None = None
+    txt_unit: str = "paragraph"
+    max_documents: int | None = None  # per data source
+    max_tokens: int | None = None  # over all data; the last document is cut to fit
+    seq_len: int | None = None  # window length; None: the stage's default (min(model limit, 2048))
+    batch_size: int = 8
 
 
-def pad_batch(windows: Sequence[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad windows into ``input_ids`` and ``attention_mask``, both ``(B, T)``.
-
-    Right padding keeps every real token at the positions it has alone, and causal attention
-    never lets a real token see a pad, so batching cannot change routing.
-    """
-    T = max(len(w) for w in windows)
-    input_ids = np.full((len(windows), T), pad_id, dtype=np.int64)  # (B, T)
-    mask = np.zeros((len(windows), T), dtype=np.int64)  # (B, T)
-    for i, w in enumerate(windows):
-        input_ids[i, : len(w)] = w.ids
-        mask[i, : len(w)] = 1
-    return input_ids, mask
+def resolve_sources(data: Sequence[str], opts: DataOptions) -> list[Source]:
+    """One :class:`Source` per DATA argument, with ``opts``' field mapping and limits applied to each."""
+    return [
+        resolve_source(
+            item,
+            text_field=opts.text_field,
+            label_field=opts.label_field,
+            label=opts.label,
+            preset=opts.preset,
+            split=opts.split,
+            data_config=opts.data_config,
+            txt_unit=opts.txt_unit,
+            max_documents=opts.max_documents,
+        )
+        for item in data
+    ]
