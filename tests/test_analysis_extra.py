@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from analysis_helpers import build_trace
 from moescope.analysis import LogitDensity, fit_logit_density, sample_trajectories, score_logits
 from moescope.cli import app
+from moescope.core.figures import save_figure
 from moescope.errors import ConfigError
-from moescope.report import save_figure
 from moescope.trace.synthetic import write_synthetic_trace
 
 

@@ -284,7 +284,7 @@ def transition_matrix(
 
 def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, names: Sequence[str]):
     """Heatmap of one layer pair: ``value`` in p_row, p_col, p_joint, lift, pmi_bits or count."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     m = transition_matrix(cells, layer_from, layer_to, value, len(names))
     titles = {
@@ -326,7 +326,7 @@ def plot_mi(summary: pl.DataFrame):
 
 def plot_coactivation(coact: pl.DataFrame, layer: int, num_experts: int):
     """Heatmap of P(b | a) at one layer (diagonal blank)."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     g = coact.filter(pl.col("layer") == layer)
     m = np.full((num_experts, num_experts), np.nan)

@@ -411,7 +411,7 @@ def logit_distributions(samples: dict[int, np.ndarray], router_kind: str, bins: 
 
 
 def plot_logit_distributions(hist: pl.DataFrame, quantity: str):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     h = hist.filter(pl.col("quantity") == quantity)
     layers = h["layer"].unique().sort().to_list()
@@ -444,7 +444,7 @@ def per_expert_distributions(samples: dict[int, np.ndarray], layer: int, bins: i
 
 
 def plot_per_expert(hist: pl.DataFrame):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     experts = hist["expert"].unique().sort().to_list()
     fig, axes = subplot_grid(len(experts), width=2.0, height=1.5, max_cols=8)
@@ -519,7 +519,7 @@ def pvalue_histogram(pv: pl.DataFrame, bins: int = 20) -> pl.DataFrame:
 
 
 def plot_pvalues(hist: pl.DataFrame, title: str):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     layers = hist["layer"].unique().sort().to_list()
     fig, axes = subplot_grid(len(layers), width=2.8, height=2.1)

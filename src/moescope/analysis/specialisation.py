@@ -122,7 +122,8 @@ class VocabAccumulator:
         return rest // (1 << 31), rest % (1 << 31), e, c
 
 
-def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, pl.DataFrame]:
+def vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, pl.DataFrame]:
+    """Per-token, top-token and summary frames of vocabulary specialisation from a filled accumulator."""
     ctx = acc.ctx
     k, E = ctx.k, ctx.E
     ls, t, e, c = acc.cells()
@@ -206,7 +207,7 @@ def vocabulary_specialisation(
     ctx = make_context(trace, layers)
     acc = VocabAccumulator(ctx)
     run_pass(ctx, [acc], batch_size)
-    return _vocab_frames(acc, min_count, top)
+    return vocab_frames(acc, min_count, top)
 
 
 class DomainAccumulator:
@@ -437,7 +438,7 @@ def compare_traces(
 
 def plot_domain_share(share: pl.DataFrame, layer: int):
     """Heatmap domain x expert of the fraction of tokens routed to the expert, relative to k/E."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     g = share.filter(pl.col("layer") == layer)
     doms = g["domain"].unique(maintain_order=True).to_list()
