@@ -139,7 +139,7 @@ class RulesPredictor(BasePredictor):
 
     def rule_count(self, level: int) -> int:
         """Number of rules (distinct keys) learned at ``level``."""
-        self._check_fitted()
+        self.check_is_fitted()
         return len(self.tables_[f"{level}.keys"])
 
     def _match(self, q: Queries, level: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

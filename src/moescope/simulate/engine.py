@@ -340,7 +340,7 @@ def run(
     are then made block by block on a second core while the replay runs, with the same results as
     ``prefetch=step_prefetch(steps, prefetcher.ranked(trace))`` and no ``(N, L, m)`` array.
     """
-    policy.check_fitted()
+    policy.check_is_fitted()
     deployment.check()
     if reset not in RESETS:
         raise ConfigError(f"--reset {reset!r} is unknown; use one of {', '.join(RESETS)}")
