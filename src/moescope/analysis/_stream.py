@@ -108,7 +108,7 @@ class View:
 
 
 @dataclass
-class Context:
+class PassContext:
     """Facts every accumulator needs about the trace and the selection."""
 
     trace: Trace
@@ -139,8 +139,8 @@ class Accumulator(Protocol):
     def result(self) -> Any: ...
 
 
-def make_context(trace: Trace, layers: Iterable[int] | None = None) -> Context:
-    return Context(
+def make_context(trace: Trace, layers: Iterable[int] | None = None) -> PassContext:
+    return PassContext(
         trace=trace,
         cols=resolve_layers(trace, layers),
         E=trace.num_experts,
@@ -160,7 +160,7 @@ def require(trace: Trace, column: str, analysis: str) -> None:
 
 
 def run_pass(
-    ctx: Context,
+    ctx: PassContext,
     accumulators: Sequence[Accumulator],
     batch_size: int = 65536,
     progress: bool = False,

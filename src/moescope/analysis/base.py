@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from moescope.analysis._stream import Context
+    from moescope.analysis._stream import PassContext
     from moescope.trace.reader import Trace
 
 
@@ -26,7 +26,7 @@ class AnalysisRun:
 
     trace: Trace
     trace_path: Path
-    ctx: Context
+    ctx: PassContext
     opts: Any  # AnalyzeOptions
     out: Path
     target: int

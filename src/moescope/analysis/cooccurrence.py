@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from moescope.analysis._stream import (
-    Context,
+    PassContext,
     View,
     bincount,
     entropy_bits,
@@ -56,7 +56,7 @@ class TransitionAccumulator:
 
     def __init__(
         self,
-        ctx: Context,
+        ctx: PassContext,
         distances: Sequence[int] = (1,),
         alphabet: str = "auto",
         max_alphabet: int = MAX_ALPHABET,
@@ -209,7 +209,7 @@ def layer_transitions(
 class CoactivationAccumulator:
     """Per layer: tokens choosing a, and tokens choosing both a and b (a != b)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.columns = {"experts"}
         k = ctx.k

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 from scipy import special, stats
 
-from moescope.analysis._stream import Context, View, make_context, require, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.reader import Trace
@@ -39,7 +39,7 @@ FORMAT = "moescope-logit-density"
 class LogitSampleAccumulator:
     """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer."""
 
-    def __init__(self, ctx: Context, max_points: int = 2000, seed: int = 0) -> None:
+    def __init__(self, ctx: PassContext, max_points: int = 2000, seed: int = 0) -> None:
         require(ctx.trace, "logits", "router-logit density")
         if max_points < 10:
             raise ConfigError(f"--kde-points must be >= 10, got {max_points}")

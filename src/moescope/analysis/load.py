@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, bincount, entropy_bits, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, bincount, entropy_bits, make_context, run_pass
 from moescope.trace.reader import Trace
 
 DEAD_SHARE = 0.001
@@ -23,7 +23,7 @@ DEAD_SHARE = 0.001
 class LoadAccumulator:
     """Per (layer, expert): assignments, first choices, router weight sums, softmax probability sums."""
 
-    def __init__(self, ctx: Context, *, use_logits: bool | None = None) -> None:
+    def __init__(self, ctx: PassContext, *, use_logits: bool | None = None) -> None:
         self.ctx = ctx
         self.use_logits = ctx.trace.has_logits if use_logits is None else use_logits
         self.columns = {"experts"} | ({"weights"} if ctx.trace.has_weights else set())

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from moescope.analysis._stream import (
-    Context,
+    PassContext,
     View,
     bincount,
     check_same_model,
@@ -65,7 +65,7 @@ class _SparseCounter:
 class VocabAccumulator:
     """Per (layer, token id): occurrences, and per (layer, token id, expert): assignments."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.with_text = bool(ctx.trace.columns.get("token_text"))
         self.columns = {"experts", "token_id"} | ({"token"} if self.with_text else set())
@@ -214,7 +214,7 @@ class DomainAccumulator:
     """Per (domain, layer, expert) counts, and per (document, layer, expert) counts for the permutation test."""
 
     def __init__(
-        self, ctx: Context, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False
+        self, ctx: PassContext, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False
     ) -> None:
         self.ctx = ctx
         self.single = single_domain  # every row is domain 0 (used to compare whole traces)
@@ -294,7 +294,7 @@ def mi_domain_expert(counts: np.ndarray) -> np.ndarray:
 
 
 def domain_frames(
-    ctx: Context,
+    ctx: PassContext,
     names: list[str],
     counts: np.ndarray,
     tokens: np.ndarray,

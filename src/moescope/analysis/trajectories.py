@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.reader import Trace
 
@@ -44,7 +44,7 @@ def token_class(text: str | None) -> str:
 class TrajectoryAccumulator:
     """Keeps a seeded Bernoulli sample of tokens: expert sets (all layers), label, token id, text."""
 
-    def __init__(self, ctx: Context, max_tokens: int = 100_000, seed: int = 0) -> None:
+    def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
             raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
         self.ctx = ctx
@@ -80,7 +80,7 @@ class TrajectoryAccumulator:
 class TrajectorySample:
     """The sampled trajectories and the analyses over them."""
 
-    def __init__(self, ctx: Context, experts, valid, label, token_id, text, rate: float) -> None:
+    def __init__(self, ctx: PassContext, experts, valid, label, token_id, text, rate: float) -> None:
         self.ctx = ctx
         self.experts = experts  # (n, Ls, k)
         self.valid = valid  # (n, Ls)

@@ -261,11 +261,7 @@ class RoutingRecorder(HookSet):
         self._m = m
         self._blocks = [model.get_submodule(p) for p in self.spec.module_paths]
         self._routers = [getattr(b, self.family.router) for b in self._blocks]
-        self._plan = (
-            LookaheadPlan.build(model, self.spec, self.family, self._routers, lookahead)
-            if lookahead
-            else None
-        )
+        self._plan = LookaheadPlan.build(model, self.spec, self.family, lookahead) if lookahead else None
         self.lookahead_columns = self._plan.columns if self._plan else []
         self._handles: list[Any] = []
         self._depth = 0  # nesting of `with` blocks (run() enters one itself)

@@ -29,8 +29,6 @@ from numba import njit
 from moescope.predict.base import BasePredictor, Interval, Modes, Options, count_popularity
 from moescope.predict.queries import Queries, iter_labelled, set_mask, slots_ordered
 
-LEVELS = (1, 2, 3, 4)
-
 
 def _key_parts(q: Queries, level: int) -> np.ndarray:
     """``(n, p)`` the primary ids (and secondary for level 4) forming a rule key; ``missing`` = unknown."""
@@ -136,11 +134,6 @@ class RulesPredictor(BasePredictor):
             self.tables_[f"{lv}.indptr"] = indptr
             self.tables_[f"{lv}.experts"] = experts
             self.tables_[f"{lv}.votes"] = votes
-
-    def rule_count(self, level: int) -> int:
-        """Number of rules (distinct keys) learned at ``level``."""
-        self.check_is_fitted()
-        return len(self.tables_[f"{level}.keys"])
 
     def _match(self, q: Queries, level: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For the queries ``rows``: table index of their rule at ``level`` and whether one matches."""

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
 from moescope.simulate.policies import make_policy
@@ -117,20 +115,3 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
         atomic_write_json(meta, json.loads(json.dumps(params, default=str)))
         written.append(meta)
     return written
-
-
-def best_row(df: Any, fraction: float) -> dict[str, Any]:
-    """The (policy, prefetcher) with the most tokens/s at ``fraction``, and LRU alone for comparison."""
-    at = df.filter(np.isclose(df["cache_fraction"].to_numpy(), fraction))
-    best = at.sort("tokens_per_s", descending=True).row(0, named=True)
-    lru = at.filter((at["policy"] == "lru") & (at["prefetcher"] == "none"))
-    base = lru.row(0, named=True)["tokens_per_s"] if len(lru) else None
-    return {
-        "cache_fraction": fraction,
-        "best_policy": best["policy"],
-        "best_prefetcher": best["prefetcher"],
-        "tokens_per_s": best["tokens_per_s"],
-        "hit_rate": best["hit_rate"],
-        "lru_tokens_per_s": base,
-        "speedup_vs_lru": (best["tokens_per_s"] / base) if base else None,
-    }
