@@ -776,5 +776,5 @@ def test_formats_are_named_for_what_they_are_and_seed_names_are_aliases(tmp_path
         ],
     )
     assert r.exit_code == 0, r.output
-    with pytest.raises(ConfigError, match="known: .*router-logger-json.*seed002-json"):
+    with pytest.raises(ConfigError, match=r"known: .*router-logger-json.*seed002-json"):
         import_log("seed002-jsn", log, tmp_path / "x")

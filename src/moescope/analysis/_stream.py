@@ -33,9 +33,9 @@ def resolve_layers(trace: Trace, layers: Iterable[int] | None, option: str = "la
     wanted = list(layers)
     bad = [x for x in wanted if x not in moe]
     if bad:
-        raise ConfigError(f"--{option}: {bad} not MoE layer(s) of this trace; its MoE layers are {moe}")
+        raise ConfigError(f"{option}: {bad} not MoE layer(s) of this trace; its MoE layers are {moe}")
     if not wanted:
-        raise ConfigError(f"--{option}: no layer selected")
+        raise ConfigError(f"{option}: no layer selected")
     return sorted({moe.index(x) for x in wanted})
 
 

@@ -43,11 +43,11 @@ MAX_ALPHABET = 300
 def choose_alphabet(E: int, k: int, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> str:
     """``subset`` when C(E,k) <= ``max_alphabet`` (or asked), else ``expert``."""
     if alphabet not in ("auto", "subset", "expert"):
-        raise ConfigError(f"--alphabet must be auto, subset or expert, got {alphabet!r}")
+        raise ConfigError(f"alphabet must be auto, subset or expert, got {alphabet!r}")
     if alphabet == "auto":
         return "subset" if comb(E, k) <= max_alphabet else "expert"
     if alphabet == "subset" and comb(E, k) > 4096:
-        raise ConfigError(f"--alphabet subset: C({E},{k}) = {comb(E, k)} symbols is too many; use expert")
+        raise ConfigError(f"alphabet subset: C({E},{k}) = {comb(E, k)} symbols is too many; use expert")
     return alphabet
 
 
@@ -68,7 +68,7 @@ class TransitionAccumulator:
         self.table = subset_rank_table(ctx.E, ctx.k)
         bad = [d for d in distances if d < 1]
         if bad:
-            raise ConfigError(f"--distances must be >= 1, got {bad}")
+            raise ConfigError(f"distances must be >= 1, got {bad}")
         self.distances = [d for d in distances if d < ctx.Ls]
         self.pairs = [(i, i + d, d) for d in self.distances for i in range(ctx.Ls - d)]
         self.counts = np.zeros(len(self.pairs) * self.A * self.A, np.int64)

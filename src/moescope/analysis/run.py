@@ -7,6 +7,7 @@ columns are absent are skipped with a note in ``summary.json`` rather than faili
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,21 @@ def _log(msg: str) -> None:
     sys.stderr.write(f"analyze: {msg}\n")
 
 
-def run_analyses(
-    trace_path: str | Path, out: str | Path, opts: AnalyzeOptions | None = None
-) -> dict[str, Any]:
-    """Run ``opts.analyses`` on the trace, write CSV/PNG/JSON under ``out``; returns the summary."""
+def analyze(trace: Any, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Run the analyses on ``trace`` (a :class:`~moescope.Trace`, a view of one, or its path) into ``out``.
+
+    ``options`` are the fields of :class:`AnalyzeOptions` (``analyses=["load", "entropy"]``,
+    ``target_layer=...``); returns the summary that ``summary.json`` holds.
+    """
+    known = {f.name for f in dataclasses.fields(AnalyzeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"analyze: unknown option(s) {unknown}; options: {', '.join(sorted(known))}")
+    return run_analyses(trace, out, AnalyzeOptions(**options))
+
+
+def run_analyses(trace_path: Any, out: str | Path, opts: AnalyzeOptions | None = None) -> dict[str, Any]:
+    """Run ``opts.analyses`` on the trace (or its path), write CSV/PNG/JSON under ``out``; returns the summary."""
     opts = opts or AnalyzeOptions()
     unknown = [a for a in opts.analyses if a not in ANALYSIS_NAMES]
     if unknown or not opts.analyses:
@@ -60,7 +72,8 @@ def run_analyses(
             f"analyses: unknown {unknown or 'empty list'}; choose from {', '.join(ANALYSIS_NAMES)}"
         )
     out = Path(out)
-    tr = Trace.open(trace_path)
+    tr = trace_path if isinstance(trace_path, Trace) else Trace.open(trace_path)
+    trace_path = tr.path if isinstance(trace_path, Trace) else trace_path
     if opts.domains:
         tr = tr.filter(domain=opts.domains)
     ctx = make_context(tr, opts.layers)

@@ -203,7 +203,7 @@ def vocabulary_specialisation(
     >>> vocabulary_specialisation(Trace.open("runs/t"))["summary"]  # doctest: +SKIP
     """
     if min_count < 1:
-        raise ConfigError(f"--min-count must be >= 1, got {min_count}")
+        raise ConfigError(f"min_count must be >= 1, got {min_count}")
     ctx = make_context(trace, layers)
     acc = VocabAccumulator(ctx)
     run_pass(ctx, [acc], batch_size)

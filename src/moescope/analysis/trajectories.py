@@ -46,7 +46,7 @@ class TrajectoryAccumulator:
 
     def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
-            raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
         self.ctx = ctx
         self.with_text = bool(ctx.trace.columns.get("token_text"))
         self.columns = {"experts", "label", "token_id"} | ({"token"} if self.with_text else set())
@@ -121,7 +121,7 @@ class TrajectorySample:
     def top_partial_paths(self, window: int = 3, top: int = 20) -> pl.DataFrame:
         """Most frequent paths over ``window`` consecutive selected layers, from every start layer."""
         if not 1 <= window <= self.ctx.Ls:
-            raise ConfigError(f"--window must be in 1..{self.ctx.Ls}, got {window}")
+            raise ConfigError(f"window must be in 1..{self.ctx.Ls}, got {window}")
         frames = [self._paths(s, window, top) for s in range(self.ctx.Ls - window + 1)]
         frames = [f for f in frames if f.height]
         return pl.concat(frames).sort("count", descending=True).head(top) if frames else pl.DataFrame()

@@ -102,7 +102,7 @@ def evaluate_many(
     k, E, L = trace.top_k, trace.num_experts, trace.num_layers
     budgets = sorted(set(budgets or [k, min(2 * k, E)]))
     if budgets[0] < k or budgets[-1] > E:
-        raise ConfigError(f"--budget values must be in [k={k}, E={E}], got {budgets}")
+        raise ConfigError(f"budget values must be in [k={k}, E={E}], got {budgets}")
     names = metric_names(budgets)
     X = len(names)
     window = max(p.history_window() for p in predictors.values())

@@ -180,6 +180,32 @@ class Trace:
             docs = new if docs is None else np.intersect1d(docs, new)
         return Trace(self.path, self.manifest, domains, docs)
 
+    def split(
+        self,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        *,
+        output: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> tuple[Trace, Trace]:
+        """``(train, test)`` traces from a random split by document (never by token).
+
+        Without ``output`` both are views of this trace (no copy; every stage reads them like any
+        trace); with it they are written to ``output/train`` and ``output/test``, as ``moescope
+        split`` does. The same ``test_fraction`` and ``seed`` give the same split either way, and
+        the one ``moescope predict fit`` holds out.
+
+        Examples
+        --------
+        >>> train, test = Trace.open("my-trace").split(0.2, seed=0)  # doctest: +SKIP
+        """
+        from moescope.trace.split import split_documents, split_trace
+
+        if output is not None:
+            return split_trace(self, output, test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+        train, test = split_documents(self, test_fraction, seed)
+        return self.filter(documents=train), self.filter(documents=test)
+
     # ----------------------------------------------------------------- reading
     def _check_columns(self, columns: list[str]) -> None:
         available = self._available_columns()
