@@ -40,10 +40,10 @@ from moescope.predict.lookahead import LookaheadPredictor
 from moescope.predict.queries import (
     TEMPORAL,
     Queries,
-    _split_lookahead,
     iter_labelled,
     scatter_counts,
     set_mask,
+    split_lookahead_column,
 )
 
 
@@ -141,7 +141,7 @@ class CombinedPredictor(BasePredictor):
         from moescope.predict.evaluate import split_documents
 
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
-        variants = sorted({v for v, _ in map(_split_lookahead, trace.lookahead_columns)})
+        variants = sorted({v for v, _ in map(split_lookahead_column, trace.lookahead_columns)})
         docs = trace.documents()
         fit_trace, val_trace = trace, trace
         if self.validation_fraction > 0 and len(docs) >= 4:
