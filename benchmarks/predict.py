@@ -74,7 +74,7 @@ def predictors(trace: Trace, quick: bool, lookahead: bool) -> dict:
     # two minutes on one thread; --quick trains one epoch on at most 200,000 cells
     small = dict(max_samples=200_000, epochs=1) if quick else {}
     out["learned"] = make_predictor("learned", distances=modes, **small)
-    out["best"] = make_predictor("best", distances=modes, **small)
+    out["best"] = make_predictor("best", distances=modes, **{f"learned__{k}": v for k, v in small.items()})
     return {n: p for n, p in out.items() if not ONLY or n in ONLY}
 
 

@@ -5,7 +5,7 @@ is what ``evaluate_many`` times: ``predict_scores`` on one layer's queries, then
 (the ranks the metrics need). The scores and the scored total are timed in CPU seconds (the
 machine may be shared: CPU seconds are the fairer number; scored wall seconds are printed too) on
 a 64-expert, top-6, 26-layer synthetic trace (DeepSeek-V2-Lite's shape) split by document, spatial
-distance 1 (distance 2 for ``rules-level5``, seed 004's ``K = 2`` level, fitted for that distance
+distance 1 (distance 2 for ``rules-ahead``, seed 004's ``K = 2`` level, fitted for that distance
 only). Compiled kernels are loaded or compiled on one untimed pass over the first block's layers.
 Accuracy is benchmarks/predict.py.
 
@@ -35,11 +35,11 @@ TABLES = [
     "rules-level2",
     "rules-level3",
     "rules-level4",
-    "rules-level5",
+    "rules-ahead",
     "rules-hybrid",
     "cooccurrence",
 ]
-DISTANCE = {"rules-level5": 2}  # query distance per predictor; 1 otherwise
+DISTANCE = {"rules-ahead": 2}  # query distance per predictor; 1 otherwise
 
 
 def main() -> None:

@@ -334,7 +334,7 @@ def test_domain_permutation_detects_dependence(tmp_path):
 
 def test_bad_layer_is_a_config_error(hand):
     tr, _ = hand
-    with pytest.raises(ConfigError, match="--layers: \\[0\\] not MoE layer"):
+    with pytest.raises(ConfigError, match="layers: \\[0\\] not MoE layer"):
         load_balance(tr, layers=[0])
     df = load_balance(tr, layers=[3])
     assert df["layer"].unique().to_list() == [3]

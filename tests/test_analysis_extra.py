@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from analysis_helpers import build_trace
 from moescope.analysis import LogitDensity, fit_logit_density, sample_trajectories, score_logits
 from moescope.cli import app
+from moescope.core.figures import save_figure
 from moescope.errors import ConfigError
-from moescope.report import save_figure
 from moescope.trace.synthetic import write_synthetic_trace
 
 
@@ -66,7 +66,7 @@ def test_density_save_load_round_trip_without_pickle(tmp_path):
         x = model.raw[0][:20].astype(np.float64) + 0.1
         np.testing.assert_allclose(back.log_density(0, x), model.log_density(0, x), rtol=1e-10)
         assert back.trim == trim and back.kernel == kernel
-    with pytest.raises(ConfigError, match="--kde-kernel"):
+    with pytest.raises(ConfigError, match="kde_kernel"):
         fit_logit_density(a, kernel="box", max_points=300)
 
 
@@ -145,7 +145,7 @@ def test_cli_errors_name_the_option(tmp_path):
     r = run(app, ["analyze", str(t.path), "-o", str(tmp_path / "o"), "--analyses", "load,bogus"])
     assert r.exit_code == 1 and "--analyses" in str(r.exception)
     r = run(app, ["analyze", str(t.path), "-o", str(tmp_path / "o"), "--layers", "7"])
-    assert "--layers: [7] not MoE layer" in str(r.exception)
+    assert "layers: [7] not MoE layer" in str(r.exception)
     # no logits: entropy and density are skipped with a note, the rest runs
     r = run(app, ["analyze", str(t.path), "-o", str(tmp_path / "o"), "--json", "-a", "load,entropy,density"])
     assert r.exit_code == 0, r.output

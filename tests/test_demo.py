@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from moescope.cli import app
-from moescope.report.demo import demo_steps
+from moescope.demo import demo_steps
 from moescope.trace import Trace, validate_trace
 
 

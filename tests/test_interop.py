@@ -682,7 +682,7 @@ def test_megatron_router_trace_documents_and_gaps(tmp_path) -> None:
 # --------------------------------------------------------------------------- API and CLI
 def test_options_that_do_not_apply_are_refused(tmp_path) -> None:
     np.save(tmp_path / "a.npy", np.zeros((1, 1, 1), np.int32))
-    with pytest.raises(ConfigError, match="option --tokenizer does not apply to format 'vllm-replay'"):
+    with pytest.raises(ConfigError, match="option tokenizer does not apply to format 'vllm-replay'"):
         import_log("vllm-replay", tmp_path / "a.npy", tmp_path / "t", num_experts=E, tokenizer="x")
     with pytest.raises(ConfigError, match="unknown import format 'csv'"):
         import_log("csv", tmp_path / "a.npy", tmp_path / "t")
@@ -738,3 +738,46 @@ def test_cli_error_is_one_line_naming_file_and_line(tmp_path, capsys, monkeypatc
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"Error: {path}:2: invalid JSON")
+
+
+# --------------------------------------------------------------------------- format names
+def test_formats_are_named_for_what_they_are_and_seed_names_are_aliases(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+    from moescope.interop import EXPORT_FORMATS, FORMAT_ALIASES, IMPORT_FORMATS, canonical_format
+
+    assert not any(n.startswith("seed") for n in [*IMPORT_FORMATS, *EXPORT_FORMATS])
+    assert canonical_format("seed002-json") == "router-logger-json"
+    assert all(target in IMPORT_FORMATS for target in FORMAT_ALIASES.values())
+    rng = np.random.default_rng(5)
+    recs, _ = seed004_records(rng, {0: 3}, L=2)
+    log = write_jsonl(tmp_path / "r.jsonl", recs)
+    new = import_log("routing-records-jsonl", log, tmp_path / "new", model="none", num_experts=E)
+    old = import_log("seed004-routing", log, tmp_path / "old", model="none", num_experts=E)
+    assert cells(new) == cells(old)
+    assert new.manifest["source"]["format"] == "routing-records-jsonl"
+    export_trace("seed004-journeys", new, tmp_path / "j_old")
+    export_trace("token-journeys-jsonl", new, tmp_path / "j_new")
+    assert sorted(p.name for p in (tmp_path / "j_old").iterdir()) == sorted(
+        p.name for p in (tmp_path / "j_new").iterdir()
+    )
+    r = CliRunner().invoke(app, ["import", "--help"])
+    assert "router-logger-json (alias seed002-json)" in " ".join(r.output.split())
+    r = CliRunner().invoke(
+        app,
+        [
+            "import",
+            "seed004-routing",
+            str(log),
+            "-o",
+            str(tmp_path / "cli"),
+            "--model",
+            "none",
+            "--num-experts",
+            str(E),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    with pytest.raises(ConfigError, match=r"known: .*router-logger-json.*seed002-json"):
+        import_log("seed002-jsn", log, tmp_path / "x")

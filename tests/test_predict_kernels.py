@@ -12,7 +12,7 @@ import pytest
 
 from moescope.predict import iter_contexts, make_predictor
 from moescope.predict.queries import Queries, scatter_counts
-from moescope.predict.rules import _fill_rows
+from moescope.predict.rules import fill_rows
 from moescope.trace import Trace
 from moescope.trace.synthetic import write_synthetic_trace
 
@@ -163,10 +163,10 @@ def test_fill_rows_kernel_matches_numpy() -> None:
         pos = rng.integers(0, 40, 60)
         got = np.full((100, E), fill, np.float32)
         want = got.copy()
-        _fill_rows(got, rows, pos, indptr, experts, values)
+        fill_rows(got, rows, pos, indptr, experts, values)
         ref_fill_rows(want, rows, pos, indptr, experts, values)
         np.testing.assert_array_equal(got, want)
-    _fill_rows(got, rows[:0], pos[:0], indptr, experts, values)  # nothing to fill
+    fill_rows(got, rows[:0], pos[:0], indptr, experts, values)  # nothing to fill
     np.testing.assert_array_equal(got, want)
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moescope.predict import evaluate, evaluate_many, iter_contexts, make_predictor, split_documents
+from moescope.predict import (
+    LearnedPredictor,
+    evaluate,
+    evaluate_many,
+    iter_contexts,
+    make_predictor,
+    split_documents,
+)
 from moescope.trace import RoutingSpec, Trace, TraceWriter
 from moescope.trace.schema import default_columns
 from moescope.trace.synthetic import write_synthetic_trace
@@ -225,7 +232,9 @@ def test_gate_lookahead_reads_the_right_variant_and_combined_keeps_it(tmp_path: 
     good = make_predictor("lookahead").fit(train)
     bad = make_predictor("lookahead-residual").fit(train)
     best = make_predictor(
-        "best", distances=(1,), hidden=16, epochs=1, batch_size=256, token_buckets=64, max_samples=3000
+        "best",
+        distances=(1,),
+        learned=LearnedPredictor(hidden=16, epochs=1, batch_size=256, token_buckets=64, max_samples=3000),
     ).fit(train)
     res = evaluate_many({"good": good, "bad": bad, "best": best}, test, modes=[1], n_boot=50)
     for layer in range(1, L):

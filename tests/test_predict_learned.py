@@ -150,7 +150,8 @@ def _rewrite_header(path: Path, out: Path, edit) -> Path:
 def test_files_of_an_older_model_ask_for_a_refit(tmp_path: Path) -> None:
     tr = _random_trace(tmp_path / "t", docs=4)
     learned = make_predictor("learned", **TINY).fit(tr).save(tmp_path / "learned.npz")
-    best = make_predictor("best", **TINY).fit(tr).save(tmp_path / "best.npz")
+    best = make_predictor("best", **{f"learned__{k}": v for k, v in TINY.items()}).fit(tr)
+    best = best.save(tmp_path / "best.npz")
     assert load_predictor(learned).is_fitted() and load_predictor(best).is_fitted()
 
     # a file written before the model changed: version 1 (or no version at all)

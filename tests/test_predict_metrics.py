@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from moescope.predict.base import rank
-from moescope.predict.metrics import (
-    bootstrap_ratio_ci,
-    metric_names,
-    query_metrics,
-    random_baselines,
-    score_metrics,
-)
+from moescope.predict.metrics import bootstrap_ratio_ci, metric_names, random_baselines, score_metrics
+from predict_reference import query_metrics, score_metrics_numpy
 
 MISSING = 255
 
@@ -116,7 +111,6 @@ def test_score_metrics_equal_brute_force_on_hard_values(
 ) -> None:
     """Ties, signed zeros, infinities, partial and whole NaN rows, missing actual slots: the compiled
     kernel, the NumPy path and the plain per-row definition agree exactly."""
-    from moescope.predict.metrics import score_metrics_numpy
 
     rng = np.random.default_rng(E + k)
     n = 400

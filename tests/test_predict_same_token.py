@@ -69,5 +69,5 @@ def test_learned_and_best_use_the_same_token_feature(doc_token: tuple[Trace, Tra
     with_f, _ = _recall_on_repeats(make_predictor("learned", **kw).fit(train), test)
     without, _ = _recall_on_repeats(make_predictor("learned", use_same_token=False, **kw).fit(train), test)
     assert with_f >= 0.95 and without < 0.5, (with_f, without)
-    best = make_predictor("best", distances=(1,), learned=False).fit(train)
+    best = make_predictor("best", distances=(1,), learned=None).fit(train)
     assert _recall_on_repeats(best, test)[0] >= 0.95

@@ -373,9 +373,9 @@ def test_capacity_forms_and_errors():
     assert cache_capacity(dep, cost, 26, 64, gb=1.0).tolist() == [int(1e9 // cost.expert_bytes) // 26] * 26
     with pytest.raises(ConfigError, match="exactly one"):
         cache_capacity(dep, cost, 26, 64, fraction=0.5, experts=3)
-    with pytest.raises(ConfigError, match="--cache-fraction"):
+    with pytest.raises(ConfigError, match="cache_fraction"):
         cache_capacity(dep, cost, 26, 64, fraction=1.5)
-    with pytest.raises(ConfigError, match="--preset 'nope'"):
+    with pytest.raises(ConfigError, match="preset 'nope'"):
         get_preset("nope")
     with pytest.raises(ConfigError, match="decay"):
         LRFU(decay=-1).fit()

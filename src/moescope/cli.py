@@ -27,10 +27,10 @@ def _register() -> None:
     from moescope.ablate import commands as ablate_commands
     from moescope.analysis import commands as analysis_commands
     from moescope.capture import commands as capture_commands
+    from moescope.demo import commands as demo_commands
     from moescope.interop import commands as interop_commands
     from moescope.models import commands as models_commands
     from moescope.predict import commands as predict_commands
-    from moescope.report import commands as report_commands
     from moescope.simulate import commands as simulate_commands
     from moescope.trace import commands as trace_commands
 
@@ -40,7 +40,7 @@ def _register() -> None:
     interop_commands.register(app)
     models_commands.register(app)
     predict_commands.register(app)
-    report_commands.register(app)
+    demo_commands.register(app)
     simulate_commands.register(app)
     ablate_commands.register(app)
 
@@ -50,6 +50,7 @@ _register()
 
 def main() -> None:
     """Console entry point."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # headless figures; the library never switches backends
     try:
         app(standalone_mode=False)
     except MoescopeError as exc:

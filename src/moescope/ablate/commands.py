@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     app.command("ablate")(ablate)
 
 
-def parse_layers(text: str | None) -> list[int] | str | None:
+def parse_layer_choice(text: str | None) -> list[int] | str | None:
     """``--layer``: ``None`` (middle MoE layer), ``all`` or comma-separated decoder-layer indices."""
     from moescope.errors import ConfigError
 
@@ -138,7 +138,7 @@ def ablate(
     from moescope.ablate.sweep import AblateOptions, check_options, run_ablation
 
     opts = AblateOptions(
-        layers=parse_layers(layer),
+        layers=parse_layer_choice(layer),
         experts=parse_experts(experts),
         mode=mode,
         text_field=text_field,

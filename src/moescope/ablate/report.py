@@ -123,7 +123,7 @@ def heatmap_table(results: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 def plot_heatmap(table: pl.DataFrame, metric: str, domains: list[str], title: str):
     """One panel per layer: rows = disabled experts, columns = domains then 'all' (seed 001's figure)."""
-    from moescope.report import heatmap, subplot_grid
+    from moescope.core.figures import heatmap, subplot_grid
 
     suffix, label, _ = _unit(metric)
     col = f"delta_{metric}{suffix}"
@@ -160,7 +160,7 @@ def plot_ranking(rank: pl.DataFrame, metric: str, title: str):
 
     ``rank`` holds the impact columns in plot units (:func:`impact_frame`).
     """
-    from moescope.report import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     suffix, label, _ = _unit(metric)
     col = f"impact{suffix}"
@@ -215,7 +215,7 @@ def write_outputs(
     result: AblationResult, out: str | Path, *, figures: bool = True, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write every table (CSV), figure (PNG beside its CSV) and ``summary.json``; return the summary."""
-    from moescope.report import save_figure, save_table
+    from moescope.core.figures import save_figure, save_table
     from moescope.trace.atomic import atomic_write_json
 
     out = Path(out)

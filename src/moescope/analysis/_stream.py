@@ -33,9 +33,9 @@ def resolve_layers(trace: Trace, layers: Iterable[int] | None, option: str = "la
     wanted = list(layers)
     bad = [x for x in wanted if x not in moe]
     if bad:
-        raise ConfigError(f"--{option}: {bad} not MoE layer(s) of this trace; its MoE layers are {moe}")
+        raise ConfigError(f"{option}: {bad} not MoE layer(s) of this trace; its MoE layers are {moe}")
     if not wanted:
-        raise ConfigError(f"--{option}: no layer selected")
+        raise ConfigError(f"{option}: no layer selected")
     return sorted({moe.index(x) for x in wanted})
 
 
@@ -102,7 +102,7 @@ class View:
 
 
 @dataclass
-class Context:
+class PassContext:
     """Facts every accumulator needs about the trace and the selection."""
 
     trace: Trace
@@ -133,8 +133,8 @@ class Accumulator(Protocol):
     def result(self) -> Any: ...
 
 
-def make_context(trace: Trace, layers: Iterable[int] | None = None) -> Context:
-    return Context(
+def make_context(trace: Trace, layers: Iterable[int] | None = None) -> PassContext:
+    return PassContext(
         trace=trace,
         cols=resolve_layers(trace, layers),
         E=trace.num_experts,
@@ -154,7 +154,7 @@ def require(trace: Trace, column: str, analysis: str) -> None:
 
 
 def run_pass(
-    ctx: Context,
+    ctx: PassContext,
     accumulators: Sequence[Accumulator],
     batch_size: int = 65536,
     progress: bool = False,

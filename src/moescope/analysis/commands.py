@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
+from moescope.analysis.suite import ANALYSIS_NAMES as ANALYSES
 from moescope.cli_utils import JsonOpt, OutDirOpt, SeedOpt, TraceArg, emit, progress_enabled
-
-ANALYSES = ("load", "entropy", "cooccurrence", "repetition", "specialisation", "trajectories", "density")
 
 
 def register(app: typer.Typer) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from moescope.analysis._stream import (
-    Context,
+    PassContext,
     View,
     bincount,
     entropy_bits,
@@ -43,11 +43,11 @@ MAX_ALPHABET = 300
 def choose_alphabet(E: int, k: int, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> str:
     """``subset`` when C(E,k) <= ``max_alphabet`` (or asked), else ``expert``."""
     if alphabet not in ("auto", "subset", "expert"):
-        raise ConfigError(f"--alphabet must be auto, subset or expert, got {alphabet!r}")
+        raise ConfigError(f"alphabet must be auto, subset or expert, got {alphabet!r}")
     if alphabet == "auto":
         return "subset" if comb(E, k) <= max_alphabet else "expert"
     if alphabet == "subset" and comb(E, k) > 4096:
-        raise ConfigError(f"--alphabet subset: C({E},{k}) = {comb(E, k)} symbols is too many; use expert")
+        raise ConfigError(f"alphabet subset: C({E},{k}) = {comb(E, k)} symbols is too many; use expert")
     return alphabet
 
 
@@ -56,7 +56,7 @@ class TransitionAccumulator:
 
     def __init__(
         self,
-        ctx: Context,
+        ctx: PassContext,
         distances: Sequence[int] = (1,),
         alphabet: str = "auto",
         max_alphabet: int = MAX_ALPHABET,
@@ -68,7 +68,7 @@ class TransitionAccumulator:
         self.table = subset_rank_table(ctx.E, ctx.k)
         bad = [d for d in distances if d < 1]
         if bad:
-            raise ConfigError(f"--distances must be >= 1, got {bad}")
+            raise ConfigError(f"distances must be >= 1, got {bad}")
         self.distances = [d for d in distances if d < ctx.Ls]
         self.pairs = [(i, i + d, d) for d in self.distances for i in range(ctx.Ls - d)]
         self.counts = np.zeros(len(self.pairs) * self.A * self.A, np.int64)
@@ -209,7 +209,7 @@ def layer_transitions(
 class CoactivationAccumulator:
     """Per layer: tokens choosing a, and tokens choosing both a and b (a != b)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.columns = {"experts"}
         k = ctx.k
@@ -284,7 +284,7 @@ def transition_matrix(
 
 def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, names: Sequence[str]):
     """Heatmap of one layer pair: ``value`` in p_row, p_col, p_joint, lift, pmi_bits or count."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     m = transition_matrix(cells, layer_from, layer_to, value, len(names))
     titles = {
@@ -326,7 +326,7 @@ def plot_mi(summary: pl.DataFrame):
 
 def plot_coactivation(coact: pl.DataFrame, layer: int, num_experts: int):
     """Heatmap of P(b | a) at one layer (diagonal blank)."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     g = coact.filter(pl.col("layer") == layer)
     m = np.full((num_experts, num_experts), np.nan)

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 from scipy import special, stats
 
-from moescope.analysis._stream import Context, View, make_context, require, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.reader import Trace
@@ -39,10 +39,10 @@ FORMAT = "moescope-logit-density"
 class LogitSampleAccumulator:
     """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer."""
 
-    def __init__(self, ctx: Context, max_points: int = 2000, seed: int = 0) -> None:
+    def __init__(self, ctx: PassContext, max_points: int = 2000, seed: int = 0) -> None:
         require(ctx.trace, "logits", "router-logit density")
         if max_points < 10:
-            raise ConfigError(f"--kde-points must be >= 10, got {max_points}")
+            raise ConfigError(f"kde_points must be >= 10, got {max_points}")
         self.ctx = ctx
         self.columns = {"logits"}
         self.rate = min(1.0, 1.3 * max_points / max(ctx.trace.num_tokens, 1))
@@ -119,7 +119,7 @@ class LogitDensity:
                 except np.linalg.LinAlgError:
                     raise DataError(
                         f"layer {layer}: the logit sample's covariance is singular ({len(pts)} points in"
-                        f" {pts.shape[1]} dimensions; bf16 logits tie often): use --kde-trim or more points"
+                        f" {pts.shape[1]} dimensions; bf16 logits tie often): use kde_trim or more points"
                     ) from None
             else:
                 from sklearn.neighbors import KernelDensity
@@ -225,7 +225,7 @@ def _parse_bandwidth(bandwidth: str | float) -> str | float:
                 f"--kde-bandwidth must be scott, silverman or a positive number, got {bandwidth!r}"
             ) from None
     if isinstance(bandwidth, float) and bandwidth <= 0:
-        raise ConfigError(f"--kde-bandwidth must be positive, got {bandwidth}")
+        raise ConfigError(f"kde_bandwidth must be positive, got {bandwidth}")
     return bandwidth
 
 
@@ -243,9 +243,9 @@ def fit_from_samples(
 ) -> LogitDensity:
     """Fit per-layer densities on sampled logits ``{layer: (m, E)}``, keeping ``holdout`` for p-values."""
     if kernel not in KERNELS:
-        raise ConfigError(f"--kde-kernel must be one of {KERNELS}, got {kernel!r}")
+        raise ConfigError(f"kde_kernel must be one of {KERNELS}, got {kernel!r}")
     if trim is not None and not 1 <= trim <= num_experts:
-        raise ConfigError(f"--kde-trim must be in 1..{num_experts}, got {trim}")
+        raise ConfigError(f"kde_trim must be in 1..{num_experts}, got {trim}")
     if not 0 < holdout < 1:
         raise ConfigError(f"holdout must be in (0, 1), got {holdout}")
     bandwidth = _parse_bandwidth(bandwidth)
@@ -411,7 +411,7 @@ def logit_distributions(samples: dict[int, np.ndarray], router_kind: str, bins: 
 
 
 def plot_logit_distributions(hist: pl.DataFrame, quantity: str):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     h = hist.filter(pl.col("quantity") == quantity)
     layers = h["layer"].unique().sort().to_list()
@@ -444,7 +444,7 @@ def per_expert_distributions(samples: dict[int, np.ndarray], layer: int, bins: i
 
 
 def plot_per_expert(hist: pl.DataFrame):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     experts = hist["expert"].unique().sort().to_list()
     fig, axes = subplot_grid(len(experts), width=2.0, height=1.5, max_cols=8)
@@ -519,7 +519,7 @@ def pvalue_histogram(pv: pl.DataFrame, bins: int = 20) -> pl.DataFrame:
 
 
 def plot_pvalues(hist: pl.DataFrame, title: str):
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     layers = hist["layer"].unique().sort().to_list()
     fig, axes = subplot_grid(len(layers), width=2.8, height=2.1)

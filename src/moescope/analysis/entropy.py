@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, make_context, require, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
 from moescope.trace.reader import Trace
 
 
@@ -38,7 +38,7 @@ def normaliser(router_kind: str) -> str:
 class EntropyAccumulator:
     """Per layer: count, mean and M2 (Chan et al. parallel variance), min, max, fixed-bin histogram."""
 
-    def __init__(self, ctx: Context, bins: int = 50) -> None:
+    def __init__(self, ctx: PassContext, bins: int = 50) -> None:
         require(ctx.trace, "logits", "routing entropy")
         self.ctx = ctx
         self.columns = {"logits"}

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, bincount, entropy_bits, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, bincount, entropy_bits, make_context, run_pass
 from moescope.trace.reader import Trace
 
 DEAD_SHARE = 0.001
@@ -23,7 +23,7 @@ DEAD_SHARE = 0.001
 class LoadAccumulator:
     """Per (layer, expert): assignments, first choices, router weight sums, softmax probability sums."""
 
-    def __init__(self, ctx: Context, *, use_logits: bool | None = None) -> None:
+    def __init__(self, ctx: PassContext, *, use_logits: bool | None = None) -> None:
         self.ctx = ctx
         self.use_logits = ctx.trace.has_logits if use_logits is None else use_logits
         self.columns = {"experts"} | ({"weights"} if ctx.trace.has_weights else set())
@@ -186,7 +186,7 @@ def aux_loss(per_expert: pl.DataFrame) -> float | None:
 
 def plot_load(per_expert: pl.DataFrame, top_k: int):
     """One bar subplot per layer: assignment share by expert, with the perfect-balance line 1/E."""
-    from moescope.report.figures import subplot_grid
+    from moescope.core.figures import subplot_grid
 
     layers = per_expert["layer"].unique().sort().to_list()
     fig, axes = subplot_grid(len(layers), width=3.0, height=2.2)
@@ -206,7 +206,7 @@ def plot_load(per_expert: pl.DataFrame, top_k: int):
 
 def plot_load_heatmap(per_expert: pl.DataFrame):
     """Heatmap layer x expert of the assignment share relative to perfect balance (1/E)."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     layers = per_expert["layer"].unique().sort().to_list()
     E = int(per_expert["expert"].max()) + 1

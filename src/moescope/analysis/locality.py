@@ -15,7 +15,7 @@ from math import comb
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, bincount, consecutive_pairs, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, bincount, consecutive_pairs, make_context, run_pass
 from moescope.trace.reader import Trace
 
 
@@ -27,7 +27,7 @@ def null_any_shared(E: int, k: int) -> float:
 class RepetitionAccumulator:
     """Per (domain, layer): consecutive pairs, first-choice repeats, any-shared repeats."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.columns = {"experts", "doc_id", "position", "label"}
         D = len(ctx.labels) + 1  # code -1 (no label) goes to the last slot

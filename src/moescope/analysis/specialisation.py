@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from moescope.analysis._stream import (
-    Context,
+    PassContext,
     View,
     bincount,
     check_same_model,
@@ -65,7 +65,7 @@ class _SparseCounter:
 class VocabAccumulator:
     """Per (layer, token id): occurrences, and per (layer, token id, expert): assignments."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
         self.with_text = bool(ctx.trace.columns.get("token_text"))
         self.columns = {"experts", "token_id"} | ({"token"} if self.with_text else set())
@@ -122,7 +122,8 @@ class VocabAccumulator:
         return rest // (1 << 31), rest % (1 << 31), e, c
 
 
-def _vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, pl.DataFrame]:
+def vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, pl.DataFrame]:
+    """Per-token, top-token and summary frames of vocabulary specialisation from a filled accumulator."""
     ctx = acc.ctx
     k, E = ctx.k, ctx.E
     ls, t, e, c = acc.cells()
@@ -202,18 +203,18 @@ def vocabulary_specialisation(
     >>> vocabulary_specialisation(Trace.open("runs/t"))["summary"]  # doctest: +SKIP
     """
     if min_count < 1:
-        raise ConfigError(f"--min-count must be >= 1, got {min_count}")
+        raise ConfigError(f"min_count must be >= 1, got {min_count}")
     ctx = make_context(trace, layers)
     acc = VocabAccumulator(ctx)
     run_pass(ctx, [acc], batch_size)
-    return _vocab_frames(acc, min_count, top)
+    return vocab_frames(acc, min_count, top)
 
 
 class DomainAccumulator:
     """Per (domain, layer, expert) counts, and per (document, layer, expert) counts for the permutation test."""
 
     def __init__(
-        self, ctx: Context, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False
+        self, ctx: PassContext, max_doc_cells: int = MAX_DOC_CELLS, *, single_domain: bool = False
     ) -> None:
         self.ctx = ctx
         self.single = single_domain  # every row is domain 0 (used to compare whole traces)
@@ -293,7 +294,7 @@ def mi_domain_expert(counts: np.ndarray) -> np.ndarray:
 
 
 def domain_frames(
-    ctx: Context,
+    ctx: PassContext,
     names: list[str],
     counts: np.ndarray,
     tokens: np.ndarray,
@@ -437,7 +438,7 @@ def compare_traces(
 
 def plot_domain_share(share: pl.DataFrame, layer: int):
     """Heatmap domain x expert of the fraction of tokens routed to the expert, relative to k/E."""
-    from moescope.report.figures import heatmap
+    from moescope.core.figures import heatmap
 
     g = share.filter(pl.col("layer") == layer)
     doms = g["domain"].unique(maintain_order=True).to_list()

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import Context, View, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.reader import Trace
 
@@ -44,9 +44,9 @@ def token_class(text: str | None) -> str:
 class TrajectoryAccumulator:
     """Keeps a seeded Bernoulli sample of tokens: expert sets (all layers), label, token id, text."""
 
-    def __init__(self, ctx: Context, max_tokens: int = 100_000, seed: int = 0) -> None:
+    def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
-            raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
         self.ctx = ctx
         self.with_text = bool(ctx.trace.columns.get("token_text"))
         self.columns = {"experts", "label", "token_id"} | ({"token"} if self.with_text else set())
@@ -80,7 +80,7 @@ class TrajectoryAccumulator:
 class TrajectorySample:
     """The sampled trajectories and the analyses over them."""
 
-    def __init__(self, ctx: Context, experts, valid, label, token_id, text, rate: float) -> None:
+    def __init__(self, ctx: PassContext, experts, valid, label, token_id, text, rate: float) -> None:
         self.ctx = ctx
         self.experts = experts  # (n, Ls, k)
         self.valid = valid  # (n, Ls)
@@ -121,7 +121,7 @@ class TrajectorySample:
     def top_partial_paths(self, window: int = 3, top: int = 20) -> pl.DataFrame:
         """Most frequent paths over ``window`` consecutive selected layers, from every start layer."""
         if not 1 <= window <= self.ctx.Ls:
-            raise ConfigError(f"--window must be in 1..{self.ctx.Ls}, got {window}")
+            raise ConfigError(f"window must be in 1..{self.ctx.Ls}, got {window}")
         frames = [self._paths(s, window, top) for s in range(self.ctx.Ls - window + 1)]
         frames = [f for f in frames if f.height]
         return pl.concat(frames).sort("count", descending=True).head(top) if frames else pl.DataFrame()

@@ -138,11 +138,7 @@ class RoutingRecorder(HookSet):
         self._sites = moe_sites(model, self.spec, self.family)
         self._blocks = [site.block for site in self._sites]
         self._routers = [site.router for site in self._sites]
-        self._plan = (
-            LookaheadPlan.build(model, self.spec, self.family, self._routers, lookahead)
-            if lookahead
-            else None
-        )
+        self._plan = LookaheadPlan.build(model, self.spec, self.family, lookahead) if lookahead else None
         self.lookahead_columns = self._plan.columns if self._plan else []
         self._init_hooks()  # run() enters a `with` block itself
         sig = inspect.signature(model.forward).parameters

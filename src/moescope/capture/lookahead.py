@@ -58,7 +58,6 @@ class LookaheadPlan:
         model: torch.nn.Module,
         spec: RoutingSpec,
         fam: FamilySpec,
-        routers: list[torch.nn.Module],
         distances: int,
     ) -> LookaheadPlan:
         layers, norms = [], []

@@ -1,12 +1,14 @@
 """Read routing logs of other tools into traces, and write traces in the formats seed scripts read.
 
 >>> from moescope.interop import import_log, export_trace  # doctest: +SKIP
->>> tr = import_log("seed004-routing", ["humaneval_2_routing.jsonl"], "runs/mixtral-he")  # doctest: +SKIP
+>>> tr = import_log("routing-records-jsonl", ["humaneval_2_routing.jsonl"], "runs/mixtral-he")  # doctest: +SKIP
 >>> tr.manifest["source"]["report"]["masked_series_count"]  # doctest: +SKIP
 27
->>> export_trace("seed004-journeys", tr, "journeys/", documents=[0], tokens=(0, 10))  # doctest: +SKIP
+>>> export_trace("token-journeys-jsonl", tr, "journeys/", documents=[0], tokens=(0, 10))  # doctest: +SKIP
 
 Each format lives in its own module with its layout documented; ``docs/interop.md`` has them all.
+Formats are named for what they are; the names the seed documents used are kept as aliases
+(:data:`FORMAT_ALIASES`, e.g. ``seed002-json`` for ``router-logger-json``).
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ from moescope.interop.common import ImportOptions, known_models, write_documents
 
 #: Import formats: name -> (module, one-line description). Modules load only when used.
 IMPORT_FORMATS: dict[str, tuple[str, str]] = {
-    "seed002-json": (
+    "router-logger-json": (
         "moescope.interop.seed002",
-        "seed 002 pipeline JSON: samples[].layers[] with selected_experts, expert_weights, router logits",
+        "router-logger JSON (seed 002): samples[].layers[] with selected_experts, expert_weights, router logits",
     ),
-    "seed004-journeys": (
+    "token-journeys-jsonl": (
         "moescope.interop.seed004_journeys",
-        "seed 004 token journeys: p<problem>_token_<i>.jsonl, one record per layer",
+        "token journeys (seed 004): p<problem>_token_<i>.jsonl, one record per layer",
     ),
-    "seed004-routing": (
+    "routing-records-jsonl": (
         "moescope.interop.seed004_routing",
-        "seed 004 raw routing JSONL: problem_id, layer, token_idx, experts, gating_probs",
+        "raw routing records JSONL (seed 004): problem_id, layer, token_idx, experts, gating_probs",
     ),
     "moe-beyond": (
         "moescope.interop.moe_beyond",
@@ -50,19 +52,45 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
 
 #: Export formats: name -> (module, one-line description).
 EXPORT_FORMATS: dict[str, tuple[str, str]] = {
-    "seed002-json": ("moescope.interop.seed002", "seed 002 pipeline JSON, one sample per document"),
-    "seed004-journeys": (
+    "router-logger-json": (
+        "moescope.interop.seed002",
+        "router-logger JSON (seed 002 pipeline), one sample per document",
+    ),
+    "token-journeys-jsonl": (
         "moescope.interop.seed004_journeys",
-        "seed 004 journeys, one p<doc>_token_<pos>.jsonl per token",
+        "token journeys (seed 004), one p<doc>_token_<pos>.jsonl per token",
     ),
 }
 
-__all__ = ["EXPORT_FORMATS", "IMPORT_FORMATS", "ImportOptions", "export_trace", "import_log", "known_models"]
+#: The seed documents' names of the formats above (accepted wherever a format name is).
+FORMAT_ALIASES: dict[str, str] = {
+    "seed002-json": "router-logger-json",
+    "seed004-journeys": "token-journeys-jsonl",
+    "seed004-routing": "routing-records-jsonl",
+}
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "FORMAT_ALIASES",
+    "IMPORT_FORMATS",
+    "ImportOptions",
+    "canonical_format",
+    "export_trace",
+    "import_log",
+    "known_models",
+]
+
+
+def canonical_format(name: str) -> str:
+    """The format's own name for ``name`` (an alias such as ``seed002-json`` maps to ``router-logger-json``)."""
+    return FORMAT_ALIASES.get(name, name)
 
 
 def _module(name: str, table: dict[str, tuple[str, str]], what: str) -> Any:
+    name = canonical_format(name)
     if name not in table:
-        raise ConfigError(f"unknown {what} format {name!r}; known: {', '.join(table)}")
+        known = [*table, *(a for a, n in FORMAT_ALIASES.items() if n in table)]
+        raise ConfigError(f"unknown {what} format {name!r}; known: {', '.join(known)}")
     return importlib.import_module(table[name][0])
 
 
@@ -89,7 +117,7 @@ def import_log(
         if key not in names:
             raise ConfigError(f"unknown import option {key!r}; known: {', '.join(names)}")
         if value is not None and value != names[key] and key not in mod.OPTIONS:
-            raise ConfigError(f"option --{key.replace('_', '-')} does not apply to format {format!r}")
+            raise ConfigError(f"option {key} does not apply to format {format!r}")
     opts = ImportOptions(**options)
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -113,7 +141,7 @@ def export_trace(format: str, trace: Any, out: str | Path, **options: Any) -> di
     """Write ``trace`` (a :class:`~moescope.Trace` or its path) to ``out`` in ``format``.
 
     Returns a summary (files written, documents, tokens). Options are the format's own, e.g.
-    ``documents=[0, 1]``, ``tokens=(0, 10)`` and ``overwrite=True`` for ``seed004-journeys``.
+    ``documents=[0, 1]``, ``tokens=(0, 10)`` and ``overwrite=True`` for ``token-journeys-jsonl``.
     """
     from moescope.trace.reader import Trace
 

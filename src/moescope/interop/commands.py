@@ -8,10 +8,16 @@ from pathlib import Path
 import typer
 
 from moescope.cli_utils import JsonOpt, TraceArg, emit
-from moescope.interop import EXPORT_FORMATS, IMPORT_FORMATS, known_models
+from moescope.interop import EXPORT_FORMATS, FORMAT_ALIASES, IMPORT_FORMATS, known_models
 
-ImportFormat = enum.Enum("ImportFormat", {n.replace("-", "_"): n for n in IMPORT_FORMATS}, type=str)
-ExportFormat = enum.Enum("ExportFormat", {n.replace("-", "_"): n for n in EXPORT_FORMATS}, type=str)
+
+def _choices(table: dict[str, tuple[str, str]]) -> dict[str, str]:
+    names = [*table, *(a for a, n in FORMAT_ALIASES.items() if n in table)]
+    return {n.replace("-", "_"): n for n in names}
+
+
+ImportFormat = enum.Enum("ImportFormat", _choices(IMPORT_FORMATS), type=str)
+ExportFormat = enum.Enum("ExportFormat", _choices(EXPORT_FORMATS), type=str)
 
 
 class ShortSeries(str, enum.Enum):
@@ -25,7 +31,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _listing(table: dict[str, tuple[str, str]]) -> str:
-    return "\n\n".join(f"  {name}: {desc}" for name, (_, desc) in table.items())
+    alias = {n: a for a, n in FORMAT_ALIASES.items()}
+    return "\n\n".join(
+        f"  {name}{f' (alias {alias[name]})' if name in alias else ''}: {desc}"
+        for name, (_, desc) in table.items()
+    )
 
 
 def _import_help() -> str:
@@ -35,7 +45,7 @@ def _import_help() -> str:
         "Records that are missing, duplicated or out of order are counted and reported (first examples"
         " named), never shifted: a (document, layer) series that cannot be placed token by token is"
         " stored as missing and listed in the manifest's source section. Layouts: docs/interop.md.\n\n"
-        "Example: moescope import seed004-routing humaneval_2_routing.jsonl -o runs/mixtral-he"
+        "Example: moescope import routing-records-jsonl humaneval_2_routing.jsonl -o runs/mixtral-he"
         " --text humaneval_2_outputs.jsonl --tokenizer mistral-common:tokenizer.model.v1\n\n"
         "Example: moescope import moe-beyond training_data_eamc_prompts_0001-1000.tar.xz -o runs/dsv2-puffin"
     )
@@ -46,8 +56,8 @@ def _export_help() -> str:
         "Write a trace in a format the seed documents' scripts and notebooks read.\n\n"
         f"Formats:\n\n{_listing(EXPORT_FORMATS)}\n\n"
         "Importing what was exported gives back the same routing for every field the format holds.\n\n"
-        "Example: moescope export seed004-journeys runs/mixtral-he -o journeys/ --documents 0 --tokens 0 10\n\n"
-        "Example: moescope export seed002-json runs/dsv2 -o dsv2_lambada_internal_routing.json"
+        "Example: moescope export token-journeys-jsonl runs/mixtral-he -o journeys/ --documents 0 --tokens 0 10\n\n"
+        "Example: moescope export router-logger-json runs/dsv2 -o dsv2_lambada_internal_routing.json"
     )
 
 
@@ -61,7 +71,8 @@ def import_cmd(
         None,
         "--model",
         help=f"Routing facts of a known model ({', '.join(known_models())}) or 'none'. Default: mixtral-8x7b for"
-        " seed004-*, deepseek-v2-lite for moe-beyond, none otherwise (seed002-json matches its 'config').",
+        " the seed 004 formats, deepseek-v2-lite for moe-beyond, none otherwise (router-logger-json matches its"
+        " 'config').",
     ),
     num_experts: int | None = typer.Option(None, "--num-experts", help="Routed experts per MoE layer."),
     top_k: int | None = typer.Option(
@@ -88,17 +99,17 @@ def import_cmd(
         None,
         "--tokenizer",
         help="Rebuild token ids: a SentencePiece .model, a tokenizer.json, a folder with one, or"
-        " mistral-common:tokenizer.model.v1 (moe-beyond, seed004-routing with --text).",
+        " mistral-common:tokenizer.model.v1 (moe-beyond, routing-records-jsonl with --text).",
     ),
     text: Path | None = typer.Option(
         None,
         "--text",
-        help="seed004-routing: outputs JSONL (problem_id, generated) whose tokens were routed.",
+        help="routing-records-jsonl: outputs JSONL (problem_id, generated) whose tokens were routed.",
     ),
     short_series: ShortSeries = typer.Option(
         ShortSeries.mask,
         "--short-series",
-        help="seed004-routing: a series shorter than its document had a record dropped and later token_idx"
+        help="routing-records-jsonl: a series shorter than its document had a record dropped and later token_idx"
         " renumbered; 'mask' it whole, or 'keep-prefix' (only if records can only be lost at the end).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace at --output."),
@@ -157,28 +168,30 @@ def export_cmd(
         ...,
         "--output",
         "-o",
-        help="File (seed002-json) or folder (seed004-journeys) to write.",
+        help="File (router-logger-json) or folder (token-journeys-jsonl) to write.",
         show_default=False,
     ),
     documents: str | None = typer.Option(
         None, "--documents", help="Only these document ids, e.g. '0,1' or '0-9' (default: all)."
     ),
     tokens: tuple[int, int] | None = typer.Option(
-        None, "--tokens", help="seed004-journeys: positions START END (END excluded), like extract_tokens.py."
+        None,
+        "--tokens",
+        help="token-journeys-jsonl: positions START END (END excluded), like extract_tokens.py.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output."),
     json_out: JsonOpt = False,
 ) -> None:
     """Export a trace (help text: ``_export_help``, with the formats and examples)."""
     from moescope.errors import ConfigError
-    from moescope.interop import export_trace
-    from moescope.interop.common import parse_layers
+    from moescope.interop import canonical_format, export_trace
+    from moescope.interop.common import parse_index_list
 
     options: dict = {"overwrite": overwrite}
     if documents is not None:
-        options["documents"] = parse_layers(documents, "--documents")
+        options["documents"] = parse_index_list(documents, "--documents")
     if tokens is not None:
-        if format.value != "seed004-journeys":
+        if canonical_format(format.value) != "token-journeys-jsonl":
             raise ConfigError(f"option --tokens does not apply to format {format.value!r}")
         options["tokens"] = tokens
     result = export_trace(format.value, trace, output, **options)

@@ -1,6 +1,6 @@
 """What every importer shares: model facts, the issue report, documents, and the trace write.
 
-An importer turns a routing log into :class:`Document` objects (one per prompt, problem or
+An importer turns a routing log into :class:`RoutedDocument` objects (one per prompt, problem or
 sample) and hands them to :func:`write_documents`, which writes a trace atomically: into a
 temporary directory beside the target, moved into place only when every document is in.
 """
@@ -103,7 +103,7 @@ def preset_for_model_id(model_id: str) -> ModelFacts | None:
     return None
 
 
-def parse_layers(text: str | Sequence[int] | None, option: str = "--moe-layers") -> list[int] | None:
+def parse_index_list(text: str | Sequence[int] | None, option: str = "moe_layers") -> list[int] | None:
     """``"1-26"``, ``"0,2,4"`` or ``"0-3,8"`` as a sorted list of decoder-layer indices."""
     if text is None:
         return None
@@ -152,7 +152,7 @@ class ImportOptions:
 
 
 @dataclass
-class Document:
+class RoutedDocument:
     """The rows of one document. Routing arrays are ``(n, L, k)``; missing cells hold the sentinel."""
 
     doc_id: int
@@ -307,7 +307,7 @@ def resolve_facts(
     facts_preset = preset(opts.model if opts.model is not None else default_model)
     if facts_preset is None and opts.model is None and model_id:
         facts_preset = preset_for_model_id(model_id)
-    layers_opt = parse_layers(opts.moe_layers)
+    layers_opt = parse_index_list(opts.moe_layers)
 
     def pick(name: str, option: Any, logged: Any, from_preset: Any) -> Any:
         if option is not None and logged is not None and option != logged:
@@ -438,7 +438,7 @@ def default_label(opts: ImportOptions, logged: str | None, path: Path) -> str:
 def write_documents(
     out: str | Path,
     facts: Facts,
-    documents: Iterable[Document],
+    documents: Iterable[RoutedDocument],
     *,
     weights: bool,
     logits: bool = False,
@@ -476,7 +476,7 @@ def write_documents(
             shard_rows=shard_rows,
         )
         labels: dict[str, int] = {}
-        buffered: list[Document] = []
+        buffered: list[RoutedDocument] = []
         rows = 0
         last_doc: int | None = None
         for doc in documents:
@@ -513,7 +513,7 @@ def write_documents(
     return out
 
 
-def _append(writer: Any, docs: list[Document], weights: bool, logits: bool, token_text: bool) -> None:
+def _append(writer: Any, docs: list[RoutedDocument], weights: bool, logits: bool, token_text: bool) -> None:
     """Append whole documents in one call and commit them (one Arrow table per call keeps writing fast)."""
     n = [len(d) for d in docs]
     label = [d.label for d, m in zip(docs, n, strict=True) for _ in range(m)]
@@ -531,7 +531,9 @@ def _append(writer: Any, docs: list[Document], weights: bool, logits: bool, toke
     writer.commit(docs[-1].doc_id)
 
 
-def iter_documents(trace: Any, columns: list[str], batch_size: int = 65536) -> Iterator[tuple[int, Any]]:
+def iter_trace_documents(
+    trace: Any, columns: list[str], batch_size: int = 65536
+) -> Iterator[tuple[int, Any]]:
     """Stream a trace one document at a time as ``(doc_id, Batch)``; memory holds one document plus a batch."""
     from moescope.trace.reader import Batch
 
@@ -655,7 +657,7 @@ class Imported:
     """
 
     facts: Facts
-    documents: Iterable[Document]
+    documents: Iterable[RoutedDocument]
     report: ImportReport
     source: dict[str, Any]
     weights: bool = False

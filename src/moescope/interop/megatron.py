@@ -29,10 +29,10 @@ import numpy as np
 from moescope.errors import DataError
 from moescope.interop.common import (
     ROUTING_OPTIONS,
-    Document,
     Imported,
     ImportOptions,
     ImportReport,
+    RoutedDocument,
     check_ids,
     default_label,
     expand_paths,
@@ -121,7 +121,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "position": "token index in the router call (Megatron's sequence-major [seq, batch] flattening)",
     }
 
-    def documents() -> Iterator[Document]:
+    def documents() -> Iterator[RoutedDocument]:
         nonlocal ascending
         doc_id = 0
         L, k = len(facts.moe_layers), facts.top_k
@@ -157,7 +157,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     if ascending and k > 1:
                         ascending = bool((np.diff(ids, axis=1) > 0).all())
                 mapping.append([doc_id, fi, ranks.get(fi, fi), step, m])
-                yield Document(doc_id, default_label(opts, None, files[fi]), np.arange(n), experts)
+                yield RoutedDocument(doc_id, default_label(opts, None, files[fi]), np.arange(n), experts)
                 doc_id += 1
         source["slot_order"] = "set" if facts.top_k > 1 else "rank"
         if facts.top_k > 1:

@@ -39,11 +39,11 @@ import pyarrow.csv as pcsv
 from moescope.errors import DataError
 from moescope.interop.common import (
     ROUTING_OPTIONS,
-    Document,
     Facts,
     Imported,
     ImportOptions,
     ImportReport,
+    RoutedDocument,
     check_ids,
     default_label,
     natural_key,
@@ -121,7 +121,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "slot_order_note": "ids come from torch.topk(sorted=False): treat each token's ids as a set",
     }
 
-    def documents() -> Iterator[Document]:
+    def documents() -> Iterator[RoutedDocument]:
         cache: dict[str, int] = {}
         unknown = 0
         for name, doc_id in zip(names, ids, strict=True):
@@ -139,7 +139,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     report.add(
                         "unknown_piece", missing, f"{name}: piece {p.tokens[int(np.argmax(token_id < 0))]!r}"
                     )
-            yield Document(doc_id, label, np.arange(n), p.experts, token_id=token_id, token=p.tokens)
+            yield RoutedDocument(doc_id, label, np.arange(n), p.experts, token_id=token_id, token=p.tokens)
 
     return Imported(
         facts, documents(), report, source, token_text=True, tokenizer=vocab.describe() if vocab else None

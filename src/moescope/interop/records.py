@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moescope.errors import ConfigError
-from moescope.interop.common import Document, Facts, ImportReport
+from moescope.interop.common import Facts, ImportReport, RoutedDocument
 
 SHORT_SERIES_POLICIES = ("mask", "keep-prefix")
 
@@ -42,8 +42,8 @@ def assemble(
     *,
     counter_index: bool,
     short_series: str = "mask",
-) -> list[Document]:
-    """Build one :class:`Document` per distinct ``doc``; rows are the distinct token indices seen.
+) -> list[RoutedDocument]:
+    """Build one :class:`RoutedDocument` per distinct ``doc``; rows are the distinct token indices seen.
 
     ``counter_index``: the log numbers tokens with a running counter that skips dropped records
     (seed 004's ``token_idx``), so a series that is a contiguous prefix shorter than its document
@@ -154,7 +154,7 @@ def assemble(
     for di, doc_id in enumerate(docs):
         lo, hi = int(doc_start[di]), int(doc_start[di] + doc_n[di])
         out.append(
-            Document(
+            RoutedDocument(
                 doc_id=int(doc_id),
                 label=labels.get(int(doc_id), ""),
                 position=row_t[lo:hi].astype(np.int64),

@@ -34,21 +34,21 @@ import numpy as np
 from moescope.errors import ConfigError, DataError
 from moescope.interop.common import (
     ROUTING_OPTIONS,
-    Document,
     Facts,
     Imported,
     ImportOptions,
     ImportReport,
+    RoutedDocument,
     check_ids,
     default_label,
     expand_paths,
-    iter_documents,
+    iter_trace_documents,
     resolve_facts,
     slot_order_of,
 )
 from moescope.trace.atomic import atomic_write
 
-NAME = "seed002-json"
+NAME = "router-logger-json"  # alias: seed002-json
 DESCRIPTION = (
     "seed 002 pipeline JSON: samples[].layers[] with selected_experts, expert_weights, router logits"
 )
@@ -243,7 +243,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "strategy": meta.get("strategy"),
     }
 
-    def documents() -> Iterator[Document]:
+    def documents() -> Iterator[RoutedDocument]:
         offset, last = 0, -1
         ordered = True
         for fi, path in enumerate(files):
@@ -369,7 +369,7 @@ def _document(
     has_weights: bool,
     has_logits: bool,
     report: ImportReport,
-) -> Document:
+) -> RoutedDocument:
     """One sample as a document: each layer entry to its column, problems masked and counted."""
     L, k, E = len(facts.moe_layers), facts.top_k, facts.num_experts
     column = facts.column_of()
@@ -467,7 +467,7 @@ def _document(
                         f"{where}: layer {layer} logs logits for {len(lg)} of {n} tokens",
                     )
                 logits[: len(lg), col] = lg
-    return Document(doc_id, label, np.arange(n), experts, weights, logits)
+    return RoutedDocument(doc_id, label, np.arange(n), experts, weights, logits)
 
 
 def export(
@@ -487,7 +487,7 @@ def export(
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists; pass --overwrite to replace it")
     if out.is_dir():
-        raise ConfigError(f"{out}: is a folder; seed002-json writes one file")
+        raise ConfigError(f"{out}: is a folder; {NAME} writes one file")
     if documents is not None:
         absent = sorted(set(int(d) for d in documents) - set(trace.documents().tolist()))
         if absent:
@@ -511,7 +511,7 @@ def export(
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(header)[:-1] + ', "samples": [')
-            for n_doc, (doc_id, b) in enumerate(iter_documents(trace, cols)):
+            for n_doc, (doc_id, b) in enumerate(iter_trace_documents(trace, cols)):
                 f.write((",\n" if n_doc else "\n") + json.dumps(_sample(doc_id, b, moe, E, sentinel, labels)))
                 stats["documents"] += 1
                 stats["tokens"] += len(b.position)

@@ -35,8 +35,8 @@ from moescope.interop.common import (
     expand_paths,
     float_rows,
     id_rows,
-    iter_documents,
     iter_jsonl,
+    iter_trace_documents,
     locator,
     require,
     resolve_facts,
@@ -44,7 +44,7 @@ from moescope.interop.common import (
 )
 from moescope.interop.records import Records, assemble
 
-NAME = "seed004-journeys"
+NAME = "token-journeys-jsonl"  # alias: seed004-journeys
 DESCRIPTION = "seed 004 token journeys: p<problem>_token_<i>.jsonl, one record per layer"
 DEFAULT_MODEL = "mixtral-8x7b"
 OPTIONS = ROUTING_OPTIONS
@@ -151,7 +151,7 @@ def export(
     cols = ["position", "experts"] + (["weights"] if trace.has_weights else [])
     files = records = 0
     docs_seen = set()
-    for doc_id, b in iter_documents(view, cols):
+    for doc_id, b in iter_trace_documents(view, cols):
         keep = np.ones(len(b.position), bool)
         if tokens is not None:
             keep = (b.position >= tokens[0]) & (b.position < tokens[1])

@@ -26,10 +26,10 @@ import numpy as np
 from moescope.errors import ConfigError, DataError
 from moescope.interop.common import (
     ROUTING_OPTIONS,
-    Document,
     Imported,
     ImportOptions,
     ImportReport,
+    RoutedDocument,
     check_ids,
     check_layers,
     default_label,
@@ -44,7 +44,7 @@ from moescope.interop.common import (
 )
 from moescope.interop.records import Records, assemble
 
-NAME = "seed004-routing"
+NAME = "routing-records-jsonl"  # alias: seed004-routing
 DESCRIPTION = "seed 004 raw routing JSONL: problem_id, layer, token_idx, experts, gating_probs"
 DEFAULT_MODEL = "mixtral-8x7b"
 OPTIONS = ROUTING_OPTIONS | {"short_series", "text", "tokenizer"}
@@ -134,7 +134,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     )
 
 
-def _attach_tokens(documents: list[Document], opts: ImportOptions, report: ImportReport) -> dict:
+def _attach_tokens(documents: list[RoutedDocument], opts: ImportOptions, report: ImportReport) -> dict:
     """Token ids and pieces from the generated text of each problem (``--text`` + ``--tokenizer``).
 
     Decode step ``i`` routes generated token ``i`` (the prompt's forward pass routes the prompt and

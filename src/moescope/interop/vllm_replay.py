@@ -26,10 +26,10 @@ import numpy as np
 from moescope.errors import DataError
 from moescope.interop.common import (
     ROUTING_OPTIONS,
-    Document,
     Imported,
     ImportOptions,
     ImportReport,
+    RoutedDocument,
     check_ids,
     default_label,
     expand_paths,
@@ -104,7 +104,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
             f"moe_layers assumed to be 0..{L - 1}: pass --moe-layers if the model has dense layers"
         )
 
-    def documents() -> Iterator[Document]:
+    def documents() -> Iterator[RoutedDocument]:
         for doc_id, (path, key, arr) in enumerate(_chain(first, stream)):
             name = _name(path, key)
             _check_shape(arr, name, (L, k))
@@ -132,7 +132,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                         n_unset,
                     )
             mapping.append({"doc_id": doc_id, "file": str(path), "key": key, "tokens": len(ids)})
-            yield Document(doc_id, default_label(opts, None, path), np.arange(len(ids)), experts)
+            yield RoutedDocument(doc_id, default_label(opts, None, path), np.arange(len(ids)), experts)
 
     return Imported(facts, documents(), report, source)
 

@@ -21,6 +21,8 @@ from moescope.predict.lookahead import LookaheadPredictor
 from moescope.predict.queries import TEMPORAL, Context, Queries, iter_contexts, mode_name, parse_mode
 from moescope.predict.rules import RulesPredictor
 
+make = make_predictor  # the front door's spelling: moescope.predict.make("best")
+
 __all__ = [
     "TEMPORAL",
     "BasePredictor",
@@ -39,6 +41,7 @@ __all__ = [
     "evaluate_many",
     "iter_contexts",
     "load_predictor",
+    "make",
     "make_predictor",
     "mode_name",
     "parse_mode",

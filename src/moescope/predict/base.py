@@ -1,7 +1,7 @@
-"""The predictor contract, after scikit-learn's estimators (STYLE.md section 1).
+"""The predictor contract: the estimator base of :mod:`moescope.core.estimator`, plus traces and queries.
 
-- ``__init__`` only stores keyword arguments; :meth:`BasePredictor.get_params`/``set_params``/
-  :func:`clone` rebuild a predictor from them.
+- ``__init__`` only stores keyword arguments; ``get_params``/``set_params``/:func:`clone` (from the
+  core) rebuild a predictor from them, parts such as the combined predictor's ``learned`` included.
 - ``fit(trace)`` validates the parameters against ``_parameter_constraints`` (errors name the
   parameter and the allowed values), forgets any earlier fit, learns state in attributes ending in
   ``_`` and returns ``self``; it keeps no reference to the trace.
@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import io
 import json
 import zipfile
@@ -26,6 +26,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from moescope.core.estimator import (
+    Boolean,
+    Estimator,
+    InstanceOf,
+    Interval,
+    NotFittedError,
+    Options,
+    OrNone,
+    RandomState,
+    clone,
+)
 from moescope.errors import ConfigError
 from moescope.predict.queries import TEMPORAL, Queries, mode_name
 from moescope.trace.atomic import atomic_write
@@ -38,64 +49,7 @@ class StateMismatchError(ConfigError):
     """A saved predictor's state does not fit the installed class (older or newer model layout)."""
 
 
-class NotFittedError(ConfigError):
-    """``predict`` was called before ``fit``."""
-
-
 # ----------------------------------------------------------------------------- constraints
-class Options:
-    """The parameter must be one of these values."""
-
-    def __init__(self, *values: Any) -> None:
-        self.values = values
-
-    def check(self, v: Any) -> bool:
-        return v in self.values
-
-    def __str__(self) -> str:
-        return "one of " + ", ".join(repr(x) for x in self.values)
-
-
-class Interval:
-    """A number of type ``kind`` in ``[lo, hi]`` (``None`` = unbounded)."""
-
-    def __init__(self, kind: type, lo: float | None, hi: float | None) -> None:
-        self.kind, self.lo, self.hi = kind, lo, hi
-
-    def check(self, v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(
-            v, (int, np.integer) if self.kind is int else (int, float, np.number)
-        ):
-            return False
-        return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
-
-    def __str__(self) -> str:
-        lo = "-inf" if self.lo is None else self.lo
-        hi = "inf" if self.hi is None else self.hi
-        return f"a{'n int' if self.kind is int else ' number'} in [{lo}, {hi}]"
-
-
-class OrNone:
-    """``None`` or a value accepted by ``inner``."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def check(self, v: Any) -> bool:
-        return v is None or self.inner.check(v)
-
-    def __str__(self) -> str:
-        return f"None or {self.inner}"
-
-
-class RandomState:
-    def check(self, v: Any) -> bool:
-        return v is None or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0)
-
-    def __str__(self) -> str:
-        return "None or a non-negative int seed"
-
-
 class Modes:
     """A non-empty sequence of modes: spatial distances >= 1 and/or 0 for temporal."""
 
@@ -112,16 +66,8 @@ class Modes:
         return "a non-empty list of ints (spatial distances >= 1, 0 = temporal)"
 
 
-class Boolean:
-    def check(self, v: Any) -> bool:
-        return isinstance(v, bool)
-
-    def __str__(self) -> str:
-        return "True or False"
-
-
 # ----------------------------------------------------------------------------- base class
-class BasePredictor:
+class BasePredictor(Estimator):
     """Base of every expert predictor; see the module docstring for the contract.
 
     Subclasses set ``name`` (registry key), ``_parameter_constraints`` and implement ``_fit(trace)``
@@ -135,43 +81,11 @@ class BasePredictor:
     table: ClassVar[bool] = True  # a table lookup (counted in the >= 1M predictions/s target)
     _parameter_constraints: ClassVar[dict[str, Any]] = {}
 
-    # -- parameters
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.KEYWORD_ONLY]
-
-    def get_params(self, deep: bool = False) -> dict[str, Any]:
-        """The constructor arguments, unchanged."""
-        return {n: getattr(self, n) for n in self._param_names()}
-
-    def set_params(self, **params: Any) -> BasePredictor:
-        """Set constructor arguments (validated at the next ``fit``)."""
-        valid = self._param_names()
-        for k, v in params.items():
-            if k not in valid:
-                raise ConfigError(f"{type(self).__name__} has no parameter {k!r}; parameters: {valid}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
-    def _validate_params(self) -> None:
-        for key, cons in self._parameter_constraints.items():
-            v = getattr(self, key)
-            if not cons.check(v):
-                raise ConfigError(
-                    f"{type(self).__name__}: parameter {key}={v!r} is invalid; it must be {cons}"
-                )
-
     # -- fitting
     def fit(self, trace: Any) -> BasePredictor:
         """Learn from ``trace`` (a :class:`~moescope.trace.Trace` or a filtered view); returns ``self``."""
         self._validate_params()
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
-            delattr(self, attr)
+        self._reset()
         if trace.num_tokens == 0:
             from moescope.errors import DataError
 
@@ -185,13 +99,6 @@ class BasePredictor:
 
     def _fit(self, trace: Any) -> None:
         raise NotImplementedError
-
-    def is_fitted(self) -> bool:
-        return bool(getattr(self, "fitted_", False))
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted():
-            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(trace) first")
 
     def history_window(self) -> int:
         """How many previous tokens the predictor looks at (the evaluator builds windows this wide)."""
@@ -207,7 +114,7 @@ class BasePredictor:
     # -- predicting
     def predict_scores(self, q: Queries) -> np.ndarray:
         """``(n, E)`` float32 scores, higher = more likely used; a NaN row means the predictor abstains."""
-        self._check_fitted()
+        self.check_is_fitted()
         if q.num_experts != self.num_experts_:
             raise ConfigError(
                 f"{type(self).__name__} was fitted on E={self.num_experts_} experts; the queries have E={q.num_experts}"
@@ -239,7 +146,7 @@ class BasePredictor:
     @property
     def n_params_(self) -> int:
         """Number of learned numbers (table entries or weights)."""
-        self._check_fitted()
+        self.check_is_fitted()
         state, _ = self._state()
         return int(sum(a.size for a in state.values()))
 
@@ -263,7 +170,7 @@ class BasePredictor:
                 scalars[key] = {
                     "__predictor__": v.name,
                     "version": v.version,
-                    "params": _jsonable(v.get_params()),
+                    "params": _jsonable(v.get_params(deep=False)),
                     "state": ss,
                 }
             else:
@@ -300,7 +207,7 @@ class BasePredictor:
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the fitted predictor to ``path`` (``.npz``) atomically; ``extra`` is stored in the header."""
-        self._check_fitted()
+        self.check_is_fitted()
         path = Path(path)
         arrays, scalars = self._state()
         header = {
@@ -308,7 +215,7 @@ class BasePredictor:
             "format_version": FORMAT_VERSION,
             "predictor": self.name,
             "predictor_version": self.version,
-            "params": _jsonable(self.get_params()),
+            "params": _jsonable(self.get_params(deep=False)),
             "state": scalars,
             "extra": _jsonable(extra or {}),
         }
@@ -347,9 +254,8 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 def check_version(name: str, version: int, what: str = "it") -> None:
     """Raise :class:`StateMismatchError` unless ``version`` is the installed version of predictor ``name``."""
-    from moescope.predict import registry  # noqa: F401  (fills _REGISTRY)
-
-    cls = _REGISTRY[name][0] if name in _REGISTRY else None
+    reg = registered_predictors()
+    cls = reg[name].cls if name in reg else None
     if cls is not None and version != cls.version:
         raise StateMismatchError(
             f"{what} is a {name!r} predictor of version {version}, and this moescope's {cls.__name__} is "
@@ -383,26 +289,9 @@ def load_predictor(path: str | Path) -> BasePredictor:
     return pred
 
 
-def clone(pred: BasePredictor) -> BasePredictor:
-    """An unfitted copy with the same parameters; raises if the constructor altered a parameter."""
-    params = pred.get_params()
-    new = type(pred)(**params)
-    for k, v in new.get_params().items():
-        if v is not params[k] and not (_eq(v, params[k])):
-            raise ConfigError(
-                f"{type(pred).__name__}.__init__ altered parameter {k!r}: {params[k]!r} -> {v!r}"
-            )
-    return new
-
-
-def _eq(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
 def _jsonable(v: Any) -> Any:
+    if isinstance(v, BasePredictor):  # a part given as an estimator (CombinedPredictor(learned=...))
+        return {"__predictor__": v.name, "params": _jsonable(v.get_params(deep=False))}
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
@@ -420,6 +309,8 @@ def _params_from_json(v: Any) -> Any:
     if isinstance(v, dict):
         if set(v) == {"__tuple__"}:
             return tuple(_params_from_json(x) for x in v["__tuple__"])
+        if set(v) == {"__predictor__", "params"}:
+            return make_predictor(v["__predictor__"], **_params_from_json(v["params"]))
         return {k: _params_from_json(x) for k, x in v.items()}
     if isinstance(v, list):
         return [_params_from_json(x) for x in v]
@@ -460,11 +351,6 @@ def rank(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
-def popularity_scores(q: Queries, popularity: np.ndarray) -> np.ndarray:
-    """``(n, E)`` rows of the layer's popularity (a fallback and tie-breaker for sparse predictors)."""
-    return np.broadcast_to(popularity[q.layer], (len(q), q.num_experts)).astype(np.float32)
-
-
 def count_popularity(trace: Any, batch_size: int = 65536) -> np.ndarray:
     """``(L, E)`` share of routing slots that went to each expert, per layer (missing ignored)."""
     L, E, missing = trace.num_layers, trace.num_experts, trace.missing_id
@@ -478,29 +364,69 @@ def count_popularity(trace: Any, batch_size: int = 65536) -> np.ndarray:
     return np.where(tot > 0, c / np.maximum(tot, 1), 1.0 / E).astype(np.float32)
 
 
-#: name -> (class, default params); filled by :mod:`moescope.predict.registry`.
-_REGISTRY: dict[str, tuple[type[BasePredictor], dict[str, Any]]] = {}
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """One registry entry: the class, its default parameters and the line ``moescope predict list`` shows.
+
+    A default that is a :class:`BasePredictor` (a part, such as the combined predictor's learned
+    model) is cloned for every new predictor, so two predictors never share a part.
+    """
+
+    cls: type[BasePredictor]
+    defaults: dict[str, Any]
+    description: str
+    listed: bool = True
 
 
-def register_predictor(name: str, cls: type[BasePredictor], **params: Any) -> None:
-    _REGISTRY[name] = (cls, params)
+#: name -> registration, in the order ``moescope predict list`` shows them; filled by
+#: :mod:`moescope.predict.registry`.
+REGISTRY: dict[str, Registration] = {}
+
+
+def register_predictor(
+    name: str, cls: type[BasePredictor], description: str, *, listed: bool = True, **params: Any
+) -> None:
+    """Make ``cls`` with ``params`` available as ``name`` (``listed=False``: an alias, not listed)."""
+    REGISTRY[name] = Registration(cls, params, description, listed)
+
+
+def registered_predictors() -> dict[str, Registration]:
+    """Every registered predictor name with its registration (the registry module is imported first)."""
+    from moescope.predict import registry  # noqa: F401  (fills REGISTRY)
+
+    return dict(REGISTRY)
 
 
 def make_predictor(name: str, **params: Any) -> BasePredictor:
-    """A new predictor by registry name (``moescope predict list``); ``params`` override its defaults."""
-    from moescope.predict import registry  # noqa: F401  (fills _REGISTRY)
+    """A new predictor by registry name (``moescope predict list``); ``params`` override its defaults.
 
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown predictor {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    cls, defaults = _REGISTRY[name]
-    pred = cls(**{**defaults, **params})
+    ``part__param`` keys set a parameter of a part, e.g. ``make_predictor("best", learned__epochs=1)``.
+    """
+    reg = registered_predictors()
+    if name not in reg:
+        raise ConfigError(f"unknown predictor {name!r}; choose one of: {', '.join(sorted(reg))}")
+    r = reg[name]
+    defaults = {k: clone(v) if isinstance(v, Estimator) else v for k, v in r.defaults.items()}
+    flat = {k: v for k, v in params.items() if "__" not in k}
+    nested = {k: v for k, v in params.items() if "__" in k}
+    pred = r.cls(**{**defaults, **flat})
+    if nested:
+        pred.set_params(**nested)
     return pred
 
 
 __all__ = [
+    "REGISTRY",
     "TEMPORAL",
     "BasePredictor",
+    "Boolean",
+    "InstanceOf",
+    "Interval",
     "NotFittedError",
+    "Options",
+    "OrNone",
+    "RandomState",
+    "Registration",
     "StateMismatchError",
     "clone",
     "load_predictor",

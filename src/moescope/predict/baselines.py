@@ -135,7 +135,7 @@ class TokenPredictor(BasePredictor):
 
     def _fit(self, trace: Any) -> None:
         from moescope.predict.queries import iter_contexts
-        from moescope.predict.rules import _reduce, _to_csr
+        from moescope.predict.rules import sum_by_code, votes_to_csr
 
         E, L = self.num_experts_, self.num_layers_
         self.popularity_ = count_popularity(trace)
@@ -150,8 +150,8 @@ class TokenPredictor(BasePredictor):
                 code = (key[:, None] * E + np.where(ok, act, 0))[ok]
                 pairs.append(code)
                 vals.append(np.ones(len(code), np.float32))
-        pair, val = _reduce(np.concatenate(pairs), np.concatenate(vals))
-        self.keys_, self.indptr_, self.experts_, self.counts_ = _to_csr(pair, val, E, E)
+        pair, val = sum_by_code(np.concatenate(pairs), np.concatenate(vals))
+        self.keys_, self.indptr_, self.experts_, self.counts_ = votes_to_csr(pair, val, E, E)
         k = self.top_k_
         self.totals_ = (
             (np.add.reduceat(self.counts_, self.indptr_[:-1]) / k).astype(np.float32)
@@ -171,12 +171,12 @@ class TokenPredictor(BasePredictor):
 
     def counts(self, q: Queries) -> tuple[np.ndarray, np.ndarray]:
         """``(n, E)`` expert counts of each query's (layer, token) in training and ``(n,)`` occurrences."""
-        from moescope.predict.rules import _fill_rows
+        from moescope.predict.rules import fill_rows
 
         out = np.zeros((len(q), q.num_experts), np.float32)
         tot = np.zeros(len(q), np.float32)
         rows, pos = self._match(q)
-        _fill_rows(out, rows, pos, self.indptr_, self.experts_, self.counts_)
+        fill_rows(out, rows, pos, self.indptr_, self.experts_, self.counts_)
         tot[rows] = self.totals_[pos]
         return out, tot
 
@@ -186,7 +186,7 @@ class TokenPredictor(BasePredictor):
         Computed once per distinct (layer, token) of the queries, and once for all unseen ones, then
         copied to the rows: tokens repeat, and the log dominates the cost.
         """
-        from moescope.predict.rules import _fill_rows
+        from moescope.predict.rules import fill_rows
 
         E, n = q.num_experts, len(q)
         p = np.clip(self.popularity_[q.layer] * self.top_k_, 1e-6, 1 - 1e-6)  # marginal P(e used)
@@ -194,7 +194,7 @@ class TokenPredictor(BasePredictor):
         uniq, inv = np.unique(pos, return_inverse=True)
         c = np.zeros((len(uniq) + 1, E), np.float32)  # row 0: an unseen token
         tot = np.zeros(len(uniq) + 1, np.float32)
-        _fill_rows(c, np.arange(1, len(uniq) + 1), uniq, self.indptr_, self.experts_, self.counts_)
+        fill_rows(c, np.arange(1, len(uniq) + 1), uniq, self.indptr_, self.experts_, self.counts_)
         tot[1:] = self.totals_[uniq]
         table = np.log((c + self.alpha * p[None, :]) / (tot[:, None] + self.alpha)).astype(np.float32)
         which = np.zeros(n, np.int64)

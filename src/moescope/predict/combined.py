@@ -12,7 +12,7 @@ layer's marginal so that uninformative sources contribute zero:
   the previous token's set and of the last ``window`` tokens' sets);
 - the same token's earlier occurrence in the document: membership of its expert set at the target
   layer (``use_same_token``; the learned model also sees it, with its agreement on known layers);
-- the logits of a :class:`~moescope.predict.learned.LearnedPredictor` (``learned=True``), which
+- the logits of a :class:`~moescope.predict.learned.LearnedPredictor` (the ``learned`` part), which
   sees every known layer of the token, the previous tokens' and the same token's full routing, and
   interactions the tables cannot;
 - the gate-lookahead ranking, when the capture recorded it.
@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from moescope.predict.base import BasePredictor, Boolean, Interval, Modes, Options, OrNone, RandomState
+from moescope.core.estimator import clone
+from moescope.predict.base import BasePredictor, Boolean, InstanceOf, Interval, Modes, OrNone, RandomState
 from moescope.predict.baselines import TokenPredictor
 from moescope.predict.cooccurrence import CooccurrencePredictor
 from moescope.predict.learned import LearnedPredictor, torch_threads
@@ -39,10 +40,10 @@ from moescope.predict.lookahead import LookaheadPredictor
 from moescope.predict.queries import (
     TEMPORAL,
     Queries,
-    _split_lookahead,
     iter_labelled,
     scatter_counts,
     set_mask,
+    split_lookahead_column,
 )
 
 
@@ -53,14 +54,18 @@ class CombinedPredictor(BasePredictor):
     ----------
     distances : modes to fit (spatial distances >= 1; 0 = temporal).
     history : own earlier layers used through co-occurrence tables (layers ``l-d, ..., l-d-history+1``).
-    learned : also train the small neural model and use its logits as a feature.
+    learned : a :class:`LearnedPredictor` whose logits become a feature (a clone of it is fitted, with
+        this predictor's ``distances`` and ``use_same_token``, and lookahead input when the trace has
+        it), or None for none. ``make_predictor("best")`` gives ``LearnedPredictor(epochs=6)``; set its
+        settings as ``learned__hidden=64`` (``--param learned__hidden=64``).
     use_same_token : use the routing of the same token's earlier occurrence in the document.
-    hidden, depth, history_layers, window, token_buckets, dropout, epochs, batch_size, lr, max_samples, device :
-        settings of that inner :class:`LearnedPredictor` (``device`` "cuda" or "auto" trains it on a GPU).
+    window : previous tokens whose expert sets are features.
     alpha : smoothing of the token and co-occurrence tables.
     validation_fraction : share of training documents held out to fit the stacking weights.
     max_stack_rows : held-out queries per (mode, layer) used to fit the weights.
-    random_state, num_threads, verbose : as for :class:`LearnedPredictor`.
+    random_state : seed of the validation split and the stacking sample.
+    num_threads : torch threads for the stacking fit (None: torch's default).
+    verbose : progress lines on stderr.
 
     Attributes
     ----------
@@ -69,24 +74,14 @@ class CombinedPredictor(BasePredictor):
     """
 
     name: ClassVar[str] = "combined"
-    version: ClassVar[int] = 2  # 2: holds a version-2 learned model
+    version: ClassVar[int] = 3  # 2: holds a version-2 learned model; 3: the learned model is a parameter
     table: ClassVar[bool] = False
     _parameter_constraints: ClassVar[dict[str, Any]] = {
         "distances": Modes(),
         "history": Interval(int, 1, 16),
-        "learned": Boolean(),
+        "learned": InstanceOf(LearnedPredictor, optional=True),
         "use_same_token": Boolean(),
-        "hidden": Interval(int, 4, 4096),
-        "depth": Interval(int, 0, 16),
-        "history_layers": Interval(int, 0, 1024),
         "window": Interval(int, 0, 64),
-        "token_buckets": Interval(int, 1, 1 << 22),
-        "dropout": Interval(float, 0.0, 0.9),
-        "epochs": Interval(int, 1, 1000),
-        "batch_size": Interval(int, 1, 1 << 20),
-        "lr": Interval(float, 0.0, 10.0),
-        "max_samples": Interval(int, 1, None),
-        "device": Options("cpu", "cuda", "auto"),
         "alpha": Interval(float, 0.0, None),
         "validation_fraction": Interval(float, 0.0, 0.5),
         "max_stack_rows": Interval(int, 16, None),
@@ -100,19 +95,9 @@ class CombinedPredictor(BasePredictor):
         *,
         distances: tuple[int, ...] = (1,),
         history: int = 3,
-        learned: bool = True,
+        learned: LearnedPredictor | None = None,
         use_same_token: bool = True,
-        hidden: int = 256,
-        depth: int = 2,
-        history_layers: int = 0,
         window: int = 2,
-        token_buckets: int = 16384,
-        dropout: float = 0.1,
-        epochs: int = 6,
-        batch_size: int = 2048,
-        lr: float = 2e-3,
-        max_samples: int = 4_000_000,
-        device: str = "cpu",
         alpha: float = 1.0,
         validation_fraction: float = 0.15,
         max_stack_rows: int = 3000,
@@ -124,17 +109,7 @@ class CombinedPredictor(BasePredictor):
         self.history = history
         self.learned = learned
         self.use_same_token = use_same_token
-        self.hidden = hidden
-        self.depth = depth
-        self.history_layers = history_layers
         self.window = window
-        self.token_buckets = token_buckets
-        self.dropout = dropout
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.max_samples = max_samples
-        self.device = device
         self.alpha = alpha
         self.validation_fraction = validation_fraction
         self.max_stack_rows = max_stack_rows
@@ -143,7 +118,8 @@ class CombinedPredictor(BasePredictor):
         self.verbose = verbose
 
     def history_window(self) -> int:
-        return max(self.window, 1)
+        part = self.learned.history_window() if self.learned is not None else 1
+        return max(self.window, part, 1)
 
     def _modes(self) -> list[int]:
         return [int(d) for d in self.modes_]
@@ -165,7 +141,7 @@ class CombinedPredictor(BasePredictor):
         from moescope.predict.evaluate import split_documents
 
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
-        variants = sorted({v for v, _ in map(_split_lookahead, trace.lookahead_columns)})
+        variants = sorted({v for v, _ in map(split_lookahead_column, trace.lookahead_columns)})
         docs = trace.documents()
         fit_trace, val_trace = trace, trace
         if self.validation_fraction > 0 and len(docs) >= 4:
@@ -176,27 +152,14 @@ class CombinedPredictor(BasePredictor):
         self._log("fitting tables")
         self._fit_tables(fit_trace)
         self.learned_ = None
-        if self.learned:
+        if self.learned is not None:
             self._log("training the neural model")
-            self.learned_ = LearnedPredictor(
+            part = clone(self.learned).set_params(
                 distances=tuple(int(d) for d in self.modes_),
-                hidden=self.hidden,
-                depth=self.depth,
-                history_layers=self.history_layers,
-                window=self.window,
-                token_buckets=self.token_buckets,
                 use_lookahead=bool(variants),
                 use_same_token=self.use_same_token,
-                dropout=self.dropout,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                max_samples=self.max_samples,
-                random_state=self.random_state,
-                device=self.device,
-                num_threads=self.num_threads,
-                verbose=self.verbose,
-            ).fit(fit_trace)
+            )
+            self.learned_ = part.fit(fit_trace)
         self.lookahead_ = None
         if variants:
             self.lookahead_ = LookaheadPredictor(

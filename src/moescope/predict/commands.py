@@ -50,19 +50,20 @@ def list_predictors(json_out: JsonOpt = False) -> None:
 
     Example: moescope predict list --json
     """
-    from moescope.predict.base import _REGISTRY
-    from moescope.predict.registry import DESCRIPTIONS
+    from moescope.core.estimator import plain_params
+    from moescope.predict.base import make_predictor, registered_predictors
 
     rows = []
-    for name, desc in DESCRIPTIONS.items():
-        cls, defaults = _REGISTRY[name]
+    for name, reg in registered_predictors().items():
+        if not reg.listed:
+            continue
         rows.append(
             {
                 "name": name,
-                "class": cls.__name__,
-                "description": desc,
-                "kind": "table" if cls.table else "learned",
-                "defaults": {k: v for k, v in cls(**defaults).get_params().items()},
+                "class": reg.cls.__name__,
+                "description": reg.description,
+                "kind": "table" if reg.cls.table else "learned",
+                "defaults": plain_params(make_predictor(name)),
             }
         )
     width = max(len(r["name"]) for r in rows)
@@ -112,19 +113,20 @@ def fit(
     """
     import time
 
-    from moescope.predict.base import _REGISTRY, make_predictor
+    from moescope.core.estimator import plain_params
+    from moescope.predict.base import make_predictor, registered_predictors
     from moescope.trace.reader import Trace
     from moescope.trace.split import fit_record, split_documents
 
     tr = Trace.open(trace)
-    make_predictor("uniform")  # fills the registry
-    if predictor not in _REGISTRY:
+    registry = registered_predictors()
+    if predictor not in registry:
         raise ConfigError(
-            f"--predictor {predictor!r} is unknown; choose one of: {', '.join(sorted(_REGISTRY))}"
+            f"--predictor {predictor!r} is unknown; choose one of: {', '.join(sorted(registry))}"
         )
-    cls, _ = _REGISTRY[predictor]
+    cls = registry[predictor].cls
     params = _parse_params(param)
-    names = cls._param_names()
+    names = cls.param_names()
     modes = sorted(set(distance) | ({0} if temporal else set()))
     if any(d < 1 for d in distance):
         raise ConfigError(
@@ -133,7 +135,7 @@ def fit(
     if (
         "distances" in names
         and "distances" not in params
-        and not (predictor == "rules-level5" and distance == [1])
+        and not (predictor in ("rules-ahead", "rules-level5") and distance == [1])
     ):
         params["distances"] = tuple(modes)
     if "random_state" in names and "random_state" not in params:
@@ -156,7 +158,7 @@ def fit(
     result = {
         "model": str(output),
         "predictor": predictor,
-        "params": pred.get_params(),
+        "params": plain_params(pred),
         "modes": [mode_name(m) for m in fitted_modes],
         "train_documents": len(train_docs),
         "test_documents": len(test_docs),

@@ -103,7 +103,7 @@ class CooccurrencePredictor(BasePredictor):
 
     def conditional(self, distance: int, layer: int) -> np.ndarray:
         """``(S, E, E)`` smoothed ``P(target e | source slot s = a)`` for one mode and target layer."""
-        self._check_fitted()
+        self.check_is_fitted()
         mi = int(np.searchsorted(self.modes_, distance))
         marg = self._marginal(mi, layer)
         c = self.counts_[mi, layer]

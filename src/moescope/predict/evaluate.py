@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope.core.estimator import plain_params
 from moescope.errors import ConfigError, DataError
 from moescope.predict.base import BasePredictor
 from moescope.predict.metrics import bootstrap_ratio_ci, metric_names, random_baselines, score_metrics
@@ -83,7 +84,7 @@ def evaluate_many(
     if not predictors:
         raise ConfigError("no predictor to evaluate")
     for name, p in predictors.items():
-        p._check_fitted()
+        p.check_is_fitted()
         if p.num_experts_ != trace.num_experts or p.num_layers_ != trace.num_layers:
             raise ConfigError(
                 f"predictor {name!r} was fitted on E={p.num_experts_}, L={p.num_layers_}; trace {trace.path} has "
@@ -101,7 +102,7 @@ def evaluate_many(
     k, E, L = trace.top_k, trace.num_experts, trace.num_layers
     budgets = sorted(set(budgets or [k, min(2 * k, E)]))
     if budgets[0] < k or budgets[-1] > E:
-        raise ConfigError(f"--budget values must be in [k={k}, E={E}], got {budgets}")
+        raise ConfigError(f"budget values must be in [k={k}, E={E}], got {budgets}")
     names = metric_names(budgets)
     X = len(names)
     window = max(p.history_window() for p in predictors.values())
@@ -167,7 +168,7 @@ def evaluate_many(
         summary.update(
             {
                 "predictor": p.name,
-                "params": p.get_params(),
+                "params": plain_params(p),
                 "trace": str(trace.path),
                 "num_experts": E,
                 "top_k": k,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from moescope.core.figures import save_figure
 from moescope.predict.evaluate import EvalResult
-from moescope.trace.atomic import atomic_write
 
 
 def accuracy_rows(results: dict[str, EvalResult], metric: str) -> list[dict[str, Any]]:
@@ -37,38 +36,10 @@ def accuracy_rows(results: dict[str, EvalResult], metric: str) -> list[dict[str,
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    cols = list(rows[0]) if rows else ["predictor"]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def _save(fig: Any, rows: list[dict[str, Any]], stem: Path, params: dict[str, Any]) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    png, csv_path, meta = stem.with_suffix(".png"), stem.with_suffix(".csv"), stem.with_suffix(".json")
-    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    _write_csv(csv_path, rows)
-    atomic_write(
-        meta, lambda tmp: tmp.write_text(json.dumps(params, indent=2, default=str) + "\n", encoding="utf-8")
-    )
-    return [png, csv_path, meta]
-
-
 def plot_by_layer(
     results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall"
 ) -> list[Path]:
     """One panel per mode: ``metric`` against MoE layer for every predictor, random baseline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in accuracy_rows(results, metric) if r["layer"] >= 0]
@@ -89,23 +60,19 @@ def plot_by_layer(
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.02)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    paths = _save(
+    return save_figure(
         fig,
         rows,
         Path(out_dir) / f"predict_{metric}_by_layer",
         {"metric": metric, "predictors": list(results)},
+        dpi=120,
     )
-    plt.close(fig)
-    return paths
 
 
 def plot_by_distance(
     results: dict[str, EvalResult], out_dir: str | Path, metric: str = "slot_recall"
 ) -> list[Path]:
     """``metric`` over all layers against spatial distance, one line per predictor (temporal apart)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in accuracy_rows(results, metric) if r["layer"] == -1]
@@ -123,11 +90,10 @@ def plot_by_distance(
     if rows:
         ax.axhline(rows[0]["random"], color="grey", linestyle="--", linewidth=1, label="random")
     ax.legend(fontsize=7)
-    paths = _save(
+    return save_figure(
         fig,
         rows,
         Path(out_dir) / f"predict_{metric}_by_distance",
         {"metric": metric, "predictors": list(results)},
+        dpi=120,
     )
-    plt.close(fig)
-    return paths

@@ -35,7 +35,7 @@ import numpy as np
 
 from moescope.errors import ConfigError
 from moescope.predict.base import BasePredictor, Boolean, Interval, Modes, Options, OrNone, RandomState
-from moescope.predict.queries import Queries, _split_lookahead, iter_contexts
+from moescope.predict.queries import Queries, iter_contexts, split_lookahead_column
 
 PREDICT_CHUNK = 4096  # queries per forward pass when predicting
 
@@ -291,7 +291,7 @@ class LearnedPredictor(BasePredictor):
 
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
         vs = (
-            sorted({v for v, _ in map(_split_lookahead, trace.lookahead_columns)})
+            sorted({v for v, _ in map(split_lookahead_column, trace.lookahead_columns)})
             if self.use_lookahead
             else []
         )

@@ -16,7 +16,7 @@ import numpy as np
 
 from moescope.errors import ConfigError
 from moescope.predict.base import BasePredictor, Options, count_popularity
-from moescope.predict.queries import Queries, _split_lookahead
+from moescope.predict.queries import Queries, split_lookahead_column
 
 
 class LookaheadPredictor(BasePredictor):
@@ -45,7 +45,9 @@ class LookaheadPredictor(BasePredictor):
         self.fallback = fallback
 
     def _fit(self, trace: Any) -> None:
-        dists = sorted(d for v, d in map(_split_lookahead, trace.lookahead_columns) if v == self.variant)
+        dists = sorted(
+            d for v, d in map(split_lookahead_column, trace.lookahead_columns) if v == self.variant
+        )
         if not dists:
             raise ConfigError(
                 f"{trace.path}: the trace has no lookahead_{self.variant}_d* columns (it has "

@@ -208,7 +208,7 @@ class Context:
             src = layer - distance
             if src >= 0 and self.lookahead_ok:
                 for name, arr in self._lookahead.items():
-                    variant, d = _split_lookahead(name)
+                    variant, d = split_lookahead_column(name)
                     if d == distance:
                         a = arr[self._start :]
                         look[variant] = (a if rows is None else a[rows])[:, src]
@@ -226,7 +226,7 @@ class Context:
         )
 
 
-def _split_lookahead(name: str) -> tuple[str, int]:
+def split_lookahead_column(name: str) -> tuple[str, int]:
     """``"lookahead_gate_input_d2"`` -> ``("gate_input", 2)``."""
     body = name[len("lookahead_") :]
     variant, _, d = body.rpartition("_d")

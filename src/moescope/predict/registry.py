@@ -1,4 +1,8 @@
-"""Predictor names for ``moescope predict list|fit`` and :func:`~moescope.predict.base.make_predictor`."""
+"""Predictor names for ``moescope predict list|fit`` and :func:`~moescope.predict.base.make_predictor`.
+
+Each registration carries its one-line description, so a name cannot be registered without being
+listed (aliases say ``listed=False``). ``moescope predict list`` shows them in this order.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +14,102 @@ from moescope.predict.learned import LearnedPredictor
 from moescope.predict.lookahead import LookaheadPredictor
 from moescope.predict.rules import RulesPredictor
 
-#: name -> one-line description, in the order ``moescope predict list`` shows them.
-DESCRIPTIONS: dict[str, str] = {
-    "uniform": "baseline: uniformly random ranking (slot recall k/E)",
-    "popularity": "baseline: the layer's most used experts in training",
-    "previous": "baseline: the previous token's experts at the same layer",
-    "window": "baseline: experts used most by the last W tokens at the same layer (--param window=W)",
-    "same-token": "baseline: the experts of the same token's most recent earlier occurrence in the document",
-    "token": "per-layer table of the experts each token id used most (hashed token text when no ids)",
-    "lookahead": "gate lookahead, next gates on the current gate input (needs captured lookahead columns)",
-    "lookahead-residual": "gate lookahead, next gates on the normed residual stream (needs lookahead columns)",
-    "rules-level1": "seed 004 level 1: (layer, expert) -> next expert, majority vote",
-    "rules-level2": "seed 004 level 2: (layer, expert at N-1, N)",
-    "rules-level3": "seed 004 level 3: (layer, experts at N-2, N-1, N)",
-    "rules-level4": "seed 004 level 4: (layer, primary, secondary)",
-    "rules-level5": "seed 004 level 5: (layer, expert) -> expert K layers ahead, K = 2, 4, 8",
-    "rules-hybrid": "seed 004 hybrid: level 3, else 2, else 1, else the layer's most frequent expert",
-    "cooccurrence": "seed 000 method 3: smoothed conditional probabilities from inter-layer co-occurrence",
-    "learned": "seed 000 method 2: residual MLP on token ids, every known layer and earlier tokens' full routing",
-    "combined": "everything the trace holds: learned model + gate lookahead blend (the best)",
-    "best": "alias of combined",
+register_predictor(
+    "uniform", FrequencyPredictor, "baseline: uniformly random ranking (slot recall k/E)", strategy="uniform"
+)
+register_predictor(
+    "popularity",
+    FrequencyPredictor,
+    "baseline: the layer's most used experts in training",
+    strategy="most_frequent",
+)
+register_predictor(
+    "previous",
+    FrequencyPredictor,
+    "baseline: the previous token's experts at the same layer",
+    strategy="previous_token",
+)
+register_predictor(
+    "window",
+    FrequencyPredictor,
+    "baseline: experts used most by the last W tokens at the same layer (--param window=W)",
+    strategy="window",
+    window=4,
+)
+register_predictor(
+    "same-token",
+    FrequencyPredictor,
+    "baseline: the experts of the same token's most recent earlier occurrence in the document",
+    strategy="same_token",
+)
+register_predictor(
+    "frequency",
+    FrequencyPredictor,
+    "any baseline above by its parameter (--param strategy=uniform|most_frequent|previous_token|window|same_token)",
+)
+register_predictor(
+    "token",
+    TokenPredictor,
+    "per-layer table of the experts each token id used most (hashed token text when no ids)",
+)
+register_predictor(
+    "lookahead",
+    LookaheadPredictor,
+    "gate lookahead, next gates on the current gate input (needs captured lookahead columns)",
+    variant="gate_input",
+)
+register_predictor(
+    "lookahead-residual",
+    LookaheadPredictor,
+    "gate lookahead, next gates on the normed residual stream (needs lookahead columns)",
+    variant="residual",
+)
+_LEVELS = {
+    1: "(layer, expert) -> next expert, majority vote",
+    2: "(layer, expert at N-1, N)",
+    3: "(layer, experts at N-2, N-1, N)",
+    4: "(layer, primary, secondary)",
 }
-
-register_predictor("uniform", FrequencyPredictor, strategy="uniform")
-register_predictor("popularity", FrequencyPredictor, strategy="most_frequent")
-register_predictor("previous", FrequencyPredictor, strategy="previous_token")
-register_predictor("window", FrequencyPredictor, strategy="window", window=4)
-register_predictor("same-token", FrequencyPredictor, strategy="same_token")
-register_predictor("frequency", FrequencyPredictor)
-register_predictor("token", TokenPredictor)
-register_predictor("lookahead", LookaheadPredictor, variant="gate_input")
-register_predictor("lookahead-residual", LookaheadPredictor, variant="residual")
-for _lv in (1, 2, 3, 4):
-    register_predictor(f"rules-level{_lv}", RulesPredictor, level=_lv)
-register_predictor("rules-level5", RulesPredictor, level=1, distances=(2, 4, 8))
-register_predictor("rules-hybrid", RulesPredictor, level="hybrid")
-register_predictor("rules", RulesPredictor)
-register_predictor("cooccurrence", CooccurrencePredictor)
-register_predictor("learned", LearnedPredictor)
-register_predictor("combined", CombinedPredictor)
-register_predictor("best", CombinedPredictor)
-
-#: names whose predictors answer any mode without a ``distances`` parameter
-MODELESS = ("uniform", "popularity", "previous", "window", "frequency")
+for _lv, _what in _LEVELS.items():
+    register_predictor(f"rules-level{_lv}", RulesPredictor, f"seed 004 level {_lv}: {_what}", level=_lv)
+register_predictor(
+    "rules-ahead",
+    RulesPredictor,
+    "level-1 rules (layer, expert) -> expert K layers ahead, K = 2, 4, 8 (seed 004's 'level 5')",
+    level=1,
+    distances=(2, 4, 8),
+)
+register_predictor(
+    "rules-level5",
+    RulesPredictor,
+    "seed 004's name of rules-ahead",
+    listed=False,
+    level=1,
+    distances=(2, 4, 8),
+)
+register_predictor(
+    "rules-hybrid",
+    RulesPredictor,
+    "seed 004 hybrid: level 3, else 2, else 1, else the layer's most frequent expert",
+    level="hybrid",
+)
+register_predictor(
+    "rules", RulesPredictor, "seed 004 rules by parameter (--param level=1|2|3|4|hybrid, distances=[...])"
+)
+register_predictor(
+    "cooccurrence",
+    CooccurrencePredictor,
+    "seed 000 method 3: smoothed conditional probabilities from inter-layer co-occurrence",
+)
+register_predictor(
+    "learned",
+    LearnedPredictor,
+    "seed 000 method 2: residual MLP on token ids, every known layer and earlier tokens' full routing",
+)
+register_predictor(
+    "combined",
+    CombinedPredictor,
+    "everything the trace holds: learned model + tables + gate lookahead, stacked (the best)",
+    learned=LearnedPredictor(epochs=6),
+)
+register_predictor("best", CombinedPredictor, "alias of combined", learned=LearnedPredictor(epochs=6))

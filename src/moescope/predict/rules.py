@@ -29,8 +29,6 @@ from numba import njit
 from moescope.predict.base import BasePredictor, Interval, Modes, Options, count_popularity
 from moescope.predict.queries import Queries, iter_labelled, require_ranked, set_mask
 
-LEVELS = (1, 2, 3, 4)
-
 
 def _key_parts(q: Queries, level: int) -> np.ndarray:
     """``(n, p)`` the primary ids (and secondary for level 4) forming a rule key; ``missing`` = unknown."""
@@ -127,23 +125,18 @@ class RulesPredictor(BasePredictor):
                 rows, ex = np.nonzero(onehot[ok] > 0)
                 pair = code[ok][rows] * E + ex
                 val = onehot[ok][rows, ex]
-                parts[lv].append(_reduce(pair, val))
+                parts[lv].append(sum_by_code(pair, val))
         self.tables_ = {}
         for lv, chunks in parts.items():
-            pair, val = _reduce(
+            pair, val = sum_by_code(
                 np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64),
                 np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.float32),
             )
-            keys, indptr, experts, votes = _to_csr(pair, val, E, self.max_candidates)
+            keys, indptr, experts, votes = votes_to_csr(pair, val, E, self.max_candidates)
             self.tables_[f"{lv}.keys"] = keys
             self.tables_[f"{lv}.indptr"] = indptr
             self.tables_[f"{lv}.experts"] = experts
             self.tables_[f"{lv}.votes"] = votes
-
-    def rule_count(self, level: int) -> int:
-        """Number of rules (distinct keys) learned at ``level``."""
-        self._check_fitted()
-        return len(self.tables_[f"{level}.keys"])
 
     def _match(self, q: Queries, level: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For the queries ``rows``: table index of their rule at ``level`` and whether one matches."""
@@ -170,7 +163,7 @@ class RulesPredictor(BasePredictor):
             if len(todo) == 0:
                 break
             pos, found = self._match(q, lv, todo)
-            _fill_rows(
+            fill_rows(
                 out,
                 todo[found],
                 pos[found],
@@ -183,7 +176,7 @@ class RulesPredictor(BasePredictor):
         return out
 
 
-def _fill_rows(
+def fill_rows(
     out: np.ndarray,
     rows: np.ndarray,
     pos: np.ndarray,
@@ -205,7 +198,7 @@ def _fill_rows_kernel(
     experts: np.ndarray,
     values: np.ndarray,
 ) -> None:
-    """Compiled body of :func:`_fill_rows`: one row at a time, no temporaries."""
+    """Compiled body of :func:`fill_rows`: one row at a time, no temporaries."""
     E = out.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
@@ -216,7 +209,7 @@ def _fill_rows_kernel(
             out[r, experts[c]] = values[c]
 
 
-def _reduce(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sum_by_code(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``val`` per distinct ``pair`` code."""
     if len(pair) == 0:
         return pair.astype(np.int64), val.astype(np.float32)
@@ -224,7 +217,7 @@ def _reduce(pair: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, np.bincount(inv, weights=val, minlength=len(uniq)).astype(np.float32)
 
 
-def _to_csr(
+def votes_to_csr(
     pair: np.ndarray, val: np.ndarray, E: int, keep: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sorted pair codes -> (keys, indptr, experts, votes), keeping the ``keep`` most voted per key."""

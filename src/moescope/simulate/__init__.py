@@ -1,7 +1,12 @@
-"""``moescope simulate``: replay traces through an expert cache, a prefetcher and a timing model."""
+"""``moescope simulate``: replay traces through an expert cache, a prefetcher and a timing model.
 
+The package is callable: ``moescope.simulate(test, fit_trace=train, cache_fraction=0.25)`` is
+:func:`~moescope.simulate.replay.replay`.
+"""
+
+from moescope.core.modules import make_callable
 from moescope.simulate.deployment import (
-    PRESETS,
+    DEPLOYMENT_PRESETS,
     Deployment,
     ModelCost,
     Tier,
@@ -30,14 +35,15 @@ from moescope.simulate.prefetch import (
     TablePrefetcher,
     make_prefetcher,
 )
+from moescope.simulate.replay import replay
 
 __all__ = [
+    "DEPLOYMENT_PRESETS",
     "LFU",
     "LRFU",
     "LRU",
     "POLICIES",
     "PREFETCHERS",
-    "PRESETS",
     "Belady",
     "CachePolicy",
     "Deployment",
@@ -58,7 +64,10 @@ __all__ = [
     "make_prefetcher",
     "model_cost",
     "prepare",
+    "replay",
     "run",
     "simulate",
     "step_prefetch",
 ]
+
+make_callable(__name__, "replay")

@@ -102,7 +102,7 @@ class Deployment:
 _HOST_PCIE4 = Tier("host", None, 31.5, 10.0)
 _HOST_PCIE5 = Tier("host", None, 63.0, 10.0)
 
-PRESETS: dict[str, Deployment] = {
+DEPLOYMENT_PRESETS: dict[str, Deployment] = {
     # GeForce RTX 4090: 24 GB GDDR6X at 1008 GB/s, 165 TFLOPS dense FP16 tensor with FP32 accumulate
     # (NVIDIA Ada Lovelace architecture whitepaper, Appendix A), PCIe 4.0 x16.
     "rtx4090-pcie4": Deployment("rtx4090-pcie4", 24.0, 1008.0, 165.2, [_HOST_PCIE4]),
@@ -120,9 +120,9 @@ PRESETS: dict[str, Deployment] = {
 
 def get_preset(name: str) -> Deployment:
     """A copy of a preset deployment; errors list the known presets."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], tiers=list(PRESETS[name].tiers))
+    if name not in DEPLOYMENT_PRESETS:
+        raise ConfigError(f"preset {name!r} is unknown; presets: {', '.join(DEPLOYMENT_PRESETS)}")
+    return dataclasses.replace(DEPLOYMENT_PRESETS[name], tiers=list(DEPLOYMENT_PRESETS[name].tiers))
 
 
 @dataclass
@@ -159,7 +159,7 @@ def model_cost(config: Any, dtype: str = "bf16") -> ModelCost:
     from moescope.models.params import count_parameters
 
     if dtype not in BYTES_PER_PARAM:
-        raise ConfigError(f"--dtype {dtype!r} is unknown; use one of {', '.join(BYTES_PER_PARAM)}")
+        raise ConfigError(f"dtype {dtype!r} is unknown; use one of {', '.join(BYTES_PER_PARAM)}")
     pc = count_parameters(config)
     n_moe = max(len(pc.moe_layers), 1)
     dense = (pc.attention + pc.router + pc.shared_experts) // n_moe
@@ -194,11 +194,11 @@ def cache_capacity(
     total = num_layers * num_experts
     if experts is not None:
         if experts < 1:
-            raise ConfigError(f"--cache-experts must be >= 1, got {experts}")
+            raise ConfigError(f"cache_experts must be >= 1, got {experts}")
         n_total = experts if shared else experts * num_layers
     elif fraction is not None:
         if not 0 < fraction <= 1:
-            raise ConfigError(f"--cache-fraction must be in (0, 1], got {fraction}")
+            raise ConfigError(f"cache_fraction must be in (0, 1], got {fraction}")
         n_total = round(fraction * total)
     else:
         if not 0 < gb <= deployment.gpu_memory_gb:

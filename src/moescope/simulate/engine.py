@@ -88,9 +88,9 @@ def prepare(trace: Any, *, mode: str = "decode", batch_size: int | None = None) 
     Memory: the routing ids are held as int16, ``2 N L k`` bytes.
     """
     if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        raise ConfigError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     N, L, k, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
     if N == 0:
         raise ConfigError(f"{trace.path}: the trace has no rows to simulate")
@@ -340,10 +340,10 @@ def run(
     are then made block by block on a second core while the replay runs, with the same results as
     ``prefetch=step_prefetch(steps, prefetcher.ranked(trace))`` and no ``(N, L, m)`` array.
     """
-    policy.check_fitted()
+    policy.check_is_fitted()
     deployment.check()
     if reset not in RESETS:
-        raise ConfigError(f"--reset {reset!r} is unknown; use one of {', '.join(RESETS)}")
+        raise ConfigError(f"reset {reset!r} is unknown; use one of {', '.join(RESETS)}")
     S, L, E = steps.num_steps, steps.num_layers, steps.num_experts
     capacity = np.asarray(capacity, np.int64)
     want = (1,) if shared else (L,)
@@ -379,7 +379,7 @@ def run(
         prefetch = np.ascontiguousarray(prefetch, dtype=np.int16)
         M = prefetch.shape[2]
     if not 1 <= distance:
-        raise ConfigError(f"--distance must be >= 1, got {distance}")
+        raise ConfigError(f"distance must be >= 1, got {distance}")
     pinned = policy.pinned(L, E, capacity, per_layer)
     n_pinned = pinned.reshape(L, E).sum(axis=1) if per_layer else np.array([pinned.sum()])
     if (n_pinned > capacity).any():

@@ -8,7 +8,8 @@ inserted when it ranks no better than the victim), ``protect`` (experts the pref
 a coming layer are evicted last) and ``needs_future`` (``NEXT`` is kept up to date from the trace).
 A new policy is a subclass setting these; a new rule is one branch in ``kernel.priority`` or
 ``kernel.on_use`` (rules are integers so that the compiled loop is cached on disk once for all).
-Parameters are stored unchanged by ``__init__`` and checked by :meth:`CachePolicy.fit`.
+Parameters are stored unchanged by ``__init__`` and checked by :meth:`CachePolicy.fit` against
+``_parameter_constraints`` (the estimator contract of :mod:`moescope.core.estimator`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
+from moescope.core.estimator import Estimator, Interval
 from moescope.errors import ConfigError
 from moescope.simulate import kernel as K
 from moescope.simulate.kernel import AUX, FREQ, LAST, NEXT
 
 
-class CachePolicy(BaseEstimator):
+class CachePolicy(Estimator):
     """Base of every eviction policy; see the module docstring for the contract.
 
     Attributes
@@ -38,14 +39,10 @@ class CachePolicy(BaseEstimator):
     priority_rule: ClassVar[int] = K.PRIO_LAST
     use_rule: ClassVar[int] = K.USE_NONE
 
-    def _validate(self) -> None:
-        """Raise :class:`ConfigError` naming the parameter when a value is not allowed."""
-
     def fit(self, trace: Any = None) -> CachePolicy:
         """Check the parameters and learn any statistics from ``trace``; returns ``self``."""
-        self._validate()
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
-            delattr(self, attr)
+        self._validate_params()
+        self._reset()
         self._fit(trace)
         self.fitted_ = True
         return self
@@ -54,8 +51,8 @@ class CachePolicy(BaseEstimator):
         return None
 
     def check_fitted(self) -> None:
-        if not getattr(self, "fitted_", False):
-            raise ConfigError(f"{type(self).__name__} is not fitted: call fit(trace) first")
+        """Alias of :meth:`check_is_fitted` (the name the simulator used first)."""
+        self.check_is_fitted()
 
     def param(self) -> float:
         """The one float the jitted functions receive."""
@@ -66,7 +63,7 @@ class CachePolicy(BaseEstimator):
         return np.zeros(num_layers * num_experts, dtype=np.bool_)
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params(deep=False).items())
         return f"{self.name}({args})" if args else self.name
 
 
@@ -100,19 +97,10 @@ class LRFU(CachePolicy):
     name = "lrfu"
     priority_rule = K.PRIO_AUX
     use_rule = K.USE_LRFU
+    _parameter_constraints: ClassVar[dict[str, Any]] = {"decay": Interval(float, 0, 64)}
 
     def __init__(self, *, decay: float = 0.05) -> None:
         self.decay = decay
-
-    def _validate(self) -> None:
-        if (
-            not isinstance(self.decay, (int, float))
-            or isinstance(self.decay, bool)
-            or not 0 <= self.decay <= 64
-        ):
-            raise ConfigError(
-                f"LRFU: parameter decay={self.decay!r} is invalid; it must be a number in [0, 64]"
-            )
 
     def param(self) -> float:
         return float(self.decay)
@@ -143,16 +131,10 @@ class StaticPin(CachePolicy):
     """
 
     name = "static"
+    _parameter_constraints: ClassVar[dict[str, Any]] = {"pin_fraction": Interval(float, 0.0, 1.0)}
 
     def __init__(self, *, pin_fraction: float = 1.0) -> None:
         self.pin_fraction = pin_fraction
-
-    def _validate(self) -> None:
-        ok = isinstance(self.pin_fraction, (int, float)) and not isinstance(self.pin_fraction, bool)
-        if not ok or not 0.0 <= self.pin_fraction <= 1.0:
-            raise ConfigError(
-                f"StaticPin: parameter pin_fraction={self.pin_fraction!r} is invalid; it must be a number in [0, 1]"
-            )
 
     def _fit(self, trace: Any) -> None:
         if trace is None:
@@ -166,7 +148,7 @@ class StaticPin(CachePolicy):
         self.counts_ = counts[:, :E]
 
     def pinned(self, num_layers: int, num_experts: int, capacity: np.ndarray, per_layer: bool) -> np.ndarray:
-        self.check_fitted()
+        self.check_is_fitted()
         if self.counts_.shape != (num_layers, num_experts):
             raise ConfigError(
                 f"StaticPin was fitted on {self.counts_.shape[0]} layers x {self.counts_.shape[1]} experts; "

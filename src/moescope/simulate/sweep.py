@@ -7,11 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
 from moescope.simulate.policies import make_policy
+from moescope.trace.atomic import atomic_write_json
 
 
 def sweep(
@@ -71,13 +70,11 @@ def sweep(
 
 def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) -> list[Path]:
     """Hit rate and tokens/s against cache size, one line per policy (and prefetcher): PNG + CSV each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from moescope.core.figures import save_figure
+
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     # one colour per policy, one line style per prefetcher, so that 18 lines stay readable
     policies = list(dict.fromkeys(df["policy"].to_list()))
@@ -116,27 +113,9 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
                 tokens_per_s_all_in_gpu=df["tokens_per_s_all_in_gpu"],
                 tokens_per_s_no_cache=df["tokens_per_s_no_cache"],
             )
-        data.write_csv(out.with_suffix(".csv"))
-        fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written += [out.with_suffix(".png"), out.with_suffix(".csv")]
+        written += save_figure(fig, data, out, dpi=120)
     if params:
-        stem.with_name(f"{stem.name}.json").write_text(json.dumps(params, indent=2, default=str))
+        meta = stem.with_name(f"{stem.name}.json")
+        atomic_write_json(meta, json.loads(json.dumps(params, default=str)))
+        written.append(meta)
     return written
-
-
-def best_row(df: Any, fraction: float) -> dict[str, Any]:
-    """The (policy, prefetcher) with the most tokens/s at ``fraction``, and LRU alone for comparison."""
-    at = df.filter(np.isclose(df["cache_fraction"].to_numpy(), fraction))
-    best = at.sort("tokens_per_s", descending=True).row(0, named=True)
-    lru = at.filter((at["policy"] == "lru") & (at["prefetcher"] == "none"))
-    base = lru.row(0, named=True)["tokens_per_s"] if len(lru) else None
-    return {
-        "cache_fraction": fraction,
-        "best_policy": best["policy"],
-        "best_prefetcher": best["prefetcher"],
-        "tokens_per_s": best["tokens_per_s"],
-        "hit_rate": best["hit_rate"],
-        "lru_tokens_per_s": base,
-        "speedup_vs_lru": (best["tokens_per_s"] / base) if base else None,
-    }

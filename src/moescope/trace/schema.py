@@ -14,8 +14,6 @@ import pyarrow as pa
 from moescope.errors import TraceError
 from moescope.trace.manifest import RoutingSpec
 
-#: Per-token scalar columns, always present.
-BASE_COLUMNS = ("doc_id", "position", "token_id", "label")
 LOOKAHEAD_VARIANTS = ("gate_input", "residual")
 
 

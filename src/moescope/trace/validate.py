@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, routing_from_manifest
-from moescope.trace.reader import Trace
 from moescope.trace.schema import build_schema, missing_id, nested_to_numpy
 from moescope.trace.writer import file_sha256
 
@@ -106,11 +105,3 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
             f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with --resume)"
         )
     return problems[:max_problems]
-
-
-def check_trace(path: str | Path) -> Trace:
-    """Open a trace after :func:`validate_trace` finds nothing wrong; raise with every problem otherwise."""
-    problems = validate_trace(path)
-    if problems:
-        raise TraceError("\n".join(problems))
-    return Trace.open(path)

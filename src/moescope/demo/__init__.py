@@ -2,11 +2,16 @@
 
 The demo is a script of ordinary ``moescope`` commands, printed before they run, so a new user can
 copy any step and change it. Everything lands under one output directory.
+
+The demo does not import the command line: :func:`run_demo` is handed the function that runs one
+command (``moescope demo`` hands it the in-process application; a script may run the
+``moescope`` executable), so ``cli -> demo`` is the only direction.
 """
 
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -98,12 +103,21 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     return steps
 
 
-def run_demo(
-    out: Path, *, max_tokens: int = 16000, predictor: str = "best", log: Callable[[str], None] | None = None
-) -> float:
-    """Run every demo step in-process; returns the wall time in seconds. Stops at the first failure."""
-    from moescope.cli import app
+def run_in_subprocess(args: list[str]) -> None:
+    """Run one ``moescope`` command in a child Python (the runner for library use)."""
+    code = "import sys; from moescope.cli import main; sys.argv = ['moescope', *sys.argv[1:]]; main()"
+    subprocess.run([sys.executable, "-c", code, *args], check=True)
 
+
+def run_demo(
+    out: Path,
+    *,
+    max_tokens: int = 16000,
+    predictor: str = "best",
+    run: Callable[[list[str]], None] = run_in_subprocess,
+    log: Callable[[str], None] | None = None,
+) -> float:
+    """Run every demo step with ``run(args)``; returns the wall time in seconds. Stops at the first failure."""
     say = log or (lambda msg: print(msg, flush=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +125,7 @@ def run_demo(
     for args in demo_steps(out, max_tokens=max_tokens, predictor=predictor):
         say(f"\n$ moescope {shlex.join(args)}")
         t0 = time.perf_counter()
-        app(args, standalone_mode=False)
+        run(args)
         sys.stdout.flush()
         say(f"({time.perf_counter() - t0:.1f} s)")
     total = time.perf_counter() - start
