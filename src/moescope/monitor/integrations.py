@@ -1,0 +1,77 @@
+"""The monitor in the loops people use: the transformers Trainer and PyTorch Lightning.
+
+Both call :meth:`RoutingMonitor.step` once per optimizer step and send the report's scalars
+through the loop's own logging, so whatever that loop reports to (TensorBoard, Weights & Biases,
+MLflow, CSV) receives them. The plain-PyTorch integration is :meth:`RoutingMonitor.step` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from moescope.errors import ConfigError
+from moescope.monitor.monitor import RoutingMonitor
+
+
+class RoutingMonitorCallback(TrainerCallback):
+    """``transformers`` callback: attach at train start, report through ``trainer.log``.
+
+    ``Trainer.log`` appends to ``state.log_history`` and calls every reporter callback
+    (``report_to``: TensorBoard, W&B, ...), so the scalars land wherever the Trainer logs.
+
+    Examples
+    --------
+    >>> trainer = Trainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
+    >>> monitor = RoutingMonitor(trainer.model, every=10)  # doctest: +SKIP
+    >>> trainer.add_callback(RoutingMonitorCallback(monitor, trainer))  # doctest: +SKIP
+    """
+
+    def __init__(self, monitor: RoutingMonitor, trainer: Any) -> None:
+        self.monitor = monitor
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.monitor.attach()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        report = self.monitor.step(state.global_step)
+        if report is not None:
+            self.trainer.log(self.monitor.scalars(report))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.monitor.detach()
+
+
+def lightning_callback(monitor: RoutingMonitor):
+    """A PyTorch Lightning ``Callback`` that reports through ``LightningModule.log_dict``.
+
+    Lightning's loggers (TensorBoard, W&B, CSVLogger, ...) then receive the scalars. Raises
+    :class:`ConfigError` when Lightning is not installed.
+    """
+    try:
+        import lightning.pytorch as pl
+    except ImportError as exc:
+        raise ConfigError("the Lightning callback needs lightning: pip install 'moescope[monitor]'") from exc
+
+    class RoutingMonitorLightning(pl.Callback):
+        """Attach at fit start; one monitor step per optimizer step (after gradient accumulation)."""
+
+        def __init__(self) -> None:
+            self.monitor = monitor
+
+        def on_fit_start(self, trainer, pl_module):
+            monitor.attach()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches):
+                return
+            report = monitor.step(trainer.global_step)
+            if report is not None:
+                pl_module.log_dict(monitor.scalars(report), on_step=True, on_epoch=False)
+
+        def on_fit_end(self, trainer, pl_module):
+            monitor.detach()
+
+    return RoutingMonitorLightning()
