@@ -45,9 +45,11 @@ class RoutingMonitorCallback(TrainerCallback):
 
 
 def lightning_callback(monitor: RoutingMonitor):
-    """A PyTorch Lightning ``Callback`` that reports through ``LightningModule.log_dict``.
+    """A PyTorch Lightning ``Callback`` that sends each report to the Trainer's own loggers.
 
-    Lightning's loggers (TensorBoard, W&B, CSVLogger, ...) then receive the scalars. Raises
+    Each of ``trainer.loggers`` (TensorBoard, W&B, CSVLogger, ...) gets ``log_metrics(scalars,
+    step=global_step)``, once per report (``LightningModule.log`` would repeat the last value at
+    every later logging step). Raises
     :class:`ConfigError` when Lightning is not installed.
     """
     try:
@@ -69,7 +71,9 @@ def lightning_callback(monitor: RoutingMonitor):
                 return
             report = monitor.step(trainer.global_step)
             if report is not None:
-                pl_module.log_dict(monitor.scalars(report), on_step=True, on_epoch=False)
+                scalars = monitor.scalars(report)
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=trainer.global_step)
 
         def on_fit_end(self, trainer, pl_module):
             monitor.detach()
