@@ -404,3 +404,23 @@ def test_sampled_capture_writes_analysable_traces(tmp_path):
     res = CliRunner().invoke(app, ["analyze", str(sample), "-o", str(tmp_path / "an"), "-a", "load,entropy"])
     assert res.exit_code == 0, res.output
     assert any((tmp_path / "an").rglob("*.csv"))
+
+
+def test_summary_table_matches_report_and_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from moescope.monitor.figures import plot_training, summary_table
+
+    model = tiny_model("qwen3_moe").train()
+    with RoutingMonitor(model, every=1, sinks=[CSVSink(tmp_path / "m.csv")], alerts=None) as monitor:
+        for ids, mask, _labels in batches(2, seed=4):
+            model(input_ids=ids, attention_mask=mask)
+            monitor.step()
+    table = summary_table(pl.read_csv(tmp_path / "m.csv")).filter(pl.col("step") == 2)
+    for metric, stats in monitor.last_report.summary.items():
+        row = table.filter(pl.col("metric") == metric)
+        for stat, value in stats.items():
+            assert row[stat][0] == pytest.approx(value, rel=1e-9), (metric, stat)
+    fig = plot_training(summary_table(pl.read_csv(tmp_path / "m.csv")))
+    assert len([ax for ax in fig.axes if ax.lines]) == 6

@@ -83,9 +83,9 @@ class RoutingCounters:
         )  # (N,) largest weight, first on ties
         self.first[j].index_add_(0, first, m)
 
-    def add_logits(self, j: int, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Layer ``j``'s router distribution ``probs`` (N, E): entropy in bits summed over valid tokens."""
-        h = torch.special.entr(probs).sum(-1).double() / _LN2  # (N,) bits
+    def add_logits(self, j: int, logits: torch.Tensor, router_kind: str, mask: torch.Tensor | None) -> None:
+        """Layer ``j``'s router ``logits`` (N, E): router entropy in bits summed over valid tokens."""
+        h = torch.special.entr(router_probs(logits, router_kind)).sum(-1).double() / _LN2  # (N,) bits
         self.entropy_sum[j] += h.sum() if mask is None else (h * mask).sum()
 
     def add_aux(

@@ -22,7 +22,7 @@ import torch
 from moescope.capture.adapters import FamilySpec
 from moescope.capture.engine import HookSet, decode_router_output
 from moescope.errors import ConfigError
-from moescope.monitor.counters import RoutingCounters, router_probs
+from moescope.monitor.counters import RoutingCounters
 from moescope.trace import RoutingSpec
 
 
@@ -173,8 +173,9 @@ class MonitorHooks(HookSet):
             flat = logits.reshape(-1, logits.shape[-1])
             self.counters.to(flat.device)
             with torch.no_grad():
-                probs = router_probs(flat, self.spec.router_kind)
-                self.counters.add_logits(j, probs, self._flat_mask(flat.shape[0], flat.device))
+                self.counters.add_logits(
+                    j, flat, self.spec.router_kind, self._flat_mask(flat.shape[0], flat.device)
+                )
             if self._logits:
                 self._logits[j] = logits
 
