@@ -19,7 +19,7 @@ held-out corpus (its own aux loss in the objective) with the monitor writing a C
 (every per-layer row).
 
 Run: .venv/bin/python benchmarks/monitor.py [--models tiny-mixtral,tiny-finegrained] [--steps 60]
-     [--batch 8] [--seq 128] [--every 10] [--threads 1]
+     [--batch 8] [--seq 128] [--every 10] [--threads 1] [--no-aux]
      .venv/bin/python benchmarks/monitor.py --figure docs/figures/monitor-training --models tiny-mixtral
      [--train-steps 80] [--every 4] [--lr 3e-3]
 """
@@ -71,12 +71,12 @@ class _Timer:
         setattr(obj, name, timed)
 
 
-def run(name: str, steps: int, batch: int, seq: int, every: int, seed: int = 0) -> dict:
+def run(name: str, steps: int, batch: int, seq: int, every: int, aux: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = load(name)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     vocab = model.config.vocab_size
-    monitor = RoutingMonitor(model, every=every)
+    monitor = RoutingMonitor(model, every=every, aux_loss=aux)
     timer = _Timer()
     hooks = monitor.hooks
     for m in ("_model_pre", "_model_post", "_selection"):
@@ -127,6 +127,7 @@ def run(name: str, steps: int, batch: int, seq: int, every: int, seed: int = 0) 
         "batch": batch,
         "seq": seq,
         "every": every,
+        "aux_loss": aux,
         "pairs": steps,
         "reports": monitor.reports,
         "step_ms_off_median": 1e3 * statistics.median(off_t),
@@ -227,6 +228,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-aux", action="store_true", help="monitor without the aux-loss calls")
     ap.add_argument("--figure", default=None, help="save the training-run figure at this stem instead")
     ap.add_argument("--train-steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -236,7 +238,9 @@ def main() -> None:
         model = args.models.split(",")[0]
         figure(args.figure, model, args.train_steps, args.batch, args.seq, args.every, args.lr)
         return
-    results = [run(m, args.steps, args.batch, args.seq, args.every) for m in args.models.split(",")]
+    results = [
+        run(m, args.steps, args.batch, args.seq, args.every, not args.no_aux) for m in args.models.split(",")
+    ]
     print(
         "| model | L x E, k | tokens/step | step off (ms, median) | step on (ms, median) "
         "| overhead median | overhead min-of-N | overhead paired median | time in monitor code "
