@@ -168,7 +168,8 @@ class MonitorHooks(HookSet):
                 return
             logits = (out if fam.logits_index is None else out[fam.logits_index]).detach()
             if fam.selection != "experts_call":
-                ids, weights = decode_router_output(fam, block, out, k)
+                with torch.no_grad():
+                    ids, weights = decode_router_output(fam, block, out, k)
                 self._selection(j, ids.detach(), weights.detach())
             flat = logits.reshape(-1, logits.shape[-1])
             self.counters.to(flat.device)
