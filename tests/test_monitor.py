@@ -426,3 +426,29 @@ def test_summary_table_matches_report_and_plots(tmp_path):
             assert row[stat][0] == pytest.approx(value, rel=1e-9), (metric, stat)
     fig = plot_training(summary_table(pl.read_csv(tmp_path / "m.csv")))
     assert len([ax for ax in fig.axes if ax.lines]) == 6
+
+
+def test_trainer_callback_reports_the_partial_window_at_train_end():
+    from moescope.monitor.integrations import RoutingMonitorCallback
+
+    class FakeTrainer:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, logs):
+            self.logged.append(dict(logs))
+
+    class State:
+        global_step = 1
+
+    model = tiny_model("mixtral").train()
+    fake = FakeTrainer()
+    cb = RoutingMonitorCallback(RoutingMonitor(model, every=4, alerts=None), fake)
+    ids, mask, _labels = next(batches(1))
+    cb.on_train_begin(None, State(), None, model=model)
+    model(input_ids=ids, attention_mask=mask)
+    cb.on_step_end(None, State(), None)
+    assert fake.logged == []
+    cb.on_train_end(None, State(), None)
+    assert [d["moe/tokens"] for d in fake.logged] == [int(mask.sum())]
+    assert not cb.monitor.hooks._handles

@@ -18,6 +18,8 @@ from moescope.monitor.monitor import RoutingMonitor
 class RoutingMonitorCallback(TrainerCallback):
     """``transformers`` callback: attach at train start, report through ``trainer.log``.
 
+    At train end the last, partial window is reported too, and the hooks are removed.
+
     ``Trainer.log`` appends to ``state.log_history`` and calls every reporter callback
     (``report_to``: TensorBoard, W&B, ...), so the scalars land wherever the Trainer logs.
 
@@ -41,6 +43,9 @@ class RoutingMonitorCallback(TrainerCallback):
             self.trainer.log(self.monitor.scalars(report))
 
     def on_train_end(self, args, state, control, **kwargs):
+        report = self.monitor.report()  # the last, partial window (None when it is empty)
+        if report is not None:
+            self.trainer.log(self.monitor.scalars(report))
         self.monitor.detach()
 
 
@@ -76,6 +81,10 @@ def lightning_callback(monitor: RoutingMonitor):
                     logger.log_metrics(scalars, step=trainer.global_step)
 
         def on_fit_end(self, trainer, pl_module):
+            report = monitor.report()  # the last, partial window (None when it is empty)
+            if report is not None:
+                for logger in trainer.loggers:
+                    logger.log_metrics(monitor.scalars(report), step=trainer.global_step)
             monitor.detach()
 
     return RoutingMonitorLightning()
