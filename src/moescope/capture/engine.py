@@ -84,7 +84,8 @@ class _Collector:
     suspended: bool = False
 
 
-_ACTIVE: ContextVar[_Collector | None] = ContextVar("moescope_routing_collector", default=None)
+#: The collector of the capture pass in progress (gate lookahead adds its columns to it).
+ACTIVE_COLLECTOR: ContextVar[_Collector | None] = ContextVar("moescope_routing_collector", default=None)
 
 
 class RoutingRecorder(HookSet):
@@ -163,7 +164,7 @@ class RoutingRecorder(HookSet):
         fam = self.family
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            col = _ACTIVE.get()
+            col = ACTIVE_COLLECTOR.get()
             if col is None or col.suspended:
                 return
             ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
@@ -182,7 +183,7 @@ class RoutingRecorder(HookSet):
         k = self.spec.top_k
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            col = _ACTIVE.get()
+            col = ACTIVE_COLLECTOR.get()
             if col is None or col.suspended:
                 return
             if self.logits:
@@ -260,12 +261,12 @@ class RoutingRecorder(HookSet):
             kwargs["logits_to_keep"] = 1  # the LM head's vocabulary logits are not needed here
         col = _Collector()
         with self:
-            token = _ACTIVE.set(col)
+            token = ACTIVE_COLLECTOR.set(col)
             try:
                 with torch.no_grad():
                     self.model(**kwargs)
             finally:
-                _ACTIVE.reset(token)
+                ACTIVE_COLLECTOR.reset(token)
         return self._assemble(col, attention_mask)
 
     def _assemble(self, col: _Collector, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:

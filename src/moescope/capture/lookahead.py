@@ -84,13 +84,13 @@ class LookaheadPlan:
 
     def install(self, sink: Callable[[Any, str, int, torch.Tensor], None]) -> list[Any]:
         """Forward hooks on each MoE layer's decoder layer, feeding its output to ``sink``."""
-        from moescope.capture.engine import _ACTIVE
+        from moescope.capture.engine import ACTIVE_COLLECTOR
 
         handles = []
         for j, layer in enumerate(self.decoder_layers):
 
             def hook(module: torch.nn.Module, args: tuple, out: Any, j: int = j) -> None:
-                col = _ACTIVE.get()
+                col = ACTIVE_COLLECTOR.get()
                 if col is None or col.suspended:
                     return
                 sink(col, "residual", j, out[0] if isinstance(out, tuple) else out)
