@@ -32,6 +32,17 @@ def missing_id(num_experts: int) -> int:
     return int(np.iinfo(id_dtype(num_experts)).max)
 
 
+def signed_ids(experts: np.ndarray, missing: int, dtype: Any = np.int16) -> np.ndarray:
+    """Expert ids as a signed array with the ``missing`` sentinel turned into -1.
+
+    Stored ids are unsigned (uint8 for E < 255), so ``np.where(ids == missing, -1, ids)`` keeps
+    the unsigned dtype and wraps -1 back to the sentinel (255). Casting first avoids that.
+    """
+    out = np.asarray(experts).astype(dtype)
+    out[np.asarray(experts) == missing] = -1
+    return out
+
+
 def lookahead_column(variant: str, distance: int) -> str:
     return f"lookahead_{variant}_d{distance}"
 
