@@ -101,6 +101,7 @@ def import_log(
         weights=got.weights,
         logits=got.logits,
         token_text=got.token_text,
+        doc_loss=got.doc_loss,
         source=got.source,
         report=got.report,
         tokenizer=got.tokenizer,

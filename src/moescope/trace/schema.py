@@ -56,8 +56,13 @@ def default_columns(
     lookahead_variants: list[str] | None = None,
     lookahead_m: int | None = None,
     token_text: bool = False,
+    doc_loss: bool = False,
 ) -> dict[str, Any]:
-    """The manifest's ``columns`` section: which optional columns a trace holds."""
+    """The manifest's ``columns`` section: which optional columns a trace holds.
+
+    ``doc_loss`` adds a float32 column holding each document's mean next-token loss (nats) on
+    every row of the document; traces written before it existed simply lack the key.
+    """
     lookahead = None
     if lookahead_distances:
         lookahead = {
@@ -70,6 +75,7 @@ def default_columns(
         "logits": logits_dtype if logits else None,
         "lookahead": lookahead,
         "token_text": bool(token_text),
+        **({"doc_loss": "float32"} if doc_loss else {}),
     }
 
 
@@ -99,6 +105,8 @@ def build_schema(spec: RoutingSpec, columns: dict[str, Any]) -> pa.Schema:
         for variant in la["variants"]:
             for d in la["distances"]:
                 fields.append(pa.field(lookahead_column(variant, d), _fsl(ids, la["m"], L)))
+    if columns.get("doc_loss"):
+        fields.append(pa.field("doc_loss", pa.float32()))
     return pa.schema(fields)
 
 
