@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from moescope.analysis import cooccurrence, density, entropy, load, locality, specialisation, trajectories
+from moescope.analysis import (
+    cooccurrence,
+    density,
+    dependence,
+    entropy,
+    load,
+    locality,
+    specialisation,
+    trajectories,
+)
 from moescope.analysis._stream import check_same_model, make_context, run_pass
 from moescope.errors import ConfigError
 from moescope.report.figures import save_figure, save_table
@@ -42,11 +51,22 @@ class AnalyzeOptions:
     kde_trim: int | None = None
     kde_points: int = 2000
     per_expert_plots: bool = False
+    biclusters: int = 4
+    bicluster_method: str = "cocluster"
     seed: int = 0
     progress: bool = False
 
 
-ANALYSES = ("load", "entropy", "cooccurrence", "repetition", "specialisation", "trajectories", "density")
+ANALYSES = (
+    "load",
+    "entropy",
+    "cooccurrence",
+    "repetition",
+    "specialisation",
+    "trajectories",
+    "density",
+    "dependence",
+)
 
 
 def _log(msg: str) -> None:
@@ -119,6 +139,8 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
     if "density" in want:
         n = opts.kde_points if other is not None else 2 * opts.kde_points
         accs["density"] = density.LogitSampleAccumulator(ctx, n, opts.seed)
+    if "dependence" in want:
+        accs["dependence"] = dependence.DependenceAccumulator(ctx, opts.max_tokens, opts.seed)
     _log(f"{tr.num_tokens} tokens, {ctx.Ls} layers, analyses: {', '.join(a for a in ANALYSES if a in want)}")
     run_pass(ctx, list(accs.values()), progress=opts.progress)
 
@@ -371,6 +393,17 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
             "mean_share_p_below_0.05": float(res["summary"]["share_p_below_0.05"].mean()),
             "mean_ks_stat_vs_uniform": float(res["summary"]["ks_stat_vs_uniform"].mean()),
         }
+    if "dependence" in accs:
+        summary["analyses"]["dependence"] = dependence.report(
+            accs["dependence"].result(),
+            target,
+            permutations=opts.permutations,
+            n_clusters=opts.biclusters,
+            method=opts.bicluster_method,
+            seed=opts.seed,
+            table=table,
+            figure=figure,
+        )
     if other is not None:
         cmp = specialisation.compare_traces(tr, other, opts.layers, n_perm=opts.permutations, seed=opts.seed)
         for name in ("share", "jsd", "test"):
@@ -467,6 +500,14 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(
             f"density ({x['kernel']}): p < 0.05 for {f(x['mean_share_p_below_0.05'], '.1%')} of vectors "
             f"scored on {x['scored_on']}"
+        )
+    if a.get("dependence", {}).get("pairs"):
+        x = a["dependence"]
+        lines.append(
+            f"dependence: mean |Pearson r| {f(x['mean_abs_pearson_r'])}; corrected MI {f(x['mean_mi_corrected_bits'])}"
+            f" bits vs {f(x['mean_shuffled_mi_bits'])} shuffled (excess {f(x['mean_excess_mi_bits'])}),"
+            f" p <= 0.05 for {x['pairs_p_below_0.05']} of {x['pairs']} pairs; co-cluster blocks hold "
+            f"{f(x['mean_block_share'], '.0%')} (independence {f(x['mean_block_share_null'], '.0%')})"
         )
     if "compare" in a:
         x = a["compare"]
