@@ -7,6 +7,7 @@ import math
 from collections import Counter
 
 import numpy as np
+import polars as pl
 import pytest
 from scipy import stats
 
@@ -135,3 +136,52 @@ def test_analyze_writes_dependence_figures(tmp_path):
         "dependence_bicluster_L3_L5",
     ):
         assert (tmp_path / "out" / f"{stem}.png").is_file() and (tmp_path / "out" / f"{stem}.csv").is_file()
+
+
+def test_token_to_token_counts_equal_a_loop(tmp_path):
+    from itertools import combinations
+
+    from moescope.analysis.cooccurrence import TokenTransitionAccumulator
+
+    tr, arr = build_trace(tmp_path / "t", L=3, E=6, k=2, docs=4, doc_len=25)
+    ctx = make_context(tr)
+    acc = TokenTransitionAccumulator(ctx)
+    run_pass(ctx, [acc], batch_size=17)  # pairs cross batch boundaries
+    rank = {s: r for r, s in enumerate(sorted(combinations(range(6), 2), key=lambda s: (s[1], s[0])))}
+    ex, doc, pos, sentinel = arr["experts"], arr["doc"], arr["pos"], arr["sentinel"]
+    want = np.zeros((3, 15, 15), np.int64)
+    for i in range(1, len(doc)):
+        if doc[i] != doc[i - 1] or pos[i] != pos[i - 1] + 1:
+            continue
+        for layer in range(3):
+            a, b = ex[i - 1, layer], ex[i, layer]
+            if (a == sentinel).any() or (b == sentinel).any():
+                continue
+            want[layer, rank[tuple(sorted(a))], rank[tuple(sorted(b))]] += 1
+    np.testing.assert_array_equal(acc.matrices(), want)
+
+
+def test_conditional_maps_grey_out_rare_rows(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from moescope.analysis.cooccurrence import layer_transitions, plot_transition
+
+    tr, _ = build_trace(tmp_path / "t", L=2, E=4, k=2, docs=3, doc_len=20)
+    res = layer_transitions(tr)
+    names = [str(i) for i in range(6)]
+    lf, lt = tr.moe_layers[0], tr.moe_layers[1]
+    counts = res["cells"].group_by("i").agg(pl.col("count").sum())
+    rare = set(counts.filter(pl.col("count") < 12)["i"].to_list())
+    fig = plot_transition(res["cells"], lf, lt, "p_row", names, min_count=12)
+    ax = fig.axes[0]
+    img = ax.get_images()[0].get_array()
+    for i in range(6):
+        assert bool(np.ma.getmaskarray(img)[i].all() or np.isnan(np.ma.filled(img, np.nan)[i]).all()) == (
+            i in rare or i not in counts["i"].to_list()
+        )
+    assert "greyed out" in ax.get_title()
+    joint = plot_transition(res["cells"], lf, lt, "p_joint", names)
+    from matplotlib.colors import LogNorm
+
+    assert isinstance(joint.axes[0].get_images()[0].norm, LogNorm)

@@ -129,6 +129,7 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
         accs["transitions"] = cooccurrence.TransitionAccumulator(ctx, opts.distances)
         if ctx.k > 1:
             accs["coactivation"] = cooccurrence.CoactivationAccumulator(ctx)
+        accs["token_transitions"] = cooccurrence.TokenTransitionAccumulator(ctx)
     if "repetition" in want:
         accs["repetition"] = locality.RepetitionAccumulator(ctx)
     if "specialisation" in want:
@@ -200,15 +201,19 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
             lf, lt = int(pair["layer_from"][0]), int(pair["layer_to"][0])
             names = acc.symbol_names()
             cells = res["cells"].filter((pl.col("layer_from") == lf) & (pl.col("layer_to") == lt))
-            for value in ("p_row", "p_joint", "lift"):
+            for value in ("p_row", "p_col", "p_joint", "lift"):
                 figure(
-                    cooccurrence.plot_transition(res["cells"], lf, lt, value, names),
-                    cells.select("i", "j", "symbol_from", "symbol_to", value),
+                    cooccurrence.plot_transition(res["cells"], lf, lt, value, names, opts.min_count),
+                    cells.select("i", "j", "symbol_from", "symbol_to", "count", value),
                     f"cooccurrence_L{lf}_L{lt}_{value}",
                     layer_from=lf,
                     layer_to=lt,
                     alphabet=acc.mode,
+                    min_count=opts.min_count,
                 )
+            cooccurrence_extras(
+                acc, res, accs.get("token_transitions"), lf, lt, opts.min_count, table, figure
+            )
         s = res["summary"]
         summary["analyses"]["cooccurrence"] = {
             "alphabet": acc.mode,
@@ -310,9 +315,10 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
                 "trajectory_tsne",
                 color=color,
             )
-        cur = s.curves(12, opts.seed)
+        cur = s.typical_paths(8)
         if cur.height:
-            figure(trajectories.plot_curves(cur, ctx.E), cur, "trajectory_curves")
+            figure(trajectories.plot_typical_curves(cur, ctx.E), cur, "trajectory_curves", ordering="E1 < E2")
+            figure(trajectories.plot_curves_3d(cur, ctx.E), cur, "trajectory_curves_3d", ordering="E1 < E2")
         summary["analyses"]["trajectories"] = {
             "sampled_tokens": len(s.experts),
             "sample_rate": s.rate,
@@ -358,6 +364,10 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
                 (pl.col("mean_router_weight") * pl.col("assignments")).alias("weight_sum"),
             )
             table(ws, "density_weight_sums_and_choice_counts")
+            figure(density.plot_weight_sums_and_counts(ws), ws, "density_weight_sums_and_choice_counts_plot")
+        summary["analyses"]["density_models"] = density_stage2(
+            fit_s, score_s, ctx, opts, out, files, table, figure
+        )
         kc = density.kernel_comparison(model, target)
         figure(density.plot_kernel_comparison(kc), kc, f"density_kernels_layer{target}", target_layer=target)
         ph = density.pvalue_histogram(res["p_values"])
@@ -431,6 +441,83 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
     for n in notes:
         _log(n)
     return _clean(summary)
+
+
+def density_stage2(
+    fit_s: dict,
+    score_s: dict,
+    ctx: Any,
+    opts: AnalyzeOptions,
+    out: Path,
+    files: list,
+    table: Any,
+    figure: Any,
+) -> dict[str, Any]:
+    """Seed 002 stage 2: full, ``_trimmed_{t}`` and per-kernel models fitted together, saved as
+    ``density_model{suffix}`` and compared on the held-out vectors."""
+    cmp, models = density.compare_models(
+        fit_s, score_s, num_experts=ctx.E, top_k=ctx.k, bandwidth=opts.kde_bandwidth, seed=opts.seed
+    )
+    main_is_full = opts.kde_kernel == "gaussian" and opts.kde_trim is None
+    for name, m in models.items():
+        if name or not main_is_full:  # the full Gaussian model may be the main one, saved already
+            files.extend(p.name for p in m.save(out / f"density_model{name or '_full'}"))
+    table(cmp, "density_model_comparison")
+    if "heldout_mean_logdensity" in cmp.columns:
+        figure(density.plot_model_comparison(cmp), cmp, "density_model_comparison_plot")
+        g = (
+            cmp.drop_nulls("heldout_mean_logdensity")
+            .group_by("model")
+            .agg(pl.col("heldout_mean_logdensity").mean(), pl.col("ks_stat_vs_uniform").mean())
+        )
+        return {
+            r["model"]: {k: r[k] for k in ("heldout_mean_logdensity", "ks_stat_vs_uniform")}
+            for r in g.rows(named=True)
+        }
+    return {}
+
+
+def cooccurrence_extras(
+    acc: Any, res: dict[str, Any], tok: Any, lf: int, lt: int, min_count: int, table: Any, figure: Any
+) -> None:
+    """Seed 000's pitfall and token-to-token figures: every adjacent pair in a grid (row, column and
+    joint normalisation), and the consecutive-token pair matrix beside the layer-to-layer one."""
+    pairs = res["summary"].filter(pl.col("distance") == 1).select("layer_from", "layer_to").rows()
+    cells = res["cells"].filter(pl.col("distance") == 1)
+    for value in ("p_row", "p_col", "p_joint"):
+        figure(
+            cooccurrence.plot_transition_grid(cells, pairs, value, acc.A, min_count),
+            cells.select("layer_from", "layer_to", "i", "j", "count", value),
+            f"cooccurrence_all_pairs_{value}",
+            min_count=min_count,
+            alphabet=acc.mode,
+        )
+    if tok is None or tok.A != acc.A:
+        return
+    table(tok.result(), "cooccurrence_token_to_token_summary")
+    ids = acc.ctx.layer_ids
+    li = ids.index(lf)
+    lc = cooccurrence.transition_matrix(res["cells"], lf, lt, "count", acc.A).astype(np.int64)
+    tc = tok.matrices()[li]
+    names = acc.symbol_names()
+    a, b = np.meshgrid(np.arange(acc.A), np.arange(acc.A), indexing="ij")
+    df = pl.DataFrame(
+        {
+            "i": a.ravel().astype(np.int32),
+            "j": b.ravel().astype(np.int32),
+            "symbol_i": [names[x] for x in a.ravel()],
+            "symbol_j": [names[x] for x in b.ravel()],
+            "layer_to_layer_count": lc.ravel(),
+            "token_to_token_count": tc.ravel(),
+        }
+    )
+    figure(
+        cooccurrence.plot_layer_and_token_pairs(lc, tc, names, lf, lt),
+        df,
+        f"cooccurrence_layer_vs_token_L{lf}",
+        layer=lf,
+        next_layer=lt,
+    )
 
 
 def _clean(obj: Any) -> Any:
