@@ -100,6 +100,41 @@ def test_capture_matches_unbatched_engine_runs(tmp_path, tiny):
     )
 
 
+def test_document_loss_equals_the_models_own_loss(tmp_path, tiny):
+    """doc_loss is the mean next-token cross-entropy: the model's own ``labels=`` loss per window."""
+    texts = _texts(5, seed=7, lo=3, hi=20)
+    data = _jsonl(tmp_path / "d.jsonl", texts)
+    out = tmp_path / "trace"
+    capture(tiny, [str(data)], out, CaptureOptions(seq_len=12, batch_size=3, logits=True))
+    assert validate_trace(out) == []
+    tr = Trace.open(out)
+    assert tr.has_doc_loss and tr.manifest["capture"]["loss"] is True
+    losses = tr.document_losses()
+    b = tr.load(["doc_id", "doc_loss"])
+    for doc, text in enumerate(texts):
+        ids = tiny.tokenizer(text)["input_ids"]
+        total, count = 0.0, 0
+        for s in range(0, len(ids), 12):  # windows of seq_len, each predicting its own next tokens
+            w = torch.tensor([ids[s : s + 12]])
+            if w.shape[1] < 2:
+                continue
+            with torch.no_grad():
+                ref = tiny.model(input_ids=w, labels=w).loss.item()
+            total += ref * (w.shape[1] - 1)
+            count += w.shape[1] - 1
+        assert losses[doc] == pytest.approx(total / count, rel=1e-4)
+        assert np.all(b.doc_loss[b.doc_id == doc] == np.float32(losses[doc]))
+    # without --logits or --loss no column is written and the LM head keeps its last-position shortcut
+    capture(tiny, [str(data)], tmp_path / "plain", CaptureOptions(batch_size=3))
+    assert not Trace.open(tmp_path / "plain").has_doc_loss
+    capture(tiny, [str(data)], tmp_path / "only", CaptureOptions(batch_size=3, loss=True))
+    only = Trace.open(tmp_path / "only").document_losses()  # one window per document here
+    for doc, text in enumerate(texts):
+        w = torch.tensor([tiny.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            assert only[doc] == pytest.approx(tiny.model(input_ids=w, labels=w).loss.item(), rel=1e-4)
+
+
 def test_max_tokens_cuts_the_last_document(tmp_path, tiny):
     texts = _texts(6, seed=1, lo=10, hi=20)
     data = _jsonl(tmp_path / "d.jsonl", texts)

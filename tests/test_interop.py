@@ -781,3 +781,35 @@ def test_formats_are_named_for_what_they_are_and_seed_names_are_aliases(tmp_path
     assert r.exit_code == 0, r.output
     with pytest.raises(ConfigError, match=r"known: .*router-logger-json.*seed002-json"):
         import_log("seed002-jsn", log, tmp_path / "x")
+
+
+def test_seed002_round_trip_keeps_loss_and_strategy(tmp_path) -> None:
+    """Regression: per-sample ``loss`` was dropped on import and ``strategy`` always exported as topk_baseline."""
+    rng = np.random.default_rng(11)
+    log = seed002_log(rng, [4, 3, 2], layers=[0, 1])
+    log["strategy"] = "pvalue_threshold_0.05"
+    for s, loss in zip(log["samples"], [2.341, 1.5, None], strict=True):
+        s["loss"] = loss
+    path = tmp_path / "tiny_lambada_internal_routing.json"
+    path.write_text(json.dumps(log))
+    tr = import_log("seed002-json", path, tmp_path / "t")
+    assert validate_trace(tr.path) == []
+    assert tr.has_doc_loss and tr.document_losses() == pytest.approx({0: 2.341, 1: 1.5})
+    b = tr.load(["doc_id", "doc_loss"])
+    assert np.isnan(b.doc_loss[b.doc_id == 2]).all()
+    out = tmp_path / "export.json"
+    export_trace("seed002-json", tr, out)
+    exported = json.loads(out.read_text())
+    assert exported["strategy"] == "pvalue_threshold_0.05"
+    assert [s.get("loss") for s in exported["samples"]] == pytest.approx([2.341, 1.5, None])
+    back = import_log("seed002-json", out, tmp_path / "t2")
+    assert back.document_losses() == tr.document_losses()
+    assert back.manifest["source"]["strategy"] == "pvalue_threshold_0.05"
+    # a log without losses makes a trace without the column (older readers see nothing new)
+    for s in log["samples"]:
+        del s["loss"]
+    path.write_text(json.dumps(log))
+    plain = import_log("seed002-json", path, tmp_path / "t3")
+    assert not plain.has_doc_loss and "doc_loss" not in plain.to_arrow().column_names
+    export_trace("seed002-json", plain, tmp_path / "plain.json")
+    assert all("loss" not in s for s in json.loads((tmp_path / "plain.json").read_text())["samples"])

@@ -414,3 +414,33 @@ def test_bundled_model_names_resolve_to_their_configs():
     cfg = load_config("tiny-finegrained")
     assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok) == ("qwen3_moe", 32, 4)
     assert count_parameters(cfg).expert_params == 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def test_seed003_router_expert_over_layers_and_memory() -> None:
+    """Seed 003's numbers from Mixtral's config.json by hand: router 32,768 per layer ("32,000"),
+    one expert over all layers about 5.6B ("5.6 Billion"), memory per dtype = params x bytes."""
+    from pathlib import Path
+
+    import moescope.models as models_pkg
+
+    cfg = json.loads((Path(models_pkg.__file__).parent / "configs" / "mixtral-8x7b.json").read_text())
+    h, inter, e, layers = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_local_experts"],
+        cfg["num_hidden_layers"],
+    )
+    pc = count_parameters("mixtral-8x7b")
+    assert pc.router_per_layer == e * h == 32_768
+    assert pc.expert_all_layers == layers * 3 * h * inter == 5_637_144_576
+    mem = pc.memory()
+    assert (
+        mem["bf16"]["load_model_bytes"] == 2 * pc.total
+        and mem["int4"]["active_per_token_bytes"] == pc.active / 2
+    )
+    assert mem["fp8"]["expert_all_layers_bytes"] == pc.expert_all_layers
+    r = CliRunner().invoke(app, ["params", "mixtral-8x7b"])
+    assert r.exit_code == 0 and "32,768 params per MoE layer" in r.stdout and "5.64B" in r.stdout
+    assert "87.0 GiB" in r.stdout  # 46.7B parameters in bf16
+    doc = json.loads(CliRunner().invoke(app, ["params", "mixtral-8x7b", "--json"]).stdout)
+    assert doc["router_per_layer"] == 32_768 and doc["memory"]["bf16"]["expert_bytes"] == 2 * pc.expert_params

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moescope.cli import app
-from moescope.errors import DataError
+from moescope.errors import ConfigError, DataError
 from moescope.predict.seed004 import create_rules, evaluate_rules, extract_tokens, load_journey
 
 LAYERS, E = 12, 8
@@ -194,3 +194,89 @@ def test_real_mixtral_log_workflow(shared_data: Path, tmp_path: Path) -> None:
     assert r["level1"]["total"] > 0 and 0 < r["level1"]["accuracy_percent"] <= 100
     assert r["hybrid"]["total"] >= r["level1"]["total"]
     assert doc["best_level"]["name"] in {f"level{i}" for i in range(1, 6)}
+
+
+def _drop_and_renumber(raw: Path, problem: int, layer: int, token: int) -> None:
+    """What the Mixtral recorder did with a [0.5, 0.5] row: drop it and number later ones one lower."""
+    out = []
+    for ln in raw.read_text().splitlines():
+        rec = json.loads(ln)
+        if rec["problem_id"] == problem and rec["layer"] == layer:
+            if rec["token_idx"] == token:
+                continue
+            if rec["token_idx"] > token:
+                rec["token_idx"] -= 1
+        out.append(json.dumps(rec))
+    raw.write_text("\n".join(out) + "\n")
+
+
+def test_extract_names_renumbered_series_like_the_importer(tmp_path: Path) -> None:
+    """Regression: extract reproduced the shifted token_idx records without a word."""
+    from moescope.interop import import_log
+    from moescope.predict.seed004 import extract_journeys
+
+    raw = write_raw(tmp_path / "raw.jsonl", rule_journeys(6, problems=(0, 1)))
+    _drop_and_renumber(raw, 0, 5, 2)
+    _drop_and_renumber(raw, 1, 3, 0)
+    files, short = extract_journeys(raw, 0, 0, 6, tmp_path / "m")
+    assert short == [{"problem": 0, "layer": 5, "tokens": 6, "records": 5}]
+    assert all(5 not in load_journey(f) for f in files) and all(
+        len(load_journey(f)) == LAYERS - 1 for f in files
+    )
+    kept, short_k = extract_journeys(raw, 0, 0, 6, tmp_path / "k", short_series="keep-prefix")
+    assert short_k == short and sum(5 in load_journey(f) for f in kept) == 5  # the 5 records, as logged
+    with pytest.raises(ConfigError, match="--short-series"):
+        extract_journeys(raw, 0, 0, 6, tmp_path / "x", short_series="shift")
+    # the same series as the importer masks
+    tr = import_log(
+        "seed004-routing",
+        raw,
+        tmp_path / "t",
+        model="none",
+        num_experts=E,
+        top_k=2,
+        moe_layers=",".join(map(str, range(LAYERS))),
+    )
+    masked = {(s["doc_id"], s["layer"]) for s in tr.manifest["source"]["report"]["masked_series"]}
+    assert masked == {(0, 5), (1, 3)}
+    assert extract_journeys(raw, 1, 0, 6, tmp_path / "p1")[1] == [
+        {"problem": 1, "layer": 3, "tokens": 6, "records": 5}
+    ]
+    # the CLI warns on stderr and offers the importer's choices
+    r = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "seed004",
+            "extract",
+            str(raw),
+            "-p",
+            "0",
+            "-t",
+            "0",
+            "6",
+            "-o",
+            str(tmp_path / "c"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        "problem 0: 1 series have dropped records" in r.stderr
+        and "layer 5 (5 records for 6 tokens)" in r.stderr
+    )
+    assert json.loads(r.stdout)["short_series"] == short
+
+
+@pytest.mark.shared_data
+def test_real_mixtral_extract_flags_the_series_the_importer_masks(shared_data: Path, tmp_path: Path) -> None:
+    from moescope.interop import import_log
+    from moescope.predict.seed004 import extract_journeys
+
+    raw = shared_data / "mixtral-8x7b-humaneval" / "humaneval_2_routing.jsonl"
+    tr = import_log("seed004-routing", raw, tmp_path / "t")
+    masked = {(s["doc_id"], s["layer"]) for s in tr.manifest["source"]["report"]["masked_series"]}
+    found = set()
+    for p in (0, 1):
+        found |= {(p, s["layer"]) for s in extract_journeys(raw, p, 0, 5, tmp_path / f"j{p}")[1]}
+    assert found == masked and len(found) == 27

@@ -61,7 +61,11 @@ def analyze(
     ] = 10,
     permutations: Annotated[
         int,
-        typer.Option("--permutations", help="Permutations of the domain labels for the specialisation test."),
+        typer.Option(
+            "--permutations",
+            help="Permutations: of the domain labels (specialisation test) and of the next layer's choices"
+            " (dependence: MI against shuffled data).",
+        ),
     ] = 200,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", help="Trajectories: sample about this many tokens (all if fewer).")
@@ -91,6 +95,16 @@ def analyze(
             "--per-expert-plots", help="Density: one figure of per-expert logit histograms per layer."
         ),
     ] = False,
+    biclusters: Annotated[
+        int, typer.Option("--biclusters", help="Dependence: clusters of the spectral co-clustering.")
+    ] = 4,
+    bicluster_method: Annotated[
+        str,
+        typer.Option(
+            "--bicluster-method",
+            help="Dependence: cocluster (SpectralCoclustering) or bicluster (SpectralBiclustering).",
+        ),
+    ] = "cocluster",
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -124,6 +138,8 @@ def analyze(
         kde_trim=kde_trim,
         kde_points=kde_points,
         per_expert_plots=per_expert_plots,
+        biclusters=biclusters,
+        bicluster_method=bicluster_method,
         seed=seed,
         progress=progress_enabled() and not json_out,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from math import comb
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -282,8 +283,23 @@ def transition_matrix(
     return m
 
 
-def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, names: Sequence[str]):
-    """Heatmap of one layer pair: ``value`` in p_row, p_col, p_joint, lift, pmi_bits or count."""
+def plot_transition(
+    cells: pl.DataFrame,
+    layer_from: int,
+    layer_to: int,
+    value: str,
+    names: Sequence[str],
+    min_count: int = 10,
+):
+    """Heatmap of one layer pair: ``value`` in p_row, p_col, p_joint, lift, pmi_bits or count.
+
+    Seed 000's pitfall is built in: a conditional map (``p_row``: P(j | i), ``p_col``: P(i | j))
+    writes each row's (column's) count beside it and greys out the rows (columns) seen fewer than
+    ``min_count`` times, whose near-1 conditionals rest on a handful of tokens; the joint map
+    (``p_joint``, ``count``) uses a log colour scale so that rare paths stay visible next to frequent ones.
+    """
+    if value in ("p_row", "p_col", "p_joint", "count"):
+        return plot_transition_pitfall(cells, layer_from, layer_to, value, names, min_count)
     from moescope.core.figures import heatmap
 
     m = transition_matrix(cells, layer_from, layer_to, value, len(names))
@@ -306,6 +322,241 @@ def plot_transition(cells: pl.DataFrame, layer_from: int, layer_to: int, value: 
         yticklabels=names,
         center=center,
     )
+
+
+def _matrix_or_zeros(
+    cells: pl.DataFrame, layer_from: int, layer_to: int, value: str, size: int
+) -> np.ndarray:
+    """:func:`transition_matrix`, or zeros for a pair without any count (a masked series)."""
+    try:
+        return transition_matrix(cells, layer_from, layer_to, value, size)
+    except ConfigError:
+        return np.zeros((size, size))
+
+
+def _margins(cells: pl.DataFrame, layer_from: int, layer_to: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column counts of one pair's count matrix."""
+    c = transition_matrix(cells, layer_from, layer_to, "count", size)
+    return c.sum(1), c.sum(0)
+
+
+def plot_transition_pitfall(
+    cells: pl.DataFrame,
+    layer_from: int,
+    layer_to: int,
+    value: str,
+    names: Sequence[str],
+    min_count: int = 10,
+    ax: Any = None,
+    labels: bool = True,
+):
+    """One pair's conditional (row or column normalised) or joint map, with counts and grey-outs."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    A = len(names)
+    m = transition_matrix(cells, layer_from, layer_to, value, A)
+    rows, cols = _margins(cells, layer_from, layer_to, A)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(min(15, 3.8 + 0.3 * A), min(13, 2.8 + 0.3 * A)))
+    else:
+        fig = ax.figure
+    ax.set_facecolor("0.85")
+    shown = m.astype(float).copy()
+    if value in ("p_joint", "count"):
+        shown[shown <= 0] = np.nan
+        pos = shown[np.isfinite(shown)]
+        lo = float(pos.min()) if pos.size else 1.0
+        hi = float(pos.max()) if pos.size else 1.0
+        norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
+        im = ax.imshow(shown, cmap="viridis", norm=norm, interpolation="nearest", aspect="auto")
+        cb = "P(i, j), log scale" if value == "p_joint" else "tokens, log scale"
+        title = f"Joint P(i at L{layer_from}, j at L{layer_to})" if value == "p_joint" else "Joint counts"
+        title += " (grey: never seen)"
+    else:
+        few = (rows if value == "p_row" else cols) < min_count
+        if value == "p_row":
+            shown[few, :] = np.nan
+        else:
+            shown[:, few] = np.nan
+        im = ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        cb = "P(j at next | i)" if value == "p_row" else "P(i at previous | j)"
+        what = "rows" if value == "p_row" else "columns"
+        cond = (
+            f"P(j at L{layer_to} | i at L{layer_from})"
+            if value == "p_row"
+            else f"P(i at L{layer_from} | j at L{layer_to})"
+        )
+        title = f"{cond}: {what} with < {min_count} tokens greyed out"
+    fig.colorbar(im, ax=ax, label=cb, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(f"expert set j at layer {layer_to}")
+    ax.set_ylabel(f"expert set i at layer {layer_from}")
+    fs = 7 if A > 20 else 8
+    if labels and A <= 64:
+        ax.set_xticks(np.arange(A), labels=list(names), rotation=90, fontsize=fs)
+        ax.set_yticks(np.arange(A), labels=list(names), fontsize=fs)
+        if value in ("p_row", "p_col"):
+            # each row's (column's) count beside it: how many tokens the conditional rests on
+            if value == "p_row":
+                twin = ax.secondary_yaxis("right")
+                twin.set_yticks(np.arange(A), labels=[str(int(x)) for x in rows], fontsize=fs - 1)
+                twin.set_ylabel("tokens in row i", fontsize=8)
+            else:
+                twin = ax.secondary_xaxis("top")
+                twin.set_xticks(
+                    np.arange(A), labels=[str(int(x)) for x in cols], fontsize=fs - 1, rotation=90
+                )
+                twin.set_xlabel("tokens in column j", fontsize=8)
+    return fig
+
+
+def plot_transition_grid(
+    cells: pl.DataFrame, pairs: Sequence[tuple[int, int]], value: str, size: int, min_count: int = 10
+):
+    """Every layer pair's map in one figure (same colour scale; conditionals greyed under ``min_count``)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    n = len(pairs)
+    ncols = min(6, max(1, n))
+    nrows = -(-n // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(2.3 * ncols + 1.3, 2.3 * nrows + 0.9), squeeze=False)
+    fig.subplots_adjust(
+        left=0.05, right=0.86, bottom=0.05, top=1 - 0.7 / (2.3 * nrows + 0.9), wspace=0.35, hspace=0.5
+    )
+    axes = list(grid.ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    mats = [_matrix_or_zeros(cells, lf, lt, value, size).astype(float) for lf, lt in pairs]
+    if value in ("p_joint", "count"):
+        pos = np.concatenate([m[m > 0] for m in mats] + [np.array([1.0])])
+        norm = LogNorm(vmin=float(pos.min()), vmax=max(float(pos.max()), float(pos.min()) * 1.0001))
+    else:
+        norm = None
+    im = None
+    for ax, (lf, lt), m in zip(axes, pairs, mats, strict=False):
+        c = _matrix_or_zeros(cells, lf, lt, "count", size)
+        if value == "p_row":
+            m[c.sum(1) < min_count, :] = np.nan
+        elif value == "p_col":
+            m[:, c.sum(0) < min_count] = np.nan
+        else:
+            m[m <= 0] = np.nan
+        ax.set_facecolor("0.85")
+        im = ax.imshow(
+            m,
+            cmap="viridis",
+            norm=norm,
+            vmin=None if norm else 0,
+            vmax=None if norm else 1,
+            interpolation="nearest",
+            aspect="auto",
+        )
+        ax.set_title(f"layer {lf} -> {lt}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"set at {lt}", fontsize=7)
+        ax.set_ylabel(f"set at {lf}", fontsize=7)
+    label = {
+        "p_row": "P(j | i), rows < min count grey",
+        "p_col": "P(i | j), columns < min count grey",
+        "p_joint": "P(i, j), log scale",
+        "count": "tokens, log scale",
+    }[value]
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.89, 0.2, 0.015, 0.6)), label=label)
+    fig.suptitle(f"Every adjacent layer pair: {label} (min count {min_count})")
+    return fig
+
+
+class TokenTransitionAccumulator:
+    """Per layer: counts of (choice at token t, choice at token t+1) for consecutive tokens of a document.
+
+    The consecutive-token counterpart of :class:`TransitionAccumulator` (seed 000: "entre token"),
+    in the same alphabet, so the two maps can be set side by side.
+    """
+
+    def __init__(self, ctx: PassContext, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> None:
+        self.ctx = ctx
+        self.columns = {"experts", "doc_id", "position"}
+        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet)
+        self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
+        self.table = subset_rank_table(ctx.E, ctx.k)
+        self.counts = np.zeros(ctx.Ls * self.A * self.A, np.int64)
+        self.carry: tuple[int, int, np.ndarray, np.ndarray] | None = None
+
+    def update(self, v: View) -> None:
+        from moescope.analysis._stream import consecutive_pairs
+
+        A, Ls = self.A, self.ctx.Ls
+        if self.mode == "subset":
+            sym = subset_ranks(v.experts, self.table)  # (n, Ls)
+        else:
+            sym = v.experts[..., 0]
+        doc, pos = v.batch.doc_id, v.batch.position
+        within, first = consecutive_pairs(doc, pos, self.carry[:2] if self.carry else None)
+        base = (np.arange(Ls) * A * A)[None, :]
+        ok = within[:, None] & v.valid[:-1] & v.valid[1:]
+        self.counts += bincount((base + sym[:-1] * A + sym[1:])[ok], len(self.counts))
+        if first and self.carry is not None:
+            okf = self.carry[3] & v.valid[0]
+            self.counts += bincount((base[0] + self.carry[2] * A + sym[0])[okf], len(self.counts))
+        if v.n:
+            self.carry = (int(doc[-1]), int(pos[-1]), sym[-1].copy(), v.valid[-1].copy())
+
+    def matrices(self) -> np.ndarray:
+        """``(Ls, A, A)`` counts: row = choice at token t, column = choice at token t+1."""
+        return self.counts.reshape(self.ctx.Ls, self.A, self.A)
+
+    def result(self) -> pl.DataFrame:
+        ids, mats, rows = self.ctx.layer_ids, self.matrices(), []
+        for li, c in enumerate(mats):
+            s = summarise_counts(c)
+            rows.append({"layer": ids[li], "alphabet": self.mode, **s})
+        return pl.DataFrame(rows)
+
+
+def plot_layer_and_token_pairs(
+    layer_counts: np.ndarray, token_counts: np.ndarray, names: Sequence[str], layer: int, next_layer: int
+):
+    """Side by side, log colour scale: layer L -> next layer for the same token, and token t -> t+1 at layer L."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    A = len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(min(26, 6 + 0.55 * A), min(13, 3 + 0.3 * A)))
+    both = np.concatenate([layer_counts.ravel(), token_counts.ravel()])
+    pos = both[both > 0]
+    norm = LogNorm(vmin=1, vmax=max(float(pos.max()) if pos.size else 1.0, 1.0001))
+    fs = 7 if A > 20 else 8
+    for ax, m, title, xl, yl in (
+        (
+            axes[0],
+            layer_counts,
+            f"Same token, layer {layer} -> {next_layer}",
+            f"set at layer {next_layer}",
+            f"set at layer {layer}",
+        ),
+        (
+            axes[1],
+            token_counts,
+            f"Same layer {layer}, token t -> t+1",
+            f"set of token t+1 (layer {layer})",
+            f"set of token t (layer {layer})",
+        ),
+    ):
+        shown = np.where(m > 0, m, np.nan).astype(float)
+        ax.set_facecolor("0.85")
+        im = ax.imshow(shown, cmap="viridis", norm=norm, interpolation="nearest", aspect="auto")
+        ax.set_title(f"{title} ({int(m.sum())} pairs)", fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if A <= 64:
+            ax.set_xticks(np.arange(A), labels=list(names), rotation=90, fontsize=fs)
+            ax.set_yticks(np.arange(A), labels=list(names), fontsize=fs)
+    fig.colorbar(im, ax=list(axes), label="pairs (log scale; grey = none)", shrink=0.8)
+    return fig
 
 
 def plot_mi(summary: pl.DataFrame):

@@ -549,3 +549,155 @@ def plot_pvalue_groups(df: pl.DataFrame, group: str, title: str):
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def model_variants(
+    num_experts: int, top_k: int, kernels: Iterable[str] | None = None
+) -> list[tuple[str, int | None]]:
+    """Seed 002's stage-2 family: the full Gaussian model, ``_trimmed_{t}`` Gaussian models for
+    t = k and 2k (below E), and one full-space model per other kernel."""
+    out: list[tuple[str, int | None]] = [("gaussian", None)]
+    for t in sorted({top_k, 2 * top_k}):
+        if 1 <= t < num_experts:
+            out.append(("gaussian", t))
+    for kern in kernels if kernels is not None else ("epanechnikov", "tophat", "exponential"):
+        if kern != "gaussian":
+            out.append((kern, None))
+    return out
+
+
+def variant_name(kernel: str, trim: int | None) -> str:
+    """File-name suffix as in seed 002: ``""`` (full Gaussian), ``_trimmed_{t}`` or ``_{kernel}``."""
+    if trim is not None:
+        return f"_trimmed_{trim}" + ("" if kernel == "gaussian" else f"_{kernel}")
+    return "" if kernel == "gaussian" else f"_{kernel}"
+
+
+def compare_models(
+    fit_samples: dict[int, np.ndarray],
+    score_samples: dict[int, np.ndarray],
+    *,
+    num_experts: int,
+    top_k: int,
+    variants: Iterable[tuple[str, int | None]] | None = None,
+    bandwidth: str | float = "scott",
+    seed: int = 0,
+    source: str = "",
+) -> tuple[pl.DataFrame, dict[str, LogitDensity]]:
+    """Stage 2 as seed 002 lists it: full, trimmed and per-kernel models fitted in one run and
+    compared on held-out logit vectors.
+
+    Per model and layer: the mean held-out log-density (nats per vector; comparable between models
+    of the same dimension, ``dims``), the share of held-out vectors with zero density (compact
+    kernels), and the calibration of the conformal p-values (KS distance to the uniform: 0 for a
+    model that describes the held-out data, larger when it does not).
+    """
+    rows, models = [], {}
+    for kernel, trim in variants if variants is not None else model_variants(num_experts, top_k):
+        name = variant_name(kernel, trim)
+        try:
+            model = fit_from_samples(
+                fit_samples,
+                num_experts=num_experts,
+                top_k=top_k,
+                kernel=kernel,
+                bandwidth=bandwidth,
+                trim=trim,
+                seed=seed,
+                source=source,
+            )
+        except DataError as exc:  # a singular covariance in this space: say so, keep the others
+            rows.append({"model": name or "_full", "kernel": kernel, "trim": trim, "note": str(exc)})
+            continue
+        models[name] = model
+        for layer, x in score_samples.items():
+            if len(x) == 0 or layer not in model.points:
+                continue
+            ld = model.log_density(layer, x)
+            finite = np.isfinite(ld)
+            p = model.p_values(layer, x)
+            rows.append(
+                {
+                    "model": name or "_full",
+                    "kernel": kernel,
+                    "trim": trim,
+                    "dims": int(model.points[layer].shape[1]),
+                    "layer": layer,
+                    "heldout_vectors": len(x),
+                    "heldout_mean_logdensity": float(ld[finite].mean()) if finite.any() else None,
+                    "zero_density_share": float(1 - finite.mean()),
+                    "ks_stat_vs_uniform": float(stats.kstest(p, "uniform").statistic),
+                    "bandwidth": model.bw_value.get(layer),
+                    "note": "",
+                }
+            )
+    return pl.DataFrame(rows, infer_schema_length=None), models
+
+
+def plot_model_comparison(df: pl.DataFrame):
+    """Held-out mean log-density (per dimension group) and p-value calibration of every stage-2 model, by layer."""
+    import matplotlib.pyplot as plt
+
+    g = (
+        df.filter(pl.col("heldout_mean_logdensity").is_not_null())
+        if "heldout_mean_logdensity" in df.columns
+        else df
+    )
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    names = g["model"].unique(maintain_order=True).to_list() if g.height else []
+    for i, name in enumerate(names):
+        h = g.filter(pl.col("model") == name)
+        style = "-" if h["trim"].null_count() == h.height else "--"
+        label = f"{name} ({h['kernel'][0]}, {h['dims'][0]} dims)"
+        a.plot(
+            h["layer"],
+            h["heldout_mean_logdensity"],
+            style + "o",
+            ms=3,
+            color=plt.cm.tab10(i % 10),
+            label=label,
+        )
+        b.plot(
+            h["layer"], h["ks_stat_vs_uniform"], style + "o", ms=3, color=plt.cm.tab10(i % 10), label=label
+        )
+    a.set_xlabel("MoE layer")
+    a.set_ylabel("held-out mean log density (nats / vector)")
+    a.set_title("Fit: higher is better (compare models of equal dims)", fontsize=9)
+    b.set_xlabel("MoE layer")
+    b.set_ylabel("KS distance of p-values to uniform")
+    b.set_title("Calibration on held-out vectors: 0 is perfect", fontsize=9)
+    for ax in (a, b):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Stage 2: full, trimmed and per-kernel density models fitted in one run")
+    fig.tight_layout()
+    return fig
+
+
+def plot_weight_sums_and_counts(ws: pl.DataFrame):
+    """Stage 3: per layer and expert, the sum of routing weights and the number of times chosen."""
+    import matplotlib.pyplot as plt
+
+    layers = ws["layer"].unique().sort().to_list()
+    E = int(ws["expert"].max()) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(min(20, 4 + 0.35 * E) * 1.6, min(12, 2.5 + 0.25 * len(layers))))
+    for ax, col, label in (
+        (axes[0], "weight_sum", "sum of routing weights"),
+        (axes[1], "assignments", "times chosen (top-k slots)"),
+    ):
+        m = np.full((len(layers), E), np.nan)
+        li = {layer: i for i, layer in enumerate(layers)}
+        m[[li[x] for x in ws["layer"].to_list()], ws["expert"].to_numpy()] = (
+            ws[col].fill_null(np.nan).to_numpy()
+        )
+        im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis")
+        fig.colorbar(im, ax=ax, label=label)
+        step = max(1, E // 32)
+        ax.set_xticks(np.arange(0, E, step), labels=[str(e) for e in range(0, E, step)], fontsize=7)
+        lstep = max(1, len(layers) // 32)
+        ax.set_yticks(np.arange(0, len(layers), lstep), labels=[str(x) for x in layers[::lstep]], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"Stage 3: {label}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -42,6 +42,8 @@ class AnalyzeOptions:
     kde_trim: int | None = None
     kde_points: int = 2000
     per_expert_plots: bool = False
+    biclusters: int = 4
+    bicluster_method: str = "cocluster"
     seed: int = 0
     progress: bool = False
 

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 
-from moescope.analysis import cooccurrence, density, entropy, load, locality, specialisation, trajectories
+from moescope.analysis import (
+    cooccurrence,
+    density,
+    dependence,
+    entropy,
+    load,
+    locality,
+    specialisation,
+    trajectories,
+)
 from moescope.analysis.base import Analysis, AnalysisRun, fmt
 
 
@@ -103,7 +113,8 @@ class CooccurrenceAnalysis(Analysis):
     def accumulators(self, run: AnalysisRun) -> list[Any]:
         self.transitions = cooccurrence.TransitionAccumulator(run.ctx, run.opts.distances)
         self.coactivation = cooccurrence.CoactivationAccumulator(run.ctx) if run.ctx.k > 1 else None
-        return [a for a in (self.transitions, self.coactivation) if a is not None]
+        self.token_transitions = cooccurrence.TokenTransitionAccumulator(run.ctx)
+        return [a for a in (self.transitions, self.coactivation, self.token_transitions) if a is not None]
 
     def finish(self, run: AnalysisRun) -> dict[str, Any]:
         acc, target = self.transitions, run.target
@@ -124,15 +135,18 @@ class CooccurrenceAnalysis(Analysis):
             lf, lt = int(pair["layer_from"][0]), int(pair["layer_to"][0])
             names = acc.symbol_names()
             cells = res["cells"].filter((pl.col("layer_from") == lf) & (pl.col("layer_to") == lt))
-            for value in ("p_row", "p_joint", "lift"):
+            min_count = run.opts.min_count
+            for value in ("p_row", "p_col", "p_joint", "lift"):
                 run.figure(
-                    cooccurrence.plot_transition(res["cells"], lf, lt, value, names),
-                    cells.select("i", "j", "symbol_from", "symbol_to", value),
+                    cooccurrence.plot_transition(res["cells"], lf, lt, value, names, min_count),
+                    cells.select("i", "j", "symbol_from", "symbol_to", "count", value),
                     f"cooccurrence_L{lf}_L{lt}_{value}",
                     layer_from=lf,
                     layer_to=lt,
                     alphabet=acc.mode,
+                    min_count=min_count,
                 )
+            cooccurrence_extras(run, acc, res, self.token_transitions, lf, lt, min_count)
         s = res["summary"]
         entry: dict[str, Any] = {
             "alphabet": acc.mode,
@@ -293,9 +307,14 @@ class TrajectoriesAnalysis(Analysis):
                 "trajectory_tsne",
                 color=color,
             )
-        cur = s.curves(12, opts.seed)
+        cur = s.typical_paths(8)
         if cur.height:
-            run.figure(trajectories.plot_curves(cur, ctx.E), cur, "trajectory_curves")
+            run.figure(
+                trajectories.plot_typical_curves(cur, ctx.E), cur, "trajectory_curves", ordering="E1 < E2"
+            )
+            run.figure(
+                trajectories.plot_curves_3d(cur, ctx.E), cur, "trajectory_curves_3d", ordering="E1 < E2"
+            )
         return {
             "sampled_tokens": len(s.experts),
             "sample_rate": s.rate,
@@ -362,6 +381,10 @@ class DensityAnalysis(Analysis):
                 (pl.col("mean_router_weight") * pl.col("assignments")).alias("weight_sum"),
             )
             run.table(ws, "density_weight_sums_and_choice_counts")
+            run.figure(
+                density.plot_weight_sums_and_counts(ws), ws, "density_weight_sums_and_choice_counts_plot"
+            )
+        self.models = density_stage2(run, fit_s, score_s)
         kc = density.kernel_comparison(model, target)
         run.figure(
             density.plot_kernel_comparison(kc), kc, f"density_kernels_layer{target}", target_layer=target
@@ -398,6 +421,7 @@ class DensityAnalysis(Analysis):
             "scored_on": scored_on,
             "mean_share_p_below_0.05": float(res["summary"]["share_p_below_0.05"].mean()),
             "mean_ks_stat_vs_uniform": float(res["summary"]["ks_stat_vs_uniform"].mean()),
+            "models": self.models,
         }
 
     @staticmethod
@@ -405,6 +429,41 @@ class DensityAnalysis(Analysis):
         return (
             f"density ({x['kernel']}): p < 0.05 for {fmt(x['mean_share_p_below_0.05'], '.1%')} of vectors "
             f"scored on {x['scored_on']}"
+        )
+
+
+class DependenceAnalysis(Analysis):
+    """Seed 000's three correlations between layers (Pearson, Spearman, MI against a shuffle) and a
+    spectral co-clustering of the expert-pair co-occurrence."""
+
+    name = "dependence"
+
+    def accumulators(self, run: AnalysisRun) -> list[Any]:
+        self.acc = dependence.DependenceAccumulator(run.ctx, run.opts.max_tokens, run.opts.seed)
+        return [self.acc]
+
+    def finish(self, run: AnalysisRun) -> dict[str, Any]:
+        opts = run.opts
+        return dependence.report(
+            self.acc.result(),
+            run.target,
+            permutations=opts.permutations,
+            n_clusters=opts.biclusters,
+            method=opts.bicluster_method,
+            seed=opts.seed,
+            table=run.table,
+            figure=run.figure,
+        )
+
+    @staticmethod
+    def describe(x: dict[str, Any]) -> str:
+        if not x.get("pairs"):
+            return "dependence: no layer pair"
+        return (
+            f"dependence: mean |Pearson r| {fmt(x['mean_abs_pearson_r'])}; corrected MI {fmt(x['mean_mi_corrected_bits'])}"
+            f" bits vs {fmt(x['mean_shuffled_mi_bits'])} shuffled (excess {fmt(x['mean_excess_mi_bits'])}),"
+            f" p <= 0.05 for {x['pairs_p_below_0.05']} of {x['pairs']} pairs; co-cluster blocks hold "
+            f"{fmt(x['mean_block_share'], '.0%')} (independence {fmt(x['mean_block_share_null'], '.0%')})"
         )
 
 
@@ -446,6 +505,75 @@ class CompareAnalysis(Analysis):
         return f"compare: mean JSD {fmt(x['mean_jsd_bits'], '.4f')} bits, p = {fmt(x['p_value'], '.3g')}"
 
 
+def density_stage2(run: AnalysisRun, fit_s: dict, score_s: dict) -> dict[str, Any]:
+    """Seed 002 stage 2: full, ``_trimmed_{t}`` and per-kernel models fitted together, saved as
+    ``density_model{suffix}`` and compared on the held-out vectors."""
+    ctx, opts = run.ctx, run.opts
+    cmp, models = density.compare_models(
+        fit_s, score_s, num_experts=ctx.E, top_k=ctx.k, bandwidth=opts.kde_bandwidth, seed=opts.seed
+    )
+    main_is_full = opts.kde_kernel == "gaussian" and opts.kde_trim is None
+    for name, m in models.items():
+        if name or not main_is_full:  # the full Gaussian model may be the main one, saved already
+            run.files.extend(p.name for p in m.save(run.out / f"density_model{name or '_full'}"))
+    run.table(cmp, "density_model_comparison")
+    if "heldout_mean_logdensity" in cmp.columns:
+        run.figure(density.plot_model_comparison(cmp), cmp, "density_model_comparison_plot")
+        g = (
+            cmp.drop_nulls("heldout_mean_logdensity")
+            .group_by("model")
+            .agg(pl.col("heldout_mean_logdensity").mean(), pl.col("ks_stat_vs_uniform").mean())
+        )
+        return {
+            r["model"]: {k: r[k] for k in ("heldout_mean_logdensity", "ks_stat_vs_uniform")}
+            for r in g.rows(named=True)
+        }
+    return {}
+
+
+def cooccurrence_extras(
+    run: AnalysisRun, acc: Any, res: dict[str, Any], tok: Any, lf: int, lt: int, min_count: int
+) -> None:
+    """Seed 000's pitfall and token-to-token figures: every adjacent pair in a grid (row, column and
+    joint normalisation), and the consecutive-token pair matrix beside the layer-to-layer one."""
+    pairs = res["summary"].filter(pl.col("distance") == 1).select("layer_from", "layer_to").rows()
+    cells = res["cells"].filter(pl.col("distance") == 1)
+    for value in ("p_row", "p_col", "p_joint"):
+        run.figure(
+            cooccurrence.plot_transition_grid(cells, pairs, value, acc.A, min_count),
+            cells.select("layer_from", "layer_to", "i", "j", "count", value),
+            f"cooccurrence_all_pairs_{value}",
+            min_count=min_count,
+            alphabet=acc.mode,
+        )
+    if tok is None or tok.A != acc.A:
+        return
+    run.table(tok.result(), "cooccurrence_token_to_token_summary")
+    ids = acc.ctx.layer_ids
+    li = ids.index(lf)
+    lc = cooccurrence.transition_matrix(res["cells"], lf, lt, "count", acc.A).astype(np.int64)
+    tc = tok.matrices()[li]
+    names = acc.symbol_names()
+    a, b = np.meshgrid(np.arange(acc.A), np.arange(acc.A), indexing="ij")
+    df = pl.DataFrame(
+        {
+            "i": a.ravel().astype(np.int32),
+            "j": b.ravel().astype(np.int32),
+            "symbol_i": [names[x] for x in a.ravel()],
+            "symbol_j": [names[x] for x in b.ravel()],
+            "layer_to_layer_count": lc.ravel(),
+            "token_to_token_count": tc.ravel(),
+        }
+    )
+    run.figure(
+        cooccurrence.plot_layer_and_token_pairs(lc, tc, names, lf, lt),
+        df,
+        f"cooccurrence_layer_vs_token_L{lf}",
+        layer=lf,
+        next_layer=lt,
+    )
+
+
 #: Every analysis, in run order; the selectable ones are ``moescope analyze --analyses`` choices.
 ANALYSES: dict[str, type[Analysis]] = {
     cls.name: cls
@@ -457,6 +585,7 @@ ANALYSES: dict[str, type[Analysis]] = {
         SpecialisationAnalysis,
         TrajectoriesAnalysis,
         DensityAnalysis,
+        DependenceAnalysis,
         CompareAnalysis,
     )
 }

@@ -202,6 +202,52 @@ class TrajectorySample:
             }
         )
 
+    def typical_paths(self, n_paths: int = 8) -> pl.DataFrame:
+        """The ``n_paths`` most frequent full paths as curves ``(E1(l), E2(l))``, one row per layer.
+
+        Ordering: a path is a sequence of expert *sets*, so E1 is the lower and E2 the higher id of
+        the set (top-1: E2 = E1). Ties in frequency go to the path whose layer-to-layer steps are the
+        most common in the sample (mean share of tokens taking the same step), so that with few
+        tokens, where every full path is seen once, the drawn paths are still typical ones.
+        """
+        full = np.flatnonzero(self.valid.all(1))
+        if len(full) == 0:
+            return pl.DataFrame()
+        seg = np.sort(self.experts[full], axis=-1)  # (m, Ls, k)
+        m, Ls, k = seg.shape
+        u, inv, counts = np.unique(seg.reshape(m, -1), axis=0, return_inverse=True, return_counts=True)
+        inv = inv.ravel()
+        # typicality: how many tokens take each of the path's steps (set at l -> set at l+1)
+        E = self.ctx.E
+        code = (seg * (E ** np.arange(k))).sum(-1)  # (m, Ls) one integer per set
+        typ = np.zeros(len(u))
+        if Ls > 1:
+            step = code[:, :-1] * (E**k) + code[:, 1:]  # (m, Ls-1)
+            share = np.zeros(step.shape)
+            for li in range(Ls - 1):
+                _, si, sc = np.unique(step[:, li], return_inverse=True, return_counts=True)
+                share[:, li] = sc[si.ravel()] / m
+            per_token = share.mean(1)
+            np.maximum.at(typ, inv, per_token)
+        order = np.lexsort((-typ, -counts))[:n_paths]
+        rows = []
+        for rank, p in enumerate(order):
+            sets = u[p].reshape(Ls, k)
+            for li, layer in enumerate(self.ctx.layer_ids):
+                rows.append(
+                    {
+                        "path_rank": rank,
+                        "layer": layer,
+                        "e1": int(sets[li, 0]),
+                        "e2": int(sets[li, -1]),
+                        "count": int(counts[p]),
+                        "share": counts[p] / m,
+                        "typicality": float(typ[p]),
+                        "sampled_tokens": m,
+                    }
+                )
+        return pl.DataFrame(rows)
+
 
 def sample_trajectories(
     trace: Trace,
@@ -261,15 +307,112 @@ def plot_curves(curves: pl.DataFrame, num_experts: int):
     return fig
 
 
+def plot_typical_curves(paths: pl.DataFrame, num_experts: int):
+    """Typical paths as parametrised curves (E1(l), E2(l)): width = frequency, layers marked.
+
+    Each path is drawn with a small offset so that paths sharing cells stay apart; its first layer
+    is a circle, its last a square, and every few layers carry their number.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    n = int(paths["path_rank"].max()) + 1 if paths.height else 0
+    cmax = max(int(paths["count"].max()), 1) if paths.height else 1
+    for (r,), g in paths.group_by("path_rank", maintain_order=True):
+        off = (r - (n - 1) / 2) * 0.5 / max(n, 1)
+        x, y = g["e1"].to_numpy() + off, g["e2"].to_numpy() + off
+        color = plt.cm.tab10(r % 10)
+        lw = 0.8 + 5.0 * g["count"][0] / cmax
+        ax.plot(
+            x,
+            y,
+            "-",
+            lw=lw,
+            color=color,
+            alpha=0.75,
+            label=f"#{r + 1}: {g['count'][0]} tokens ({g['share'][0]:.1%})",
+        )
+        ax.plot(x[0], y[0], "o", color=color, ms=7)
+        ax.plot(x[-1], y[-1], "s", color=color, ms=7)
+        layers = g["layer"].to_list()
+        every = max(1, len(layers) // 6)
+        for i in range(0, len(layers), every):
+            ax.annotate(
+                str(layers[i]),
+                (x[i], y[i]),
+                fontsize=6,
+                color=color,
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
+    ticks = np.arange(num_experts)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlim(-0.6, num_experts - 0.4)
+    ax.set_ylim(-0.6, num_experts - 0.4)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("E1(l): lower expert id of the set")
+    ax.set_ylabel("E2(l): higher expert id of the set")
+    tokens = int(paths["sampled_tokens"][0]) if paths.height else 0
+    ax.set_title(
+        f"{n} most frequent full paths of {tokens} tokens (o = first layer, square = last, numbers = layers)",
+        fontsize=9,
+    )
+    ax.legend(
+        fontsize=7,
+        title="path: frequency = line width",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves_3d(paths: pl.DataFrame, num_experts: int):
+    """Typical paths as 3D curves (E1, E2, layer); E1 < E2 are the set's sorted ids."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(7.5, 6.5))
+    ax = fig.add_subplot(projection="3d")
+    cmax = max(int(paths["count"].max()), 1) if paths.height else 1
+    for (r,), g in paths.group_by("path_rank", maintain_order=True):
+        lw = 0.8 + 4.0 * g["count"][0] / cmax
+        ax.plot(
+            g["e1"].to_numpy(),
+            g["e2"].to_numpy(),
+            g["layer"].to_numpy(),
+            "-o",
+            ms=2,
+            lw=lw,
+            color=plt.cm.tab10(r % 10),
+            label=f"#{r + 1}: {g['count'][0]} tokens",
+        )
+    ax.set_xlabel("E1 (lower id)")
+    ax.set_ylabel("E2 (higher id)")
+    ax.set_zlabel("MoE layer")
+    ax.set_xticks(np.arange(num_experts))
+    ax.set_yticks(np.arange(num_experts))
+    ax.set_title("Typical paths as curves (E1(l), E2(l), l)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
 def plot_top_paths(paths: pl.DataFrame, title: str):
-    """Horizontal bars of the most frequent paths with their counts."""
+    """Horizontal bars of the most frequent paths with their counts, each labelled with its layers."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 0.3 * paths.height + 1.5))
-    labels = [p if len(p) < 70 else p[:67] + "..." for p in paths["path"].to_list()]
+    raw = paths["path"].to_list()
+    if "first_layer" in paths.columns:
+        raw = [
+            f"L{a}-L{b}: {p}" for a, b, p in zip(paths["first_layer"], paths["last_layer"], raw, strict=True)
+        ]
+    labels = [p if len(p) < 80 else p[:77] + "..." for p in raw]
     ax.barh(np.arange(paths.height)[::-1], paths["count"].to_numpy())
     ax.set_yticks(np.arange(paths.height)[::-1], labels=labels, fontsize=6)
     ax.set_xlabel("tokens in the sample")
-    ax.set_title(title, fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title + " (label: layers covered, then the expert set at each)", fontsize=10)
     fig.tight_layout()
     return fig

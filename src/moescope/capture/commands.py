@@ -76,7 +76,14 @@ def capture(
         "auto", "--dtype", help="float32, bfloat16, float16 or auto (the checkpoint's dtype)."
     ),
     logits: bool = typer.Option(
-        False, "--logits", help="Also record router logits (L x E per token, float16)."
+        False,
+        "--logits",
+        help="Also record router logits (L x E per token, float16) and each document's loss.",
+    ),
+    loss: bool = typer.Option(
+        False,
+        "--loss",
+        help="Record each document's mean next-token loss (doc_loss column); on with --logits.",
     ),
     lookahead: int = typer.Option(
         0, "--lookahead", help="Record gate lookahead: later layers' routers applied here, distances 1..D."
@@ -124,6 +131,7 @@ def capture(
         seq_len=seq_len,
         batch_size=batch_size,
         logits=logits,
+        loss=loss,
         lookahead=lookahead,
         lookahead_m=lookahead_m,
         token_text=token_text,

@@ -101,6 +101,9 @@ class RoutingRecorder(HookSet):
     lookahead : largest gate-lookahead distance D (0 = none); distances 1..D are recorded.
     lookahead_m : ids kept per lookahead prediction (>= k; default k).
     logits_dtype : NumPy dtype of the logits arrays (``float16`` or ``float32``).
+    token_loss : also return ``token_nll`` ``(n,)``: each token's next-token cross-entropy (nats)
+        from the LM head's logits (one log-softmax per position), NaN where the next token is not
+        in the same sequence. It makes the LM head compute every position, not only the last.
 
     Attributes
     ----------
@@ -116,8 +119,10 @@ class RoutingRecorder(HookSet):
         lookahead: int = 0,
         lookahead_m: int | None = None,
         logits_dtype: str = "float16",
+        token_loss: bool = False,
     ) -> None:
         check_transformers_version()
+        self.token_loss = token_loss
         self.model = model
         self.logits = logits
         self.lookahead = lookahead
@@ -257,17 +262,20 @@ class RoutingRecorder(HookSet):
         if self._pass_positions:
             # Left padding keeps each sequence's positions 0..len-1, as when it runs alone.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self._logits_to_keep:
+        if self._logits_to_keep and not self.token_loss:
             kwargs["logits_to_keep"] = 1  # the LM head's vocabulary logits are not needed here
         col = _Collector()
         with self:
             token = ACTIVE_COLLECTOR.set(col)
             try:
                 with torch.no_grad():
-                    self.model(**kwargs)
+                    out = self.model(**kwargs)
             finally:
                 ACTIVE_COLLECTOR.reset(token)
-        return self._assemble(col, attention_mask)
+        result = self._assemble(col, attention_mask)
+        if self.token_loss:
+            result["token_nll"] = _token_nll(out.logits, input_ids, attention_mask)
+        return result
 
     def _assemble(self, col: _Collector, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
         """Stack every layer's tensors, keep the valid tokens and copy each array to the host once.
@@ -329,6 +337,22 @@ class RoutingRecorder(HookSet):
                         arr[:, : L - d] = _host(torch.stack(parts, 1)[keep]).astype(dt)
                     result[lookahead_column(variant, d)] = arr
         return result
+
+
+def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """``(n,)`` float32 next-token cross-entropy of the valid tokens (row-major), NaN without a next token.
+
+    One sequence at a time, so the float32 log-softmax never holds more than ``T x V`` values.
+    """
+    B, T = input_ids.shape
+    nll = torch.full((B, T), float("nan"), dtype=torch.float32, device=logits.device)
+    ids, m = input_ids.to(logits.device), mask.to(logits.device).bool()
+    for b in range(B):
+        lp = torch.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
+        tok = -lp.gather(1, ids[b, 1:, None]).squeeze(1)
+        ok = m[b, :-1] & m[b, 1:]
+        nll[b, :-1] = torch.where(ok, tok, nll[b, :-1])
+    return _host(nll.reshape(-1)[m.reshape(-1).nonzero().squeeze(1)])
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -220,6 +220,7 @@ class CaptureOptions(DataOptions):
     """
 
     logits: bool = False
+    loss: bool = False  # record each document's loss (also on whenever logits is)
     lookahead: int = 0
     lookahead_m: int | None = None
     token_text: bool = False
@@ -239,6 +240,7 @@ _OPTION_OF = {
     "seq_len": "--seq-len",
     "max_tokens": "--max-tokens",
     "logits": "--logits",
+    "loss": "--loss",
     "lookahead": "--lookahead",
     "lookahead_m": "--lookahead-m",
     "lookahead_columns": "--lookahead",
@@ -411,7 +413,11 @@ def capture(
     from moescope.capture.engine import RoutingRecorder
 
     recorder = RoutingRecorder(
-        loaded.model, logits=opts.logits, lookahead=opts.lookahead, lookahead_m=opts.lookahead_m
+        loaded.model,
+        logits=opts.logits,
+        lookahead=opts.lookahead,
+        lookahead_m=opts.lookahead_m,
+        token_loss=_records_loss(opts),
     )
     spec = recorder.spec
     if not spec.moe_layers:
@@ -434,6 +440,8 @@ def capture(
         "lookahead_columns": list(recorder.lookahead_columns),
         "token_text": opts.token_text,
     }
+    if _records_loss(opts):  # only then, so traces captured before the key existed still resume
+        capture_params["loss"] = True
 
     from moescope.trace.manifest import read_manifest
     from moescope.trace.writer import TraceWriter
@@ -517,6 +525,11 @@ def _default_seq_len(config: Any) -> int:
     return int(min(max_pos, DEFAULT_MAX_SEQ_LEN))
 
 
+def _records_loss(opts: CaptureOptions) -> bool:
+    """Whether a capture records the per-document loss: asked for, or the LM logits are computed anyway."""
+    return bool(opts.loss or opts.logits)
+
+
 def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:
     """The trace's optional columns, with the lookahead section read off the recorder's column names."""
     from moescope.trace.schema import default_columns
@@ -540,6 +553,7 @@ def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:
         lookahead_variants=variants or None,
         lookahead_m=m,
         token_text=opts.token_text,
+        doc_loss=_records_loss(opts),
     )
     if cols["lookahead"]:
         expected = [f"lookahead_{v}_d{d}" for v in variants for d in distances]
@@ -637,4 +651,18 @@ def _run_chunk(
         rows["lookahead"] = lookahead
     if opts.token_text:
         rows["token"] = [t for x in ids for t in loaded.tokenizer.convert_ids_to_tokens(x.tolist())]
+    if "token_nll" in outputs[0]:
+        rows["doc_loss"] = _document_loss(rows["doc_id"], np.concatenate([o["token_nll"] for o in outputs]))
     return rows
+
+
+def _document_loss(doc_id: np.ndarray, token_nll: np.ndarray) -> np.ndarray:
+    """Each row's document loss: the mean next-token cross-entropy over the document's predicted
+    tokens (NaN ones, the last token of each window, left out), repeated on every row."""
+    _, inv = np.unique(doc_id, return_inverse=True)
+    ok = np.isfinite(token_nll)
+    total = np.bincount(inv, weights=np.where(ok, token_nll, 0.0))
+    count = np.bincount(inv, weights=ok.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+    return mean[inv].astype(np.float32)

@@ -21,6 +21,7 @@ from typing import Any
 
 from moescope.errors import ConfigError
 from moescope.interop.common import ImportOptions, known_models, write_documents
+from moescope.interop.records import SHORT_SERIES_POLICIES, find_short_series
 
 #: Import formats: name -> (module, one-line description). Modules load only when used.
 IMPORT_FORMATS: dict[str, tuple[str, str]] = {
@@ -73,9 +74,11 @@ __all__ = [
     "EXPORT_FORMATS",
     "FORMAT_ALIASES",
     "IMPORT_FORMATS",
+    "SHORT_SERIES_POLICIES",
     "ImportOptions",
     "canonical_format",
     "export_trace",
+    "find_short_series",
     "import_log",
     "known_models",
 ]
@@ -129,6 +132,7 @@ def import_log(
         weights=got.weights,
         logits=got.logits,
         token_text=got.token_text,
+        doc_loss=got.doc_loss,
         source=got.source,
         report=got.report,
         tokenizer=got.tokenizer,

@@ -163,6 +163,7 @@ class RoutedDocument:
     logits: np.ndarray | None = None  # (n, L, E), NaN where missing
     token_id: np.ndarray | None = None  # (n,), -1 unknown
     token: list[str] | None = None
+    loss: float | None = None  # the document's mean next-token loss (nats), when the log has it
 
     def __len__(self) -> int:
         return len(self.position)
@@ -443,6 +444,7 @@ def write_documents(
     weights: bool,
     logits: bool = False,
     token_text: bool = False,
+    doc_loss: bool = False,
     source: dict[str, Any],
     report: ImportReport,
     tokenizer: dict[str, Any] | None = None,
@@ -463,7 +465,7 @@ def write_documents(
         raise ConfigError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.incomplete")
-    columns = default_columns(weights=weights, logits=logits, token_text=token_text)
+    columns = default_columns(weights=weights, logits=logits, token_text=token_text, doc_loss=doc_loss)
     model = {"id": facts.model_id} if facts.model_id else {}
     try:
         writer = TraceWriter.create(
@@ -489,10 +491,10 @@ def write_documents(
             buffered.append(doc)
             rows += len(doc)
             if rows >= shard_rows:
-                _append(writer, buffered, weights, logits, token_text)
+                _append(writer, buffered, weights, logits, token_text, doc_loss)
                 buffered, rows = [], 0
         if buffered:
-            _append(writer, buffered, weights, logits, token_text)
+            _append(writer, buffered, weights, logits, token_text, doc_loss)
         writer.manifest["datasets"] = [
             {"name": name, "labels": [name], "documents": n} for name, n in labels.items()
         ]
@@ -513,7 +515,14 @@ def write_documents(
     return out
 
 
-def _append(writer: Any, docs: list[RoutedDocument], weights: bool, logits: bool, token_text: bool) -> None:
+def _append(
+    writer: Any,
+    docs: list[RoutedDocument],
+    weights: bool,
+    logits: bool,
+    token_text: bool,
+    doc_loss: bool = False,
+) -> None:
     """Append whole documents in one call and commit them (one Arrow table per call keeps writing fast)."""
     n = [len(d) for d in docs]
     label = [d.label for d, m in zip(docs, n, strict=True) for _ in range(m)]
@@ -527,6 +536,7 @@ def _append(writer: Any, docs: list[RoutedDocument], weights: bool, logits: bool
         weights=np.concatenate([d.weights for d in docs]) if weights else None,
         logits=np.concatenate([d.logits for d in docs]) if logits else None,
         token=[t for d in docs for t in (d.token or [""] * len(d))] if token_text else None,
+        doc_loss=np.repeat([np.nan if d.loss is None else d.loss for d in docs], n) if doc_loss else None,
     )
     writer.commit(docs[-1].doc_id)
 
@@ -556,7 +566,7 @@ def _slice_batch(b: Any, s: int, e: int) -> Any:
     from moescope.trace.reader import Batch
 
     out = Batch()
-    for name in ("doc_id", "position", "token_id", "label", "experts", "weights", "logits"):
+    for name in ("doc_id", "position", "token_id", "label", "experts", "weights", "logits", "doc_loss"):
         v = getattr(b, name)
         setattr(out, name, v[s:e] if v is not None else None)
     out.token = b.token[s:e] if b.token is not None else None
@@ -567,7 +577,7 @@ def _concat_batches(parts: list[Any], batch_cls: type) -> Any:
     if len(parts) == 1:
         return parts[0]
     out = batch_cls()
-    for name in ("doc_id", "position", "token_id", "label", "experts", "weights", "logits"):
+    for name in ("doc_id", "position", "token_id", "label", "experts", "weights", "logits", "doc_loss"):
         vals = [getattr(p, name) for p in parts]
         setattr(out, name, np.concatenate(vals) if vals[0] is not None else None)
     out.token = [t for p in parts for t in p.token] if parts[0].token is not None else None
@@ -664,6 +674,7 @@ class Imported:
     logits: bool = False
     token_text: bool = False
     tokenizer: dict[str, Any] | None = None
+    doc_loss: bool = False
 
 
 def locator(

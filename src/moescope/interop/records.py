@@ -34,6 +34,68 @@ class Records:
     where: Callable[[int], str]
 
 
+@dataclass
+class SeriesTable:
+    """Rows (distinct ``(doc, token)``) and per-``(doc, column)`` series statistics of deduplicated cells.
+
+    Series ``s = doc_index * L + column``; ``present[s]`` cells have a record, ``expected[s]`` is
+    the document's row count and ``top_rank[s]`` the highest row rank (index inside the document)
+    holding a record (-1: none).
+    """
+
+    L: int
+    row_of_cell: np.ndarray  # (C,) row of each cell
+    row_t: np.ndarray  # (rows,) token index of each row
+    docs: np.ndarray  # (D,) distinct document ids
+    doc_start: np.ndarray  # (D,) first row of each document
+    doc_n: np.ndarray  # (D,) rows of each document
+    series: np.ndarray  # (C,) series of each cell
+    present: np.ndarray  # (D * L,)
+    top_rank: np.ndarray  # (D * L,)
+    expected: np.ndarray  # (D * L,)
+
+    @classmethod
+    def build(cls, gd: np.ndarray, gc: np.ndarray, gt: np.ndarray, L: int) -> SeriesTable:
+        """From distinct cells ``(doc, column, token)`` (no cell twice)."""
+        span = int(gt.max()) + 1 if len(gt) else 1
+        row_keys, row_of_cell = np.unique(gd * span + gt, return_inverse=True)
+        row_doc, row_t = row_keys // span, row_keys % span
+        docs, doc_start, doc_n = np.unique(row_doc, return_index=True, return_counts=True)
+        doc_of_row = np.repeat(np.arange(len(docs)), doc_n)
+        rank = np.arange(len(row_keys)) - doc_start[doc_of_row]  # index of the row inside its document
+        series = doc_of_row[row_of_cell] * L + gc
+        present = np.bincount(series, minlength=len(docs) * L)
+        top_rank = np.full(len(docs) * L, -1)
+        np.maximum.at(top_rank, series, rank[row_of_cell])
+        expected = np.repeat(doc_n, L)
+        return cls(L, row_of_cell, row_t, docs, doc_start, doc_n, series, present, top_rank, expected)
+
+    def is_short(self, s: int) -> bool:
+        """Series ``s`` is a contiguous prefix shorter than its document: with a running token counter
+        (seed 004's ``token_idx``) a record was dropped and every later index shifted by one."""
+        m = int(self.present[s])
+        return 0 < m < int(self.expected[s]) and int(self.top_rank[s]) == m - 1
+
+
+def find_short_series(
+    doc: np.ndarray, col: np.ndarray, t: np.ndarray, L: int
+) -> list[tuple[int, int, int, int]]:
+    """``(doc, column, tokens in the document, records in the series)`` of every short series.
+
+    The importer's detection (:meth:`SeriesTable.is_short`) on raw record arrays; repeated cells count once.
+    """
+    if not len(doc):
+        return []
+    cells = np.unique(np.stack([np.asarray(doc), np.asarray(col), np.asarray(t)], 1).astype(np.int64), axis=0)
+    tab = SeriesTable.build(cells[:, 0], cells[:, 1], cells[:, 2], L)
+    out = []
+    for s in range(len(tab.present)):
+        if tab.is_short(s):
+            di, c = divmod(s, L)
+            out.append((int(tab.docs[di]), int(c), int(tab.expected[s]), int(tab.present[s])))
+    return out
+
+
 def assemble(
     rec: Records,
     facts: Facts,
@@ -91,28 +153,26 @@ def assemble(
         conflict[gid[dup[~identical]]] = True
 
     gd, gc, gt = d[first], c[first], t[first]
-    span = int(gt.max()) + 1 if len(gt) else 1
-    row_keys, row_of_cell = np.unique(gd * span + gt, return_inverse=True)
-    row_doc, row_t = row_keys // span, row_keys % span
-    docs, doc_start, doc_n = np.unique(row_doc, return_index=True, return_counts=True)
-    doc_of_row = np.repeat(np.arange(len(docs)), doc_n)
-    rank = np.arange(len(row_keys)) - doc_start[doc_of_row]  # index of the row inside its document
+    tab = SeriesTable.build(gd, gc, gt, L)
+    row_of_cell, row_t, docs, doc_start, doc_n = (
+        tab.row_of_cell,
+        tab.row_t,
+        tab.docs,
+        tab.doc_start,
+        tab.doc_n,
+    )
 
-    experts = np.full((len(row_keys), L, k), sentinel, facts.id_dtype)
+    experts = np.full((len(row_t), L, k), sentinel, facts.id_dtype)
     keep = ~conflict
     experts[row_of_cell[keep], gc[keep]] = ex[first[keep]]
     weights = None
     if w is not None:
-        weights = np.full((len(row_keys), L, k), np.nan, np.float32)
+        weights = np.full((len(row_t), L, k), np.nan, np.float32)
         weights[row_of_cell[keep], gc[keep]] = w[first[keep]]
 
     # Series statistics: records present, highest row rank, conflicts.
-    series = doc_of_row[row_of_cell] * L + gc
-    present = np.bincount(series, minlength=len(docs) * L)
-    top_rank = np.full(len(docs) * L, -1)
-    np.maximum.at(top_rank, series, rank[row_of_cell])
-    n_conflict = np.bincount(series[conflict], minlength=len(docs) * L)
-    expected = np.repeat(doc_n, L)
+    present, expected = tab.present, tab.expected
+    n_conflict = np.bincount(tab.series[conflict], minlength=len(docs) * L)
     for s in np.flatnonzero((present < expected) | (n_conflict > 0)):
         di, col = divmod(int(s), L)
         n, m, layer, doc_id = int(expected[s]), int(present[s]), facts.moe_layers[col], int(docs[di])
@@ -120,7 +180,7 @@ def assemble(
         if m == 0:
             report.add("missing_layer", 1, f"doc {doc_id}, layer {layer}: no record at all")
             report.mask(doc_id, layer, n, 0, "no record for this layer", n)
-        elif m < n and counter_index and top_rank[s] == m - 1:
+        elif counter_index and tab.is_short(int(s)):
             report.add(
                 "short_series",
                 1,

@@ -13,7 +13,10 @@ Layout (what seed 002's Stage 1 writes and ``logs_eda.ipynb`` / the KDE stages r
            "expert_weights": [[0.18, 0.15, ...], ...]}]}]}     # (tokens, k)
 
 ``layer`` is the decoder-layer index (dense layers are absent); ``top_k`` and ``dataset`` are
-optional (``top_k`` defaults to the width of ``selected_experts``). Lists shaped
+optional (``top_k`` defaults to the width of ``selected_experts``). A sample's ``loss`` (its mean
+next-token cross-entropy) goes to the trace's ``doc_loss`` column when the first sample has one
+(later samples without it get NaN), and comes back on export; ``strategy`` is kept in the
+manifest's ``source`` section and written back on export. Lists shaped
 ``[1, tokens, ...]`` (a batch axis) are flattened. A ``null`` row means "no routing recorded"
 for that token and layer (the exporter writes one where the trace has the missing sentinel).
 
@@ -231,6 +234,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         where=str(files[0]),
     )
     has_logits = any("router_logits_sample" in e for e, _ in entries)
+    has_loss = "loss" in sample
     has_weights = any("expert_weights" in e for e, _ in entries)
     report = ImportReport()
     source: dict[str, Any] = {
@@ -270,6 +274,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     last = doc_id
                     label = default_label(opts, s.get("dataset") or m.get("dataset"), path)
                     doc = _document(s, where, facts, doc_id, label, has_weights, has_logits, report)
+                    doc.loss = _loss(s, where) if has_loss else None
                     if ordered and doc.weights is not None:
                         ordered = slot_order_of(doc.weights, doc.experts, facts.sentinel, "rank") == "rank"
                     yield doc
@@ -277,7 +282,19 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
             offset = last + 1
         source["slot_order"] = "rank" if ordered else "set"
 
-    return Imported(facts, documents(), report, source, weights=has_weights, logits=has_logits)
+    return Imported(
+        facts, documents(), report, source, weights=has_weights, logits=has_logits, doc_loss=has_loss
+    )
+
+
+def _loss(s: dict[str, Any], where: str) -> float | None:
+    """The sample's ``loss`` as a float (None when absent or null); anything else names the field."""
+    v = s.get("loss")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise DataError(f"{where}: field 'loss' must be a number, got {v!r:.40}")
+    return float(v)
 
 
 def _chain(
@@ -477,9 +494,12 @@ def export(
     documents: Sequence[int] | None = None,
     overwrite: bool = False,
     config: str | None = None,
+    strategy: str | None = None,
 ) -> dict[str, Any]:
     """Write ``trace`` (or its ``documents``) as one seed 002 JSON file: a sample per document.
 
+    ``strategy`` defaults to the one the trace records (:func:`trace_strategy`). A sample's
+    ``loss`` is written when the trace has a ``doc_loss`` column and the document's loss is known.
     ``router_logits_sample`` / ``expert_weights`` are written when the trace has logits / weights;
     a (token, layer) without routing is a ``null`` row and a layer without any routing in a
     document is left out of that sample. Streams one document at a time.
@@ -498,9 +518,10 @@ def export(
     cols = ["position", "label", "experts"]
     cols += ["weights"] if trace.has_weights else []
     cols += ["logits"] if trace.has_logits else []
+    cols += ["doc_loss"] if getattr(trace, "has_doc_loss", False) else []
     header = {
         "config": config or trace.manifest.get("model", {}).get("id") or trace.routing.family,
-        "strategy": "topk_baseline",
+        "strategy": strategy or trace_strategy(trace),
         "num_experts": E,
         "top_k": k,
         "num_layers": trace.routing.num_hidden_layers or max(moe) + 1,
@@ -521,9 +542,23 @@ def export(
     return stats
 
 
+def trace_strategy(trace: Any) -> str:
+    """The routing strategy a trace was recorded under: the imported log's ``strategy``, else the
+    capture's (``capture.strategy``, a name or ``{"name": ...}``), else ``"topk_baseline"``."""
+    for section in ("source", "capture"):
+        v = (trace.manifest.get(section) or {}).get("strategy")
+        if isinstance(v, dict):
+            v = v.get("name")
+        if isinstance(v, str) and v:
+            return v
+    return "topk_baseline"
+
+
 def _sample(doc_id: int, b: Any, moe: list[int], E: int, sentinel: int, labels: list[str]) -> dict[str, Any]:
     n = len(b.position)
     sample: dict[str, Any] = {"sample_id": int(doc_id), "num_tokens": n}
+    if b.doc_loss is not None and n and np.isfinite(b.doc_loss[0]):
+        sample["loss"] = float(b.doc_loss[0])
     if len(labels) > 1 and b.label[0] >= 0:
         sample["dataset"] = labels[int(b.label[0])]
     layers = []

@@ -42,6 +42,19 @@ def _count_text(source: str, doc: dict[str, Any], dtype: str) -> str:
     for name, n in doc["components"].items():
         note = " (tied to embeddings)" if name == "lm_head" and doc["tied_embeddings"] else ""
         lines.append(f"  {name:<15} {n:>16,d}  {100 * n / total:5.1f}%{note}")
+    n_moe = len(doc["moe_layers"])
+    lines.append(
+        f"router: {doc['router_per_layer']:,d} params per MoE layer ({doc['num_experts']} experts x hidden);"
+        f" one expert over all {n_moe} MoE layers: {doc['expert_all_layers']:,d} ({_b(doc['expert_all_layers'])})"
+    )
+    lines.append(
+        f"  {'memory':<8} {'load model':>12} {'active/token':>13} {'one expert':>11} {'expert x layers':>16}"
+    )
+    for dt, m in doc["memory"].items():
+        lines.append(
+            f"  {dt:<8} {_bytes(m['load_model_bytes']):>12} {_bytes(m['active_per_token_bytes']):>13}"
+            f" {_bytes(m['expert_bytes']):>11} {_bytes(m['expert_all_layers_bytes']):>16}"
+        )
     return "\n".join(lines)
 
 

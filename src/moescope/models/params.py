@@ -88,6 +88,30 @@ class ParamCount:
         """
         return self.active - (0 if self.tied_embeddings else self.embeddings)
 
+    @property
+    def router_per_layer(self) -> int:
+        """Router parameters of one MoE layer (Mixtral: 8 x 4096 = 32,768; seed 003's "32,000")."""
+        return self.router // max(len(self.moe_layers), 1)
+
+    @property
+    def expert_all_layers(self) -> int:
+        """One expert index summed over every MoE layer (Mixtral: 32 x 176M = 5.64B; seed 003's "5.6
+        Billion"): what "expert 3" weighs if it is thought of as one network through the model."""
+        return self.expert_params * len(self.moe_layers)
+
+    def memory(self) -> dict[str, dict[str, float]]:
+        """Bytes per storage type: the whole model (to load it), the active set of one token (to hold
+        what a token uses), one expert, and one expert index over all MoE layers."""
+        return {
+            dtype: {
+                "load_model_bytes": self.total * b,
+                "active_per_token_bytes": self.active * b,
+                "expert_bytes": self.expert_params * b,
+                "expert_all_layers_bytes": self.expert_all_layers * b,
+            }
+            for dtype, b in BYTES_PER_PARAM.items()
+        }
+
     def expert_bytes(self, dtype: str = "bf16") -> float:
         """Bytes of one routed expert stored as ``dtype`` (what an offloading cache moves per miss)."""
         if dtype not in BYTES_PER_PARAM:
@@ -103,6 +127,9 @@ class ParamCount:
             "active_compute": self.active_compute,
             "components": self.components,
             "expert_params": self.expert_params,
+            "expert_all_layers": self.expert_all_layers,
+            "router_per_layer": self.router_per_layer,
+            "memory": self.memory(),
             "num_layers": self.num_layers,
             "moe_layers": list(self.moe_layers),
             "num_experts": self.num_experts,

@@ -262,26 +262,47 @@ def seed004_extract(
     output_dir: Path = typer.Option(
         Path("."), "--output-dir", "-o", help="Directory for p<problem>_token_<i>.jsonl."
     ),
+    short_series: str = typer.Option(
+        "mask",
+        "--short-series",
+        help="A (problem, layer) series shorter than its problem had a record dropped and later token_idx"
+        " renumbered; 'mask' leaves it out of every journey, 'keep-prefix' keeps it as logged (only if"
+        " records can only be lost at the end). Same choices as moescope import.",
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Extract token journeys (one file per token, one record per layer) from seed 004's raw JSONL.
 
     Example: moescope predict seed004 extract humaneval_2_routing.jsonl --problem 0 --tokens 0 10 -o journeys/
     """
-    from moescope.predict.seed004 import extract_tokens
+    from moescope.predict.seed004 import extract_journeys
 
-    files = extract_tokens(raw, problem, tokens[0], tokens[1], output_dir)
-    short = [
+    files, short = extract_journeys(raw, problem, tokens[0], tokens[1], output_dir, short_series=short_series)
+    if short:
+        what = "left out of every journey" if short_series == "mask" else "kept as logged (keep-prefix)"
+        listed = ", ".join(
+            f"layer {s['layer']} ({s['records']} records for {s['tokens']} tokens)" for s in short
+        )
+        print(
+            f"warning: problem {problem}: {len(short)} series have dropped records and renumbered token_idx,"
+            f" {what}: {listed}",
+            file=sys.stderr,
+        )
+    partial = [
         f
         for f in files
         if sum(1 for _ in open(f, encoding="utf-8"))
         < max(sum(1 for _ in open(g, encoding="utf-8")) for g in files)
     ]
-    for f in short:
+    for f in partial:
         print(
             f"warning: {f} has fewer layers than the others (records missing from the log)", file=sys.stderr
         )
-    emit({"files": [str(f) for f in files]}, json_out, text="\n".join(f"wrote {f}" for f in files))
+    emit(
+        {"files": [str(f) for f in files], "short_series": short, "short_series_policy": short_series},
+        json_out,
+        text="\n".join(f"wrote {f}" for f in files),
+    )
 
 
 @seed004_app.command("create-rules")

@@ -18,6 +18,12 @@ common successor among the training tokens with that key (first seen wins a tie,
 ``collections.Counter.most_common`` does). Evaluation counts only keys that have a rule, as the seed
 does; ``vs_random`` divides the accuracy by the 1/E chance of guessing one expert.
 A journey with missing layers (the Mixtral log drops some records) simply has no transition there.
+
+The Mixtral log's recorder dropped ``[0.5, 0.5]`` rows *before* numbering, so a (problem, layer)
+series shorter than its problem has every later ``token_idx`` shifted by one. :func:`extract_journeys`
+finds such series with the importer's own test (:func:`moescope.interop.find_short_series`)
+and, like ``moescope import --short-series``, leaves them out of every journey (``"mask"``, the
+default) or keeps their records as logged (``"keep-prefix"``); either way it names them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moescope.errors import DataError
+from moescope.errors import ConfigError, DataError
 
 SKIPS = (2, 4, 8)
 LEVEL_NAMES = {
@@ -67,20 +73,70 @@ def _field(rec: dict[str, Any], name: str, path: Path, lineno: int | str) -> Any
 
 
 def extract_tokens(
-    raw: str | Path, problem: int, start: int, end: int, output_dir: str | Path = "."
+    raw: str | Path,
+    problem: int,
+    start: int,
+    end: int,
+    output_dir: str | Path = ".",
+    *,
+    short_series: str = "mask",
 ) -> list[Path]:
-    """Write ``p<problem>_token_<i>.jsonl`` for ``start <= token_idx < end``; returns the files written."""
+    """Write ``p<problem>_token_<i>.jsonl`` for ``start <= token_idx < end``; returns the files written.
+
+    Short (renumbered) series are handled as :func:`extract_journeys` says; use that function to
+    learn which series they were.
+    """
+    return extract_journeys(raw, problem, start, end, output_dir, short_series=short_series)[0]
+
+
+def extract_journeys(
+    raw: str | Path,
+    problem: int,
+    start: int,
+    end: int,
+    output_dir: str | Path = ".",
+    *,
+    short_series: str = "mask",
+) -> tuple[list[Path], list[dict[str, int]]]:
+    """:func:`extract_tokens`, plus the short series found: ``[{problem, layer, tokens, records}]``.
+
+    ``short_series``: ``"mask"`` leaves every record of a short series out (its positions cannot be
+    trusted), ``"keep-prefix"`` keeps them as logged (right only if records were lost at the end).
+    """
+    import numpy as np
+
+    from moescope.interop import SHORT_SERIES_POLICIES, find_short_series
+
+    if short_series not in SHORT_SERIES_POLICIES:
+        raise ConfigError(
+            f"option --short-series: must be one of {SHORT_SERIES_POLICIES}, got {short_series!r}"
+        )
     raw, out = Path(raw), Path(output_dir)
     if end <= start:
         raise DataError(f"--tokens: end ({end}) must be greater than start ({start})")
-    by_token: dict[int, list[dict[str, Any]]] = {}
+    mine: list[dict[str, Any]] = []
     for lineno, rec in enumerate(_read_jsonl(raw), 1):
         if _field(rec, "problem_id", raw, lineno) != problem:
             continue
         t = _field(rec, "token_idx", raw, lineno)
-        _field(rec, "layer", raw, lineno)
+        layer = _field(rec, "layer", raw, lineno)
         _field(rec, "experts", raw, lineno)
-        if start <= t < end:
+        for name, v in (("token_idx", t), ("layer", layer)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise DataError(f"{raw}:{lineno}: field {name!r} must be an integer >= 0, got {v!r:.40}")
+        mine.append(rec)
+    layers = np.array([r["layer"] for r in mine], np.int64)
+    tokens = np.array([r["token_idx"] for r in mine], np.int64)
+    L = int(layers.max()) + 1 if len(layers) else 1
+    short = [
+        {"problem": problem, "layer": layer, "tokens": n, "records": m}
+        for _, layer, n, m in find_short_series(np.zeros(len(mine), np.int64), layers, tokens, L)
+    ]
+    drop = {s["layer"] for s in short} if short_series == "mask" else set()
+    by_token: dict[int, list[dict[str, Any]]] = {}
+    for rec in mine:
+        t = rec["token_idx"]
+        if start <= t < end and rec["layer"] not in drop:
             by_token.setdefault(int(t), []).append(rec)
     if not by_token:
         raise DataError(f"{raw}: no records for problem {problem} with token_idx in [{start}, {end})")
@@ -91,7 +147,7 @@ def extract_tokens(
         recs = sorted(by_token[t], key=lambda r: r["layer"])
         path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
         written.append(path)
-    return written
+    return written, short
 
 
 def load_journey(path: str | Path) -> dict[int, list[int]]:

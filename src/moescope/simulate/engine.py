@@ -24,6 +24,7 @@ from moescope.simulate import kernel as K
 from moescope.simulate.deployment import Deployment, ModelCost, compute_times, load_times
 from moescope.simulate.policies import CachePolicy
 from moescope.simulate.prefetch import Prefetcher
+from moescope.trace.schema import signed_ids
 
 MODES = ("decode", "prefill")
 RESETS = ("none", "document")
@@ -99,7 +100,7 @@ def prepare(trace: Any, *, mode: str = "decode", batch_size: int | None = None) 
     start = 0
     for b in trace.iter_batches(["doc_id", "experts"]):
         n = len(b)
-        ids[start : start + n] = np.where(b.experts == trace.missing_id, -1, b.experts)
+        ids[start : start + n] = signed_ids(b.experts, trace.missing_id)
         doc[start : start + n] = b.doc_id
         start += n
     new_doc = np.ones(N, bool)

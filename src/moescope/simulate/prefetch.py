@@ -25,6 +25,7 @@ from numba import njit, prange
 from sklearn.base import BaseEstimator
 
 from moescope.errors import ConfigError
+from moescope.trace.schema import signed_ids
 
 
 def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
@@ -78,7 +79,7 @@ class Prefetcher(BaseEstimator):
         prev_tail = None
         for b in trace.iter_batches(["doc_id", "experts"]):
             n = len(b)
-            ids = np.where(b.experts == trace.missing_id, -1, b.experts).astype(np.int16)  # (n, L, k)
+            ids = signed_ids(b.experts, trace.missing_id)  # (n, L, k) int16, -1 = missing
             out[start : start + n] = self._ranked_block(ids, b.doc_id, prev_tail)
             prev_tail = (ids[-1:], b.doc_id[-1:])
             start += n

@@ -38,6 +38,7 @@ class Batch:
     logits: np.ndarray | None = None
     token: list[str] | None = None
     lookahead: dict[str, np.ndarray] = field(default_factory=dict)
+    doc_loss: np.ndarray | None = None
 
     def __len__(self) -> int:
         for v in (
@@ -144,6 +145,23 @@ class Trace:
         return bool(self.columns.get("logits"))
 
     @property
+    def has_doc_loss(self) -> bool:
+        """Whether rows carry their document's loss (``doc_loss``; absent in older traces)."""
+        return bool(self.columns.get("doc_loss"))
+
+    def document_losses(self) -> dict[int, float]:
+        """``{doc_id: loss}`` (mean next-token cross-entropy, nats) for documents with a known loss."""
+        if not self.has_doc_loss:
+            return {}
+        out: dict[int, float] = {}
+        for b in self.iter_batches(["doc_id", "doc_loss"]):
+            first = np.flatnonzero(np.r_[True, b.doc_id[1:] != b.doc_id[:-1]])
+            for i in first:
+                if np.isfinite(b.doc_loss[i]):
+                    out[int(b.doc_id[i])] = float(b.doc_loss[i])
+        return out
+
+    @property
     def lookahead_columns(self) -> list[str]:
         la = self.columns.get("lookahead")
         if not la:
@@ -235,7 +253,8 @@ class Trace:
         cols += ["experts"]
         cols += ["weights"] if self.has_weights else []
         cols += ["logits"] if self.has_logits else []
-        return cols + self.lookahead_columns
+        cols += self.lookahead_columns
+        return cols + (["doc_loss"] if self.has_doc_loss else [])
 
     def iter_arrow(
         self, columns: list[str] | None = None, batch_size: int = 65536, read_ahead: int = 1
@@ -294,6 +313,8 @@ class Trace:
         for name in names:
             if name.startswith("lookahead_"):
                 b.lookahead[name] = nested_to_numpy(rb.column(name))
+        if "doc_loss" in names:
+            b.doc_loss = rb.column("doc_loss").to_numpy(zero_copy_only=False).astype(np.float32)
         return b
 
     def _label_codes(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -30,6 +30,17 @@ def missing_id(num_experts: int) -> int:
     return int(np.iinfo(id_dtype(num_experts)).max)
 
 
+def signed_ids(experts: np.ndarray, missing: int, dtype: Any = np.int16) -> np.ndarray:
+    """Expert ids as a signed array with the ``missing`` sentinel turned into -1.
+
+    Stored ids are unsigned (uint8 for E < 255), so ``np.where(ids == missing, -1, ids)`` keeps
+    the unsigned dtype and wraps -1 back to the sentinel (255). Casting first avoids that.
+    """
+    out = np.asarray(experts).astype(dtype)
+    out[np.asarray(experts) == missing] = -1
+    return out
+
+
 def lookahead_column(variant: str, distance: int) -> str:
     return f"lookahead_{variant}_d{distance}"
 
@@ -43,8 +54,13 @@ def default_columns(
     lookahead_variants: list[str] | None = None,
     lookahead_m: int | None = None,
     token_text: bool = False,
+    doc_loss: bool = False,
 ) -> dict[str, Any]:
-    """The manifest's ``columns`` section: which optional columns a trace holds."""
+    """The manifest's ``columns`` section: which optional columns a trace holds.
+
+    ``doc_loss`` adds a float32 column holding each document's mean next-token loss (nats) on
+    every row of the document; traces written before it existed simply lack the key.
+    """
     lookahead = None
     if lookahead_distances:
         lookahead = {
@@ -57,6 +73,7 @@ def default_columns(
         "logits": logits_dtype if logits else None,
         "lookahead": lookahead,
         "token_text": bool(token_text),
+        **({"doc_loss": "float32"} if doc_loss else {}),
     }
 
 
@@ -86,6 +103,8 @@ def build_schema(spec: RoutingSpec, columns: dict[str, Any]) -> pa.Schema:
         for variant in la["variants"]:
             for d in la["distances"]:
                 fields.append(pa.field(lookahead_column(variant, d), _fsl(ids, la["m"], L)))
+    if columns.get("doc_loss"):
+        fields.append(pa.field("doc_loss", pa.float32()))
     return pa.schema(fields)
 
 

@@ -60,6 +60,7 @@ def write_subset(
                 logits=b.logits,
                 lookahead=b.lookahead or None,
                 token=b.token,
+                doc_loss=b.doc_loss,
             )
             writer.commit(int(b.doc_id[-1]))
     return Trace.open(output)

@@ -187,8 +187,12 @@ class TraceWriter:
         logits: np.ndarray | None = None,
         lookahead: dict[str, np.ndarray] | None = None,
         token: list[str] | np.ndarray | None = None,
+        doc_loss: np.ndarray | None = None,
     ) -> None:
-        """Buffer rows. Routing arrays are ``(n, L, k)`` (logits ``(n, L, E)``, lookahead ``(n, L, m)``)."""
+        """Buffer rows. Routing arrays are ``(n, L, k)`` (logits ``(n, L, E)``, lookahead ``(n, L, m)``).
+
+        ``doc_loss`` ``(n,)``: each row's document loss (NaN: unknown), for traces with that column.
+        """
         if self._closed:
             raise TraceError(f"{self.directory}: writer is closed")
         n = len(doc_id)
@@ -226,6 +230,13 @@ class TraceWriter:
                 if arr.shape != (n, L, la["m"]):
                     raise TraceError(f"{name} has shape {arr.shape}, expected {(n, L, la['m'])}")
                 data[name] = numpy_to_nested(arr.astype(id_dtype(E), copy=False))
+        if cols.get("doc_loss"):
+            if doc_loss is None:
+                raise TraceError("this trace has a 'doc_loss' column: pass doc_loss=")
+            dl = np.asarray(doc_loss, np.float32)
+            if dl.shape != (n,):
+                raise TraceError(f"doc_loss has shape {dl.shape}, expected {(n,)}")
+            data["doc_loss"] = pa.array(dl)
         self._pending.append(pa.Table.from_pydict(data, schema=self.schema))
 
     @staticmethod
