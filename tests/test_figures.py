@@ -35,6 +35,11 @@ _SCRIPT = textwrap.dedent(
     p = make("frequency").fit(tr)
     res = {"frequency": evaluate(p, tr, modes=[1], n_boot=20)}
     plot_by_layer(res, out / "p"); plot_by_distance(res, out / "p")
+    from moescope.simulate import ModelCost, get_preset
+    from moescope.simulate.sweep import plot_sweep, sweep
+    df = sweep(tr, get_preset("rtx4090-pcie4"), ModelCost(expert_params=10**6, top_k=2),
+               fractions=(0.25, 0.5), policies=("lru", "static"), fit_trace=tr)
+    plot_sweep(df, out / "s" / "sweep")
     print("BACKEND", matplotlib.get_backend())
     """
 )
@@ -48,7 +53,7 @@ def test_library_never_switches_the_backend(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BACKEND svg" in r.stdout, r.stdout
-    assert any(tmp_path.glob("a/*.png")) and any(tmp_path.glob("p/*.png"))
+    assert any(tmp_path.glob("a/*.png")) and any(tmp_path.glob("p/*.png")) and any(tmp_path.glob("s/*.png"))
 
 
 def test_cli_main_asks_for_agg_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
