@@ -17,6 +17,8 @@ from moescope.trace.manifest import RoutingSpec
 #: Per-token scalar columns, always present.
 BASE_COLUMNS = ("doc_id", "position", "token_id", "label")
 LOOKAHEAD_VARIANTS = ("gate_input", "residual")
+#: Parquet key-value metadata holding the routing facts a shard was written for (JSON).
+ROUTING_METADATA_KEY = "moescope.routing"
 
 
 def id_dtype(num_experts: int) -> np.dtype:

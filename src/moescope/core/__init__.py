@@ -1,0 +1,1 @@
+"""Typed core beneath the stages: families, sources, figures, estimators, outputs."""
