@@ -41,12 +41,12 @@ def generate(path: Path, tokens: int, layers: int) -> None:
     )
 
 
-def core(path: Path) -> dict:
+def core(path: Path, verify: bool = True) -> dict:
     from moescope.analysis import cooccurrence, entropy, load, locality, specialisation
     from moescope.analysis._stream import make_context, run_pass
     from moescope.trace import Trace
 
-    tr = Trace.open(path)
+    tr = Trace.open(path, verify=verify)
     ctx = make_context(tr)
     accs = [
         load.LoadAccumulator(ctx),
@@ -117,6 +117,11 @@ def main() -> None:
     ap.add_argument("--naive", type=int, default=20_000, help="tokens for the per-token loop (0: skip)")
     ap.add_argument("--dir", type=Path, default=ROOT / "build" / "bench-analyze")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--checksum-cost",
+        action="store_true",
+        help="time the pass with and without shard SHA-256 verification (alternating, 2 runs each)",
+    )
     args = ap.parse_args()
     path = args.dir / f"synthetic-{args.tokens}x{args.layers}"
     if args.generate_only:
@@ -138,6 +143,20 @@ def main() -> None:
             ],
             check=True,
         )
+    if args.checksum_cost:
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for verify in (False, True, False, True):
+            from moescope.trace import integrity
+
+            integrity._VERIFIED.clear()  # a fresh process would hash every shard once
+            t0 = time.perf_counter()
+            core(path, verify=verify)
+            times[verify].append(time.perf_counter() - t0)
+        on, off = min(times[True]), min(times[False])
+        print(
+            f"checksum cost: {off:.2f} s without, {on:.2f} s with verification: {100 * (on - off) / off:+.1f}%"
+        )
+        return
     t0 = time.perf_counter()
     res = core(path)
     dt = time.perf_counter() - t0

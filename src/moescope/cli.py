@@ -1,7 +1,8 @@
 """The ``moescope`` command: one entry point, a subcommand per stage.
 
 Each stage registers its own commands (``<stage>/commands.py``); this file only assembles them and
-turns :class:`~moescope.errors.MoescopeError` into a one-line "Error: ..." with exit status 1.
+turns :class:`~moescope.errors.MoescopeError` into a one-line "Error: ..." with exit status 1
+(see :func:`main` for every exit status).
 """
 
 from __future__ import annotations
@@ -48,28 +49,52 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
-    """Console entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs :func:`run` and exits with its status."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the ``moescope`` command line and return the exit status.
+
+    0: success. 1: a failed check or bad input (``Error: ...`` names the file, field or option).
+    2: a usage error (unknown option, missing argument). 130: interrupted (Ctrl-C), with one line
+    saying what was left behind (a resumable trace, a partial output folder).
+    """
+    from typer._click.exceptions import ClickException
+
+    from moescope.core.outputs import left_behind
+
     os.environ.setdefault("MPLBACKEND", "Agg")  # headless figures; the library never switches backends
+    debug = os.environ.get("MOESCOPE_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False, prog_name="moescope")
     except MoescopeError as exc:
-        if os.environ.get("MOESCOPE_DEBUG") == "1":
+        if debug:
             raise
         typer.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        return 1
+    except KeyboardInterrupt:
+        rv = 130
     except typer.Abort:
-        typer.echo("Aborted.", err=True)
-        sys.exit(1)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        typer.echo("Error: aborted.", err=True)
+        return 1
+    except ClickException as exc:  # usage errors: exit status 2
+        exc.show()
+        return exc.exit_code
+    except OSError as exc:  # a read-only or full output location, a vanished input
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+        return 1
+    if rv == 130:
+        left = left_behind()
+        typer.echo(
+            "Interrupted; left " + ("; ".join(left) if left else "nothing half-written") + ".", err=True
+        )
+        return 130
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

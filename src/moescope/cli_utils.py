@@ -14,6 +14,17 @@ TraceArg = Annotated[
     Path, typer.Argument(help="Trace directory (holds manifest.json and part-*.parquet).", show_default=False)
 ]
 OutDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the output if moescope wrote it (anything else is refused, never deleted).",
+    ),
+]
+AllowIncompleteOpt = Annotated[
+    bool,
+    typer.Option("--allow-incomplete", help="Read a trace whose capture or import did not finish."),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
 
 

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from moescope.analysis.suite import ANALYSIS_NAMES as ANALYSES
-from moescope.cli_utils import JsonOpt, OutDirOpt, SeedOpt, TraceArg, emit, progress_enabled
+from moescope.cli_utils import (
+    AllowIncompleteOpt,
+    JsonOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    SeedOpt,
+    TraceArg,
+    emit,
+    progress_enabled,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -106,6 +115,8 @@ def analyze(
         ),
     ] = "cocluster",
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run the analyses on a trace, write one CSV per result plus PNG figures, print a summary.
@@ -143,5 +154,11 @@ def analyze(
         seed=seed,
         progress=progress_enabled() and not json_out,
     )
-    summary = run_analyses(trace, output, opts)
+    from moescope.core.outputs import claim
+    from moescope.trace.reader import Trace, reading_incomplete
+
+    with reading_incomplete(allow_incomplete):
+        Trace.open(trace)  # refuse a damaged or incomplete trace before touching the output
+        with claim(output, "analysis", overwrite=overwrite, inputs=[trace, compare]):
+            summary = run_analyses(trace, output, opts)
     emit(summary, json_out, text=summary_text(summary))

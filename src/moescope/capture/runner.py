@@ -386,118 +386,145 @@ def capture(
         raise TraceError(
             f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
         )
-    described = [src.describe() for src in sources]
-    documents = iter_documents(sources)
-    first = next(documents, None)
-    if first is None:
-        raise DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
-    documents = itertools.chain([first], documents)
+    from moescope.core.outputs import claim
 
-    if isinstance(model, str):
-        log(f"loading model {model}")
-        loaded = resolve_model(model, device=device, dtype=dtype, log=log)
-    else:
-        loaded = model
-    pad_id = ensure_pad_token(loaded.tokenizer)
-    seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
-    max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-    n_embed = loaded.model.get_input_embeddings().weight.shape[0]
-    if len(loaded.tokenizer) > n_embed:
-        raise ConfigError(
-            f"tokenizer {loaded.tokenizer_info()['name']!r} has {len(loaded.tokenizer)} ids but the model embeds"
-            f" only {n_embed}: they do not belong together"
+    inputs = [item for item in data if Path(item).exists()]
+    left = f"a resumable trace in {output} (continue it with --resume)"
+    with claim(output, "trace", overwrite=opts.overwrite, resume=resuming, inputs=inputs, left=left):
+        described = [src.describe() for src in sources]
+        documents = iter_documents(sources)
+        first = next(documents, None)
+        if first is None:
+            raise DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
+        documents = itertools.chain([first], documents)
+
+        if isinstance(model, str):
+            log(f"loading model {model}")
+            loaded = resolve_model(model, device=device, dtype=dtype, log=log)
+        else:
+            loaded = model
+        pad_id = ensure_pad_token(loaded.tokenizer)
+        seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
+        max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
+        if max_pos is not None and seq_len > max_pos:
+            raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+        n_embed = loaded.model.get_input_embeddings().weight.shape[0]
+        if len(loaded.tokenizer) > n_embed:
+            raise ConfigError(
+                f"tokenizer {loaded.tokenizer_info()['name']!r} has {len(loaded.tokenizer)} ids but the model embeds"
+                f" only {n_embed}: they do not belong together"
+            )
+
+        from moescope.capture.engine import RoutingRecorder
+
+        recorder = RoutingRecorder(
+            loaded.model,
+            logits=opts.logits,
+            lookahead=opts.lookahead,
+            lookahead_m=opts.lookahead_m,
+            token_loss=_records_loss(opts),
         )
+        spec = recorder.spec
+        if not spec.moe_layers:
+            raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
+        columns = _columns(recorder, opts)
+        model_info = loaded.info()
+        tok_info = loaded.tokenizer_info()
+        capture_params = {
+            "model": loaded.name,
+            "config_sha256": model_info["config_sha256"],
+            "dtype": model_info["dtype"],
+            "tokenizer": tok_info["name"],
+            "tokenizer_vocab_size": tok_info["vocab_size"],
+            "data": described,
+            "seq_len": seq_len,
+            "max_tokens": opts.max_tokens,
+            "logits": opts.logits,
+            "lookahead": opts.lookahead,
+            "lookahead_m": columns["lookahead"]["m"] if columns["lookahead"] else None,
+            "lookahead_columns": list(recorder.lookahead_columns),
+            "token_text": opts.token_text,
+        }
+        if _records_loss(opts):  # only then, so traces captured before the key existed still resume
+            capture_params["loss"] = True
 
-    from moescope.capture.engine import RoutingRecorder
+        from moescope.trace.manifest import read_manifest
+        from moescope.trace.writer import TraceWriter
 
-    recorder = RoutingRecorder(
-        loaded.model,
-        logits=opts.logits,
-        lookahead=opts.lookahead,
-        lookahead_m=opts.lookahead_m,
-        token_loss=_records_loss(opts),
-    )
-    spec = recorder.spec
-    if not spec.moe_layers:
-        raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
-    columns = _columns(recorder, opts)
-    model_info = loaded.info()
-    tok_info = loaded.tokenizer_info()
-    capture_params = {
-        "model": loaded.name,
-        "config_sha256": model_info["config_sha256"],
-        "dtype": model_info["dtype"],
-        "tokenizer": tok_info["name"],
-        "tokenizer_vocab_size": tok_info["vocab_size"],
-        "data": described,
-        "seq_len": seq_len,
-        "max_tokens": opts.max_tokens,
-        "logits": opts.logits,
-        "lookahead": opts.lookahead,
-        "lookahead_m": columns["lookahead"]["m"] if columns["lookahead"] else None,
-        "lookahead_columns": list(recorder.lookahead_columns),
-        "token_text": opts.token_text,
-    }
-    if _records_loss(opts):  # only then, so traces captured before the key existed still resume
-        capture_params["loss"] = True
-
-    from moescope.trace.manifest import read_manifest
-    from moescope.trace.writer import TraceWriter
-
-    if resuming:
-        _check_resume(output, read_manifest(output).get("capture", {}), capture_params)
-        writer = TraceWriter.resume(output, capture=capture_params, shard_rows=opts.shard_rows)
-        log(f"resuming {output} after document {writer.last_document}")
-    else:
-        writer = TraceWriter.create(
-            output,
-            spec,
-            columns=columns,
-            model=model_info,
-            tokenizer=tok_info,
-            datasets=[dict(d) for d in described],
-            capture=capture_params,
-            source={"tool": "moescope capture"},
-            shard_rows=opts.shard_rows,
-            overwrite=opts.overwrite,
+        if resuming:
+            _check_resume(output, read_manifest(output).get("capture", {}), capture_params)
+            writer = TraceWriter.resume(output, capture=capture_params, shard_rows=opts.shard_rows)
+            log(f"resuming {output} after document {writer.last_document}")
+        else:
+            writer = TraceWriter.create(
+                output,
+                spec,
+                columns=columns,
+                model=model_info,
+                tokenizer=tok_info,
+                datasets=[dict(d) for d in described],
+                capture=capture_params,
+                source={"tool": "moescope capture"},
+                shard_rows=opts.shard_rows,
+                overwrite=opts.overwrite,
+            )
+        result = CaptureResult(
+            trace=str(output), model=loaded.name, resumed_after_document=writer.last_document
         )
-    result = CaptureResult(trace=str(output), model=loaded.name, resumed_after_document=writer.last_document)
-    start_doc = 0 if writer.last_document is None else writer.last_document + 1
-    budget = None
-    if opts.max_tokens is not None:
-        budget = max(0, opts.max_tokens - int(writer.manifest["progress"]["rows"]))
-    tally = _Tally(writer.manifest["datasets"] if resuming else described)
+        start_doc = 0 if writer.last_document is None else writer.last_document + 1
+        budget = None
+        if opts.max_tokens is not None:
+            budget = max(0, opts.max_tokens - int(writer.manifest["progress"]["rows"]))
+        tally = _Tally(writer.manifest["datasets"] if resuming else described)
 
-    def write(docs: list[Document], ids: list[np.ndarray], rows: dict[str, Any]) -> None:
-        writer.append(**rows)
-        tally.add(docs, ids)
-        writer.manifest["datasets"] = tally.entries  # written with the next shard, so it matches the shards
-        writer.commit(docs[-1].doc_id)
+        def write(docs: list[Document], ids: list[np.ndarray], rows: dict[str, Any]) -> None:
+            writer.append(**rows)
+            tally.add(docs, ids)
+            writer.manifest["datasets"] = (
+                tally.entries
+            )  # written with the next shard, so it matches the shards
+            writer.commit(docs[-1].doc_id)
 
-    # Chunk i's shards are written in a background thread while the model runs chunk i+1 (on a GPU
-    # the forward pass is as fast as the writing); at most one write is pending, so memory stays
-    # bounded, and the pending write always finishes (or raises) before the capture returns.
-    t0 = time.perf_counter()
-    with writer, recorder, ThreadPoolExecutor(1, thread_name_prefix="moescope-writer") as pool:
-        pending: Future | None = None
+        # Chunk i's shards are written in a background thread while the model runs chunk i+1 (on a GPU
+        # the forward pass is as fast as the writing); at most one write is pending, so memory stays
+        # bounded, and the pending write always finishes (or raises) before the capture returns.
+        t0 = time.perf_counter()
         try:
-            for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
-                rows = _run_chunk(recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(write, docs, ids, rows)
-        finally:
-            if pending is not None:
-                pending.result()
-        result.seconds = time.perf_counter() - t0
-    result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
-    result.total_tokens = int(writer.manifest["progress"]["rows"])
-    result.total_documents = sum(e["documents"] for e in tally.entries)
-    result.shards = len(writer.manifest["shards"])
-    result.routing = spec.to_dict()
-    return result
+            with writer, recorder, ThreadPoolExecutor(1, thread_name_prefix="moescope-writer") as pool:
+                pending: Future | None = None
+                try:
+                    for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
+                        rows = _run_chunk(
+                            recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress
+                        )
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(write, docs, ids, rows)
+                finally:
+                    if pending is not None:
+                        pending.result()
+                result.seconds = time.perf_counter() - t0
+        except Exception:
+            if not resuming and not writer.manifest["shards"]:
+                _remove_empty_trace(output)  # nothing was captured: do not block a plain rerun
+            raise
+        result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
+        result.total_tokens = int(writer.manifest["progress"]["rows"])
+        result.total_documents = sum(e["documents"] for e in tally.entries)
+        result.shards = len(writer.manifest["shards"])
+        result.routing = spec.to_dict()
+        return result
+
+
+def _remove_empty_trace(output: Path) -> None:
+    """Remove a trace this run created and that holds no shard (its own files only)."""
+    import contextlib
+
+    from moescope.core.outputs import clear_trace_dir
+
+    clear_trace_dir(output)
+    with contextlib.suppress(OSError):
+        output.rmdir()  # only when nothing else is left in it
 
 
 class _Tally:

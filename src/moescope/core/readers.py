@@ -44,6 +44,14 @@ def read_txt(path: Path, unit: str) -> Iterator[str]:
 
 
 def read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """Records of a JSON or JSONL file with their labels; non-UTF-8 text is an error naming the file."""
+    try:
+        yield from _read_json_utf8(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} near byte {exc.start} of a block)") from None
+
+
+def _read_json_utf8(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
         f.seek(0)

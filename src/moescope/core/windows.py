@@ -39,6 +39,12 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.int64) for ids in enc]
 
 
+#: Characters kept per budgeted token before tokenising (tokens rarely span more than a few dozen).
+_CHARS_PER_TOKEN = 64
+#: Tokens beyond the budget the cut text must give, so the cut cannot change the tokens kept.
+_CUT_SLACK = 16
+
+
 def iter_tokenized(
     documents: Iterable[Document], tokenizer: Any, *, max_tokens: int | None = None, group: int = 64
 ) -> Iterator[tuple[Document, np.ndarray]]:
@@ -52,10 +58,17 @@ def iter_tokenized(
 
     def flush() -> Iterator[tuple[Document, np.ndarray]]:
         nonlocal budget
-        for d, ids in zip(pending, tokenize(tokenizer, [d.text for d in pending]), strict=True):
+        # With a budget, a huge text is cut to a character budget first (tokenising a 10 MB line whole
+        # to keep 3,000 tokens costs seconds and gigabytes); if the cut text yields too few tokens to be
+        # sure the cut did not change the kept ones, the whole text is tokenised after all.
+        limit = None if budget is None else budget * _CHARS_PER_TOKEN + 1024
+        texts = [d.text if limit is None else d.text[:limit] for d in pending]
+        for d, text, ids in zip(pending, texts, tokenize(tokenizer, texts), strict=True):
             if budget is not None:
                 if budget <= 0:
                     break
+                if len(text) < len(d.text) and len(ids) < budget + _CUT_SLACK:
+                    ids = tokenize(tokenizer, [d.text])[0]
                 ids = ids[:budget]
                 budget -= len(ids)
             yield d, ids

@@ -121,23 +121,27 @@ def import_log(
             raise ConfigError(f"unknown import option {key!r}; known: {', '.join(names)}")
         if value is not None and value != names[key] and key not in mod.OPTIONS:
             raise ConfigError(f"option {key} does not apply to format {format!r}")
+    from moescope.core.outputs import claim
+
     opts = ImportOptions(**options)
     if isinstance(paths, str | Path):
         paths = [paths]
-    got = mod.read(list(paths), opts)
-    write_documents(
-        out,
-        got.facts,
-        got.documents,
-        weights=got.weights,
-        logits=got.logits,
-        token_text=got.token_text,
-        doc_loss=got.doc_loss,
-        source=got.source,
-        report=got.report,
-        tokenizer=got.tokenizer,
-        overwrite=overwrite,
-    )
+    left = f"{out} as it was (the import writes into a temporary folder the next import removes)"
+    with claim(out, "trace", overwrite=overwrite, inputs=[*paths, opts.text], left=left):
+        got = mod.read(list(paths), opts)
+        write_documents(
+            out,
+            got.facts,
+            got.documents,
+            weights=got.weights,
+            logits=got.logits,
+            token_text=got.token_text,
+            doc_loss=got.doc_loss,
+            source=got.source,
+            report=got.report,
+            tokenizer=got.tokenizer,
+            overwrite=overwrite,
+        )
     return Trace.open(out)
 
 

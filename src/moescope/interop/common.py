@@ -458,12 +458,26 @@ def write_documents(
     ``source["slot_order"]`` (``"rank"`` or ``"set"``, default ``"rank"``; the importer may settle it
     while reading) becomes the trace's ``routing.slot_order``.
     """
+    from moescope.core.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir, remove_leftovers
     from moescope.trace.writer import TraceWriter
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+        if not is_trace_dir(out):
+            raise ConfigError(
+                f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
+                " it wrote, so it leaves this alone: move it away or choose another --output"
+            )
+        foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
+        if foreign:
+            raise ConfigError(
+                f"{out}: holds files moescope did not write ({', '.join(sorted(foreign)[:5])}); move them"
+                " away before replacing the trace"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # temporary folders of an earlier, killed import into the same place
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.incomplete")
     columns = default_columns(weights=weights, logits=logits, token_text=token_text, doc_loss=doc_loss)
     model = {"id": facts.model_id} if facts.model_id else {}

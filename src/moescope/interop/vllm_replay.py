@@ -133,6 +133,10 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     )
             mapping.append({"doc_id": doc_id, "file": str(path), "key": key, "tokens": len(ids)})
             yield RoutedDocument(doc_id, default_label(opts, None, path), np.arange(len(ids)), experts)
+        if not sum(m["tokens"] for m in mapping):
+            raise DataError(
+                f"{', '.join(map(str, files))}: every array is empty (0 tokens): nothing to import"
+            )
 
     return Imported(facts, documents(), report, source)
 

@@ -241,10 +241,21 @@ def read_header(path: str | Path) -> dict[str, Any]:
             header = json.loads(z["__header__"].tobytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such predictor file") from None
+    except EOFError:
+        raise ConfigError(f"{path}: empty file, not a moescope predictor file") from None
     except (zipfile.BadZipFile, ValueError, OSError, io.UnsupportedOperation) as exc:
         raise ConfigError(f"{path}: not a moescope predictor file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ConfigError(
+            f"{path}: the predictor header is a {type(header).__name__}, expected a JSON object"
+        )
     if header.get("format") != FORMAT:
         raise ConfigError(f"{path}: header format is {header.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("predictor", str), ("params", dict), ("state", dict), ("format_version", int)):
+        if not isinstance(header.get(key), kind):
+            raise ConfigError(
+                f"{path}: header field {key!r} must be a {kind.__name__}, got {header.get(key)!r:.80}"
+            )
     if header.get("format_version", 0) > FORMAT_VERSION:
         raise ConfigError(
             f"{path}: format_version {header['format_version']} is newer than this moescope reads"
@@ -281,7 +292,8 @@ def load_predictor(path: str | Path) -> BasePredictor:
         pred._set_state(arrays, header["state"])
     except StateMismatchError as exc:
         raise ConfigError(f"{path}: {exc}; {refit}") from None
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # e.g. torch's size mismatch on load
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        # e.g. torch's size mismatch on load, an array of the wrong shape, a state of the wrong type
         detail = " ".join(str(exc).split())[:300]
         raise ConfigError(
             f"{path}: the saved {name!r} predictor does not fit this moescope's model ({detail}); {refit}"

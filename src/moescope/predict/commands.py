@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from moescope.cli_utils import JsonOpt, TraceArg, emit
+from moescope.cli_utils import AllowIncompleteOpt, JsonOpt, OverwriteOpt, TraceArg, emit
 from moescope.errors import ConfigError
 
 predict_app = typer.Typer(
@@ -105,6 +105,8 @@ def fit(
     seed: int = typer.Option(
         0, "--seed", help="Seed of the document split (and the predictor's random_state default)."
     ),
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Fit a predictor on a trace's training documents and save it; the held-out documents are recorded.
@@ -114,11 +116,12 @@ def fit(
     import time
 
     from moescope.core.estimator import plain_params
+    from moescope.core.outputs import claim
     from moescope.predict.base import make_predictor, registered_predictors
     from moescope.trace.reader import Trace
     from moescope.trace.split import fit_record, split_documents
 
-    tr = Trace.open(trace)
+    tr = Trace.open(trace, allow_incomplete=allow_incomplete)
     registry = registered_predictors()
     if predictor not in registry:
         raise ConfigError(
@@ -141,17 +144,19 @@ def fit(
     if "random_state" in names and "random_state" not in params:
         params["random_state"] = seed
     pred = make_predictor(predictor, **params)
-    if no_split:
-        train_docs, test_docs = tr.documents(), []
-        fit_trace = tr
-    else:
-        train_docs, test_docs = split_documents(tr, test_fraction, seed)
-        fit_trace = tr.filter(documents=train_docs)
-    t0 = time.perf_counter()
-    pred.fit(fit_trace)
-    seconds = time.perf_counter() - t0
-    extra = {**fit_record(tr, train_docs, test_docs, seed), "fit_seconds": seconds}
-    pred.save(output, extra=extra)
+    # the output is checked and locked before the (long) fit, released once the file is saved
+    with claim(output, "predictor", overwrite=overwrite, inputs=[trace]):
+        if no_split:
+            train_docs, test_docs = tr.documents(), []
+            fit_trace = tr
+        else:
+            train_docs, test_docs = split_documents(tr, test_fraction, seed)
+            fit_trace = tr.filter(documents=train_docs)
+        t0 = time.perf_counter()
+        pred.fit(fit_trace)
+        seconds = time.perf_counter() - t0
+        extra = {**fit_record(tr, train_docs, test_docs, seed), "fit_seconds": seconds}
+        pred.save(output, extra=extra)
     fitted_modes = pred.modes() or modes
     from moescope.predict.queries import mode_name
 
@@ -198,6 +203,7 @@ def eval_cmd(
     figures: Path | None = typer.Option(
         None, "--figures", help="Directory for accuracy-by-layer/-distance PNG + CSV."
     ),
+    allow_incomplete: AllowIncompleteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a saved predictor on a trace: per layer, per mode and overall, with CIs and random baselines.
@@ -214,9 +220,16 @@ def eval_cmd(
 
     if documents not in ("test", "all"):
         raise ConfigError(f"--documents must be 'test' or 'all', got {documents!r}")
+    if n_boot < 1:
+        raise ConfigError(f"--n-boot must be >= 1 (bootstrap resamples for the intervals), got {n_boot}")
     header = read_header(model)
     pred = load_predictor(model)
-    part = held_out(Trace.open(trace), header.get("extra", {}), documents, what=str(model))
+    part = held_out(
+        Trace.open(trace, allow_incomplete=allow_incomplete),
+        header.get("extra", {}),
+        documents,
+        what=str(model),
+    )
     if part.warning:
         print(f"warning: {part.warning}", file=sys.stderr)
     tr, scored = part.trace, part.scored

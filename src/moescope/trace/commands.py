@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moescope.cli_utils import JsonOpt, TraceArg, emit
+from moescope.cli_utils import AllowIncompleteOpt, JsonOpt, OverwriteOpt, TraceArg, emit
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +45,7 @@ def info(trace: TraceArg, json_out: JsonOpt = False) -> None:
     """
     from moescope.trace.reader import Trace
 
-    tr = Trace.open(trace)
+    tr = Trace.open(trace, allow_incomplete=True)  # info reports an incomplete trace, marked as such
     m = tr.manifest
     summary = {
         "trace": str(trace),
@@ -82,7 +82,8 @@ def split(
         0.2, "--test-fraction", help="Share of documents in the test trace, in (0, 1)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random document split (same seed, same split)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing train/ and test/ traces."),
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Split a trace by document into OUTPUT/train and OUTPUT/test (all columns kept).
@@ -93,9 +94,13 @@ def split(
 
     Example: moescope split runs/deepseek -o runs/deepseek-split --test-fraction 0.2
     """
+    from moescope.core.outputs import claim
     from moescope.trace.reader import Trace
 
-    train, test = Trace.open(trace).split(test_fraction, seed, output=output, overwrite=overwrite)
+    source = Trace.open(trace, allow_incomplete=allow_incomplete)
+    with claim(output, "split", overwrite=overwrite, inputs=[trace]) as c:
+        c.traces = ["train", "test"]
+        train, test = source.split(test_fraction, seed, output=output, overwrite=True)
     summary = {
         "train": {"trace": str(train.path), "documents": len(train.documents()), "tokens": train.num_tokens},
         "test": {"trace": str(test.path), "documents": len(test.documents()), "tokens": test.num_tokens},

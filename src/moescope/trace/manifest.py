@@ -69,6 +69,7 @@ class RoutingSpec:
 
     def check(self) -> None:
         """Raise :class:`TraceError` naming the field when the facts are inconsistent."""
+        _check_types(self)
         if self.num_experts < 1:
             raise TraceError(f"routing.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -125,6 +126,32 @@ def routing_from_manifest(manifest: dict[str, Any], where: str = "manifest") -> 
     return RoutingSpec.from_dict(routing, source=where)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(spec: RoutingSpec) -> None:
+    """Integers where integers belong (8.5 experts or a negative layer is a damaged manifest)."""
+    for name in ("num_experts", "top_k", "n_shared_experts"):
+        v = getattr(spec, name)
+        if not _is_int(v) or v < 0:
+            raise TraceError(f"routing.{name} must be a non-negative integer, got {v!r}")
+    if not isinstance(spec.moe_layers, list) or not all(_is_int(x) and x >= 0 for x in spec.moe_layers):
+        raise TraceError(
+            f"routing.moe_layers must be a list of non-negative integers, got {spec.moe_layers!r}"
+        )
+    n = spec.num_hidden_layers
+    if n is not None and (not _is_int(n) or (spec.moe_layers and n <= max(spec.moe_layers))):
+        raise TraceError(
+            f"routing.num_hidden_layers must be an integer above every MoE layer index, got {n!r}"
+        )
+    for name in ("family", "router_kind", "dtype"):
+        if not isinstance(getattr(spec, name), str):
+            raise TraceError(f"routing.{name} must be a string, got {getattr(spec, name)!r}")
+    if not isinstance(spec.module_paths, list) or not all(isinstance(x, str) for x in spec.module_paths):
+        raise TraceError("routing.module_paths must be a list of strings")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Load and sanity-check ``directory/manifest.json``; errors name the file and the field."""
     path = Path(directory) / MANIFEST_NAME
@@ -136,8 +163,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise TraceError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text (byte {exc.start}); the manifest is damaged") from None
     if not isinstance(manifest, dict):
         raise TraceError(f"{path}: top level must be a JSON object")
+    if not isinstance(manifest.get("routing"), dict):
+        raise TraceError(f"{path}: field 'routing' must be a JSON object")
     for key in ("format", "format_version", "routing", "shards", "columns"):
         if key not in manifest:
             raise TraceError(f"{path}: missing required field {key!r}")
@@ -151,7 +182,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest["shards"], list):
         raise TraceError(f"{path}: field 'shards' must be a list")
     for i, shard in enumerate(manifest["shards"]):
-        for key in ("file", "rows", "sha256"):
+        for key in ("file", "rows"):  # sha256 may be absent in traces older than checksums
             if not isinstance(shard, dict) or key not in shard:
                 raise TraceError(f"{path}: shards[{i}] lacks field {key!r}")
     return manifest

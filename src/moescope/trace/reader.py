@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,18 @@ from moescope.trace.readahead import read_ahead_iter
 from moescope.trace.schema import missing_id, nested_to_numpy
 
 ROUTING_COLUMNS = ("experts", "weights", "logits")
+
+_ALLOW_INCOMPLETE: ContextVar[bool] = ContextVar("moescope_allow_incomplete", default=False)
+
+
+@contextmanager
+def reading_incomplete(allow: bool = True) -> Iterator[None]:
+    """Within the block, :meth:`Trace.open` accepts incomplete traces (the ``--allow-incomplete`` option)."""
+    token = _ALLOW_INCOMPLETE.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_INCOMPLETE.reset(token)
 
 
 @dataclass
@@ -76,22 +90,34 @@ class Trace:
         manifest: dict[str, Any],
         domains: tuple[str, ...] | None = None,
         documents: np.ndarray | None = None,
+        *,
+        verify: bool = True,
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.routing = routing_from_manifest(manifest, str(self.path / "manifest.json"))
         self._domains = domains
         self._documents = documents
+        self._verify = verify
 
     @classmethod
-    def open(cls, path: str | Path) -> Trace:
-        """Open the trace directory ``path``; errors name the missing or malformed file."""
+    def open(cls, path: str | Path, *, allow_incomplete: bool | None = None, verify: bool = True) -> Trace:
+        """Open the trace directory ``path``, trusting nothing; errors name the file and the field.
+
+        Checks the manifest's types and ranges, that every shard lies inside ``path``, is listed
+        once and holds the rows and columns the manifest says (from its footer), and that the trace
+        is ``complete`` unless ``allow_incomplete`` (default: :func:`reading_incomplete`'s setting).
+        With ``verify``, each shard's SHA-256 is checked as it streams in, and expert ids are
+        checked against ``num_experts``.
+        """
+        from moescope.trace.integrity import check_open
+
         path = Path(path)
         manifest = read_manifest(path)
-        for shard in manifest["shards"]:
-            if not (path / shard["file"]).is_file():
-                raise TraceError(f"{path / shard['file']}: shard listed in the manifest is missing")
-        return cls(path, manifest)
+        if allow_incomplete is None:
+            allow_incomplete = _ALLOW_INCOMPLETE.get()
+        check_open(path, manifest, allow_incomplete=allow_incomplete)
+        return cls(path, manifest, verify=verify)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -211,7 +237,7 @@ class Trace:
         if documents is not None:
             new = np.unique(np.fromiter(documents, dtype=np.int64))
             docs = new if docs is None else np.intersect1d(docs, new)
-        return Trace(self.path, self.manifest, domains, docs)
+        return Trace(self.path, self.manifest, domains, docs, verify=self._verify)
 
     def split(
         self,
@@ -277,20 +303,30 @@ class Trace:
         if self._domains is not None and "label" not in need:
             need.append("label")
         doc_set = pa.array(self._documents) if self._documents is not None else None
-        for path in self.shard_paths:
-            pf = pq.ParquetFile(path)
-            for rb in pf.iter_batches(batch_size=batch_size, columns=need):
-                mask = None
-                if doc_set is not None:
-                    mask = pc.is_in(rb.column("doc_id"), value_set=doc_set)
-                if self._domains is not None:
-                    lab = pc.is_in(rb.column("label").cast(pa.string()), value_set=pa.array(self._domains))
-                    mask = lab if mask is None else pc.and_(mask, lab)
-                if mask is not None:
-                    rb = rb.filter(mask)
-                    if rb.num_rows == 0:
-                        continue
-                yield rb.select(columns)
+        from moescope.trace.integrity import check_batch, open_shard, shard_errors
+
+        for entry, path in zip(self.manifest["shards"], self.shard_paths, strict=True):
+            pf = open_shard(path, entry, verify=self._verify)
+            with shard_errors(path):
+                for rb in pf.iter_batches(batch_size=batch_size, columns=need):
+                    if self._verify:
+                        check_batch(rb, path, self.num_experts)
+                    yield from self._filtered(rb, columns, doc_set)
+
+    def _filtered(
+        self, rb: pa.RecordBatch, columns: list[str], doc_set: pa.Array | None
+    ) -> Iterator[pa.RecordBatch]:
+        mask = None
+        if doc_set is not None:
+            mask = pc.is_in(rb.column("doc_id"), value_set=doc_set)
+        if self._domains is not None:
+            lab = pc.is_in(rb.column("label").cast(pa.string()), value_set=pa.array(self._domains))
+            mask = lab if mask is None else pc.and_(mask, lab)
+        if mask is not None:
+            rb = rb.filter(mask)
+            if rb.num_rows == 0:
+                return
+        yield rb.select(columns)
 
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[Batch]:
         """Stream :class:`Batch` objects so memory stays flat whatever the trace length."""

@@ -15,6 +15,8 @@ from moescope.errors import TraceError
 from moescope.trace.manifest import RoutingSpec
 
 LOOKAHEAD_VARIANTS = ("gate_input", "residual")
+#: Parquet key-value metadata holding the routing facts a shard was written for (JSON).
+ROUTING_METADATA_KEY = "moescope.routing"
 
 
 def id_dtype(num_experts: int) -> np.dtype:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
+from moescope.trace.integrity import check_shard_entries
 from moescope.trace.manifest import read_manifest, routing_from_manifest
 from moescope.trace.schema import build_schema, missing_id, nested_to_numpy
 from moescope.trace.writer import file_sha256
@@ -24,10 +25,17 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
     try:
         manifest = read_manifest(path)
         spec = routing_from_manifest(manifest, str(path / "manifest.json"))
+        check_shard_entries(path, manifest)
         expected = build_schema(spec, manifest["columns"])
     except TraceError as exc:
         return [str(exc)]
     problems: list[str] = []
+    if any(s.get("sha256") is None for s in manifest["shards"]):
+        checksums = False
+        problems.append(
+            f"{path / 'manifest.json'}: note: shards carry no SHA-256 (an older trace); damage inside them"
+            " cannot be detected"
+        )
     E, sentinel = spec.num_experts, missing_id(spec.num_experts)
     listed = set()
     seen_pairs: list[np.ndarray] = []
@@ -100,6 +108,8 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
     for p in path.glob("*.parquet"):
         if p.name not in listed:
             problems.append(f"{p}: shard not listed in manifest.json (an orphan from an interrupted write)")
+    for p in sorted(path.glob("*.tmp")) + sorted(path.glob(".*.tmp")):
+        problems.append(f"{p}: stray temporary file (an interrupted write; --resume removes moescope's own)")
     if not manifest.get("complete"):
         problems.append(
             f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with --resume)"

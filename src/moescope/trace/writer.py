@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moescope.core.outputs import clear_trace_dir, is_trace_dir, trace_orphans
 from moescope.errors import TraceError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.manifest import (
@@ -27,7 +29,13 @@ from moescope.trace.manifest import (
     read_manifest,
     routing_from_manifest,
 )
-from moescope.trace.schema import build_schema, default_columns, id_dtype, numpy_to_nested
+from moescope.trace.schema import (
+    ROUTING_METADATA_KEY,
+    build_schema,
+    default_columns,
+    id_dtype,
+    numpy_to_nested,
+)
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 
@@ -72,7 +80,10 @@ class TraceWriter:
         self.manifest = manifest
         self.routing = routing_from_manifest(manifest, str(Path(directory) / MANIFEST_NAME))
         manifest["routing"] = self.routing.to_dict()
-        self.schema = build_schema(self.routing, manifest["columns"])
+        # Each shard's footer repeats the routing facts, so a reader notices a manifest edited afterwards.
+        self.schema = build_schema(self.routing, manifest["columns"]).with_metadata(
+            {ROUTING_METADATA_KEY: json.dumps(self.routing.to_dict(), sort_keys=True)}
+        )
         self.shard_rows = int(shard_rows)
         self._pending: list[pa.Table] = []  # appended, not yet committed to a document boundary
         self._ready: list[pa.Table] = []  # complete documents waiting for a shard
@@ -107,9 +118,12 @@ class TraceWriter:
                     f"{directory}: already exists and is not empty; pass --resume to continue it or"
                     " --overwrite to replace it"
                 )
-            for p in directory.iterdir():
-                if p.is_file() and (p.suffix in (".parquet", ".tmp") or p.name == MANIFEST_NAME):
-                    p.unlink()
+            if not is_trace_dir(directory):
+                raise TraceError(
+                    f"{directory}: exists and is not a moescope trace (no manifest.json); moescope replaces"
+                    " only what it wrote, so it leaves this alone: move it away or choose another --output"
+                )
+            clear_trace_dir(directory)  # only the manifest, part-NNNNN.parquet and their temporaries
         directory.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": FORMAT_NAME,
@@ -136,7 +150,8 @@ class TraceWriter:
     def resume(
         cls, directory: str | Path, *, capture: dict[str, Any] | None = None, shard_rows: int = 65536
     ) -> TraceWriter:
-        """Reopen an interrupted trace. Shards the manifest does not list are orphans and are deleted.
+        """Reopen an interrupted trace. Shards the manifest does not list are orphans and are deleted
+        (only moescope's own ``part-NNNNN.parquet`` and temporary names).
 
         ``capture`` must equal the parameters the trace was started with; the first differing key
         is named in the error, since resuming with other settings would mix two traces in one.
@@ -153,10 +168,8 @@ class TraceWriter:
                         f"{directory}: cannot resume: capture setting {key!r} was {old.get(key)!r},"
                         f" now {capture.get(key)!r}"
                     )
-        listed = {s["file"] for s in manifest["shards"]}
-        for p in directory.iterdir():
-            if (p.suffix == ".parquet" and p.name not in listed) or p.name.endswith(".tmp"):
-                p.unlink()
+        for p in trace_orphans(directory, {s["file"] for s in manifest["shards"]}):
+            p.unlink()  # moescope's own shard and temporary names only, never a user's file
         manifest["complete"] = False
         writer = cls(directory, manifest, shard_rows)
         writer._write_manifest()
