@@ -346,6 +346,13 @@ def _read_txt(path: Path, unit: str) -> Iterator[str]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    try:
+        yield from _read_json_utf8(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} near byte {exc.start} of a block)") from None
+
+
+def _read_json_utf8(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
         f.seek(0)

@@ -505,6 +505,12 @@ def make_predictor(name: str, **params: Any) -> BasePredictor:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown predictor {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     cls, defaults = _REGISTRY[name]
+    unknown = sorted(set(params) - set(cls._param_names()))
+    if unknown:
+        raise ConfigError(
+            f"--param {unknown[0]}: predictor {name!r} has no such parameter; it takes"
+            f" {', '.join(cls._param_names()) or 'none'}"
+        )
     pred = cls(**{**defaults, **params})
     return pred
 
