@@ -54,6 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(run(argv))
 
 
+def _notes_as_lines() -> None:
+    """Print moescope's integrity warnings as one ``note: ...`` line on stderr, not Python's format."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "IntegrityWarning":  # by name: importing it would slow every start
+            typer.echo(f"note: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the ``moescope`` command line and return the exit status.
 
@@ -67,6 +82,7 @@ def run(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MPLBACKEND", "Agg")  # headless figures; the library never switches backends
     debug = os.environ.get("MOESCOPE_DEBUG") == "1"
+    _notes_as_lines()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moescope")
     except MoescopeError as exc:

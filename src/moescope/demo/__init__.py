@@ -58,6 +58,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
                 "300",
                 "--permutations",
                 "100",
+                "--overwrite",
             ]
         )
     fine = str(out / "trace-tiny-finegrained")
@@ -66,7 +67,9 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     model_file = str(out / f"{predictor}-tiny-finegrained.npz")
     # Fit on some documents, judge on the others: the predictor and the cache never see the test text.
     steps.append(["split", fine, "-o", str(split), "--test-fraction", "0.2", "--overwrite"])
-    steps.append(["predict", "fit", train, "--no-split", "--predictor", predictor, "-o", model_file])
+    steps.append(
+        ["predict", "fit", train, "--no-split", "--predictor", predictor, "-o", model_file, "--overwrite"]
+    )
     steps.append(["predict", "eval", model_file, test, "--figures", str(out / "predict-tiny-finegrained")])
     steps.append(
         [

@@ -418,6 +418,12 @@ def make_predictor(name: str, **params: Any) -> BasePredictor:
     if name not in reg:
         raise ConfigError(f"unknown predictor {name!r}; choose one of: {', '.join(sorted(reg))}")
     r = reg[name]
+    names = r.cls.param_names()
+    unknown = sorted(k for k in params if k.split("__")[0] not in names)
+    if unknown:
+        raise ConfigError(
+            f"predictor {name!r} has no parameter {unknown[0]!r}; it takes {', '.join(names) or 'none'}"
+        )
     defaults = {k: clone(v) if isinstance(v, Estimator) else v for k, v in r.defaults.items()}
     flat = {k: v for k, v in params.items() if "__" not in k}
     nested = {k: v for k, v in params.items() if "__" in k}

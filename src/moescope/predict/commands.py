@@ -234,7 +234,13 @@ def eval_cmd(
         print(f"warning: {part.warning}", file=sys.stderr)
     tr, scored = part.trace, part.scored
     modes = [parse_mode(m) for m in mode] or None
-    res = evaluate(pred, tr, modes=modes, budgets=budget or None, n_boot=n_boot, seed=seed)
+    try:
+        res = evaluate(pred, tr, modes=modes, budgets=budget or None, n_boot=n_boot, seed=seed)
+    except (ValueError, IndexError) as exc:  # arrays in the file of a shape the trace cannot use
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"{model}: the saved predictor does not fit trace {trace} ({detail}); refit it"
+        ) from None
     summary = {"model": str(model), "scored": scored, **res.summary}
     if figures is not None:
         from moescope.predict.figures import plot_by_distance, plot_by_layer
