@@ -225,3 +225,37 @@ def test_cli_evaluate_json_and_errors(tmp_path, files):
         app, ["evaluate", "tiny:mixtral", f"mc={files['mc']}", "-s", "topk:k=99", "-o", str(tmp_path / "x")]
     )
     assert bad.exit_code != 0 and "k=99 is outside 1..E=8" in str(bad.exception)
+
+
+def test_capture_with_a_strategy_records_the_applied_routing(tmp_path):
+    from moescope.capture.runner import CaptureOptions, capture
+
+    data = tmp_path / "d.txt"
+    data.write_text(
+        "In the beginning God created the heaven and the earth.\n\nAnd the earth was without form.\n"
+    )
+    capture("tiny:mixtral", [str(data)], tmp_path / "plain", device="cpu")
+    capture("tiny:mixtral", [str(data)], tmp_path / "own", CaptureOptions(strategy="topk"), device="cpu")
+    capture(
+        "tiny:mixtral", [str(data)], tmp_path / "topp", CaptureOptions(strategy="topp:p=0.8"), device="cpu"
+    )
+    plain, own, topp = (Trace.open(tmp_path / n) for n in ("plain", "own", "topp"))
+    a, b = next(plain.iter_batches(["experts", "weights"])), next(own.iter_batches(["experts", "weights"]))
+    assert np.array_equal(a.experts, b.experts) and np.array_equal(
+        a.weights, b.weights
+    )  # own k: same routing
+    assert (
+        topp.manifest["capture"]["strategy"] == "topp:p=0.8" and topp.manifest["capture"]["model_top_k"] == 2
+    )
+    c = next(topp.iter_batches(["experts", "weights"]))
+    used = c.experts != topp.missing_id
+    assert used.sum(-1).min() >= 1 and used.sum(-1).mean() > 2 and topp.top_k == 8
+    np.testing.assert_allclose(c.weights.sum(-1), 1, rtol=1e-5)  # Mixtral renormalises over the kept set
+    with pytest.raises(ConfigError, match="--strategy cannot be combined with --logits"):
+        capture(
+            "tiny:mixtral",
+            [str(data)],
+            tmp_path / "x",
+            CaptureOptions(strategy="topk", logits=True),
+            device="cpu",
+        )

@@ -37,7 +37,7 @@ SPLITS = {
         {"training_split": None, "validation_split": None, "test_split": "test"},
     ),
 }
-LIMITS = {"lambada": 8, "hellaswag": 4, "wikitext": 2}
+LIMITS = {"lambada": 6, "hellaswag": 3, "wikitext": 2}
 METRICS = {
     "lambada": ("acc", "perplexity"),
     "hellaswag": ("acc", "acc_norm"),

@@ -237,6 +237,7 @@ class CaptureOptions:
     resume: bool = False
     overwrite: bool = False
     shard_rows: int = 65536
+    strategy: str | None = None  # a routing strategy spec (moescope.strategies); None: the model's own
 
 
 #: Capture settings (manifest ``capture`` keys) and the option that sets each, for resume errors.
@@ -254,6 +255,7 @@ _OPTION_OF = {
     "lookahead_m": "--lookahead-m",
     "lookahead_columns": "--lookahead",
     "token_text": "--token-text",
+    "strategy": "--strategy",
 }
 _DATA_OPTION_OF = {
     "max_documents": "--max-documents",
@@ -434,9 +436,14 @@ def capture(
 
     from moescope.capture.engine import RoutingRecorder
 
-    recorder = RoutingRecorder(
-        loaded.model, logits=opts.logits, lookahead=opts.lookahead, lookahead_m=opts.lookahead_m
-    )
+    if opts.strategy:
+        from moescope.strategies.trace import StrategyRecorder
+
+        recorder = StrategyRecorder(loaded.model, opts.strategy, logits=opts.logits, lookahead=opts.lookahead)
+    else:
+        recorder = RoutingRecorder(
+            loaded.model, logits=opts.logits, lookahead=opts.lookahead, lookahead_m=opts.lookahead_m
+        )
     spec = recorder.spec
     if not spec.moe_layers:
         raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
@@ -458,6 +465,8 @@ def capture(
         "lookahead_columns": list(recorder.lookahead_columns),
         "token_text": opts.token_text,
     }
+    if opts.strategy:
+        capture_params.update(recorder.manifest_entries())
 
     from moescope.trace.manifest import read_manifest
     from moescope.trace.writer import TraceWriter

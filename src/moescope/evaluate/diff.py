@@ -34,6 +34,8 @@ def _read(trace: Trace) -> _Side:
     variable = bool(trace.manifest.get("capture", {}).get("variable_k"))
     used, valid, tok, doc, lab = [], [], [], [], []
     labels = list(trace.labels)
+    if trace.num_tokens == 0:
+        raise ConfigError(f"{trace.path}: the trace holds no tokens")
     for b in trace.iter_batches(["doc_id", "token_id", "label", "experts"]):
         ex = b.experts.astype(np.int64)
         pad = ex == trace.missing_id

@@ -126,3 +126,58 @@ class StrategyTraceWriter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class StrategyRecorder:
+    """The capture engine's recorder interface (``spec``, ``lookahead_columns``, ``run``) under a strategy.
+
+    ``run`` returns ``experts``/``weights`` ``(n, L, K)`` over the valid tokens, K the storage width,
+    sentinel-padded as the module docstring says; ``spec.top_k`` is K. Router logits and gate
+    lookahead are not recorded under a strategy.
+    """
+
+    def __init__(self, model: Any, strategy: str, *, logits: bool = False, lookahead: int = 0) -> None:
+        if logits or lookahead:
+            raise ConfigError(
+                "--strategy cannot be combined with --logits or --lookahead yet; capture those without it"
+            )
+        self.model = model
+        self.router = StrategyRouter(model, strategy, record=True)
+        self.width = storage_width(self.router)
+        s = self.router.spec
+        self.spec = RoutingSpec(
+            num_experts=s.num_experts,
+            top_k=self.width,
+            moe_layers=list(s.moe_layers),
+            family=s.family,
+            router_kind=s.router_kind,
+            n_shared_experts=s.n_shared_experts,
+            num_hidden_layers=s.num_hidden_layers,
+            module_paths=list(s.module_paths),
+            dtype=s.dtype,
+        )
+        self.lookahead_columns: list[str] = []
+
+    def manifest_entries(self) -> dict[str, Any]:
+        """What the manifest's ``capture`` section records about the strategy."""
+        return {"strategy": self.router.plan.spec, "model_top_k": self.router.spec.top_k, "variable_k": True}
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """One forward pass over a padded batch; routing arrays over the valid tokens, batch-major."""
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), self.router:
+            self.model(**kwargs)
+        experts, weights = applied_arrays(self.router, attention_mask.bool(), self.width)
+        return {"experts": experts, "weights": weights}
+
+    def __enter__(self) -> StrategyRecorder:
+        self.router.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.router.__exit__(*exc)
