@@ -98,7 +98,7 @@ def match_k(
     texts: Sequence[str],
     *,
     samples: dict[int, np.ndarray] | None = None,
-    iterations: int = 18,
+    iterations: int = 14,
     max_len: int = 512,
     batch_size: int = 8,
 ) -> tuple[str, float]:
