@@ -100,6 +100,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             str(out / "ablate-tiny-mixtral-layer3"),
         ]
     )
+    steps.append(__import__("moescope.evaluate.demo", fromlist=["demo_step"]).demo_step(out))
     return steps
 
 
