@@ -573,6 +573,9 @@ def test_cli_simulate_and_sweep(small, tmp_path):
     import polars as pl
 
     sw = pl.read_csv(out / "sweep.csv")
+    guided = set(sw.filter(pl.col("predictor_guided"))["policy"].str.extract(r"^([a-z-]+)").to_list())
+    assert guided == {"learned-reuse", "learned-reuse-admit", "next-use", "next-use-evict"}
+    assert "best predictor-guided" in doc["prediction_pays"] and "Belady" in doc["prediction_pays"]
     for (_frac, pf), part in sw.group_by(["cache_fraction", "prefetcher"]):
         if pf == "none":
             assert part.filter(pl.col("policy") == "belady")["hits"][0] == part["hits"].max()

@@ -37,6 +37,7 @@ class CachePolicy(BaseEstimator):
     protect: ClassVar[bool] = False
     needs_future: ClassVar[bool] = False
     pred_next: ClassVar[bool] = False
+    predictor_guided: ClassVar[bool] = False  # driven by a fitted predictor (the sweep's comparison)
     priority_rule: ClassVar[int] = K.PRIO_LAST
     use_rule: ClassVar[int] = K.USE_NONE
 
@@ -234,6 +235,7 @@ class OracleNextUse(CachePolicy):
     """
 
     name = "oracle-next-use"
+    predictor_guided = True
     bypass = True
     pred_next = True
     priority_rule = K.PRIO_PRED
@@ -275,6 +277,7 @@ class NextUse(CachePolicy):
     """
 
     name = "next-use"
+    predictor_guided = True
     pred_next = True
     priority_rule = K.PRIO_PRED
     use_rule = K.USE_EVENT
@@ -392,6 +395,7 @@ class LearnedReuse(CachePolicy):
     """
 
     name = "learned-reuse"
+    predictor_guided = True
     priority_rule = K.PRIO_REUSE
     use_rule = K.USE_REUSE
 
