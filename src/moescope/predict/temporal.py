@@ -142,7 +142,7 @@ def _demand_of(trace: Any) -> tuple[np.ndarray, np.ndarray]:
     start = 0
     for b in trace.iter_batches(["doc_id", "experts"]):
         n = len(b)
-        ids[start : start + n] = np.where(b.experts == trace.missing_id, -1, b.experts)
+        ids[start : start + n] = np.where(b.experts == trace.missing_id, -1, b.experts.astype(np.int16))
         doc[start : start + n] = b.doc_id
         start += n
     new_doc = np.ones(N, bool)
