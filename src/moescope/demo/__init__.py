@@ -76,6 +76,8 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             train,
             "--cache-fraction",
             "0.25",
+            "--policy",
+            "learned-reuse",
             "--prefetch",
             model_file,
             "--sweep",
@@ -100,7 +102,19 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             str(out / "ablate-tiny-mixtral-layer3"),
         ]
     )
-    steps.append(__import__("moescope.evaluate.demo", fromlist=["demo_step"]).demo_step(out))
+    # Routing strategies at equal compute: baseline, top-1, and top-p and p-value routing calibrated to the
+    # same mean experts per token (1.5), scored on the bundled corpus by domain; prints the table.
+    steps.append(
+        [
+            "evaluate",
+            "tiny-mixtral",
+            "corpus",
+            *("-s", "baseline", "-s", "topk:k=1", "-s", "topp", "-s", "pvalue:correction=bh"),
+            *("--match-k", "1.5", "--calibration", "1", "--limit", "1", "--bootstrap", "200"),
+            "-o",
+            str(out / "evaluate-tiny-mixtral"),
+        ]
+    )
     return steps
 
 
