@@ -171,7 +171,11 @@ def _admit(key, part, stamp, event, layer, step, seg_end, cfg, tab, sta):
     nor locked with ``stamp``; a bypassing policy keeps ``key`` only when it ranks above that victim.
     The one eviction routine of :func:`replay_chunk`, for demand loads and prefetches alike.
     """
-    slots, nres, where, st = sta.slots, sta.nres, sta.where, sta.st
+    # arrays read once from the tuples (not per candidate)
+    slots, nres, where, st, lock = sta.slots, sta.nres, sta.where, sta.st, sta.lock
+    pinned, protect_until = tab.pinned, sta.protect_until
+    ptr, occ_start, occ_ev = sta.ptr, tab.occ_start, tab.occ_ev
+    coef, trans, prior, lastset = tab.coef, tab.trans, tab.prior, sta.lastset
     if nres[part] < tab.cap[part]:
         slots[part, nres[part]] = key
         where[key] = nres[part]
@@ -183,13 +187,13 @@ def _admit(key, part, stamp, event, layer, step, seg_end, cfg, tab, sta):
     best_last = INF
     for i in range(nres[part]):
         cand = slots[part, i]
-        if sta.lock[cand] == stamp or tab.pinned[cand]:
+        if lock[cand] == stamp or pinned[cand]:
             continue
         if cfg.need_next:
-            st[cand, NEXT] = _next_use(cand, event, sta.ptr, tab.occ_start, tab.occ_ev, seg_end)
-        prot = 1 if (cfg.use_protect and sta.protect_until[cand] >= event) else 0
+            st[cand, NEXT] = _next_use(cand, event, ptr, occ_start, occ_ev, seg_end)
+        prot = 1 if (cfg.use_protect and protect_until[cand] >= event) else 0
         if cfg.prio_rule == PRIO_REUSE:
-            pri = reuse_score(st, cand, step, cfg.param, cfg.E, tab.coef, tab.trans, tab.prior, sta.lastset)
+            pri = reuse_score(st, cand, step, cfg.param, cfg.E, coef, trans, prior, lastset)
         else:
             pri = priority(cfg.prio_rule, st, cand, event, cfg.param)
         last = st[cand, LAST]
@@ -202,11 +206,11 @@ def _admit(key, part, stamp, event, layer, step, seg_end, cfg, tab, sta):
     old = slots[part, best]
     if cfg.bypass:
         if cfg.need_next:
-            st[key, NEXT] = _next_use(key, event, sta.ptr, tab.occ_start, tab.occ_ev, seg_end)
+            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
         if cfg.prio_rule == PRIO_REUSE:
-            if reuse_score(
-                st, key, step, cfg.param, cfg.E, tab.coef, tab.trans, tab.prior, sta.lastset
-            ) <= reuse_score(st, old, step, cfg.param, cfg.E, tab.coef, tab.trans, tab.prior, sta.lastset):
+            if reuse_score(st, key, step, cfg.param, cfg.E, coef, trans, prior, lastset) <= reuse_score(
+                st, old, step, cfg.param, cfg.E, coef, trans, prior, lastset
+            ):
                 return False
         elif priority(cfg.prio_rule, st, key, event, cfg.param) <= priority(
             cfg.prio_rule, st, old, event, cfg.param
@@ -234,14 +238,16 @@ def replay_chunk(blk, cfg, tab, sta):
     E = cfg.E
     slots, nres, where, st = sta.slots, sta.nres, sta.where, sta.st
     lock, unused, arrival, clock, counts = sta.lock, sta.unused, sta.arrival, sta.clock, sta.counts
-    load_time = tab.load_time
+    load_time, ctab, pinned = tab.load_time, tab.ctab, tab.pinned
+    protect_until, stall, wait_pf, lastset = sta.protect_until, sta.stall, sta.wait_pf, sta.lastset
+    crow, seg_ends, resets, step0 = blk.crow, blk.seg_end, blk.reset, blk.step0
     S, L, W = demand.shape
     M = pref.shape[2]
     K = L * E
     resident_at_start = np.zeros(W, np.bool_)
     for s in range(S):
-        gs = blk.step0 + s
-        if blk.reset[s]:
+        gs = step0 + s
+        if resets[s]:
             for p in range(nres.shape[0]):
                 for i in range(nres[p]):
                     key = slots[p, i]
@@ -256,14 +262,14 @@ def replay_chunk(blk, cfg, tab, sta):
                 st[key, AUX] = -INF
                 st[key, NEXT] = INF
                 st[key, STEP] = 0.0
-                sta.protect_until[key] = -1
+                protect_until[key] = -1
                 arrival[key] = 0.0
-                if tab.pinned[key]:
+                if pinned[key]:
                     p = key // E if cfg.per_layer else 0
                     slots[p, nres[p]] = key
                     where[key] = nres[p]
                     nres[p] += 1
-        seg_end = blk.seg_end[s]
+        seg_end = seg_ends[s]
         for layer in range(L):
             event = gs * L + layer
             part = layer if cfg.per_layer else 0
@@ -275,7 +281,7 @@ def replay_chunk(blk, cfg, tab, sta):
                 e = demand[s, layer, j]
                 resident_at_start[j] = False
                 if cfg.prio_rule == PRIO_REUSE:
-                    sta.lastset[layer, j] = e
+                    lastset[layer, j] = e
                 if e < 0:
                     continue
                 n_demand += 1
@@ -303,7 +309,7 @@ def replay_chunk(blk, cfg, tab, sta):
                         unused[key] = False
                         if arrival[key] > t_start:
                             counts[C_LATE, layer] += 1
-                            sta.wait_pf[layer] += arrival[key] - t_start
+                            wait_pf[layer] += arrival[key] - t_start
                     if arrival[key] > ready:
                         ready = arrival[key]
                 else:
@@ -322,8 +328,8 @@ def replay_chunk(blk, cfg, tab, sta):
                 st[key, FREQ] += 1.0
                 on_use(cfg.use_rule, st, key, float(gs), float(event), cfg.param)
             # 3. compute
-            sta.stall[layer] += ready - t_start
-            c = tab.ctab[blk.crow[s], n_demand]
+            stall[layer] += ready - t_start
+            c = ctab[crow[s], n_demand]
             clock[T_COMPUTE] += c
             clock[T_NOCACHE] += c
             clock[T_NOW] = ready + c
@@ -339,8 +345,8 @@ def replay_chunk(blk, cfg, tab, sta):
                 if e < 0:
                     continue
                 key = target * E + e
-                if cfg.use_protect and sta.protect_until[key] < tevent:
-                    sta.protect_until[key] = tevent
+                if cfg.use_protect and protect_until[key] < tevent:
+                    protect_until[key] = tevent
                 if cfg.pred_next and st[key, NEXT] > tevent:  # predicted for the target layer
                     st[key, NEXT] = tevent
                 if where[key] >= 0:
