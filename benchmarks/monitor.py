@@ -176,7 +176,7 @@ def figure(stem: str, name: str, steps: int, batch: int, seq: int, every: int, l
 
     from moescope.monitor import CSVSink
     from moescope.monitor.figures import plot_training, summary_table
-    from moescope.report.figures import save_figure, save_table
+    from moescope.core.figures import save_figure, save_table
 
     torch.manual_seed(0)
     model = load(name)

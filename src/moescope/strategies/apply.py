@@ -117,7 +117,7 @@ class StrategyRouter(HookSet):
 
     Parameters
     ----------
-    model : a transformers causal LM of a family in :mod:`moescope.capture.adapters`.
+    model : a transformers causal LM of a family in :mod:`moescope.core.families`.
     strategy : a spec string (:func:`~moescope.strategies.spec.parse_strategy`) or a plan.
     record : keep the routing applied in the last forward (:attr:`applied`).
     samples : calibration logits ``{decoder layer: (m, E)}`` for a ``pvalue`` item without density.
