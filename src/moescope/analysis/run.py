@@ -150,7 +150,9 @@ def run_analyses(trace_path: str | Path, out: str | Path, opts: AnalyzeOptions) 
         summ = load.load_summary(per, ctx.k)
         table(per, "load_per_expert")
         table(summ, "load_per_layer")
-        figure(load.plot_load(per, ctx.k), per.select("layer", "expert", "assignment_share"), "load_bars")
+        figure(
+            load.plot_load(per, ctx.k, summ), per.select("layer", "expert", "assignment_share"), "load_bars"
+        )
         figure(load.plot_load_heatmap(per), per.select("layer", "expert", "assignment_share"), "load_heatmap")
         figure(load.plot_balance_metrics(summ), summ.select("layer", "cv", "max_violation"), "load_imbalance")
         worst = summ.sort("cv", descending=True, nulls_last=True).row(0, named=True)
