@@ -174,9 +174,9 @@ def figure(stem: str, name: str, steps: int, batch: int, seq: int, every: int, l
     import polars as pl
     from transformers import AutoTokenizer
 
+    from moescope.core.figures import save_figure, save_table
     from moescope.monitor import CSVSink
     from moescope.monitor.figures import plot_training, summary_table
-    from moescope.report.figures import save_figure, save_table
 
     torch.manual_seed(0)
     model = load(name)

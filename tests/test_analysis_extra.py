@@ -126,6 +126,7 @@ def test_cli_analyze_json_and_files(tmp_path):
         "specialisation",
         "trajectories",
         "density",
+        "density_models",
         "dependence",
         "compare",
     }

@@ -40,7 +40,9 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"errors", "trace"},
     "data": {"errors"},
     "models": {"errors", "trace", "core", "data"},
-    "capture": FOUNDATION,
+    "capture": FOUNDATION | {"strategies"},  # capture --strategy records the routing a strategy applied
+    "strategies": FOUNDATION | {"analysis"},  # pvalue reads the density model analyze fits
+    "evaluate": FOUNDATION | {"capture", "strategies"},
     "analysis": FOUNDATION,
     "predict": FOUNDATION | {"interop"},  # seed 004 extract finds short series with the importer's test
     "simulate": FOUNDATION | {"predict"},  # predictor-guided prefetching, through predict's public face
@@ -56,6 +58,7 @@ ALLOWED: dict[str, set[str]] = {
         "analysis",
         "capture",
         "demo",
+        "evaluate",
         "interop",
         "models",
         "predict",
@@ -68,7 +71,12 @@ ALLOWED: dict[str, set[str]] = {
 PUBLIC_FACE: dict[str, set[str]] = {
     "predict": {"moescope.predict", "moescope.predict.base", "moescope.predict.queries"},
     "capture": {"moescope.capture", "moescope.capture.runner", "moescope.capture.engine"},
-    "analysis": {"moescope.analysis", "moescope.analysis.load", "moescope.analysis.entropy"},
+    "analysis": {
+        "moescope.analysis",
+        "moescope.analysis.load",
+        "moescope.analysis.entropy",
+        "moescope.analysis.density",
+    },
     "interop": {"moescope.interop"},
 }
 

@@ -249,7 +249,7 @@ def test_state_does_not_grow_with_steps(tmp_path):
 
 def test_eval_and_checkpoint_recompute_are_not_counted():
     model = tiny_model("mixtral").train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids, mask, labels = next(batches(1))
     with RoutingMonitor(model, every=1, alerts=None) as monitor:
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # recomputes in backward

@@ -29,6 +29,7 @@ def _register() -> None:
     from moescope.analysis import commands as analysis_commands
     from moescope.capture import commands as capture_commands
     from moescope.demo import commands as demo_commands
+    from moescope.evaluate import commands as evaluate_commands
     from moescope.interop import commands as interop_commands
     from moescope.models import commands as models_commands
     from moescope.predict import commands as predict_commands
@@ -44,6 +45,7 @@ def _register() -> None:
     demo_commands.register(app)
     simulate_commands.register(app)
     ablate_commands.register(app)
+    evaluate_commands.register(app)
 
 
 _register()

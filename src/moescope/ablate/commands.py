@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -136,6 +135,7 @@ def ablate(
 
     from moescope.ablate.report import summary_text, write_outputs
     from moescope.ablate.sweep import AblateOptions, check_options, run_ablation
+    from moescope.capture.runner import load_model
 
     opts = AblateOptions(
         layers=parse_layer_choice(layer),
@@ -170,12 +170,3 @@ def ablate(
     summary = write_outputs(result, output, figures=opts.figures, params=params)
     sys.stderr.flush()
     emit(summary, json_out, text=summary_text(summary))
-
-
-def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load ``name`` exactly as ``moescope capture`` does, except that on CPU ``auto`` means float32."""
-    from moescope.capture.runner import resolve_device, resolve_model
-
-    if dtype == "auto" and resolve_device(device) == "cpu":
-        dtype = "float32"  # half precision is slow and lossy on CPU
-    return resolve_model(name, device=device, dtype=dtype)

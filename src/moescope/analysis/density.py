@@ -424,6 +424,8 @@ def plot_logit_distributions(hist: pl.DataFrame, quantity: str):
         ax.tick_params(labelsize=6)
         if quantity == "probability":
             ax.set_yscale("log")
+    fig.supxlabel("router probability (softmax)" if quantity == "probability" else "raw router logit")
+    fig.supylabel("expert-token pairs" + (" (log scale)" if quantity == "probability" else ""))
     fig.suptitle(f"Router {quantity.replace('_', ' ')} distribution (all experts)")
     return fig
 
@@ -454,6 +456,8 @@ def plot_per_expert(hist: pl.DataFrame):
         ax.bar(left, g["count"].to_numpy(), width=g["bin_right"].to_numpy() - left, align="edge")
         ax.set_title(f"expert {e}", fontsize=7)
         ax.tick_params(labelsize=5)
+    fig.supxlabel("raw router logit")
+    fig.supylabel("tokens")
     fig.suptitle(f"Raw logit per expert, layer {hist['layer'][0]}")
     return fig
 
@@ -530,6 +534,8 @@ def plot_pvalues(hist: pl.DataFrame, title: str):
         ax.axhline(g["uniform_count"][0], color="red", ls="--", lw=1)
         ax.set_title(f"layer {layer}", fontsize=8)
         ax.tick_params(labelsize=6)
+    fig.supxlabel("conformal p-value")
+    fig.supylabel("logit vectors")
     fig.suptitle(title + " (red: uniform)")
     return fig
 

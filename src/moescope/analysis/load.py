@@ -184,18 +184,42 @@ def aux_loss(per_expert: pl.DataFrame) -> float | None:
     return float(E * np.sum(g["assignments"].to_numpy() / T * (g["psum"].to_numpy() / Tp)))
 
 
-def plot_load(per_expert: pl.DataFrame, top_k: int):
-    """One bar subplot per layer: assignment share by expert, with the perfect-balance line 1/E."""
+def plot_load(per_expert: pl.DataFrame, top_k: int, summary: pl.DataFrame | None = None):
+    """One bar subplot per layer: assignment share by expert, with the perfect-balance line 1/E.
+
+    Panels share one y-scale so that layers compare at a glance; with ``summary`` (from
+    :func:`load_summary`) each panel writes its CV and MaxVio.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     from moescope.core.figures import subplot_grid
 
     layers = per_expert["layer"].unique().sort().to_list()
     fig, axes = subplot_grid(len(layers), width=3.0, height=2.2)
+    top = 100 * float(per_expert["assignment_share"].max() or 0.0) * 1.15 or 1.0
+    metrics = {}
+    if summary is not None:
+        metrics = {r["layer"]: (r["cv"], r["max_violation"]) for r in summary.iter_rows(named=True)}
     for ax, layer in zip(axes, layers, strict=False):
         g = per_expert.filter(pl.col("layer") == layer).sort("expert")
         E = g.height
         ax.bar(g["expert"].to_numpy(), 100 * g["assignment_share"].to_numpy(), color="tab:blue", width=0.85)
         ax.axhline(100 / E, color="red", ls="--", lw=1, label=f"perfect {100 / E:.1f}%")
+        ax.set_ylim(0, top)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"layer {layer}", fontsize=9)
+        if layer in metrics and metrics[layer][0] is not None:
+            cv, mv = metrics[layer]
+            ax.text(
+                0.98,
+                0.95,
+                f"CV {cv:.2f}\nMaxVio {mv:.2f}",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=7,
+                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8, "lw": 0},
+            )
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
     fig.supxlabel("expert")
@@ -232,8 +256,9 @@ def plot_balance_metrics(summary: pl.DataFrame):
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(summary["layer"], summary["cv"], "o-", label="CV (ddof 0)")
     ax.plot(summary["layer"], summary["max_violation"], "s-", label="MaxVio")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("imbalance (0 = perfect)")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("imbalance (0 = perfect, unitless)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.set_title("Load imbalance by layer")
     fig.tight_layout()

@@ -41,7 +41,7 @@ class LoadAnalysis(Analysis):
         run.table(per, "load_per_expert")
         run.table(summ, "load_per_layer")
         shares = per.select("layer", "expert", "assignment_share")
-        run.figure(load.plot_load(per, run.ctx.k), shares, "load_bars")
+        run.figure(load.plot_load(per, run.ctx.k, summ), shares, "load_bars")
         run.figure(load.plot_load_heatmap(per), shares, "load_heatmap")
         run.figure(
             load.plot_balance_metrics(summ), summ.select("layer", "cv", "max_violation"), "load_imbalance"

@@ -277,32 +277,24 @@ def plot_embedding(emb: pl.DataFrame, x: str, y: str, color: str, title: str):
     g = emb.drop_nulls([x, y])
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     cats = g[color].unique().sort().to_list()
+    # a qualitative palette: ten distinct hues first, then tab20's lighter ones
+    palette = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.tab20(2 * i + 1) for i in range(10)]
     for i, c in enumerate(cats[:20]):
         h = g.filter(pl.col(color) == c)
-        ax.scatter(h[x], h[y], s=5, alpha=0.6, color=plt.cm.tab20(i % 20), label=str(c) or "(none)")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+        ax.scatter(h[x], h[y], s=5, alpha=0.6, color=palette[i], label=str(c) or "(none)")
+    names = {"pc1": "PC1", "pc2": "PC2", "tsne1": "t-SNE 1 (no unit)", "tsne2": "t-SNE 2 (no unit)"}
+    labels = []
+    for axis in (x, y):
+        var = f"{axis}_variance"
+        if var in g.columns and g.height and g[var][0] is not None:
+            labels.append(f"{names.get(axis, axis)} ({100 * g[var][0]:.1f}% of variance)")
+        else:
+            labels.append(names.get(axis, axis))
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title, fontsize=10)
     if len(cats) <= 20:
         ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(curves: pl.DataFrame, num_experts: int):
-    """Parametric curves (E1(l), E2(l)) over layers, one colour per token, jittered to separate overlaps."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for (c,), g in curves.group_by("curve", maintain_order=True):
-        j = (c % 7 - 3) * 0.04
-        ax.plot(g["e1"].to_numpy() + j, g["e2"].to_numpy() + j, "-o", ms=3, lw=1, alpha=0.7)
-        ax.annotate("start", (g["e1"][0] + j, g["e2"][0] + j), fontsize=6)
-    ax.set_xlim(-0.5, num_experts - 0.5)
-    ax.set_ylim(-0.5, num_experts - 0.5)
-    ax.set_xlabel("E1(l): first choice")
-    ax.set_ylabel("E2(l): second choice")
-    ax.set_title("Token trajectories through the layers")
     fig.tight_layout()
     return fig
 
@@ -412,6 +404,7 @@ def plot_top_paths(paths: pl.DataFrame, title: str):
     ax.barh(np.arange(paths.height)[::-1], paths["count"].to_numpy())
     ax.set_yticks(np.arange(paths.height)[::-1], labels=labels, fontsize=6)
     ax.set_xlabel("tokens in the sample")
+    ax.set_ylabel("path (layers: expert sets)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title + " (label: layers covered, then the expert set at each)", fontsize=10)
     fig.tight_layout()

@@ -88,6 +88,12 @@ def capture(
     lookahead: int = typer.Option(
         0, "--lookahead", help="Record gate lookahead: later layers' routers applied here, distances 1..D."
     ),
+    strategy: str | None = typer.Option(
+        None,
+        "--strategy",
+        help="Routing strategy applied while capturing (topp:p=0.7, topk:k=1, ...; see moescope evaluate);"
+        " the trace holds the routing actually applied, a variable number of experts per token.",
+    ),
     lookahead_m: int | None = typer.Option(
         None,
         "--lookahead-m",
@@ -135,6 +141,7 @@ def capture(
         lookahead=lookahead,
         lookahead_m=lookahead_m,
         token_text=token_text,
+        strategy=strategy,
         resume=resume,
         overwrite=overwrite,
         shard_rows=shard_rows,

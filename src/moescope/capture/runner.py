@@ -143,6 +143,13 @@ def resolve_dtype(dtype: str) -> Any:
     return None if dtype == "auto" else getattr(torch, dtype)
 
 
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load ``name`` as capture does, except that on CPU ``auto`` means float32 (for scoring and ablation)."""
+    if dtype == "auto" and resolve_device(device) == "cpu":
+        dtype = "float32"  # half precision is slow and lossy on CPU
+    return resolve_model(name, device=device, dtype=dtype)
+
+
 def resolve_model(
     name: str, *, device: str = "auto", dtype: str = "auto", log: Callable[[str], None] | None = None
 ) -> LoadedModel:
@@ -227,6 +234,7 @@ class CaptureOptions(DataOptions):
     resume: bool = False
     overwrite: bool = False
     shard_rows: int = 65536
+    strategy: str | None = None  # a routing strategy spec (moescope.strategies); None: the model's own
 
 
 #: Capture settings (manifest ``capture`` keys) and the option that sets each, for resume errors.
@@ -245,6 +253,7 @@ _OPTION_OF = {
     "lookahead_m": "--lookahead-m",
     "lookahead_columns": "--lookahead",
     "token_text": "--token-text",
+    "strategy": "--strategy",
 }
 _DATA_OPTION_OF = {
     "max_documents": "--max-documents",
@@ -417,13 +426,20 @@ def capture(
 
         from moescope.capture.engine import RoutingRecorder
 
-        recorder = RoutingRecorder(
-            loaded.model,
-            logits=opts.logits,
-            lookahead=opts.lookahead,
-            lookahead_m=opts.lookahead_m,
-            token_loss=_records_loss(opts),
-        )
+        if opts.strategy:
+            from moescope.strategies.trace import StrategyRecorder
+
+            recorder = StrategyRecorder(
+                loaded.model, opts.strategy, logits=opts.logits, lookahead=opts.lookahead
+            )
+        else:
+            recorder = RoutingRecorder(
+                loaded.model,
+                logits=opts.logits,
+                lookahead=opts.lookahead,
+                lookahead_m=opts.lookahead_m,
+                token_loss=_records_loss(opts),
+            )
         spec = recorder.spec
         if not spec.moe_layers:
             raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
@@ -447,6 +463,8 @@ def capture(
         }
         if _records_loss(opts):  # only then, so traces captured before the key existed still resume
             capture_params["loss"] = True
+        if opts.strategy:
+            capture_params.update(recorder.manifest_entries())
 
         from moescope.trace.manifest import read_manifest
         from moescope.trace.writer import TraceWriter
@@ -480,9 +498,8 @@ def capture(
         def write(docs: list[Document], ids: list[np.ndarray], rows: dict[str, Any]) -> None:
             writer.append(**rows)
             tally.add(docs, ids)
-            writer.manifest["datasets"] = (
-                tally.entries
-            )  # written with the next shard, so it matches the shards
+            # written with the next shard, so it matches the shards
+            writer.manifest["datasets"] = tally.entries
             writer.commit(docs[-1].doc_id)
 
         # Chunk i's shards are written in a background thread while the model runs chunk i+1 (on a GPU
@@ -554,7 +571,7 @@ def _default_seq_len(config: Any) -> int:
 
 def _records_loss(opts: CaptureOptions) -> bool:
     """Whether a capture records the per-document loss: asked for, or the LM logits are computed anyway."""
-    return bool(opts.loss or opts.logits)
+    return bool(opts.loss or opts.logits) and not opts.strategy  # the strategy recorder keeps no LM loss
 
 
 def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def heatmap(
 
     if ax is None:
         h, w = m.shape
-        fig, ax = plt.subplots(figsize=(min(14, 2.5 + 0.28 * w), min(12, 2.0 + 0.28 * h)))
+        fig, ax = plt.subplots(figsize=(min(16, 2.5 + 0.32 * w), min(14, 2.0 + 0.32 * h)))
     else:
         fig = ax.figure
     norm = None
@@ -137,7 +137,7 @@ def heatmap(
             setter(
                 np.arange(n),
                 labels=list(labels),
-                fontsize=6 if n > 20 else 8,
+                fontsize=7 if n > 20 else 8,
                 rotation=90 if setter == ax.set_xticks and n > 20 else 0,
             )
     return fig

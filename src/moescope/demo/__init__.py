@@ -79,6 +79,8 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             train,
             "--cache-fraction",
             "0.25",
+            "--policy",
+            "learned-reuse",
             "--prefetch",
             model_file,
             "--sweep",
@@ -101,6 +103,19 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             "perplexity",
             "-o",
             str(out / "ablate-tiny-mixtral-layer3"),
+        ]
+    )
+    # Routing strategies at equal compute: baseline, top-1, and top-p and p-value routing calibrated to the
+    # same mean experts per token (1.5), scored on the bundled corpus by domain; prints the table.
+    steps.append(
+        [
+            "evaluate",
+            "tiny-mixtral",
+            "corpus",
+            *("-s", "baseline", "-s", "topk:k=1", "-s", "topp", "-s", "pvalue:correction=bh"),
+            *("--match-k", "1.5", "--calibration", "1", "--limit", "1", "--bootstrap", "200"),
+            "-o",
+            str(out / "evaluate-tiny-mixtral"),
         ]
     )
     return steps

@@ -19,16 +19,10 @@ from typing import Any
 import torch
 
 from moescope.core.families import FamilySpec
-from moescope.core.routing import HookSet, decode_router_output, moe_sites
+from moescope.core.routing import HookSet, call_arg, decode_router_output, moe_sites
 from moescope.errors import ConfigError
 from moescope.monitor.counters import RoutingCounters
 from moescope.trace import RoutingSpec
-
-
-def _arg(args: tuple, kwargs: dict, pos: int, name: str) -> Any:
-    if len(args) > pos:
-        return args[pos]
-    return kwargs.get(name)
 
 
 def family_aux_loss(router: torch.nn.Module) -> Any:
@@ -99,8 +93,8 @@ class MonitorHooks(HookSet):
         if self.paused or (self.train_only and not module.training):
             return
         self._active = True
-        input_ids = _arg(args, kwargs, 0, "input_ids")
-        attention_mask = _arg(args, kwargs, 1, "attention_mask")
+        input_ids = call_arg(args, kwargs, 0, "input_ids")
+        attention_mask = call_arg(args, kwargs, 1, "attention_mask")
         mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             mask = attention_mask
@@ -138,8 +132,8 @@ class MonitorHooks(HookSet):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if not self._active:
                 return
-            ids = _arg(args, kwargs, fam.index_arg, fam.index_kwarg)
-            weights = _arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+            ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+            weights = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
             if ids is None or weights is None:
                 raise ConfigError(
                     f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
