@@ -126,10 +126,10 @@ def test_cli_analyze_json_and_files(tmp_path):
         "specialisation",
         "trajectories",
         "density",
-        "density_models",
         "dependence",
         "compare",
     }
+    assert doc["analyses"]["density"]["models"]  # seed 002 stage 2: the full, trimmed and kernel models
     out = tmp_path / "out"
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) > 15

@@ -11,8 +11,8 @@ import signal
 import pytest
 
 from cli_helpers import run, start, wait_for
-from moescope.core.outputs import MARKER
 from moescope.trace import Trace, validate_trace
+from moescope.trace.outputs import MARKER
 from moescope.trace.synthetic import write_synthetic_trace
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from cli_helpers import run, start
-from moescope.core.outputs import MARKER
 from moescope.errors import TraceError
 from moescope.trace import Trace, validate_trace
+from moescope.trace.outputs import MARKER
 from moescope.trace.synthetic import write_synthetic_trace
 
 FLIPS = 60

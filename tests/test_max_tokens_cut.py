@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from moescope.capture.data import Document, iter_tokenized, tokenize
 
-from moescope.capture import data as data_mod
+from moescope.core import windows as data_mod
+from moescope.core.sources import Document
+from moescope.core.windows import iter_tokenized, tokenize
 from moescope.models.tokenizer import byte_tokenizer
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from cli_helpers import run
 from conftest import make_rows
-from moescope.core.outputs import MARKER, claim, is_predictor_file, lock_path, locked
 from moescope.errors import ConfigError, MoescopeError
 from moescope.interop import import_log
 from moescope.trace import RoutingSpec, Trace, TraceWriter
+from moescope.trace.outputs import MARKER, claim, is_predictor_file, lock_path, locked
 from moescope.trace.synthetic import write_synthetic_trace
 
 SPEC = RoutingSpec(num_experts=8, top_k=2, moe_layers=[0, 1, 2])

@@ -80,7 +80,7 @@ def run(argv: list[str] | None = None) -> int:
     """
     from typer._click.exceptions import ClickException
 
-    from moescope.core.outputs import left_behind
+    from moescope.trace.outputs import left_behind
 
     os.environ.setdefault("MPLBACKEND", "Agg")  # headless figures; the library never switches backends
     debug = os.environ.get("MOESCOPE_DEBUG") == "1"

@@ -154,7 +154,7 @@ def analyze(
         seed=seed,
         progress=progress_enabled() and not json_out,
     )
-    from moescope.core.outputs import claim
+    from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace, reading_incomplete
 
     with reading_incomplete(allow_incomplete):

@@ -395,7 +395,7 @@ def capture(
         raise TraceError(
             f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
         )
-    from moescope.core.outputs import claim
+    from moescope.trace.outputs import claim
 
     inputs = [item for item in data if Path(item).exists()]
     left = f"a resumable trace in {output} (continue it with --resume)"
@@ -537,7 +537,7 @@ def _remove_empty_trace(output: Path) -> None:
     """Remove a trace this run created and that holds no shard (its own files only)."""
     import contextlib
 
-    from moescope.core.outputs import clear_trace_dir
+    from moescope.trace.outputs import clear_trace_dir
 
     clear_trace_dir(output)
     with contextlib.suppress(OSError):

@@ -121,7 +121,7 @@ def import_log(
             raise ConfigError(f"unknown import option {key!r}; known: {', '.join(names)}")
         if value is not None and value != names[key] and key not in mod.OPTIONS:
             raise ConfigError(f"option {key} does not apply to format {format!r}")
-    from moescope.core.outputs import claim
+    from moescope.trace.outputs import claim
 
     opts = ImportOptions(**options)
     if isinstance(paths, str | Path):

@@ -458,7 +458,7 @@ def write_documents(
     ``source["slot_order"]`` (``"rank"`` or ``"set"``, default ``"rank"``; the importer may settle it
     while reading) becomes the trace's ``routing.slot_order``.
     """
-    from moescope.core.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir, remove_leftovers
+    from moescope.trace.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir, remove_leftovers
     from moescope.trace.writer import TraceWriter
 
     out = Path(out)

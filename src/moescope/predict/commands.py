@@ -116,8 +116,8 @@ def fit(
     import time
 
     from moescope.core.estimator import plain_params
-    from moescope.core.outputs import claim
     from moescope.predict.base import make_predictor, registered_predictors
+    from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace
     from moescope.trace.split import fit_record, split_documents
 

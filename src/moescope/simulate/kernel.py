@@ -30,8 +30,6 @@ Transfers are first-in first-out on one link; a transfer of key ``x`` takes ``lo
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 import numpy as np
 from numba import njit
 
@@ -40,8 +38,6 @@ LAST = 0  # touch counter of the last use or insertion (larger = more recent)
 FREQ = 1  # demand uses so far
 AUX = 2  # policy scratch (e.g. LRFU's combined recency-frequency value)
 NEXT = 3  # next demand event of the key (Belady), +inf when none before the next reset
-STEP = 4  # step of the last use (PRIO_REUSE)
-NSTATE = 5
 
 INF = np.inf
 # lock stamps: a demand event locks with its index (>= 0), a prefetch issue with -2 - event (<= -2),
@@ -53,13 +49,9 @@ PRIO_LAST = 0  # least recently touched first (LRU)
 PRIO_FREQ = 1  # fewest demand uses first (LFU)
 PRIO_AUX = 2  # lowest AUX first (LRFU)
 PRIO_NEXT = 3  # furthest next use first (Belady)
-PRIO_PRED = 4  # furthest predicted next use first (NEXT from the per-access predictions; AUX = last use)
-PRIO_REUSE = 5  # lowest learned reuse score first (:func:`reuse_score`)
 # update rules on a use or a prefetch insertion
 USE_NONE = 0
 USE_LRFU = 1
-USE_EVENT = 2  # AUX = the event of the last use (PRIO_PRED)
-USE_REUSE = 3  # LRFU in AUX and the step in STEP (PRIO_REUSE)
 
 # per-layer counters in the ``counts`` output, shape (NCOUNT, L)
 C_ACCESS = 0
@@ -84,58 +76,24 @@ NCLOCK = 5
 
 
 @njit(cache=True, inline="always")
-def priority(rule, st, key, event, param):
-    """Eviction priority of ``key`` at ``event`` under ``rule``: lower is evicted first."""
+def priority(rule, st, key, param):
+    """Eviction priority of ``key`` under ``rule``: lower is evicted first."""
     if rule == PRIO_FREQ:
         return st[key, FREQ]
     if rule == PRIO_AUX:
         return st[key, AUX]
     if rule == PRIO_NEXT:
         return -st[key, NEXT]
-    if rule == PRIO_PRED:
-        # predicted next use; once overdue, the wait so far (times param) estimates the rest
-        nxt = st[key, NEXT]
-        if param > 0.0:
-            late = event + param * (event - st[key, AUX])
-            if late > nxt:
-                nxt = late
-        return -nxt
     return st[key, LAST]
 
 
 @njit(cache=True, inline="always")
-def on_use(rule, st, key, step, event, param):
+def on_use(rule, st, key, step, param):
     """Update the policy scratch column when ``key`` is used (or inserted by a prefetch) at ``step``."""
     if rule == USE_LRFU:
         # LRFU (Lee et al., IEEE TC 2001): C(t) = 1 + 2^(-lam (t - t_last)) C(t_last), stored as
         # log2 C(t_last) + lam t_last so that comparing keys at any common "now" compares this value.
         st[key, AUX] = np.log2(1.0 + np.exp2(st[key, AUX] - param * step)) + param * step
-    elif rule == USE_EVENT:
-        st[key, AUX] = event
-    elif rule == USE_REUSE:
-        st[key, AUX] = np.log2(1.0 + np.exp2(st[key, AUX] - param * step)) + param * step
-        st[key, STEP] = step
-
-
-@njit(cache=True, inline="always")
-def reuse_score(st, key, step, param, E, coef, trans, prior, lastset):
-    """Learned reuse score of ``key`` at ``step`` (higher = kept): the logit of a logistic model over
-    the key's LRFU value (decay ``param``), the summed transition probabilities from its layer's
-    latest expert set, its training popularity and its age, ``coef`` (5,) fitted on a training trace."""
-    layer = key // E
-    e = key - layer * E
-    t = 0.0
-    for i in range(lastset.shape[1]):
-        a = lastset[layer, i]
-        if a >= 0:
-            t += trans[layer, a, e]
-    return (
-        coef[0] * (st[key, AUX] - param * step)
-        + coef[1] * np.log(t + 1e-6)
-        + coef[2] * prior[key]
-        + coef[3] * np.log2(1.0 + step - st[key, STEP])
-        + coef[4]
-    )
 
 
 @njit(cache=True, inline="always")
@@ -151,109 +109,103 @@ def _next_use(key, after, ptr, occ_start, occ_ev, seg_end):
     return INF
 
 
-# a replay's configuration, read-only arrays, carried state and block of steps, packed so that
-# :func:`replay_chunk` takes four arguments (Numba compiles each as one typed tuple)
-Config = namedtuple(
-    "Config", "dist E per_layer prio_rule use_rule param bypass use_protect need_next pred_next"
-)
-Tables = namedtuple("Tables", "cap pinned occ_start occ_ev load_time ctab coef trans prior")
-State = namedtuple(
-    "State", "slots nres where st lock protect_until unused arrival ptr clock counts stall wait_pf lastset"
-)
-Block = namedtuple("Block", "demand pref nextpred seg_end reset crow step0")
-
-
 @njit(cache=True, inline="always")
-def _admit(key, part, stamp, event, layer, step, seg_end, cfg, tab, sta):
-    """Make room for ``key`` in partition ``part`` and insert it; False when it is not kept.
-
-    The victim is the resident of lowest ``(protected, priority, last touch)`` that is neither pinned
-    nor locked with ``stamp``; a bypassing policy keeps ``key`` only when it ranks above that victim.
-    The one eviction routine of :func:`replay_chunk`, for demand loads and prefetches alike.
-    """
-    # arrays read once from the tuples (not per candidate)
-    slots, nres, where, st, lock = sta.slots, sta.nres, sta.where, sta.st, sta.lock
-    pinned, protect_until = tab.pinned, sta.protect_until
-    ptr, occ_start, occ_ev = sta.ptr, tab.occ_start, tab.occ_ev
-    coef, trans, prior, lastset = tab.coef, tab.trans, tab.prior, sta.lastset
-    if nres[part] < tab.cap[part]:
-        slots[part, nres[part]] = key
-        where[key] = nres[part]
-        nres[part] += 1
-        return True
+def _pick_victim(
+    part,
+    slots,
+    nres,
+    st,
+    lock,
+    stamp,
+    pinned,
+    protect_until,
+    event,
+    use_protect,
+    prio_rule,
+    param,
+    need_next,
+    ptr,
+    occ_start,
+    occ_ev,
+    seg_end,
+):
+    """Slot index of the victim in partition ``part``, or -1 when every resident is locked/pinned."""
     best = -1
     best_prot = 2
     best_pri = INF
     best_last = INF
     for i in range(nres[part]):
-        cand = slots[part, i]
-        if lock[cand] == stamp or pinned[cand]:
+        key = slots[part, i]
+        if lock[key] == stamp or pinned[key]:
             continue
-        if cfg.need_next:
-            st[cand, NEXT] = _next_use(cand, event, ptr, occ_start, occ_ev, seg_end)
-        prot = 1 if (cfg.use_protect and protect_until[cand] >= event) else 0
-        if cfg.prio_rule == PRIO_REUSE:
-            pri = reuse_score(st, cand, step, cfg.param, cfg.E, coef, trans, prior, lastset)
-        else:
-            pri = priority(cfg.prio_rule, st, cand, event, cfg.param)
-        last = st[cand, LAST]
+        if need_next:
+            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
+        prot = 1 if (use_protect and protect_until[key] >= event) else 0
+        pri = priority(prio_rule, st, key, param)
+        last = st[key, LAST]
         if prot < best_prot or (
             prot == best_prot and (pri < best_pri or (pri == best_pri and last < best_last))
         ):
             best, best_prot, best_pri, best_last = i, prot, pri, last
-    if best < 0:
-        return False
-    old = slots[part, best]
-    if cfg.bypass:
-        if cfg.need_next:
-            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-        if cfg.prio_rule == PRIO_REUSE:
-            if reuse_score(st, key, step, cfg.param, cfg.E, coef, trans, prior, lastset) <= reuse_score(
-                st, old, step, cfg.param, cfg.E, coef, trans, prior, lastset
-            ):
-                return False
-        elif priority(cfg.prio_rule, st, key, event, cfg.param) <= priority(
-            cfg.prio_rule, st, old, event, cfg.param
-        ):
-            return False
-    if sta.unused[old]:
-        sta.counts[C_PF_WASTE, old // cfg.E] += 1
-        sta.unused[old] = False
-    where[old] = -1
-    sta.counts[C_EVICT, layer] += 1
-    slots[part, best] = key
-    where[key] = best
-    return True
+    return best
 
 
 @njit(cache=True, nogil=True)
-def replay_chunk(blk, cfg, tab, sta):
-    """Replay the steps of ``blk`` (a :data:`Block`) with the policy rules of ``cfg`` (a :data:`Config`).
+def replay_chunk(
+    demand,
+    pref,
+    dist,
+    E,
+    per_layer,
+    cap,
+    pinned,
+    prio_rule,
+    use_rule,
+    param,
+    bypass,
+    use_protect,
+    need_next,
+    occ_start,
+    occ_ev,
+    seg_end_of_step,
+    reset,
+    load_time,
+    ctab,
+    crow,
+    step0,
+    slots,
+    nres,
+    where,
+    st,
+    lock,
+    protect_until,
+    pf_unused,
+    arrival,
+    ptr,
+    clock,
+    counts,
+    stall,
+    wait_pf,
+):
+    """Replay steps ``demand[0:S]`` (global step index ``step0 + s``); all state arrays are updated in place.
 
-    ``tab`` (:data:`Tables`) holds the read-only arrays, ``sta`` (:data:`State`) everything that
-    carries over from one call to the next, so a trace can be replayed in consecutive blocks.
-    Serves every policy; each eviction scans the partition's residents (:func:`_admit`).
+    ``demand`` is ``(S, L, W)`` and ``pref`` ``(S, L, M)`` (ids for layer ``l``, issued after layer
+    ``l - dist``), both padded with -1. ``clock`` holds the times and the touch counter (rows ``T_*``);
+    the compute time of a layer with ``n`` demand experts is ``ctab[crow[s], n]``.
     """
-    demand, pref, nextpred = blk.demand, blk.pref, blk.nextpred
-    E = cfg.E
-    slots, nres, where, st = sta.slots, sta.nres, sta.where, sta.st
-    lock, unused, arrival, clock, counts = sta.lock, sta.unused, sta.arrival, sta.clock, sta.counts
-    load_time, ctab, pinned = tab.load_time, tab.ctab, tab.pinned
-    protect_until, stall, wait_pf, lastset = sta.protect_until, sta.stall, sta.wait_pf, sta.lastset
-    crow, seg_ends, resets, step0 = blk.crow, blk.seg_end, blk.reset, blk.step0
     S, L, W = demand.shape
     M = pref.shape[2]
     K = L * E
     resident_at_start = np.zeros(W, np.bool_)
     for s in range(S):
         gs = step0 + s
-        if resets[s]:
+        if reset[s]:
             for p in range(nres.shape[0]):
                 for i in range(nres[p]):
                     key = slots[p, i]
-                    if unused[key]:
+                    if pf_unused[key]:
                         counts[C_PF_WASTE, key // E] += 1
-                        unused[key] = False
+                        pf_unused[key] = False
                     where[key] = -1
                 nres[p] = 0
             for key in range(K):
@@ -261,18 +213,17 @@ def replay_chunk(blk, cfg, tab, sta):
                 st[key, FREQ] = 0.0
                 st[key, AUX] = -INF
                 st[key, NEXT] = INF
-                st[key, STEP] = 0.0
                 protect_until[key] = -1
                 arrival[key] = 0.0
                 if pinned[key]:
-                    p = key // E if cfg.per_layer else 0
+                    p = key // E if per_layer else 0
                     slots[p, nres[p]] = key
                     where[key] = nres[p]
                     nres[p] += 1
-        seg_end = seg_ends[s]
+        seg_end = seg_end_of_step[s]
         for layer in range(L):
             event = gs * L + layer
-            part = layer if cfg.per_layer else 0
+            part = layer if per_layer else 0
             t_start = clock[T_NOW]
             ready = t_start
             n_demand = 0
@@ -280,22 +231,15 @@ def replay_chunk(blk, cfg, tab, sta):
             for j in range(W):
                 e = demand[s, layer, j]
                 resident_at_start[j] = False
-                if cfg.prio_rule == PRIO_REUSE:
-                    lastset[layer, j] = e
                 if e < 0:
                     continue
                 n_demand += 1
                 key = layer * E + e
                 clock[T_NOCACHE] += load_time[key]
-                if cfg.pred_next:  # every key of this event ranks by its use after it
-                    st[key, NEXT] = nextpred[s, layer, j]
-                    st[key, AUX] = event
                 if where[key] >= 0:
                     lock[key] = event
                     resident_at_start[j] = True
-            # 2. serve demand in rank order; a bypassing policy may evict what this step already
-            # used (it need not stay), so it searches victims with a stamp that matches no lock
-            stamp = NO_STAMP if cfg.bypass else event
+            # 2. serve demand in rank order
             for j in range(W):
                 e = demand[s, layer, j]
                 if e < 0:
@@ -304,9 +248,9 @@ def replay_chunk(blk, cfg, tab, sta):
                 counts[C_ACCESS, layer] += 1
                 if resident_at_start[j]:
                     counts[C_HIT, layer] += 1
-                    if unused[key]:
+                    if pf_unused[key]:
                         counts[C_PF_HIT, layer] += 1
-                        unused[key] = False
+                        pf_unused[key] = False
                         if arrival[key] > t_start:
                             counts[C_LATE, layer] += 1
                             wait_pf[layer] += arrival[key] - t_start
@@ -318,7 +262,51 @@ def replay_chunk(blk, cfg, tab, sta):
                     clock[T_LINK] = start + load_time[key]
                     if clock[T_LINK] > ready:
                         ready = clock[T_LINK]
-                    if _admit(key, part, stamp, event, layer, float(gs), seg_end, cfg, tab, sta):
+                    keep = True
+                    victim = -1
+                    if nres[part] >= cap[part]:
+                        # a bypassing policy may evict what this step already used: it need not stay
+                        victim = _pick_victim(
+                            part,
+                            slots,
+                            nres,
+                            st,
+                            lock,
+                            NO_STAMP if bypass else event,
+                            pinned,
+                            protect_until,
+                            event,
+                            use_protect,
+                            prio_rule,
+                            param,
+                            need_next,
+                            ptr,
+                            occ_start,
+                            occ_ev,
+                            seg_end,
+                        )
+                        if victim < 0:
+                            keep = False
+                        elif bypass:
+                            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
+                            if priority(prio_rule, st, key, param) <= priority(
+                                prio_rule, st, slots[part, victim], param
+                            ):
+                                keep = False
+                    if keep:
+                        if victim >= 0:
+                            old = slots[part, victim]
+                            if pf_unused[old]:
+                                counts[C_PF_WASTE, old // E] += 1
+                                pf_unused[old] = False
+                            where[old] = -1
+                            counts[C_EVICT, layer] += 1
+                            slots[part, victim] = key
+                            where[key] = victim
+                        else:
+                            slots[part, nres[part]] = key
+                            where[key] = nres[part]
+                            nres[part] += 1
                         lock[key] = event
                         arrival[key] = clock[T_LINK]
                     else:
@@ -326,7 +314,7 @@ def replay_chunk(blk, cfg, tab, sta):
                 clock[T_TOUCH] += 1.0
                 st[key, LAST] = clock[T_TOUCH]
                 st[key, FREQ] += 1.0
-                on_use(cfg.use_rule, st, key, float(gs), float(event), cfg.param)
+                on_use(use_rule, st, key, float(gs), param)
             # 3. compute
             stall[layer] += ready - t_start
             c = ctab[crow[s], n_demand]
@@ -334,10 +322,10 @@ def replay_chunk(blk, cfg, tab, sta):
             clock[T_NOCACHE] += c
             clock[T_NOW] = ready + c
             # 4. prefetch for layer + dist
-            target = layer + cfg.dist
+            target = layer + dist
             if M == 0 or target >= L:
                 continue
-            tpart = target if cfg.per_layer else 0
+            tpart = target if per_layer else 0
             tevent = gs * L + target
             pf_stamp = -2 - event  # never equals an event index, so demand locks are untouched
             for j in range(M):
@@ -345,25 +333,62 @@ def replay_chunk(blk, cfg, tab, sta):
                 if e < 0:
                     continue
                 key = target * E + e
-                if cfg.use_protect and protect_until[key] < tevent:
+                if use_protect and protect_until[key] < tevent:
                     protect_until[key] = tevent
-                if cfg.pred_next and st[key, NEXT] > tevent:  # predicted for the target layer
-                    st[key, NEXT] = tevent
                 if where[key] >= 0:
                     counts[C_PF_RESIDENT, target] += 1
                     lock[key] = pf_stamp
                     continue
-                if not _admit(key, tpart, pf_stamp, event, target, float(gs), seg_end, cfg, tab, sta):
-                    continue
+                victim = -1
+                if nres[tpart] >= cap[tpart]:
+                    victim = _pick_victim(
+                        tpart,
+                        slots,
+                        nres,
+                        st,
+                        lock,
+                        pf_stamp,
+                        pinned,
+                        protect_until,
+                        event,
+                        use_protect,
+                        prio_rule,
+                        param,
+                        need_next,
+                        ptr,
+                        occ_start,
+                        occ_ev,
+                        seg_end,
+                    )
+                    if victim < 0:
+                        continue
+                    if bypass:
+                        st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
+                        if priority(prio_rule, st, key, param) <= priority(
+                            prio_rule, st, slots[tpart, victim], param
+                        ):
+                            continue
+                    old = slots[tpart, victim]
+                    if pf_unused[old]:
+                        counts[C_PF_WASTE, old // E] += 1
+                        pf_unused[old] = False
+                    where[old] = -1
+                    counts[C_EVICT, target] += 1
+                    slots[tpart, victim] = key
+                    where[key] = victim
+                else:
+                    slots[tpart, nres[tpart]] = key
+                    where[key] = nres[tpart]
+                    nres[tpart] += 1
                 counts[C_PF_LOAD, target] += 1
-                unused[key] = True
+                pf_unused[key] = True
                 lock[key] = pf_stamp
                 start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
                 clock[T_LINK] = start + load_time[key]
                 arrival[key] = clock[T_LINK]
                 clock[T_TOUCH] += 1.0
                 st[key, LAST] = clock[T_TOUCH]
-                on_use(cfg.use_rule, st, key, float(gs), float(tevent), cfg.param)
+                on_use(use_rule, st, key, float(gs), param)
 
 
 # per-key state of :func:`replay_lru`, one record per key so that a look-up touches one cache line
@@ -394,48 +419,6 @@ def lru_state(load_time: np.ndarray, num_experts: int, num_partitions: int) -> t
     lists = np.zeros((3, num_partitions), np.int64)
     lists[:2] = -1
     return node, lists
-
-
-@njit(cache=True, inline="always")
-def _lru_admit(node, head, tail, nres, cap, part, key, stamp, layer, counts):
-    """Insert ``key`` at the most recent end of partition ``part``'s recency list; False when full of locks.
-
-    When the partition is full, the victim is the first resident from the least recent end that is
-    not locked with ``stamp``. The one eviction routine of :func:`replay_lru`, for demand loads and
-    prefetches alike.
-    """
-    if nres[part] >= cap[part]:
-        v = head[part]
-        while v >= 0 and node[v].lock == stamp:
-            v = node[v].nxt
-        if v < 0:
-            return False
-        counts[C_PF_WASTE, node[v].layer] += node[v].unused
-        node[v].unused = False
-        node[v].state = 0
-        a = node[v].prv
-        b = node[v].nxt
-        if a >= 0:
-            node[a].nxt = b
-        else:
-            head[part] = b
-        if b >= 0:
-            node[b].prv = a
-        else:
-            tail[part] = a
-        counts[C_EVICT, layer] += 1
-    else:
-        nres[part] += 1
-    node[key].state = 1
-    t = tail[part]
-    node[key].prv = t
-    node[key].nxt = -1
-    if t >= 0:
-        node[t].nxt = key
-    else:
-        head[part] = key
-    tail[part] = key
-    return True
 
 
 @njit(cache=True, nogil=True)
@@ -552,9 +535,38 @@ def replay_lru(
                 link = (link if link > t_start else t_start) + node[key].load
                 if link > ready:
                     ready = link
-                if not _lru_admit(node, head, tail, nres, cap, part, key, event, layer, counts):
-                    counts[C_STREAM, layer] += 1
-                    continue
+                if nres[part] >= cap[part]:
+                    v = head[part]
+                    while v >= 0 and node[v].lock == event:
+                        v = node[v].nxt
+                    if v < 0:
+                        counts[C_STREAM, layer] += 1
+                        continue
+                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
+                    node[v].unused = False
+                    node[v].state = 0
+                    a = node[v].prv
+                    b = node[v].nxt
+                    if a >= 0:
+                        node[a].nxt = b
+                    else:
+                        head[part] = b
+                    if b >= 0:
+                        node[b].prv = a
+                    else:
+                        tail[part] = a
+                    counts[C_EVICT, layer] += 1
+                else:
+                    nres[part] += 1
+                node[key].state = 1
+                t = tail[part]
+                node[key].prv = t
+                node[key].nxt = -1
+                if t >= 0:
+                    node[t].nxt = key
+                else:
+                    head[part] = key
+                tail[part] = key
                 node[key].lock = event
                 node[key].arrival = link
             counts[C_ACCESS, layer] += n_demand
@@ -578,8 +590,37 @@ def replay_lru(
                     counts[C_PF_RESIDENT, target] += 1
                     node[key].lock = pf_stamp
                     continue
-                if not _lru_admit(node, head, tail, nres, cap, tpart, key, pf_stamp, target, counts):
-                    continue
+                if nres[tpart] >= cap[tpart]:
+                    v = head[tpart]
+                    while v >= 0 and node[v].lock == pf_stamp:
+                        v = node[v].nxt
+                    if v < 0:
+                        continue
+                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
+                    node[v].unused = False
+                    node[v].state = 0
+                    a = node[v].prv
+                    b = node[v].nxt
+                    if a >= 0:
+                        node[a].nxt = b
+                    else:
+                        head[tpart] = b
+                    if b >= 0:
+                        node[b].prv = a
+                    else:
+                        tail[tpart] = a
+                    counts[C_EVICT, target] += 1
+                else:
+                    nres[tpart] += 1
+                node[key].state = 1
+                t = tail[tpart]
+                node[key].prv = t
+                node[key].nxt = -1
+                if t >= 0:
+                    node[t].nxt = key
+                else:
+                    head[tpart] = key
+                tail[tpart] = key
                 counts[C_PF_LOAD, target] += 1
                 node[key].unused = True
                 node[key].lock = pf_stamp

@@ -94,7 +94,7 @@ def split(
 
     Example: moescope split runs/deepseek -o runs/deepseek-split --test-fraction 0.2
     """
-    from moescope.core.outputs import claim
+    from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace
 
     source = Trace.open(trace, allow_incomplete=allow_incomplete)

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moescope.core.outputs import clear_trace_dir, is_trace_dir, trace_orphans
 from moescope.errors import TraceError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.manifest import (
@@ -29,6 +28,7 @@ from moescope.trace.manifest import (
     read_manifest,
     routing_from_manifest,
 )
+from moescope.trace.outputs import clear_trace_dir, is_trace_dir, trace_orphans
 from moescope.trace.schema import (
     ROUTING_METADATA_KEY,
     build_schema,
