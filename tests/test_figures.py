@@ -38,7 +38,7 @@ _SCRIPT = textwrap.dedent(
     from moescope.simulate import ModelCost, get_preset
     from moescope.simulate.sweep import plot_sweep, sweep
     df = sweep(tr, get_preset("rtx4090-pcie4"), ModelCost(expert_params=10**6, top_k=2),
-               fractions=(0.25, 0.5), policies=("lru", "static"), fit_trace=tr)
+               fractions=(0.25, 0.5), policies=("lru", "static"), fit_trace="replayed")
     plot_sweep(df, out / "s" / "sweep")
     print("BACKEND", matplotlib.get_backend())
     """
@@ -60,11 +60,10 @@ def test_cli_main_asks_for_agg_only_when_unset(monkeypatch: pytest.MonkeyPatch) 
     from moescope import cli
 
     monkeypatch.delenv("MPLBACKEND", raising=False)
-    monkeypatch.setattr(sys, "argv", ["moescope", "--help"])
-    cli.main()
+    assert cli.run(["--help"]) == 0
     assert os.environ["MPLBACKEND"] == "Agg"
     monkeypatch.setenv("MPLBACKEND", "svg")
-    cli.main()
+    assert cli.run(["--help"]) == 0
     assert os.environ["MPLBACKEND"] == "svg"
 
 
