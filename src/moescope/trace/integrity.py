@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import RoutingSpec
+from moescope.trace.manifest import RoutingSpec, is_int
 from moescope.trace.schema import ROUTING_METADATA_KEY, build_schema, missing_id
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -34,10 +34,6 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 class IntegrityWarning(UserWarning):
     """A trace can be read but not fully verified (e.g. its shards carry no checksums)."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_shard_entries(path: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +58,7 @@ def check_shard_entries(path: Path, manifest: dict[str, Any]) -> list[dict[str, 
             )
         seen[target.name] = i
         rows = shard.get("rows")
-        if not _is_int(rows) or rows < 0:
+        if not is_int(rows) or rows < 0:
             raise TraceError(f"{where}: shards[{i}].rows must be a non-negative integer, got {rows!r}")
         sha = shard.get("sha256")
         if sha is not None and (not isinstance(sha, str) or not _SHA.match(sha)):
@@ -70,7 +66,7 @@ def check_shard_entries(path: Path, manifest: dict[str, Any]) -> list[dict[str, 
     progress = manifest.get("progress")
     if isinstance(progress, dict) and progress.get("rows") is not None:
         total = sum(s["rows"] for s in manifest["shards"])
-        if not _is_int(progress["rows"]) or progress["rows"] != total:
+        if not is_int(progress["rows"]) or progress["rows"] != total:
             raise TraceError(f"{where}: progress.rows={progress['rows']!r} but the shards list {total} rows")
     if not isinstance(manifest.get("columns"), dict):
         raise TraceError(f"{where}: field 'columns' must be an object")

@@ -126,7 +126,8 @@ def routing_from_manifest(manifest: dict[str, Any], where: str = "manifest") -> 
     return RoutingSpec.from_dict(routing, source=where)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """A JSON integer (``True`` and ``8.5`` are not)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -134,14 +135,14 @@ def _check_types(spec: RoutingSpec) -> None:
     """Integers where integers belong (8.5 experts or a negative layer is a damaged manifest)."""
     for name in ("num_experts", "top_k", "n_shared_experts"):
         v = getattr(spec, name)
-        if not _is_int(v) or v < 0:
+        if not is_int(v) or v < 0:
             raise TraceError(f"routing.{name} must be a non-negative integer, got {v!r}")
-    if not isinstance(spec.moe_layers, list) or not all(_is_int(x) and x >= 0 for x in spec.moe_layers):
+    if not isinstance(spec.moe_layers, list) or not all(is_int(x) and x >= 0 for x in spec.moe_layers):
         raise TraceError(
             f"routing.moe_layers must be a list of non-negative integers, got {spec.moe_layers!r}"
         )
     n = spec.num_hidden_layers
-    if n is not None and (not _is_int(n) or (spec.moe_layers and n <= max(spec.moe_layers))):
+    if n is not None and (not is_int(n) or (spec.moe_layers and n <= max(spec.moe_layers))):
         raise TraceError(
             f"routing.num_hidden_layers must be an integer above every MoE layer index, got {n!r}"
         )
