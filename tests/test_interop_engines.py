@@ -12,8 +12,11 @@ import csv
 import tarfile
 
 import numpy as np
+import pytest
 
+from moescope.errors import DataError
 from moescope.interop import import_log
+from moescope.trace.validate import validate_trace
 
 E, K = 8, 2
 
@@ -51,3 +54,104 @@ def test_moe_beyond_each_archive_labels_its_own_documents(tmp_path) -> None:
     labels = {int(d): tr.labels[c] for d, c in zip(b.doc_id, b.label, strict=True)}
     assert labels == {1: "puffin", 2: "puffin", 3: "alpaca"}
     assert sorted(tr.labels) == ["alpaca", "puffin"]
+
+
+# --------------------------------------------------------------------------- TensorRT-LLM
+def _trtllm_statistics(folder, selections: dict[int, dict[tuple[int, int], np.ndarray]], slots: int, k: int):
+    """Write the folder as ExpertStatistic does: meta_info.json from rank 0, rank<r>.safetensors of bincounts."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": slots, "num_experts_per_token": k}))
+    for r, recs in selections.items():
+        save_file(
+            {
+                f"{it}_{layer}": torch.bincount(torch.from_numpy(ids).flatten(), minlength=slots)
+                for (it, layer), ids in recs.items()
+            },
+            str(folder / f"rank{r}.safetensors"),
+        )
+
+
+def test_tensorrt_llm_counts_only_trace_and_load_analysis(tmp_path) -> None:
+    import polars as pl
+
+    from moescope.analysis.load import load_balance
+    from moescope.trace import Trace
+
+    rng = np.random.default_rng(3)
+    layers, sel = [1, 3], {}
+    for r in range(2):  # two attention-DP ranks, each with its own tokens
+        sel[r] = {(it, layer): routing(rng, 5 + r, 1)[:, 0] for it in (10, 11) for layer in layers}
+    sel[2] = sel[1]  # a third rank that routed the same tokens as rank 1: counted once
+    folder = tmp_path / "expert_statistic"
+    _trtllm_statistics(folder, sel, E, K)
+    tr = import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    assert validate_trace(tr.path) == [] and tr.num_tokens == 0
+    assert (tr.num_experts, tr.top_k, tr.moe_layers) == (E, K, layers)
+    rep = tr.manifest["source"]["report"]
+    assert (
+        rep["issues"] == {"duplicate_rank": 1} and "rank2.safetensors" in rep["examples"]["duplicate_rank"][0]
+    )
+    df = load_balance(Trace.open(tr.path))
+    for layer in layers:
+        ids = np.concatenate([sel[r][(it, layer)] for r in (0, 1) for it in (10, 11)])
+        got = df.filter(pl.col("layer") == layer).sort("expert")
+        assert got["assignments"].to_list() == np.bincount(ids.ravel(), minlength=E).tolist()
+        assert got["tokens"][0] == len(ids)
+        assert got["first_choice_share"].null_count() == E  # counts carry no slot order
+
+    # A load-balancer run: 10 physical slots, slots 8 and 9 replicate experts 2 and 5.
+    p2l = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 2, 5]] * 2)
+    phys: dict = {0: {}}
+    for layer in layers:  # a real selection on physical slots
+        logical = routing(rng, 6, 1)[:, 0]
+        phys[0][(0, layer)] = np.where(logical == 2, 8, logical)
+    folder2 = tmp_path / "eplb"
+    _trtllm_statistics(folder2, phys, 10, K)
+    np.save(tmp_path / "map.npy", p2l)
+    with pytest.raises(DataError, match=r"10 slots counted but the model has 8 experts.*--expert-map"):
+        import_log("tensorrt-llm-expert-statistic", folder2, tmp_path / "t2", num_experts=E)
+    tr2 = import_log(
+        "tensorrt-llm-expert-statistic",
+        folder2,
+        tmp_path / "t2",
+        num_experts=E,
+        expert_map=tmp_path / "map.npy",
+    )
+    want = np.stack([np.bincount(p2l[0][phys[0][(0, layer)].ravel()], minlength=E) for layer in layers])
+    assert tr2.manifest["counts"]["assignments"] == want.tolist()
+    assert tr2.manifest["source"]["report"]["issues"]["physical_replicas_mapped"] == int(
+        sum((phys[0][(0, layer)] == 8).sum() for layer in layers)
+    )
+
+
+def test_tensorrt_llm_bad_inputs_name_the_file(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    sel = {r: {(0, 1): routing(rng, 4, 1)[:, 0]} for r in range(2)}
+    folder = tmp_path / "s"
+    _trtllm_statistics(folder, sel, E, K)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"0_2": torch.zeros(E, dtype=torch.int64)}, str(folder / "rank1.safetensors"))
+    with pytest.raises(DataError, match=r"rank1.safetensors: ranks disagree"):
+        import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    (folder / "rank1.safetensors").write_bytes((folder / "rank0.safetensors").read_bytes()[:40])
+    with pytest.raises(DataError, match=r"rank1.safetensors: not a readable safetensors file"):
+        import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    (folder / "rank1.safetensors").unlink()
+    (folder / "meta_info.json").write_text('{"num_experts": 8}')
+    with pytest.raises(DataError, match=r"meta_info.json: expected"):
+        import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    (folder / "meta_info.json").write_text('{"num_experts": 6, "num_experts_per_token": 2}')
+    with pytest.raises(
+        DataError, match=r"rank0.safetensors: '0_1' has 8 counts, meta_info.json says 6 slots"
+    ):
+        import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    (folder / "meta_info.json").write_text('{"num_experts": 8, "num_experts_per_token": 3}')
+    tr = import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
+    assert tr.manifest["source"]["report"]["issues"] == {"counts_not_multiple_of_top_k": 1}

@@ -47,7 +47,11 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
     ),
     "megatron-router-trace": (
         "moescope.interop.megatron",
-        "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices",
+        "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices (+ bf16 logits sidecar)",
+    ),
+    "tensorrt-llm-expert-statistic": (
+        "moescope.interop.tensorrt_llm",
+        "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",
     ),
 }
 
@@ -127,7 +131,7 @@ def import_log(
     if isinstance(paths, str | Path):
         paths = [paths]
     left = f"{out} as it was (the import writes into a temporary folder the next import removes)"
-    with claim(out, "trace", overwrite=overwrite, inputs=[*paths, opts.text], left=left):
+    with claim(out, "trace", overwrite=overwrite, inputs=[*paths, opts.text, opts.expert_map], left=left):
         got = mod.read(list(paths), opts)
         write_documents(
             out,
@@ -141,6 +145,7 @@ def import_log(
             report=got.report,
             tokenizer=got.tokenizer,
             overwrite=overwrite,
+            counts=got.counts,
         )
     return Trace.open(out)
 
