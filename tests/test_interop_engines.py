@@ -155,3 +155,102 @@ def test_tensorrt_llm_bad_inputs_name_the_file(tmp_path) -> None:
     (folder / "meta_info.json").write_text('{"num_experts": 8, "num_experts_per_token": 3}')
     tr = import_log("tensorrt-llm-expert-statistic", folder, tmp_path / "t")
     assert tr.manifest["source"]["report"]["issues"] == {"counts_not_multiple_of_top_k": 1}
+
+
+# --------------------------------------------------------------------------- vLLM routed experts
+def test_vllm_routed_experts_npz_and_http_json_tell_prefill_from_decode(tmp_path) -> None:
+    import json
+
+    from moescope.interop.vllm import row_phase
+
+    rng = np.random.default_rng(5)
+    L = 3
+    p1, c1 = (
+        routing(rng, 5, L).astype(np.int16),
+        routing(rng, 3, L).astype(np.int16),
+    )  # int16, as vLLM returns
+    c1[1, 2, 1] = -1  # a slot never written
+    np.savez(
+        tmp_path / "req.npz", prompt_routed_experts=p1, routed_experts=c1, prompt_token_ids=np.arange(5) + 100
+    )
+    p2, c2a, c2b = routing(rng, 4, L), routing(rng, 2, L), routing(rng, 3, L)
+    response = {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "prompt_routed_experts": p2.tolist(),
+        "prompt_token_ids": [7, 8, 9, 10],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"content": "hi"},
+                "routed_experts": c2a.tolist(),
+                "token_ids": [1, 2, 3],
+            },
+            {
+                "index": 1,
+                "message": {"content": "yo"},
+                "routed_experts": c2b.tolist(),
+                "token_ids": [4, 5, 6, 7],
+            },
+        ],
+        "usage": {"prompt_tokens": 4},
+    }
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    # The same request answered again (logged by a second data-parallel rank): counted once.
+    (tmp_path / "resp2.jsonl").write_text(json.dumps(response) + "\n")
+    tr = import_log(
+        "vllm-routed-experts",
+        [tmp_path / "req.npz", tmp_path / "resp.json", tmp_path / "resp2.jsonl"],
+        tmp_path / "t",
+        num_experts=E,
+    )
+    assert validate_trace(tr.path) == [] and tr.num_tokens == 8 + 6 + 3
+    b = tr.load()
+    rows = b.doc_id == 0
+    want = np.concatenate([p1, c1]).astype(np.int64)
+    unset = (want < 0).any(-1)
+    assert (
+        np.array_equal(b.experts[rows][~unset], want[~unset])
+        and (b.experts[rows][unset] == tr.missing_id).all()
+    )
+    assert b.token_id[rows].tolist() == [100, 101, 102, 103, 104, -1, -1, -1]
+    assert np.array_equal(b.experts[b.doc_id == 1], np.concatenate([p2, c2a]))
+    assert b.token_id[b.doc_id == 1].tolist() == [7, 8, 9, 10, 1, 2]
+    assert b.position[b.doc_id == 2].tolist() == [4, 5, 6]  # second choice: after the shared prompt
+    assert np.array_equal(b.experts[b.doc_id == 2], c2b)
+    decode = row_phase(tr)
+    assert decode[b.doc_id == 0].tolist() == [False] * 5 + [True] * 3
+    assert decode[b.doc_id == 1].tolist() == [False] * 4 + [True] * 2 and decode[b.doc_id == 2].all()
+    rep = tr.manifest["source"]["report"]
+    assert rep["issues"] == {"sentinel_-1": 1, "partial_row": 1, "duplicate_request": 2}
+    assert "resp2.jsonl:1" in rep["examples"]["duplicate_request"][0]
+
+
+def test_vllm_routed_experts_bad_inputs_name_the_file(tmp_path) -> None:
+    import json
+
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "a.npz", prompt_routed_experts=routing(rng, 3, 2))
+    np.savez(tmp_path / "b.npz", prompt_routed_experts=routing(rng, 3, 4))
+    with pytest.raises(DataError, match=r"b.npz\[request\]: prompt_routed_experts has shape \(3, 4, 2\)"):
+        import_log(
+            "vllm-routed-experts", [tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "t", num_experts=E
+        )
+    bad = routing(rng, 3, 2)
+    bad[1, 0, 0] = 9
+    np.savez(tmp_path / "c.npz", routed_experts=bad)
+    with pytest.raises(
+        DataError, match=r"c.npz\[request\]: completion token 1, MoE layer 0: expert id 9 is out of range"
+    ):
+        import_log("vllm-routed-experts", tmp_path / "c.npz", tmp_path / "t", num_experts=E)
+    (tmp_path / "d.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:50])
+    with pytest.raises(DataError, match=r"d.npz: not a readable .npz file"):
+        import_log("vllm-routed-experts", tmp_path / "d.npz", tmp_path / "t", num_experts=E)
+    (tmp_path / "e.json").write_text(json.dumps({"id": "x", "choices": [{"index": 0, "text": "no routing"}]}))
+    with pytest.raises(
+        DataError, match=r"e.json: no 'prompt_routed_experts'.*--enable-return-routed-experts"
+    ):
+        import_log("vllm-routed-experts", tmp_path / "e.json", tmp_path / "t", num_experts=E)
+    (tmp_path / "f.json").write_text('{"id": "x", "choices": [')
+    with pytest.raises(DataError, match=r"f.json: not a JSON response"):
+        import_log("vllm-routed-experts", tmp_path / "f.json", tmp_path / "t", num_experts=E)

@@ -49,6 +49,10 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
         "moescope.interop.megatron",
         "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices (+ bf16 logits sidecar)",
     ),
+    "vllm-routed-experts": (
+        "moescope.interop.vllm",
+        "vLLM routed experts: prompt_routed_experts + routed_experts from RequestOutput (.npz) or HTTP JSON",
+    ),
     "tensorrt-llm-expert-statistic": (
         "moescope.interop.tensorrt_llm",
         "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",
