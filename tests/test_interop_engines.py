@@ -254,3 +254,273 @@ def test_vllm_routed_experts_bad_inputs_name_the_file(tmp_path) -> None:
     (tmp_path / "f.json").write_text('{"id": "x", "choices": [')
     with pytest.raises(DataError, match=r"f.json: not a JSON response"):
         import_log("vllm-routed-experts", tmp_path / "f.json", tmp_path / "t", num_experts=E)
+
+
+# --------------------------------------------------------------------------- SGLang
+def _sglang_pass(
+    topk_logical: np.ndarray, l2p: dict, positions, input_ids, lens, mode: int, rank: int, pid: int
+):
+    """A _DetailAccumulator record: physical ids in an 8-slot int32 buffer padded with -1, dense layer 0 unset."""
+    import torch
+
+    n = topk_logical.shape[1]
+    buf = torch.full((topk_logical.shape[0] + 1, n, 8), -1, dtype=torch.int32)
+    phys = np.vectorize(lambda e: l2p.get(int(e), int(e)))(topk_logical)
+    buf[1:, :, : topk_logical.shape[2]] = torch.from_numpy(phys.astype(np.int32))
+    return {
+        "forward_pass_id": pid,
+        "rank": rank,
+        "gatherer_key": "primary",
+        "input_ids": list(input_ids),
+        "positions": list(positions),
+        "extend_seq_lens": lens,
+        "forward_mode": mode,
+        "topk_ids_of_layer": buf,
+        "misc_objects": [],
+        "global_physical_count": torch.zeros((topk_logical.shape[0] + 1, 10), dtype=torch.int32),
+    }
+
+
+def test_sglang_per_token_dump_maps_replicas_and_drops_repeated_ranks(tmp_path) -> None:
+    import torch
+
+    rng = np.random.default_rng(7)
+    L = 3  # decoder layers 1..3 are MoE, layer 0 is dense
+    p2l = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 2, 5]] * (L + 1))  # physical 8, 9 replicate experts 2, 5
+    pre = routing(rng, 5, L).transpose(1, 0, 2)  # (layers, tokens, k) logical truth
+    dec = routing(rng, 2, L).transpose(1, 0, 2)
+    recs = [
+        _sglang_pass(pre, {2: 8}, [0, 1, 2, 0, 1], [11, 12, 13, 21, 22], [3, 2], 1, 0, 0),
+        _sglang_pass(dec, {5: 9}, [3, 2], [14, 23], None, 2, 0, 1),
+    ]
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    torch.save(
+        {"records": recs, "last_physical_to_logical_map": p2l},
+        dumps / "expert_distribution_recorder_1.0_0.pt",
+    )
+    # Tensor parallelism: rank 1 recorded the same passes.
+    rank1 = [dict(r, rank=1) for r in recs]
+    torch.save(
+        {"records": rank1, "last_physical_to_logical_map": p2l},
+        dumps / "expert_distribution_recorder_1.0_1.pt",
+    )
+    tr = import_log(
+        "sglang-expert-distribution", dumps, tmp_path / "t", num_experts=E, top_k=K, moe_layers="1-3"
+    )
+    assert validate_trace(tr.path) == [] and tr.num_tokens == 7
+    b = tr.load()
+    docs = tr.manifest["source"]["documents"]
+    assert [(d["sequence"], d["forward_mode"]) for d in docs] == [
+        (0, "extend"),
+        (1, "extend"),
+        (0, "decode"),
+        (1, "decode"),
+    ]
+    want = [pre[:, :3], pre[:, 3:], dec[:, :1], dec[:, 1:]]
+    for d, w in zip(docs, want, strict=True):
+        rows = b.doc_id == d["doc_id"]
+        assert np.array_equal(b.experts[rows], w.transpose(1, 0, 2))
+    assert b.position[b.doc_id == 0].tolist() == [0, 1, 2] and b.token_id[b.doc_id == 1].tolist() == [21, 22]
+    assert b.position[b.doc_id == 3].tolist() == [2] and b.token_id[b.doc_id == 3].tolist() == [23]
+    issues = tr.manifest["source"]["report"]["issues"]
+    assert issues["duplicate_rank"] == 2 and issues["sentinel_-1"] == 7 * L * 6
+    assert issues["physical_replicas_mapped"] == int((pre == 2).sum() + (dec == 5).sum())
+
+
+def test_sglang_shared_expert_fused_as_routed_is_dropped(tmp_path) -> None:
+    import torch
+
+    rng = np.random.default_rng(8)
+    truth = routing(rng, 4, 1).transpose(1, 0, 2)  # (1 layer, 4 tokens, 2)
+    fused = np.concatenate([truth, np.full((1, 4, 1), E)], axis=2)  # the shared expert as a third slot, id E
+    rec = _sglang_pass(fused, {}, [0, 1, 2, 3], [1, 2, 3, 4], [4], 1, 0, 0)
+    torch.save(
+        {"records": [rec], "last_physical_to_logical_map": torch.arange(E).repeat(2, 1)}, tmp_path / "d.pt"
+    )
+    tr = import_log(
+        "sglang-expert-distribution",
+        tmp_path / "d.pt",
+        tmp_path / "t",
+        num_experts=E,
+        top_k=K,
+        moe_layers="1",
+        n_shared_experts=1,
+    )
+    assert np.array_equal(tr.load().experts[:, 0], truth[0])
+    assert tr.manifest["source"]["report"]["issues"]["shared_as_routed"] == 4
+    with pytest.raises(
+        DataError,
+        match=r"d.pt: records\[0\]: token 0, layer 1: 3 routed ids where top_k=2|expert id 8 is out of range",
+    ):
+        import_log(
+            "sglang-expert-distribution",
+            tmp_path / "d.pt",
+            tmp_path / "t2",
+            num_experts=E,
+            top_k=K,
+            moe_layers="1",
+        )
+
+
+def test_sglang_per_pass_and_stat_dumps_are_counts_only(tmp_path) -> None:
+    import torch
+
+    from moescope.analysis.load import load_balance
+    from moescope.trace import Trace
+
+    rng = np.random.default_rng(9)
+    p2l = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 2, 5]] * 3)
+    passes, truth = [], np.zeros((2, E), np.int64)
+    for pid in range(3):
+        logical = routing(rng, 6, 2)  # layers 1, 2
+        phys = np.where(logical == 5, 9, logical)
+        count = np.zeros((3, 10), np.int32)
+        for c in range(2):
+            count[c + 1] = np.bincount(phys[:, c].ravel(), minlength=10)
+            truth[c] += np.bincount(logical[:, c].ravel(), minlength=E)
+        passes.append(
+            {
+                "forward_pass_id": pid,
+                "rank": 0,
+                "gatherer_key": "primary",
+                "global_physical_count": torch.from_numpy(count),
+            }
+        )
+    torch.save({"records": passes, "last_physical_to_logical_map": p2l}, tmp_path / "pp.pt")
+    tr = import_log(
+        "sglang-expert-distribution",
+        tmp_path / "pp.pt",
+        tmp_path / "t",
+        num_experts=E,
+        top_k=K,
+        moe_layers="1-2",
+    )
+    assert tr.manifest["counts"]["assignments"] == truth.tolist() and tr.manifest["counts"]["tokens"] == [
+        18,
+        18,
+    ]
+    df = load_balance(Trace.open(tr.path))
+    assert df.sort("layer", "expert")["assignments"].to_list() == truth.ravel().tolist()
+
+    stat = torch.zeros((4, 3, E), dtype=torch.int32)  # a circular buffer of 4 steps, 2 used
+    stat[0, 1:] = torch.from_numpy(truth // 2)
+    stat[1, 1:] = torch.from_numpy(truth - truth // 2)
+    torch.save(
+        {"rank": 0, "logical_count": stat, "average_utilization_rate_over_window": None}, tmp_path / "stat.pt"
+    )
+    tr2 = import_log(
+        "sglang-expert-distribution", tmp_path / "stat.pt", tmp_path / "t2", top_k=K, moe_layers="1-2"
+    )
+    assert tr2.manifest["counts"]["assignments"] == truth.tolist() and tr2.num_experts == E
+    assert "all-reduced over ranks" in tr2.manifest["source"]["report"]["notes"][0]
+
+
+def test_sglang_bad_dumps_name_the_file(tmp_path) -> None:
+    import torch
+
+    (tmp_path / "a.pt").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"a.pt: not a readable torch .pt file"):
+        import_log("sglang-expert-distribution", tmp_path / "a.pt", tmp_path / "t", num_experts=E)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"records": [Evil()]}, tmp_path / "b.pt")
+    with pytest.raises(DataError, match=r"b.pt: not a readable torch .pt file"):  # weights_only refuses code
+        import_log("sglang-expert-distribution", tmp_path / "b.pt", tmp_path / "t", num_experts=E)
+    torch.save({"something": 1}, tmp_path / "c.pt")
+    with pytest.raises(DataError, match=r"c.pt: not an ExpertDistributionRecorder dump"):
+        import_log("sglang-expert-distribution", tmp_path / "c.pt", tmp_path / "t", num_experts=E)
+    rng = np.random.default_rng(10)
+    rec = _sglang_pass(routing(rng, 2, 1).transpose(1, 0, 2), {}, [0, 1], [1, 2], [2], 1, 0, 0)
+    torch.save(
+        {"records": [rec], "last_physical_to_logical_map": torch.arange(10).repeat(2, 1) % E},
+        tmp_path / "d0.pt",
+    )
+    other = torch.arange(10).repeat(2, 1) % E
+    other[1, 9] = 0
+    torch.save({"records": [dict(rec, rank=1)], "last_physical_to_logical_map": other}, tmp_path / "d1.pt")
+    with pytest.raises(DataError, match=r"d1.pt: ranks disagree: its physical-to-logical map differs"):
+        import_log(
+            "sglang-expert-distribution",
+            [tmp_path / "d0.pt", tmp_path / "d1.pt"],
+            tmp_path / "t",
+            num_experts=E,
+            top_k=K,
+            moe_layers="1",
+        )
+    bad = dict(rec)
+    bad["topk_ids_of_layer"] = rec["topk_ids_of_layer"].clone()
+    bad["topk_ids_of_layer"][1, 0, 0] = 12
+    torch.save(
+        {"records": [bad], "last_physical_to_logical_map": torch.arange(10).repeat(2, 1) % E},
+        tmp_path / "e.pt",
+    )
+    with pytest.raises(
+        DataError, match=r"e.pt: records\[0\]: token 0, layer 1: expert id 12 is out of range"
+    ):
+        import_log(
+            "sglang-expert-distribution",
+            tmp_path / "e.pt",
+            tmp_path / "t",
+            num_experts=E,
+            top_k=K,
+            moe_layers="1",
+        )
+
+
+def test_sglang_routed_experts_base64(tmp_path) -> None:
+    import base64
+    import json
+
+    rng = np.random.default_rng(11)
+    full = np.full((6, 3, K), -1, np.int32)  # 3 decoder layers, layer 0 dense (-1)
+    truth = routing(rng, 6, 2)
+    full[:, 1:] = truth
+    meta = {
+        "id": "r1",
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "routed_experts": base64.b64encode(full.tobytes()).decode(),
+    }
+    (tmp_path / "gen.json").write_text(json.dumps({"text": "x", "meta_info": meta}))
+    tr = import_log(
+        "sglang-routed-experts",
+        tmp_path / "gen.json",
+        tmp_path / "t",
+        num_experts=E,
+        top_k=K,
+        moe_layers="1-2",
+        num_hidden_layers=3,
+    )
+    assert np.array_equal(tr.load().experts, truth)
+    assert tr.manifest["source"]["documents"][0]["prefill_rows"] == 4
+    assert tr.manifest["source"]["report"]["issues"] == {}
+    meta["routed_experts"] = "@@@"
+    (tmp_path / "bad.json").write_text(json.dumps({"meta_info": meta}))
+    with pytest.raises(DataError, match=r"bad.json: meta_info.routed_experts is not base64 int32"):
+        import_log(
+            "sglang-routed-experts",
+            tmp_path / "bad.json",
+            tmp_path / "t2",
+            num_experts=E,
+            top_k=K,
+            moe_layers="1-2",
+            num_hidden_layers=3,
+        )
+    meta["routed_experts"] = base64.b64encode(full.ravel()[:-1].tobytes()).decode()
+    (tmp_path / "short.json").write_text(json.dumps({"meta_info": meta}))
+    with pytest.raises(
+        DataError, match=r"short.json: 35 ids do not split into \(tokens, 3 layers, top_k=2\)"
+    ):
+        import_log(
+            "sglang-routed-experts",
+            tmp_path / "short.json",
+            tmp_path / "t2",
+            num_experts=E,
+            top_k=K,
+            moe_layers="1-2",
+            num_hidden_layers=3,
+        )

@@ -53,6 +53,14 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
         "moescope.interop.vllm",
         "vLLM routed experts: prompt_routed_experts + routed_experts from RequestOutput (.npz) or HTTP JSON",
     ),
+    "sglang-expert-distribution": (
+        "moescope.interop.sglang",
+        "SGLang ExpertDistributionRecorder .pt dumps (per_token, per_pass, stat), read weights-only",
+    ),
+    "sglang-routed-experts": (
+        "moescope.interop.sglang_routed",
+        "SGLang return_routed_experts: base64 meta_info.routed_experts of /generate responses (JSON, JSONL)",
+    ),
     "tensorrt-llm-expert-statistic": (
         "moescope.interop.tensorrt_llm",
         "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",

@@ -62,6 +62,14 @@ def clean_rows(
         if sel.any():
             r = int(np.flatnonzero(sel.any(axis=1))[0])
             report.add(kind, int(sel.sum()), f"{where(r)}: {ids[r].tolist()}")
+    over = ~drop & (ids >= num_experts)
+    if over.any():
+        r, j = np.argwhere(over)[0]
+        raise DataError(
+            f"{where(int(r))}: expert id {int(ids[r, j])} is out of range 0..{num_experts - 1} ({int(over.sum())}"
+            " such ids); is --num-experts / --model right, or are shared experts logged as routed"
+            " (--shared-experts)?"
+        )
     keep_n = w - drop.sum(axis=1)
     out = np.zeros((R, top_k), np.int64)
     valid = keep_n == top_k
