@@ -524,3 +524,57 @@ def test_sglang_routed_experts_base64(tmp_path) -> None:
             moe_layers="1-2",
             num_hidden_layers=3,
         )
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def _moe_trace_csv(path, ids: np.ndarray, layers: list[int], n_prompt: int, skip=()) -> None:
+    """Rows as moe-trace.cpp prints them: per ubatch, per layer, per token, per rank."""
+    lines = ["phase,token,layer,rank,expert"]
+    for t in range(len(ids)):
+        for c, layer in enumerate(layers):
+            for r in range(ids.shape[2]):
+                if (t, layer, r) not in skip:
+                    lines.append(f"{'prefill' if t < n_prompt else 'decode'},{t},{layer},{r},{ids[t, c, r]}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_llama_cpp_moe_trace_csv(tmp_path) -> None:
+    rng = np.random.default_rng(12)
+    layers = [1, 2, 4]
+    ids = routing(rng, 7, 3, E=16, k=4)
+    _moe_trace_csv(tmp_path / "routing.csv", ids, layers, n_prompt=5, skip={(6, 2, 3)})
+    with open(tmp_path / "routing.csv", "a") as f:
+        f.write(f"prefill,3,4,0,{ids[3, 2, 0]}\n")  # a repeated row: dropped
+    tr = import_log("llama-cpp-moe-trace", tmp_path / "routing.csv", tmp_path / "t", num_experts=16)
+    assert (
+        validate_trace(tr.path) == [] and (tr.top_k, tr.moe_layers) == (4, layers) and tr.slot_order == "rank"
+    )
+    b = tr.load()
+    assert b.position.tolist() == list(range(7))
+    ok = np.ones((7, 3), bool)
+    ok[6, 1] = False  # token 6, layer 2 lost its rank-3 row: masked
+    assert np.array_equal(b.experts[ok], ids[ok]) and (b.experts[~ok] == tr.missing_id).all()
+    doc = tr.manifest["source"]["documents"][0]
+    assert (doc["prefill_rows"], doc["decode_rows"]) == (5, 2)
+    rep = tr.manifest["source"]["report"]
+    assert rep["issues"] == {"duplicate": 1, "partial_row": 1} and rep["masked_cells"] == 1
+
+
+def test_llama_cpp_bad_csv_names_the_file(tmp_path) -> None:
+    rng = np.random.default_rng(13)
+    ids = routing(rng, 3, 1)
+    _moe_trace_csv(tmp_path / "a.csv", ids, [0], n_prompt=2)
+    text = (tmp_path / "a.csv").read_text()
+    (tmp_path / "trunc.csv").write_text(text[: text.rindex(",")])  # cut inside the last row
+    with pytest.raises(DataError, match=r"trunc.csv: not a llama-moe-trace CSV"):
+        import_log("llama-cpp-moe-trace", tmp_path / "trunc.csv", tmp_path / "t", num_experts=E)
+    (tmp_path / "hdr.csv").write_text(text.replace("phase,token,layer,rank,expert", "token,layer,expert"))
+    with pytest.raises(DataError, match=r"hdr.csv: missing column"):
+        import_log("llama-cpp-moe-trace", tmp_path / "hdr.csv", tmp_path / "t", num_experts=E)
+    with pytest.raises(DataError, match=r"a.csv: token 0, layer 0: expert id \d is out of range 0..3"):
+        import_log("llama-cpp-moe-trace", tmp_path / "a.csv", tmp_path / "t", num_experts=4)
+    (tmp_path / "ph.csv").write_text(
+        text.replace("decode,2", "prefill,2", 1).replace("prefill,2,0,1", "decode,2,0,1")
+    )
+    with pytest.raises(DataError, match=r"ph.csv: token 2 is marked both prefill and decode"):
+        import_log("llama-cpp-moe-trace", tmp_path / "ph.csv", tmp_path / "t", num_experts=E)

@@ -61,6 +61,10 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
         "moescope.interop.sglang_routed",
         "SGLang return_routed_experts: base64 meta_info.routed_experts of /generate responses (JSON, JSONL)",
     ),
+    "llama-cpp-moe-trace": (
+        "moescope.interop.llama_cpp",
+        "llama.cpp llama-moe-trace CSV: phase,token,layer,rank,expert (one row per routed activation)",
+    ),
     "tensorrt-llm-expert-statistic": (
         "moescope.interop.tensorrt_llm",
         "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",

@@ -1,4 +1,4 @@
-"""SGLang routing logs: ``ExpertDistributionRecorder`` dumps (``.pt``) and ``return_routed_experts`` responses.
+"""SGLang ``ExpertDistributionRecorder`` dumps (``.pt``): per-token routing, or per-expert counts.
 
 **Expert distribution dumps** (``python/sglang/srt/eplb/expert_distribution.py``;
 ``--expert-distribution-recorder-mode``, ``/start_expert_distribution_record`` then
@@ -24,13 +24,8 @@ with ``torch.save``). Read here with ``torch.load(weights_only=True)`` only:
   all-reduced over ranks: a counts-only trace (with tensor parallelism and no DP attention every
   rank counted the same tokens; the report notes it).
 
-**Routed experts in responses** (``--enable-return-routed-experts`` and ``return_routed_experts``
-per request; ``python/sglang/srt/layers/moe/routed_experts_capturer.py``): ``meta_info
-["routed_experts"]`` is a base64 string of the flattened ``(tokens, num_layers, top_k)`` array,
-``int32`` unless ``meta_info["routed_experts_dtype"]`` names another; ``num_layers`` is every
-decoder layer (dense ones hold ``-1``) and tokens are prompt + completion - 1. Files: a JSON
-response (``/generate`` output) or a list of them, or JSONL, one per line. One document per response;
-``meta_info["prompt_tokens"]`` rows are prefill (``source.documents[i]["prefill_rows"]``).
+SGLang's ``return_routed_experts`` responses (base64 arrays) are read by
+:mod:`moescope.interop.sglang_routed` (format ``sglang-routed-experts``).
 
 Checks (:mod:`moescope.interop.engine_checks`): ``-1``/``255`` padding, shared experts fused in as
 extra routed slots (``--shared-experts``, ids ``E..E+S-1``), physical replicas mapped back to
