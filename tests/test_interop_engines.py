@@ -578,3 +578,73 @@ def test_llama_cpp_bad_csv_names_the_file(tmp_path) -> None:
     )
     with pytest.raises(DataError, match=r"ph.csv: token 2 is marked both prefill and decode"):
         import_log("llama-cpp-moe-trace", tmp_path / "ph.csv", tmp_path / "t", num_experts=E)
+
+
+# --------------------------------------------------------------------------- FLAME-MoE
+def _flame_capture(
+    root, ids: np.ndarray, scores: np.ndarray, token_ids: np.ndarray, layer_numbers, rows_per_group=3
+):
+    """The data set card's layout: samples/*.parquet (token_id int32), actives/iter_N/layer_NN.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "samples").mkdir(parents=True)
+    half = len(token_ids) // 2
+    for i, part in enumerate((token_ids[:half], token_ids[half:])):
+        pq.write_table(
+            pa.table({"token_id": pa.array(part, pa.int32())}), root / "samples" / f"{i:03d}.parquet"
+        )
+    it = root / "actives" / "iter_0540"
+    it.mkdir(parents=True)
+    for c, num in enumerate(layer_numbers):
+        table = pa.table(
+            {
+                "scores": pa.array(list(scores[:, c].astype(np.float16)), pa.list_(pa.float16())),
+                "indices": pa.array(list(ids[:, c].astype(np.int16)), pa.list_(pa.int16())),
+            }
+        )
+        pq.write_table(table, it / f"layer_{num:02d}.parquet", row_group_size=rows_per_group)
+    return it
+
+
+def test_flame_moe_parquet_streams_sequences(tmp_path) -> None:
+    rng = np.random.default_rng(14)
+    n = 10
+    ids = routing(rng, n, 2, E=64, k=6)
+    scores = np.sort(rng.random((n, 2, 6)), axis=-1)[..., ::-1].astype(np.float16)
+    tok = rng.integers(0, 50000, n).astype(np.int32)
+    it = _flame_capture(tmp_path / "flame-moe-290m", ids, scores, tok, [2, 3])
+    tr = import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=64, seq_len=4)
+    assert validate_trace(tr.path) == [] and tr.moe_layers == [1, 2] and tr.slot_order == "rank"
+    b = tr.load()
+    assert b.doc_id.tolist() == [0] * 4 + [1] * 4 + [2] * 2 and b.position.tolist() == [0, 1, 2, 3] * 2 + [
+        0,
+        1,
+    ]
+    assert np.array_equal(b.experts, ids) and np.array_equal(b.token_id, tok)
+    assert np.array_equal(b.weights, scores.astype(np.float32))
+    assert tr.manifest["source"]["report"]["issues"] == {"short_last_sequence": 1}
+
+
+def test_flame_moe_bad_inputs_name_the_file(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(15)
+    ids = routing(rng, 6, 2, E=64, k=6)
+    sc = np.sort(rng.random((6, 2, 6)), axis=-1)[..., ::-1]
+    it = _flame_capture(tmp_path / "m", ids, sc, np.arange(6), [2, 3])
+    pq.write_table(pq.read_table(it / "layer_03.parquet").slice(0, 5), it / "layer_03.parquet")
+    with pytest.raises(DataError, match=r"layer_03.parquet: 5 rows, layer_02.parquet has 6"):
+        import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=64)
+    (it / "layer_03.parquet").write_bytes((it / "layer_02.parquet").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"layer_03.parquet: not a readable Parquet file"):
+        import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=64)
+    (it / "layer_03.parquet").unlink()
+    with pytest.raises(DataError, match=r"layer_02.parquet: row 0: expert id \d+ is out of range 0..7"):
+        import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=8, top_k=6)
+    pq.write_table(
+        pa.table({"token_id": pa.array([1], pa.int32())}), tmp_path / "m" / "samples" / "002.parquet"
+    )
+    with pytest.raises(DataError, match=r"samples: samples hold 7 tokens"):
+        import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=64)

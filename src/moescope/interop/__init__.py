@@ -65,6 +65,10 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
         "moescope.interop.llama_cpp",
         "llama.cpp llama-moe-trace CSV: phase,token,layer,rank,expert (one row per routed activation)",
     ),
+    "flame-moe-parquet": (
+        "moescope.interop.flame",
+        "FLAME-MoE-Traces Parquet: actives/iter_N/layer_NN.parquet (indices, scores) + samples/*.parquet",
+    ),
     "tensorrt-llm-expert-statistic": (
         "moescope.interop.tensorrt_llm",
         "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",
