@@ -648,3 +648,55 @@ def test_flame_moe_bad_inputs_name_the_file(tmp_path) -> None:
     )
     with pytest.raises(DataError, match=r"samples: samples hold 7 tokens"):
         import_log("flame-moe-parquet", it, tmp_path / "t", num_experts=64)
+
+
+# --------------------------------------------------------------------------- Megatron logits sidecar
+def test_megatron_router_trace_reads_the_bf16_logits_sidecar(tmp_path) -> None:
+    import json
+
+    import torch
+
+    rng = np.random.default_rng(16)
+    recs, truth, blob = [], {}, bytearray()
+    for layer in (1, 2):
+        logits = torch.from_numpy(rng.normal(size=(5, E)).astype(np.float32)).to(torch.bfloat16)
+        ids = torch.topk(logits.float(), K).indices.sort(dim=1).values.numpy()  # routing map order: ascending
+        raw = logits.view(torch.int16).numpy().tobytes()  # what the tracer appends to logits_rank0.bin
+        truth[layer] = (ids, logits.float().numpy())
+        recs.append(
+            {
+                "step": 0,
+                "stage": "pre_dispatch",
+                "block": "decoder",
+                "layer": layer,
+                "rank": 0,
+                "num_tokens": 5,
+                "topk": K,
+                "top_indices": ids.tolist(),
+                "logit_offset": len(blob),
+                "logit_bytes": len(raw),
+                "logit_shape": [5, E],
+            }
+        )
+        blob += raw
+    d = tmp_path / "trace"
+    d.mkdir()
+    (d / "router_trace_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "logits_rank0.bin").write_bytes(bytes(blob))
+    tr = import_log("megatron-router-trace", d / "router_trace_rank0.jsonl", tmp_path / "t")
+    assert tr.num_experts == E and tr.has_logits and validate_trace(tr.path) == []  # E from logit_shape
+    b = tr.load()
+    for c, layer in enumerate((1, 2)):
+        assert np.array_equal(b.experts[:, c], truth[layer][0])
+        assert np.array_equal(
+            b.logits[:, c].astype(np.float32), truth[layer][1].astype(np.float16).astype(np.float32)
+        )
+
+    (d / "logits_rank0.bin").write_bytes(bytes(blob[:-10]))
+    with pytest.raises(
+        DataError, match=r"logits_rank0.bin: \d+ bytes at offset \d+, the record at .*:2 needs 80"
+    ):
+        import_log("megatron-router-trace", d / "router_trace_rank0.jsonl", tmp_path / "t2")
+    (d / "logits_rank0.bin").unlink()
+    with pytest.raises(DataError, match=r"logits_rank0.bin: missing"):
+        import_log("megatron-router-trace", d / "router_trace_rank0.jsonl", tmp_path / "t2")
