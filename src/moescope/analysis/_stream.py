@@ -196,7 +196,7 @@ def run_pass(
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
-    if seen == 0:
+    if seen == 0 and not trace.manifest.get("counts"):  # a counts-only trace has totals, no rows
         raise DataError(f"{trace.path}: no tokens to analyse (empty trace or filter)")
 
 

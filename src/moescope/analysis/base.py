@@ -64,11 +64,14 @@ class Analysis:
     name: ClassVar[str] = "base"
     needs_logits: ClassVar[bool] = False  # skipped, with a note, on traces without router logits
     selectable: ClassVar[bool] = True  # False: runs when its option is given (``compare``)
+    reads_counts: ClassVar[bool] = False  # True: also runs on a counts-only trace (no rows, only totals)
 
     def skip_reason(self, run: AnalysisRun) -> str | None:
         """Why this analysis cannot run on ``run.trace`` (a note in ``summary.json``), or None."""
         if self.needs_logits and not run.trace.has_logits:
             return f"{self.name} skipped: the trace has no 'logits' column"
+        if run.trace.manifest.get("counts") and not self.reads_counts:
+            return f"{self.name} skipped: a counts-only trace has per-expert counts, no token rows"
         return None
 
     def accumulators(self, run: AnalysisRun) -> list[Any]:

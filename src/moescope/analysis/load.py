@@ -35,6 +35,10 @@ class LoadAccumulator:
         self.wsum = np.zeros(Ls * E, np.float64)
         self.prob_tokens = np.zeros(Ls, np.int64)
         self.psum = np.zeros((Ls, E), np.float64)
+        counts = ctx.trace.manifest.get("counts")
+        if counts:  # a counts-only trace (an engine's per-expert counts, no rows): start from its totals
+            self.counts += np.asarray(counts["assignments"], np.int64)[ctx.cols].ravel()
+            self.tokens += np.asarray(counts["tokens"], np.int64)[ctx.cols]
 
     def update(self, v: View) -> None:
         E, Ls = self.ctx.E, self.ctx.Ls
