@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 from difflib import get_close_matches
+from typing import Any
 
 import typer
 from typer._click.exceptions import UsageError
@@ -161,12 +164,28 @@ def _notes_as_lines() -> None:
     warnings.showwarning = show
 
 
+def _interrupt_on_sigterm() -> Any:
+    """Make SIGTERM interrupt like Ctrl-C, so writers clean up the same way; returns the old handler.
+
+    Only the main thread may set handlers; elsewhere (a command run from a worker thread) this does
+    nothing and returns ``None``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the ``moescope`` command line and return the exit status.
 
     0: success. 1: a failed check or bad input (``Error: ...`` names the file, field or option).
-    2: a usage error (unknown option, missing argument). 130: interrupted (Ctrl-C), with one line
-    saying what was left behind (a resumable trace, a partial output folder).
+    2: a usage error (unknown option, missing argument). 130: interrupted (Ctrl-C or SIGTERM, as
+    sent by ``kill``, ``timeout`` or a batch scheduler), with one line saying what was left behind
+    (a resumable trace, a partial output folder).
     """
     from typer._click.exceptions import ClickException
 
@@ -175,6 +194,7 @@ def run(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # headless figures; the library never switches backends
     debug = os.environ.get("MOESCOPE_DEBUG") == "1"
     _notes_as_lines()
+    previous = _interrupt_on_sigterm()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="moescope")
     except MoescopeError as exc:
@@ -196,6 +216,9 @@ def run(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"Error: {where}{exc.strerror or exc}", err=True)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if rv == 130:
         left = left_behind()
         typer.echo(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from moescope.cli_utils import JsonOpt, TraceArg, emit
+from moescope.cli_utils import JsonOpt, OverwriteOpt, TraceArg, emit
 from moescope.interop import EXPORT_FORMATS, FORMAT_ALIASES, IMPORT_FORMATS, known_models
 
 
@@ -196,21 +196,24 @@ def export_cmd(
         "--tokens",
         help="token-journeys-jsonl: positions START END (END excluded), like extract_tokens.py.",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output."),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a trace (help text: ``_export_help``, with the formats and examples)."""
     from moescope.errors import ConfigError
     from moescope.interop import canonical_format, export_trace
     from moescope.interop.common import parse_index_list
+    from moescope.trace.outputs import claim
 
-    options: dict = {"overwrite": overwrite}
+    options: dict = {"overwrite": True}  # the output guard below decides what may be replaced
     if documents is not None:
         options["documents"] = parse_index_list(documents, "--documents")
     if tokens is not None:
         if canonical_format(format.value) != "token-journeys-jsonl":
             raise ConfigError(f"option --tokens does not apply to format {format.value!r}")
         options["tokens"] = tokens
-    result = export_trace(format.value, trace, output, **options)
+    kind = "folder" if canonical_format(format.value) == "token-journeys-jsonl" else "file"
+    with claim(output, kind, overwrite=overwrite, inputs=[trace]):
+        result = export_trace(format.value, trace, output, **options)
     parts = ", ".join(f"{v} {k}" for k, v in result.items() if isinstance(v, int))
     emit(result, json_out, text=f"{output}: wrote {parts} ({format.value})")
