@@ -324,7 +324,7 @@ def test_sglang_per_token_dump_maps_replicas_and_drops_repeated_ranks(tmp_path) 
     assert b.position[b.doc_id == 0].tolist() == [0, 1, 2] and b.token_id[b.doc_id == 1].tolist() == [21, 22]
     assert b.position[b.doc_id == 3].tolist() == [2] and b.token_id[b.doc_id == 3].tolist() == [23]
     issues = tr.manifest["source"]["report"]["issues"]
-    assert issues["duplicate_rank"] == 2 and issues["sentinel_-1"] == 7 * L * 6
+    assert issues["duplicate_rank"] == 2 and "sentinel_-1" not in issues  # 8-slot buffer padding: not counted
     assert issues["physical_replicas_mapped"] == int((pre == 2).sum() + (dec == 5).sum())
 
 
@@ -700,3 +700,67 @@ def test_megatron_router_trace_reads_the_bf16_logits_sidecar(tmp_path) -> None:
     (d / "logits_rank0.bin").unlink()
     with pytest.raises(DataError, match=r"logits_rank0.bin: missing"):
         import_log("megatron-router-trace", d / "router_trace_rank0.jsonl", tmp_path / "t2")
+
+
+# --------------------------------------------------------------------------- the shared checks
+def test_clean_rows_sentinels_shared_experts_and_partial_rows() -> None:
+    from moescope.interop.common import ImportReport
+    from moescope.interop.engine_checks import clean_rows
+
+    rows = np.array(
+        [
+            [3, 1, -1],  # padding slot: kept ids in logged order
+            [255, 2, 0],  # uint8 padding (E < 255)
+            [8, 5, 6],  # shared expert logged as routed (id E with one shared expert)
+            [-1, -1, -1],  # no routing (a dense layer or an unused row)
+            [4, -1, -1],  # one id where top_k = 2: partial, masked
+        ]
+    )
+    rep = ImportReport()
+    ids, valid = clean_rows(rows, num_experts=E, top_k=2, n_shared=1, report=rep, where=lambda i: f"row {i}")
+    assert valid.tolist() == [True, True, True, False, False]
+    assert ids[valid].tolist() == [[3, 1], [2, 0], [5, 6]]
+    assert rep.counts == {"sentinel_-1": 6, "sentinel_255": 1, "shared_as_routed": 1, "partial_row": 1}
+    with pytest.raises(DataError, match=r"row 2: expert id 8 is out of range 0..7.*--shared-experts"):
+        clean_rows(
+            rows, num_experts=E, top_k=2, n_shared=0, report=ImportReport(), where=lambda i: f"row {i}"
+        )
+    with pytest.raises(DataError, match=r"row 0: expert \[3, 3\] repeats an id"):
+        clean_rows(
+            np.array([[3, 3]]),
+            num_experts=E,
+            top_k=2,
+            n_shared=0,
+            report=ImportReport(),
+            where=lambda i: f"row {i}",
+        )
+
+
+def test_cli_engine_import_reports_checks_in_json(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+
+    rng = np.random.default_rng(17)
+    sel = {r: {(0, 1): routing(rng, 4, 1)[:, 0]} for r in range(2)}
+    sel[1] = sel[0]
+    _trtllm_statistics(tmp_path / "s", sel, E, K)
+    res = CliRunner().invoke(
+        app,
+        ["import", "tensorrt-llm-expert-statistic", str(tmp_path / "s"), "-o", str(tmp_path / "t"), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["counts_only"] is True and out["issues"] == {"duplicate_rank": 1} and out["tokens"] == 0
+    help_text = CliRunner().invoke(app, ["import", "--help"]).output
+    for name in (
+        "vllm-routed-experts",
+        "sglang-expert-distribution",
+        "sglang-routed-experts",
+        "llama-cpp-moe-trace",
+        "flame-moe-parquet",
+        "tensorrt-llm-expert-statistic",
+    ):
+        assert name in help_text
