@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 from scipy import special, stats
 
-from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, require, row_uniform, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.reader import Trace
@@ -37,34 +37,42 @@ FORMAT = "moescope-logit-density"
 
 
 class LogitSampleAccumulator:
-    """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer."""
+    """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer (rows picked by a
+    hash of document and position, so the sample does not depend on batches or shard groups)."""
 
     def __init__(self, ctx: PassContext, max_points: int = 2000, seed: int = 0) -> None:
         require(ctx.trace, "logits", "router-logit density")
         if max_points < 10:
             raise ConfigError(f"kde_points must be >= 10, got {max_points}")
         self.ctx = ctx
-        self.columns = {"logits"}
+        self.columns = {"logits", "doc_id", "position"}
         self.rate = min(1.0, 1.3 * max_points / max(ctx.trace.num_tokens, 1))
         self.max_points = max_points
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.parts: list[list[np.ndarray]] = [[] for _ in ctx.cols]
 
     def update(self, v: View) -> None:
         if v.logits is None:
             return
-        pick = self.rng.random(v.n) < self.rate if self.rate < 1 else np.ones(v.n, bool)
+        b = v.batch
+        pick = (
+            row_uniform(b.doc_id, b.position, self.seed) < self.rate if self.rate < 1 else np.ones(v.n, bool)
+        )
         for i in range(self.ctx.Ls):
             ok = pick & v.logit_valid[:, i]
             if ok.any():
                 self.parts[i].append(v.logits[ok, i].copy())
 
+    def merge(self, other: LogitSampleAccumulator) -> None:
+        self.parts = [a + b for a, b in zip(self.parts, other.parts, strict=True)]
+
     def result(self) -> dict[int, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
         out = {}
         for layer, parts in zip(self.ctx.layer_ids, self.parts, strict=True):
             x = np.concatenate(parts) if parts else np.zeros((0, self.ctx.E), np.float32)
             if len(x) > self.max_points:
-                x = x[self.rng.choice(len(x), self.max_points, replace=False)]
+                x = x[rng.choice(len(x), self.max_points, replace=False)]
             out[layer] = x
         return out
 
