@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy import special, stats
 
 from moescope.analysis._stream import PassContext, View, make_context, require, row_uniform, run_pass
 from moescope.errors import ConfigError, DataError
@@ -117,6 +116,8 @@ class LogitDensity:
         return sorted(self.points)
 
     def _model(self, layer: int):
+        from scipy import stats
+
         if layer not in self._models:
             pts = self.points[layer]
             if self.kernel == "gaussian":
@@ -308,6 +309,8 @@ def fit_logit_density(
 
 def _marginal_p(train: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Two-sided p-values of ``x`` under a 1-D Gaussian KDE of ``train`` (Scott bandwidth)."""
+    from scipy import special
+
     train = np.asarray(train, np.float64)
     h = max(train.std(), 1e-6) * len(train) ** (-0.2)
     grid = np.linspace(train.min() - 6 * h, train.max() + 6 * h, 512)  # the CDF is smooth at scale h
@@ -318,6 +321,8 @@ def _marginal_p(train: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def score_from_samples(model: LogitDensity, samples: dict[int, np.ndarray]) -> dict[str, pl.DataFrame]:
     """Stage 6 on sampled logits: joint p-values, their summary against the uniform, by rank and popularity."""
+    from scipy import stats
+
     joint, summ, by_rank, by_pop = [], [], [], []
     k = model.top_k
     for layer, x in samples.items():
@@ -392,6 +397,8 @@ def score_logits(
 # ---------------------------------------------------------------------------- plots (stages 3 to 6)
 def logit_distributions(samples: dict[int, np.ndarray], router_kind: str, bins: int = 60) -> pl.DataFrame:
     """Histograms per layer of raw logits and of router probabilities (softmax, or sigmoid/sum), all experts."""
+    from scipy import special
+
     rows = []
     for layer, x in samples.items():
         if not len(x):
@@ -478,6 +485,7 @@ def kernel_comparison(
 ) -> pl.DataFrame:
     """Stage 5: 1-D densities of the top-1 logit under several kernels (same Scott bandwidth), the KDE
     CDF against the empirical CDF, for one layer."""
+    from scipy import special
     from sklearn.neighbors import KernelDensity
 
     top1 = -np.sort(-model.raw[layer].astype(np.float64), 1)[:, 0]
@@ -606,6 +614,8 @@ def compare_models(
     kernels), and the calibration of the conformal p-values (KS distance to the uniform: 0 for a
     model that describes the held-out data, larger when it does not).
     """
+    from scipy import stats
+
     rows, models = [], {}
     for kernel, trim in variants if variants is not None else model_variants(num_experts, top_k):
         name = variant_name(kernel, trim)
