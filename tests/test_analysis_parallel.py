@@ -242,3 +242,19 @@ def test_analyze_on_ray_equals_one_process(trace, tmp_path, ray_local):
         assert a[name] == b[name], name
     one.pop("output"), rayed.pop("output")
     assert one == rayed
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_in_a_worker_names_the_file(trace, tmp_path):
+    import shutil
+
+    from moescope.errors import TraceError
+
+    copy = tmp_path / "t"
+    shutil.copytree(trace.path, copy)
+    shard = copy / trace.manifest["shards"][4]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match=shard.name):
+        analyze(copy, tmp_path / "out", analyses=["load"], workers=2)
