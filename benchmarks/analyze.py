@@ -92,6 +92,23 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _import_analyses(_: int) -> int:
+    import moescope.analysis.run  # noqa: F401
+
+    return 0
+
+
+def startup_cost(workers: int = 2) -> tuple[float, float]:
+    """Wall and CPU seconds to spawn ``workers`` processes that import the analyses and return."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    c0, t0 = _cpu(), time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_import_analyses, range(workers)))
+    return time.perf_counter() - t0, _cpu() - c0
+
+
 def speedup(path: Path, args: argparse.Namespace) -> None:
     """Alternate 1 and 2 workers ``--reps`` times; print each pair and the medians."""
     rows = []
@@ -103,6 +120,7 @@ def speedup(path: Path, args: argparse.Namespace) -> None:
                 f"  rep {rep + 1}, {w} worker(s): {pair[w][0]:.2f} s wall, {pair[w][1]:.2f} s CPU", flush=True
             )
         rows.append((pair[1][0], pair[2][0], pair[1][1], pair[2][1], pair[2][2]))
+    sw, sc = startup_cost(2)
     t1, t2, c1, c2 = (float(np.median([r[i] for r in rows])) for i in range(4))
     ratio = float(np.median([r[0] / r[1] for r in rows]))
     tl = args.tokens * args.layers
@@ -114,6 +132,10 @@ def speedup(path: Path, args: argparse.Namespace) -> None:
         f"cost per token (1 worker): {1e6 * t1 / args.tokens:.2f} us wall, {1e6 * c1 / args.tokens:.2f} us CPU;"
         f" per token-layer: {1e9 * t1 / tl:.1f} ns wall, {1e9 * c1 / tl:.1f} ns CPU"
         f" (2 workers: {1e9 * c2 / tl:.1f} ns CPU per token-layer)"
+    )
+    print(
+        f"parallel efficiency (CPU of 1 worker / CPU of 2): {c1 / c2:.2f}; starting 2 workers alone (spawn +"
+        f" imports): {sw:.2f} s wall, {sc:.2f} s CPU; without it: {c1 / (c2 - sc):.2f}"
     )
 
 
