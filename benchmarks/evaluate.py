@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from moescope.ablate.commands import load_model
+from moescope.capture.runner import load_model
 from moescope.data import load_corpus
 from moescope.evaluate.scorer import Scorer
 

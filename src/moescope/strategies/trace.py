@@ -10,6 +10,7 @@ token's experts as the slots that are not the sentinel.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ def storage_width(router: StrategyRouter) -> int:
     if len(router.plan.by_layer) < spec.num_moe_layers:
         widths.append(spec.top_k)
     return max(widths)
+
+
+def storage_spec(router: StrategyRouter, width: int) -> RoutingSpec:
+    """The model's :class:`RoutingSpec` with ``top_k`` the storage width of a strategy trace."""
+    return dataclasses.replace(
+        router.spec,
+        top_k=width,
+        moe_layers=list(router.spec.moe_layers),
+        module_paths=list(router.spec.module_paths),
+    )
+
+
+def manifest_entries(router: StrategyRouter) -> dict[str, Any]:
+    """What a strategy trace's manifest ``capture`` section records about the strategy."""
+    return {"strategy": router.plan.spec, "model_top_k": router.spec.top_k, "variable_k": True}
 
 
 def applied_arrays(router: StrategyRouter, keep: torch.Tensor, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,28 +100,13 @@ class StrategyTraceWriter:
     ) -> None:
         self.router = router
         self.width = storage_width(router)
-        s = router.spec
-        spec = RoutingSpec(
-            num_experts=s.num_experts,
-            top_k=self.width,
-            moe_layers=list(s.moe_layers),
-            family=s.family,
-            router_kind=s.router_kind,
-            n_shared_experts=s.n_shared_experts,
-            num_hidden_layers=s.num_hidden_layers,
-            module_paths=list(s.module_paths),
-            dtype=s.dtype,
-        )
+        spec = storage_spec(router, self.width)
         self.writer = TraceWriter.create(
             directory,
             spec,
             columns=default_columns(weights=True),
             model=model or {},
-            capture={
-                "strategy": router.plan.spec,
-                "model_top_k": s.top_k,
-                "variable_k": True,
-            },
+            capture=manifest_entries(router),
             source={"tool": tool},
             overwrite=overwrite,
         )
@@ -144,23 +145,12 @@ class StrategyRecorder:
         self.model = model
         self.router = StrategyRouter(model, strategy, record=True)
         self.width = storage_width(self.router)
-        s = self.router.spec
-        self.spec = RoutingSpec(
-            num_experts=s.num_experts,
-            top_k=self.width,
-            moe_layers=list(s.moe_layers),
-            family=s.family,
-            router_kind=s.router_kind,
-            n_shared_experts=s.n_shared_experts,
-            num_hidden_layers=s.num_hidden_layers,
-            module_paths=list(s.module_paths),
-            dtype=s.dtype,
-        )
+        self.spec = storage_spec(self.router, self.width)
         self.lookahead_columns: list[str] = []
 
     def manifest_entries(self) -> dict[str, Any]:
         """What the manifest's ``capture`` section records about the strategy."""
-        return {"strategy": self.router.plan.spec, "model_top_k": self.router.spec.top_k, "variable_k": True}
+        return manifest_entries(self.router)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
         """One forward pass over a padded batch; routing arrays over the valid tokens, batch-major."""
