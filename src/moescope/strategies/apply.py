@@ -203,12 +203,12 @@ class StrategyRouter(HookSet):
                         self._handles.append(
                             experts.register_forward_hook(self._scatter_hook(j), prepend=True)
                         )
-                self._handles.append(
-                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True, prepend=True)
+                self._handles.append(  # after hooks already there: they see the model's own call
+                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True)
                 )
                 self._handles.append(router.register_forward_hook(self._logits_hook(j), prepend=True))
             else:
-                self._handles.append(router.register_forward_hook(self._router_hook(j, block), prepend=True))
+                self._handles.append(router.register_forward_hook(self._router_hook(j, block)))
 
     def _remove(self) -> None:
         super()._remove()
