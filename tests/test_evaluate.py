@@ -285,3 +285,23 @@ def test_strategy_capture_composes_with_logits_lookahead_and_loss(tmp_path):
             logp = torch.log_softmax(model(ids).logits.float(), -1)
         nll = -logp[0, :-1].gather(1, ids[0, 1:, None]).mean()
         np.testing.assert_allclose(b.doc_loss[b.doc_id == d], float(nll), rtol=1e-4)
+
+
+def test_fixed_set_readers_refuse_padded_strategy_rows(tmp_path):
+    """analyze and predict read fixed-size sets: a padded strategy trace is a clear error, not dropped rows."""
+    from moescope.analysis.run import analyze
+    from moescope.capture.runner import CaptureOptions, capture
+    from moescope.predict.baselines import FrequencyPredictor
+    from moescope.predict.evaluate import evaluate as evaluate_predictor
+
+    data = tmp_path / "d.txt"
+    data.write_text("In the beginning God created the heaven and the earth.\n")
+    capture("tiny:mixtral", [str(data)], tmp_path / "p", CaptureOptions(strategy="topp:p=0.7"), device="cpu")
+    capture("tiny:mixtral", [str(data)], tmp_path / "k", CaptureOptions(strategy="topk"), device="cpu")
+    padded, own = Trace.open(tmp_path / "p"), Trace.open(tmp_path / "k")
+    with pytest.raises(ConfigError, match="variable-k strategy trace"):
+        analyze(padded, tmp_path / "a")
+    with pytest.raises(ConfigError, match="variable-k strategy trace"):
+        evaluate_predictor(FrequencyPredictor().fit(own), padded)
+    analyze(own, tmp_path / "b")  # the model's own k: no padding, read as any trace
+    evaluate_predictor(FrequencyPredictor().fit(own), own)
