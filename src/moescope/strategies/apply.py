@@ -270,7 +270,7 @@ class StrategyRouter(HookSet):
             return args, kwargs
         K = ids.shape[1]
         valid = torch.arange(K, device=ids.device).reshape(1, K) < a.count.reshape(-1, 1).to(ids.device)
-        if bool(valid.all()):
+        if bool(valid.all()) or not bool(valid.any()):  # nothing padded, or no row to run
             return args, kwargs
         tok, slot = valid.nonzero(as_tuple=True)
         self._scatter[j] = (tok, hidden.shape[0])
