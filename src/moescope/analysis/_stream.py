@@ -164,9 +164,15 @@ def iter_views(
     sel = np.asarray(ctx.cols)
     all_layers = ctx.Ls == trace.num_layers
     missing = trace.missing_id
+    variable_k = bool(trace.manifest.get("capture", {}).get("variable_k"))
     for batch in trace.iter_batches(order, batch_size=batch_size):
         ex = batch.experts if all_layers else batch.experts[:, sel]
         bad = ex == missing  # (n, Ls, k)
+        if variable_k and bool((bad.any(-1) & ~bad.all(-1)).any()):
+            raise ConfigError(
+                f"{trace.path}: a variable-k strategy trace: tokens use fewer experts than its width"
+                f" {ex.shape[-1]}, and the analyses count fixed-size expert sets; capture without --strategy"
+            )
         valid = ~bad.any(-1)
         ex = ex.astype(np.int64)
         if bad.any():
