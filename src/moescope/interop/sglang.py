@@ -314,7 +314,8 @@ def _per_token(dumps: list[tuple[Path, Any]], opts: ImportOptions) -> Imported:
         seen_pass[key] = where
         sel = t[cols].transpose(1, 0, 2)  # (n, L, w) physical ids
         if w > k and (sel[..., k:] == -1).all():
-            sel = sel[..., :k]  # the recorder's 8-slot buffer beyond this model's top-k: padding, not a sentinel
+            # the recorder's 8-slot buffer beyond this model's top-k: padding, not a sentinel
+            sel = sel[..., :k]
         sel = sel.reshape(-1, sel.shape[-1])
 
         def at(j: int, where: str = where) -> str:
