@@ -33,6 +33,7 @@ def _register() -> None:
     from moescope.interop import commands as interop_commands
     from moescope.models import commands as models_commands
     from moescope.predict import commands as predict_commands
+    from moescope.report import commands as report_commands
     from moescope.simulate import commands as simulate_commands
     from moescope.trace import commands as trace_commands
 
@@ -46,6 +47,7 @@ def _register() -> None:
     simulate_commands.register(app)
     ablate_commands.register(app)
     evaluate_commands.register(app)
+    report_commands.register(app)
 
 
 _register()

@@ -1,0 +1,145 @@
+"""The expert atlas: what is known about each (layer, expert), counted in one pass over the trace.
+
+Load share, first-choice share, usual partners in the same layer (co-selected for the same token)
+and in the next layer (chosen by the same token one layer later), the domains it takes above its
+baseline and the tokens it takes most against its baseline (on the first ``ATLAS_TOKENS`` tokens).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from moescope.report.data import ATLAS_TOKENS, display_piece
+from moescope.trace.reader import Trace
+
+TOP = 5
+
+
+def expert_atlas(trace: Trace, token_rows: int = ATLAS_TOKENS) -> dict[str, Any]:
+    """Per-layer lists (``[layer][expert]``) of the atlas facts, JSON-ready."""
+    E, L = trace.num_experts, len(trace.moe_layers)
+    labels = list(trace.labels)
+    D = max(len(labels), 1)
+    load = np.zeros((L, E), np.int64)
+    first = np.zeros((L, E), np.int64)
+    same = np.zeros((L, E, E), np.int64)
+    nxt = np.zeros((max(L - 1, 0), E, E), np.int64)
+    dom = np.zeros((D, L, E), np.int64)
+    dom_tokens = np.zeros(D, np.int64)
+    keys: list[np.ndarray] = []
+    totals: list[np.ndarray] = []
+    pieces: dict[int, str] = {}
+    seen = 0
+    tokens = 0
+    cols = ["token_id", "label", "experts"] + (["token"] if trace.columns.get("token_text") else [])
+    for b in trace.iter_batches(cols):
+        ex = b.experts.astype(np.int64)
+        ok = ex != trace.missing_id
+        n, _, k = ex.shape
+        tokens += n
+        lab = b.label if b.label is not None else np.full(n, -1)
+        lab = np.where(lab >= 0, lab, 0)
+        dom_tokens += np.bincount(lab, minlength=D)[:D]
+        for j in range(L):
+            e, m = ex[:, j], ok[:, j]
+            load[j] += np.bincount(e[m], minlength=E)[:E]
+            first[j] += np.bincount(e[:, 0][m[:, 0]], minlength=E)[:E]
+            for s in range(k):
+                dom[:, j] += np.bincount(lab[m[:, s]] * E + e[m[:, s], s], minlength=D * E).reshape(D, E)
+                for t in range(k):
+                    if s != t:
+                        mm = m[:, s] & m[:, t]
+                        same[j] += np.bincount(e[mm, s] * E + e[mm, t], minlength=E * E).reshape(E, E)
+                    if j + 1 < L:
+                        e2, m2 = ex[:, j + 1], ok[:, j + 1]
+                        mm = m[:, s] & m2[:, t]
+                        nxt[j] += np.bincount(e[mm, s] * E + e2[mm, t], minlength=E * E).reshape(E, E)
+        if seen < token_rows:
+            r = min(n, token_rows - seen)
+            tok = b.token_id[:r].astype(np.int64) + 1  # -1 (unknown) -> 0
+            if b.token is not None:
+                for t, p in zip(tok.tolist(), b.token[:r], strict=True):
+                    pieces.setdefault(t, p)
+            # key = ((layer * E + expert) << 32) | token
+            lay = np.arange(L, dtype=np.int64)[None, :, None]
+            kk = ((lay * E + ex[:r]) << 32) | tok[:, None, None]
+            keys.append(kk[ok[:r]])
+            totals.append(tok)
+            seen += r
+    share = load / np.maximum(load.sum(1, keepdims=True), 1)
+    base = load / max(tokens, 1)  # share of tokens routed to (layer, expert)
+    out: dict[str, Any] = {
+        "load": np.round(share, 5).tolist(),
+        "per_token": np.round(base, 5).tolist(),
+        "first": np.round(first / np.maximum(first.sum(1, keepdims=True), 1), 5).tolist(),
+        "same": _partners(same, load),
+        "next": _partners(nxt, load[:-1]) if L > 1 else [],
+        "domains": _domains(dom, dom_tokens, base, labels),
+        "tokens": _tokens(keys, totals, pieces, base, L, E),
+        "token_rows": int(min(seen, tokens)),
+    }
+    return out
+
+
+def _partners(counts: np.ndarray, load: np.ndarray) -> list[list[list[Any]]]:
+    """Top partners of each expert: ``[partner, P(partner | expert)]``."""
+    out = []
+    for j in range(counts.shape[0]):
+        p = counts[j] / np.maximum(load[j][:, None], 1)
+        row = []
+        for e in range(counts.shape[1]):
+            order = np.argsort(-p[e], kind="stable")[:TOP]
+            row.append([[int(o), round(float(p[e, o]), 4)] for o in order if counts[j, e, o] > 0])
+        out.append(row)
+    return out
+
+
+def _domains(dom: np.ndarray, dom_tokens: np.ndarray, base: np.ndarray, labels: list[str]) -> list[Any]:
+    """Per expert, domains by lift ``P(expert | domain) / P(expert)`` (above 1: taken more than baseline)."""
+    if len(labels) < 1:
+        return [[[] for _ in range(base.shape[1])] for _ in range(base.shape[0])]
+    rate = dom / np.maximum(dom_tokens[:, None, None], 1)  # (D, L, E)
+    lift = rate / np.maximum(base[None], 1e-12)
+    out = []
+    for j in range(base.shape[0]):
+        row = []
+        for e in range(base.shape[1]):
+            order = np.argsort(-lift[:, j, e], kind="stable")[:TOP]
+            row.append(
+                [
+                    [labels[d], round(float(lift[d, j, e]), 3), int(dom[d, j, e])]
+                    for d in order
+                    if dom_tokens[d] > 0
+                ]
+            )
+        out.append(row)
+    return out
+
+
+def _tokens(
+    keys: list[np.ndarray], totals: list[np.ndarray], pieces: dict[int, str], base: np.ndarray, L: int, E: int
+) -> list[list[list[Any]]]:
+    """Per expert, tokens by ``P(expert | token) / P(expert)`` among tokens seen at least 3 times."""
+    empty = [[[] for _ in range(E)] for _ in range(L)]
+    if not keys:
+        return empty
+    tt, tc = np.unique(np.concatenate(totals), return_counts=True)
+    total = dict(zip(tt.tolist(), tc.tolist(), strict=True))
+    u, c = np.unique(np.concatenate(keys), return_counts=True)
+    grp = u >> 32
+    tok = u & 0xFFFFFFFF
+    by: dict[int, list[tuple[float, int, int]]] = defaultdict(list)
+    for g, t, n in zip(grp.tolist(), tok.tolist(), c.tolist(), strict=True):
+        nt = total.get(t, 0)
+        if nt >= 3:
+            j, e = divmod(g, E)
+            by[g].append((n / nt / max(float(base[j, e]), 1e-12), n, t))
+    out = empty
+    for g, items in by.items():
+        j, e = divmod(g, E)
+        items.sort(key=lambda x: (-x[0], -x[1]))
+        out[j][e] = [[display_piece(pieces.get(t), t - 1), round(lift, 2), n] for lift, n, t in items[:TOP]]
+    return out
