@@ -186,3 +186,26 @@ def test_bad_inputs_from_the_demo_name_the_files(demo_out, tmp_path):
         ]
     )
     assert res.exit_code == 1 and str(fine) in res.output
+
+
+def test_prediction_hits_match_the_previous_tokens_sets(tmp_path):
+    """A previous-token predictor's hit count per token is |prev set & own set|, counted here by hand."""
+    from moescope.predict import FrequencyPredictor
+
+    tr, _ = build_trace(tmp_path / "t", docs=4, doc_len=20, missing_frac=0.1)
+    model = tmp_path / "prev.npz"
+    FrequencyPredictor(strategy="previous_token").fit(tr).save(model)
+    page, _ = build_report(tr.path, analyses=["load"], predict=model)
+    hits = _payload(page)["predict"]["hits"]
+    b = tr.load(["doc_id", "position", "experts"])
+    ex, miss = b.experts.astype(int), tr.missing_id
+    checked = 0
+    for i in range(1, len(ex)):
+        if b.doc_id[i] != b.doc_id[i - 1]:
+            continue
+        for j in range(ex.shape[1]):
+            if (ex[i, j] == miss).any() or (ex[i - 1, j] == miss).any():
+                continue
+            assert hits[j][i] == len(set(ex[i, j]) & set(ex[i - 1, j])), (i, j)
+            checked += 1
+    assert checked > 100

@@ -43,20 +43,20 @@ def expert_atlas(trace: Trace, token_rows: int = ATLAS_TOKENS) -> dict[str, Any]
         lab = b.label if b.label is not None else np.full(n, -1)
         lab = np.where(lab >= 0, lab, 0)
         dom_tokens += np.bincount(lab, minlength=D)[:D]
+        eye = ~np.eye(k, dtype=bool)  # slot pairs (s, t) with s != t
         for j in range(L):
             e, m = ex[:, j], ok[:, j]
             load[j] += np.bincount(e[m], minlength=E)[:E]
             first[j] += np.bincount(e[:, 0][m[:, 0]], minlength=E)[:E]
-            for s in range(k):
-                dom[:, j] += np.bincount(lab[m[:, s]] * E + e[m[:, s], s], minlength=D * E).reshape(D, E)
-                for t in range(k):
-                    if s != t:
-                        mm = m[:, s] & m[:, t]
-                        same[j] += np.bincount(e[mm, s] * E + e[mm, t], minlength=E * E).reshape(E, E)
-                    if j + 1 < L:
-                        e2, m2 = ex[:, j + 1], ok[:, j + 1]
-                        mm = m[:, s] & m2[:, t]
-                        nxt[j] += np.bincount(e[mm, s] * E + e2[mm, t], minlength=E * E).reshape(E, E)
+            dom[:, j] += np.bincount((lab[:, None] * E + e)[m], minlength=D * E).reshape(D, E)
+            pair = e[:, :, None] * E + e[:, None, :]  # (n, k, k)
+            pm = m[:, :, None] & m[:, None, :] & eye
+            same[j] += np.bincount(pair[pm], minlength=E * E).reshape(E, E)
+            if j + 1 < L:
+                e2, m2 = ex[:, j + 1], ok[:, j + 1]
+                pair = e[:, :, None] * E + e2[:, None, :]
+                pm = m[:, :, None] & m2[:, None, :]
+                nxt[j] += np.bincount(pair[pm], minlength=E * E).reshape(E, E)
         if seen < token_rows:
             r = min(n, token_rows - seen)
             tok = b.token_id[:r].astype(np.int64) + 1  # -1 (unknown) -> 0

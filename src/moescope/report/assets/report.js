@@ -326,5 +326,6 @@
   compare();
   document.querySelectorAll("table.sortable").forEach(function (t) { if (t.id !== "compare-table") sortable(t); });
   window.moescope = { data: D, state: state, colour: colour, first: first, ready: true };
+  window.moescopeReadyMs = performance.now(); // milliseconds from navigation start to a drawn page
   document.body.setAttribute("data-ready", "1");
 })();
