@@ -77,7 +77,13 @@ def test_sample_and_atlas_match_a_brute_force_count(tmp_path):
             pair[row[0], row[1]] += 1
             pair[row[1], row[0]] += 1
         np.testing.assert_allclose(a["load"][j], np.round(cnt / cnt.sum(), 5))
+        toks = np.concatenate([bb.token_id for bb in tr.iter_batches(["token_id"])])
         for e in range(E):
+            for _text, lift, n in a["tokens"][j][e]:
+                tid = int(_text.strip("# "))  # the hand-built trace has no text: pieces are "#id "
+                rows = toks == tid
+                assert n == (ex[rows, j] == e).sum()
+                assert lift == pytest.approx(n / rows.sum() / (cnt[e] / len(ex)), abs=0.006)  # 2 decimals
             if a["same"][j][e]:
                 top, share = a["same"][j][e][0]
                 assert share == pytest.approx(pair[e].max() / cnt[e], abs=1e-4)

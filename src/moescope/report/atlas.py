@@ -7,7 +7,6 @@ baseline and the tokens it takes most against its baseline (on the first ``ATLAS
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -122,24 +121,27 @@ def _domains(dom: np.ndarray, dom_tokens: np.ndarray, base: np.ndarray, labels: 
 def _tokens(
     keys: list[np.ndarray], totals: list[np.ndarray], pieces: dict[int, str], base: np.ndarray, L: int, E: int
 ) -> list[list[list[Any]]]:
-    """Per expert, tokens by ``P(expert | token) / P(expert)`` among tokens seen at least 3 times."""
+    """Per expert, tokens with lift ``P(expert | token) / P(expert)`` above 1 among tokens seen at least
+    3 times, ranked by ``count * log(lift)``."""
     empty = [[[] for _ in range(E)] for _ in range(L)]
     if not keys:
         return empty
     tt, tc = np.unique(np.concatenate(totals), return_counts=True)
-    total = dict(zip(tt.tolist(), tc.tolist(), strict=True))
     u, c = np.unique(np.concatenate(keys), return_counts=True)
-    grp = u >> 32
-    tok = u & 0xFFFFFFFF
-    by: dict[int, list[tuple[float, int, int]]] = defaultdict(list)
-    for g, t, n in zip(grp.tolist(), tok.tolist(), c.tolist(), strict=True):
-        nt = total.get(t, 0)
-        if nt >= 3:
-            j, e = divmod(g, E)
-            by[g].append((n / nt / max(float(base[j, e]), 1e-12), n, t))
+    grp, tok = u >> 32, u & 0xFFFFFFFF
+    nt = tc[np.searchsorted(tt, tok)]  # every key's token is among the totals
+    lift = c / nt / np.maximum(base.reshape(-1)[grp], 1e-12)
+    keep = (nt >= 3) & (lift > 1.0)
+    grp, tok, c, lift = grp[keep], tok[keep], c[keep], lift[keep]
+    # most taken against the baseline: count weighted by log-lift (a PMI-weighted count), so a
+    # frequent, specific token ranks above a rare one seen once with this expert
+    order = np.lexsort((-c, -c * np.log(lift), grp))
+    grp, tok, c, lift = grp[order], tok[order], c[order], lift[order]
+    starts = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]]) if len(grp) else np.array([], int)
+    rank = np.arange(len(grp)) - np.repeat(starts, np.diff(np.r_[starts, len(grp)]))
     out = empty
-    for g, items in by.items():
-        j, e = divmod(g, E)
-        items.sort(key=lambda x: (-x[0], -x[1]))
-        out[j][e] = [[display_piece(pieces.get(t), t - 1), round(lift, 2), n] for lift, n, t in items[:TOP]]
+    for i in np.flatnonzero(rank < TOP).tolist():
+        j, e = divmod(int(grp[i]), E)
+        t = int(tok[i])
+        out[j][e].append([display_piece(pieces.get(t), t - 1), round(float(lift[i]), 2), int(c[i])])
     return out
