@@ -215,3 +215,18 @@ def test_prediction_hits_match_the_previous_tokens_sets(tmp_path):
             assert hits[j][i] == len(set(ex[i, j]) & set(ex[i - 1, j])), (i, j)
             checked += 1
     assert checked > 100
+
+
+@pytest.mark.slow
+def test_ablation_impacts_reach_the_atlas_cards(demo_out):
+    import csv
+
+    out, _ = demo_out
+    abl = out / "ablate-tiny-mixtral-layer3"
+    page, _ = build_report(out / "trace-tiny-mixtral", analysis=out / "analysis-tiny-mixtral", ablation=abl)
+    rows = _payload(page)["ablation"]["rows"]
+    with (abl / "ranking.csv").open() as f:
+        want = {(int(r["layer"]), int(r["experts"])): float(r["impact"]) for r in csv.DictReader(f)}
+    assert {(r[0], r[1]): r[2] for r in rows} == pytest.approx(want)
+    with pytest.raises(ConfigError, match=rf"--ablation {re.escape(str(abl))}: ablates model tiny-mixtral"):
+        build_report(out / "trace-tiny-finegrained", analysis=out / "analysis-tiny-finegrained", ablation=abl)

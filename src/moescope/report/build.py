@@ -174,8 +174,57 @@ def compare_data(a: Trace, b_path: Path, sample: Sample) -> dict[str, Any]:
         "changed": changed_sets(sample.experts, sb.experts, _variable(a), _variable(b)),
         "experts": sb.experts,
         "weights": sb.weights,
-        "layers": tables["layers"].to_dicts(),
+        "layers": [
+            {k: (_finite(v) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in tables["layers"].to_dicts()
+        ],
     }
+
+
+def _finite(v: Any) -> float | None:
+    """A float for JSON, ``None`` for a missing or non-finite value (JSON has no NaN)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
+def ablation_impacts(trace: Trace, folder: Path) -> dict[str, Any]:
+    """Per (layer, expert), the harm of disabling it alone, from a ``moescope ablate`` folder's ranking."""
+    import csv
+
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        with (folder / "ranking.csv").open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"--ablation {folder}: no {Path(exc.filename).name}; give a folder written by moescope ablate"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"--ablation {folder}/summary.json: not valid JSON ({exc})") from None
+    model, E = summary.get("model"), summary.get("num_experts")
+    if E != trace.num_experts or (model and trace.model_id and model != trace.model_id):
+        raise ConfigError(
+            f"--ablation {folder}: ablates model {model} (E={E}); {trace.path} is model {trace.model_id}"
+            f" (E={trace.num_experts})"
+        )
+    out = []
+    for r in rows:
+        if r.get("experts", "").isdigit() and r.get("impact") not in (None, ""):
+            out.append(
+                [
+                    int(r["layer"]),
+                    int(r["experts"]),
+                    float(r["impact"]),
+                    float(r["impact_lo"] or "nan"),
+                    float(r["impact_hi"] or "nan"),
+                    r.get("effect", ""),
+                ]
+            )
+    return {"metric": summary.get("rank_by", "impact"), "folder": str(folder), "rows": out}
 
 
 def _ints(a: np.ndarray) -> list[list[int]]:
@@ -192,6 +241,7 @@ def page_data(
     predict: dict[str, Any] | None,
     compare: dict[str, Any] | None,
     heads: list[dict[str, Any]],
+    ablation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON object the page's script reads (``window.MOESCOPE``)."""
     w = sample.weights
@@ -225,6 +275,7 @@ def page_data(
         "analyses": heads,
         "predict": None,
         "compare": None,
+        "ablation": ablation,
     }
     if predict is not None:
         h = predict["hits"]
@@ -275,6 +326,7 @@ def build_report(
     analysis: str | Path | None = None,
     predict: str | Path | None = None,
     compare: str | Path | None = None,
+    ablation: str | Path | None = None,
     max_tokens: int = MAX_TOKENS,
     analyses: list[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
@@ -297,7 +349,8 @@ def build_report(
     atlas = expert_atlas(trace)
     pred = predictor_hits(trace, Path(predict), sample) if predict is not None else None
     cmp = compare_data(trace, Path(compare), sample) if compare is not None else None
-    data = page_data(trace, sample, atlas, predict=pred, compare=cmp, heads=heads)
+    abl = ablation_impacts(trace, Path(ablation)) if ablation is not None else None
+    data = page_data(trace, sample, atlas, predict=pred, compare=cmp, heads=heads, ablation=abl)
     title = f"moescope report: {trace.model_id or trace.path.name}"
     page = render_page(data, sections_html, title)
     info = {
@@ -309,5 +362,6 @@ def build_report(
         "size_budget_bytes": SIZE_BUDGET,
         "predict": str(predict) if predict else None,
         "compare": str(compare) if compare else None,
+        "ablation": str(ablation) if ablation else None,
     }
     return page, info

@@ -38,6 +38,12 @@ def report(
             "--compare", help="A second trace of the same tokens: per-layer mismatch, changed tokens."
         ),
     ] = None,
+    ablation: Annotated[
+        Path | None,
+        typer.Option(
+            "--ablation", help="A `moescope ablate` folder of the same model: impacts on the atlas cards."
+        ),
+    ] = None,
     max_tokens: Annotated[
         int,
         typer.Option(
@@ -65,9 +71,16 @@ def report(
         raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
     with reading_incomplete(allow_incomplete):
         Trace.open(trace)
-        with claim(output, "report", overwrite=overwrite, inputs=[trace, analysis, compare, predict]):
+        with claim(
+            output, "report", overwrite=overwrite, inputs=[trace, analysis, compare, predict, ablation]
+        ):
             page, info = build_report(
-                trace, analysis=analysis, predict=predict, compare=compare, max_tokens=max_tokens
+                trace,
+                analysis=analysis,
+                predict=predict,
+                compare=compare,
+                ablation=ablation,
+                max_tokens=max_tokens,
             )
             output.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(output, lambda tmp: tmp.write_text(page, encoding="utf-8"))

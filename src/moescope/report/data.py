@@ -19,7 +19,7 @@ from moescope.trace.reader import Trace
 #: Default bound on the tokens the viewer embeds (the page states the sample it holds).
 MAX_TOKENS = 20_000
 #: Default bound on (tokens x layers x k) routing entries embedded, so deep or wide models stay light.
-MAX_ENTRIES = 2_000_000
+MAX_ENTRIES = 1_000_000
 #: Tokens read for the atlas's token tables (expert x token counts); load and partners use every token.
 ATLAS_TOKENS = 200_000
 

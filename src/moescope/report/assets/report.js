@@ -248,7 +248,8 @@
     return div;
   }
   function atlas() {
-    var A = D.atlas, box = $("atlas-cards"), frag = document.createDocumentFragment();
+    var A = D.atlas, box = $("atlas-cards"), frag = document.createDocumentFragment(), abl = {};
+    if (D.ablation) D.ablation.rows.forEach(function (r) { abl[r[0] + ":" + r[1]] = r; });
     $("atlas-note").textContent = "One card per (layer, expert). Load, first-choice share and partners count every token of the trace; " +
       "the tokens an expert takes most against its baseline (P(expert | token) / P(expert), tokens seen at least 3 times) count the first " +
       A.token_rows.toLocaleString() + " tokens.";
@@ -262,6 +263,9 @@
       card.appendChild(list("domains:", A.domains[j][e].map(function (t) { return t[0] + " (lift " + t[1] + ")"; })));
       card.appendChild(list("with, same layer:", A.same[j][e].map(function (t) { return "E" + t[0] + " " + pct(t[1], 0); })));
       if (j + 1 < L) card.appendChild(list("then, layer " + LAYERS[j + 1] + ":", A.next[j][e].map(function (t) { return "E" + t[0] + " " + pct(t[1], 0); })));
+      var ab = abl[LAYERS[j] + ":" + e];
+      if (ab) card.appendChild(el("div", { "class": "ablation", "data-impact": ab[2] }, "ablation: harm " + (+ab[2]).toFixed(3) +
+        " in " + D.ablation.metric + (ab[3] === null ? "" : " [" + (+ab[3]).toFixed(3) + ", " + (+ab[4]).toFixed(3) + "]") + (ab[5] ? " (" + ab[5] + ")" : "")));
       var a = el("a", { href: "#viewer", "class": "show-tokens", "data-layer-index": j, "data-expert": e }, "show its tokens in the viewer");
       card.appendChild(a);
       frag.appendChild(card);
