@@ -50,6 +50,11 @@ def demo_out(tmp_path_factory) -> tuple[Path, str]:
 
     from moescope.cli import app
 
+    # A folder the same demo run wrote (its printed output saved as demo.log), to iterate on the tests.
+    reuse = os.environ.get("MOESCOPE_TEST_DEMO")
+    if reuse:
+        log = Path(reuse) / "demo.log"
+        return Path(reuse), log.read_text(encoding="utf-8") if log.is_file() else ""
     out = tmp_path_factory.mktemp("demo") / "demo"
     res = CliRunner().invoke(
         app, ["demo", "-o", str(out), "--max-tokens", "1500", "--predictor", "cooccurrence"]
