@@ -31,6 +31,9 @@ def expert_atlas(trace: Trace, token_rows: int = ATLAS_TOKENS) -> dict[str, Any]
     keys: list[np.ndarray] = []
     totals: list[np.ndarray] = []
     pieces: dict[int, str] = {}
+    # partners and token tables count every ``stride``-th row: spread over the whole trace (traces are
+    # often ordered by domain), bounded in cost; load, first choice and domains count every row
+    stride = max(1, -(-trace.num_tokens // max(token_rows, 1)))
     seen = 0
     tokens = 0
     cols = ["token_id", "label", "experts"] + (["token"] if trace.columns.get("token_text") else [])
@@ -43,42 +46,52 @@ def expert_atlas(trace: Trace, token_rows: int = ATLAS_TOKENS) -> dict[str, Any]
         lab = np.where(lab >= 0, lab, 0)
         dom_tokens += np.bincount(lab, minlength=D)[:D]
         eye = ~np.eye(k, dtype=bool)  # slot pairs (s, t) with s != t
+        sub = np.arange(tokens - n, tokens) % stride == 0
+        exs, oks = ex[sub], ok[sub]
         for j in range(L):
             e, m = ex[:, j], ok[:, j]
             load[j] += np.bincount(e[m], minlength=E)[:E]
             first[j] += np.bincount(e[:, 0][m[:, 0]], minlength=E)[:E]
             dom[:, j] += np.bincount((lab[:, None] * E + e)[m], minlength=D * E).reshape(D, E)
+            e, m = exs[:, j], oks[:, j]
             pair = e[:, :, None] * E + e[:, None, :]  # (n, k, k)
             pm = m[:, :, None] & m[:, None, :] & eye
             same[j] += np.bincount(pair[pm], minlength=E * E).reshape(E, E)
             if j + 1 < L:
-                e2, m2 = ex[:, j + 1], ok[:, j + 1]
+                e2, m2 = exs[:, j + 1], oks[:, j + 1]
                 pair = e[:, :, None] * E + e2[:, None, :]
                 pm = m[:, :, None] & m2[:, None, :]
                 nxt[j] += np.bincount(pair[pm], minlength=E * E).reshape(E, E)
-        if seen < token_rows:
-            r = min(n, token_rows - seen)
-            tok = b.token_id[:r].astype(np.int64) + 1  # -1 (unknown) -> 0
+        r = int(sub.sum())
+        if r:
+            tok = b.token_id[sub].astype(np.int64) + 1  # -1 (unknown) -> 0
             if b.token is not None:
-                for t, p in zip(tok.tolist(), b.token[:r], strict=True):
-                    pieces.setdefault(t, p)
+                for t, i in zip(tok.tolist(), np.flatnonzero(sub).tolist(), strict=True):
+                    pieces.setdefault(t, b.token[i])
             # key = ((layer * E + expert) << 32) | token
             lay = np.arange(L, dtype=np.int64)[None, :, None]
-            kk = ((lay * E + ex[:r]) << 32) | tok[:, None, None]
-            keys.append(kk[ok[:r]])
+            kk = ((lay * E + exs) << 32) | tok[:, None, None]
+            keys.append(kk[oks])
             totals.append(tok)
             seen += r
+    # the sampled rows' own loads: partner shares and token lifts are ratios within that sample
+    sub_load = np.zeros((L, E), np.int64)
+    for kk in keys:
+        g = (kk >> 32).astype(np.int64)
+        sub_load += np.bincount(g, minlength=L * E).reshape(L, E)
+    sub_base = sub_load / max(seen, 1)
     share = load / np.maximum(load.sum(1, keepdims=True), 1)
     base = load / max(tokens, 1)  # share of tokens routed to (layer, expert)
     out: dict[str, Any] = {
         "load": np.round(share, 5).tolist(),
         "per_token": np.round(base, 5).tolist(),
         "first": np.round(first / np.maximum(first.sum(1, keepdims=True), 1), 5).tolist(),
-        "same": _partners(same, load),
-        "next": _partners(nxt, load[:-1]) if L > 1 else [],
+        "same": _partners(same, sub_load),
+        "next": _partners(nxt, sub_load[:-1]) if L > 1 else [],
         "domains": _domains(dom, dom_tokens, base, labels),
-        "tokens": _tokens(keys, totals, pieces, base, L, E),
-        "token_rows": int(min(seen, tokens)),
+        "tokens": _tokens(keys, totals, pieces, sub_base, L, E),
+        "token_rows": seen,
+        "stride": stride,
     }
     return out
 
