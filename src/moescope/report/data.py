@@ -20,8 +20,8 @@ from moescope.trace.reader import Trace
 MAX_TOKENS = 20_000
 #: Default bound on (tokens x layers x k) routing entries embedded, so deep or wide models stay light.
 MAX_ENTRIES = 1_000_000
-#: Tokens read for the atlas's token tables (expert x token counts); load and partners use every token.
-ATLAS_TOKENS = 200_000
+#: Rows the atlas counts for partners and token tables (a strided sample); load and domains use every row.
+ATLAS_TOKENS = 50_000
 
 
 def _byte_table() -> dict[str, int]:
@@ -81,17 +81,14 @@ def _doc_table(trace: Trace) -> tuple[list[int], dict[int, int], dict[int, str]]
     label: dict[int, str] = {}
     labels = list(trace.labels)
     for b in trace.iter_batches(["doc_id", "label"]):
-        ids, counts = np.unique(b.doc_id, return_counts=True)
-        first = {}
-        for i, d in enumerate(b.doc_id.tolist()):
-            if d not in first:
-                first[d] = i
-        for d, c in zip(ids.tolist(), counts.tolist(), strict=True):
+        ids, first, counts = np.unique(b.doc_id, return_index=True, return_counts=True)
+        for i in np.argsort(first, kind="stable").tolist():
+            d = int(ids[i])
             if d not in length:
                 order.append(d)
-                code = int(b.label[first[d]]) if b.label is not None else -1
+                code = int(b.label[first[i]]) if b.label is not None else -1
                 label[d] = labels[code] if code >= 0 else ""
-            length[d] += c
+            length[d] += int(counts[i])
     return order, dict(length), label
 
 
