@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "ablate": FOUNDATION | {"capture"},  # loads models and records routing the way capture does
     "interop": FOUNDATION,
     "monitor": FOUNDATION | {"capture", "analysis"},  # the capture engine's hooks, the offline metrics
-    "report": FOUNDATION,
+    "report": FOUNDATION | {"analysis", "evaluate", "predict"},  # the page shows them; compare reuses diff
     "demo": FOUNDATION,
     "cli_utils": set(),
     "cli": {
@@ -62,6 +62,7 @@ ALLOWED: dict[str, set[str]] = {
         "interop",
         "models",
         "predict",
+        "report",
         "simulate",
         "trace",
     },
@@ -76,6 +77,8 @@ PUBLIC_FACE: dict[str, set[str]] = {
         "moescope.analysis.load",
         "moescope.analysis.entropy",
         "moescope.analysis.density",
+        "moescope.analysis.run",  # report runs the suite when no analysis folder is given
+        "moescope.analysis.suite",
     },
     "interop": {"moescope.interop"},
 }

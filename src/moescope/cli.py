@@ -70,6 +70,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moescope.evaluate.commands",
         "How routing changed between two traces of the same tokens: per-layer set mismatch, experts, domains.",
     ),
+    "report": (
+        "moescope.report.commands",
+        "Write one self-contained HTML report: summary, every analysis with figures and tables, a token viewer",
+    ),
     "params": (
         "moescope.models.commands",
         "Count parameters from a config alone: total, active per token, and per component.",

@@ -4,8 +4,9 @@ Every command that writes goes through :func:`claim`, so they all behave the sam
 
 - an existing, non-empty output is replaced only with ``--overwrite``, and only when moescope can
   prove it wrote it (a trace with its ``manifest.json``, an output folder with its
-  ``.moescope-output.json`` marker, a predictor ``.npz`` with its header, any other file with a
-  ``.<name>.moescope-output.json`` record of its SHA-256 beside it); anything else is refused
+  ``.moescope-output.json`` marker, a predictor ``.npz`` with its header, an HTML report with its
+  generator tag, any other file with a ``.<name>.moescope-output.json`` record of its SHA-256 beside
+  it); anything else is refused
   with a message naming the path;
 - a command that adds named files to a folder the user may share (seed 004's journeys, written to
   the current directory by default) claims only those names: the folder may hold anything else,
@@ -40,7 +41,7 @@ MARKER = ".moescope-output.json"
 LOCK_SUFFIX = ".moescope-lock"
 #: Folder kinds proven by a marker; "trace" is proven by its manifest, "predictor" by its header.
 DIR_KINDS = ("trace", "analysis", "split", "simulation", "ablation", "folder")
-FILE_KINDS = ("predictor", "file")
+FILE_KINDS = ("predictor", "report", "file")
 
 #: moescope's own names inside a trace directory (shards, manifest, their atomic-write temporaries).
 TRACE_FILE = re.compile(r"^(manifest\.json|part-\d{5}\.parquet)$")
@@ -126,12 +127,24 @@ def is_own_file(path: Path) -> bool:
         return False
 
 
+def is_report_file(path: Path) -> bool:
+    """True when ``path`` is an HTML page whose head says ``<meta name="generator" content="moescope report">``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="moescope report">' in head
+
+
 def _proof(path: Path, kind: str) -> str | None:
     """Why ``path`` is moescope's output of ``kind``; ``None`` when it cannot be proven."""
     if kind == "trace":
         return "its manifest.json" if is_trace_dir(path) else None
     if kind == "predictor":
         return "its predictor header" if is_predictor_file(path) else None
+    if kind == "report":
+        return "its generator meta tag" if is_report_file(path) else None
     if kind == "file":
         return f"its {file_record_path(path).name}" if is_own_file(path) else None
     marker = read_marker(path)
@@ -143,6 +156,7 @@ def _proof(path: Path, kind: str) -> str | None:
 _NEEDS = {
     "trace": "a moescope trace (no manifest.json of format moescope-trace)",
     "predictor": "a moescope predictor file (no moescope-predictor header)",
+    "report": 'a moescope report (no <meta name="generator" content="moescope report"> in its head)',
     "file": f"a file moescope can prove it wrote (no matching .<name>{MARKER} beside it)",
 }
 
