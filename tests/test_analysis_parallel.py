@@ -184,11 +184,11 @@ ANALYSES = ["load", "entropy", "cooccurrence", "repetition", "specialisation", "
 RAY_ANALYSES = ["load", "entropy", "repetition", "trajectories"]  # float sums, pairs across groups, samples
 
 
-def _run(trace, out, **kw):
+def _run(trace, out, analyses=ANALYSES, **kw):
     return analyze(
         trace.path,
         out,
-        analyses=ANALYSES,
+        analyses=analyses,
         max_tokens=600,
         kde_points=100,
         tsne_points=0,
