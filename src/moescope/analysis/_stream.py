@@ -223,7 +223,7 @@ def run_pass(
 
 #: Fixed-point scale of :class:`ExactSum`: every finite float64 is an integer multiple of 2**-1074,
 #: and 53 more bits keep the mantissa shift non-negative for subnormals.
-_FIX = 1127
+FIXED_BITS = 1127
 
 
 class ExactSum:
@@ -252,7 +252,7 @@ class ExactSum:
             x = np.where(fin, x, 0.0)
         m, e = np.frexp(x)
         mant = (m * 9007199254740992.0).astype(np.int64).tolist()  # m * 2**53: exact
-        shift = (e + (_FIX - 53)).tolist()
+        shift = (e + (FIXED_BITS - 53)).tolist()
         f = self.fixed
         for i in np.flatnonzero(x).tolist():
             f[i] += mant[i] << shift[i]
@@ -263,7 +263,7 @@ class ExactSum:
 
     def value(self) -> np.ndarray:
         """The sums, each correctly rounded to float64, in :attr:`shape`."""
-        scale = 1 << _FIX
+        scale = 1 << FIXED_BITS
         out = np.array([f / scale for f in self.fixed], np.float64)
         out = np.where(self.special != 0, self.special, out)  # NaN != 0 too
         return out.reshape(self.shape)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import _FIX, ExactSum, PassContext, View, make_context, require, run_pass
+from moescope.analysis._stream import FIXED_BITS, ExactSum, PassContext, View, make_context, require, run_pass
 from moescope.trace.reader import Trace
 
 
@@ -97,9 +97,9 @@ class EntropyAccumulator:
             if special[i] != 0:
                 mean[i] = var[i] = np.nan
                 continue
-            a, b = self.s1.fixed[i], self.s2.fixed[i]  # sums times 2**_FIX
-            mean[i] = a / (n << _FIX)
-            var[i] = max(n * b * (1 << _FIX) - a * a, 0) / ((n * n) << (2 * _FIX))
+            a, b = self.s1.fixed[i], self.s2.fixed[i]  # sums times 2**FIXED_BITS
+            mean[i] = a / (n << FIXED_BITS)
+            var[i] = max(n * b * (1 << FIXED_BITS) - a * a, 0) / ((n * n) << (2 * FIXED_BITS))
         return mean, var
 
     def result(self) -> dict[str, pl.DataFrame]:
