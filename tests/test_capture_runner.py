@@ -160,7 +160,7 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, tiny):
     data = _jsonl(tmp_path / "d.jsonl", _texts(3, seed=3))
     out = tmp_path / "t"
     capture(tiny, [str(data)], out)
-    with pytest.raises(TraceError, match="already exists and is not empty; pass --resume"):
+    with pytest.raises(TraceError, match="already exists and is not empty; pass `resume`"):
         capture(tiny, [str(data)], out)
     capture(tiny, [str(data)], out, CaptureOptions(overwrite=True))
     # Resuming a complete trace with the same settings adds nothing.

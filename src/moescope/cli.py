@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, as_flags
 
 app = typer.Typer(
     name="moescope",
@@ -67,7 +67,7 @@ def _notes_as_lines() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__name__ == "IntegrityWarning":  # by name: importing it would slow every start
-            typer.echo(f"note: {message}", err=True)
+            typer.echo(f"note: {as_flags(str(message))}", err=True)
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -110,7 +110,7 @@ def run(argv: list[str] | None = None) -> int:
     except MoescopeError as exc:
         if debug:
             raise
-        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {as_flags(str(exc))}", err=True)
         return 1
     except KeyboardInterrupt:
         rv = 130
