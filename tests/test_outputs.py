@@ -1,4 +1,7 @@
-"""The output guard: never delete what is not ours, never write into an input, one writer at a time."""
+"""The output guard: never delete what is not ours, never write into an input, one writer at a time.
+
+Commands run in this process (``run_here``); the exit statuses of the executable are in test_exit_codes.py.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import run
+from cli_helpers import run_here as run
 from conftest import make_rows
 from moescope.errors import ConfigError, MoescopeError
 from moescope.interop import import_log
