@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, a small hand-built trace, the third-party data folder."""
+"""Shared fixtures: offline hub, small hand-built rows, synthetic traces, the third-party data folder."""
 
 from __future__ import annotations
 
@@ -61,3 +61,25 @@ def demo_out(tmp_path_factory) -> tuple[Path, str]:
     )
     assert res.exit_code == 0, res.output
     return out, res.output
+
+
+#: What :func:`synthetic` writes unless told otherwise: Markov routing, the law prefetchers and predictors learn.
+SYNTHETIC_DEFAULTS = dict(num_layers=3, num_experts=16, top_k=2, law="markov", noise=0.5, doc_len=100, seed=4)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """``synthetic(n_tokens=..., **overrides)``: a synthetic trace, written once per session for each
+    set of parameters (tests share it read-only; :data:`SYNTHETIC_DEFAULTS` fills the rest)."""
+    from moescope.trace.synthetic import write_synthetic_trace
+
+    made: dict = {}
+
+    def make(**params):
+        params = {**SYNTHETIC_DEFAULTS, **params}
+        key = tuple(sorted(params.items()))
+        if key not in made:
+            made[key] = write_synthetic_trace(tmp_path_factory.mktemp("synthetic") / "t", **params)
+        return made[key]
+
+    return make

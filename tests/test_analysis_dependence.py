@@ -95,7 +95,7 @@ def test_planted_bicluster_is_recovered():
     assert adjusted_rand_score(truth_c[keep_c], cl[keep_c]) == 1.0
     rl2, _cl2, st2 = D.bicluster(rng.poisson(lam), K, method="bicluster", seed=0)
     assert st2["clusters"] == K and (rl2 >= 0).all()
-    with pytest.raises(ConfigError, match="--bicluster-method"):
+    with pytest.raises(ConfigError, match="`bicluster_method`"):
         D.bicluster(counts, K, method="kmeans")
 
 

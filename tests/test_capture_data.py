@@ -76,7 +76,7 @@ def test_text_file_units(tmp_path):
         "Para three.",
     ]
     assert {lab for _, _, lab in _docs(path)} == {"notes"}
-    with pytest.raises(ConfigError, match="--txt-unit"):
+    with pytest.raises(ConfigError, match="`txt_unit`"):
         resolve_source(str(path), txt_unit="sentence")
     with pytest.raises(ConfigError, match="plain text file has no fields"):
         resolve_source(str(path), text_field="body")
@@ -116,7 +116,7 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(DataError, match="not a datasets save_to_disk folder"):
         (tmp_path / "plain").mkdir()
         resolve_source(str(tmp_path / "plain"))
-    with pytest.raises(ConfigError, match="--preset: unknown preset 'c4'; known presets: wikitext"):
+    with pytest.raises(ConfigError, match="`preset`: unknown preset 'c4'; known presets: wikitext"):
         resolve_source(str(bad), preset="c4")
 
 
@@ -246,7 +246,7 @@ def test_load_from_disk_dataset_and_dataset_dict(tmp_path):
     dd = datasets.DatasetDict({"train": ds, "test": ds.select([2])})
     dd.save_to_disk(str(tmp_path / "dict"))
     assert _docs(tmp_path / "dict", text_field="body", split="test") == [(0, "three", "dict")]
-    with pytest.raises(DataError, match=r"has several splits \(train, test\); choose one with --split"):
+    with pytest.raises(DataError, match=r"has several splits \(train, test\); choose one with `split`"):
         _docs(tmp_path / "dict", text_field="body")
     with pytest.raises(DataError, match="no split 'dev'; available splits: train, test"):
         _docs(tmp_path / "dict", text_field="body", split="dev")
@@ -298,7 +298,7 @@ def test_windows_cover_every_token_once_in_order(seq_len):
     assert sorted(i for b in plan for i in b) == list(range(len(windows)))
     lengths = [len(windows[i]) for b in plan for i in b]
     assert lengths == sorted(lengths, reverse=True) and all(len(b) <= 3 for b in plan)
-    with pytest.raises(ConfigError, match="--seq-len must be >= 1"):
+    with pytest.raises(ConfigError, match="`seq_len` must be >= 1"):
         make_windows(0, ids[0], 0)
 
 

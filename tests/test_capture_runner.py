@@ -20,7 +20,7 @@ from moescope.capture.runner import CaptureOptions, LoadedModel, capture, config
 from moescope.capture.tiny import tiny_model
 from moescope.cli import app
 from moescope.cli import main as cli_main
-from moescope.errors import ConfigError, DataError, TraceError
+from moescope.errors import ConfigError, DataError, TraceError, as_flags
 from moescope.models import byte_tokenizer
 from moescope.trace import Trace
 from moescope.trace.validate import validate_trace
@@ -244,7 +244,7 @@ def test_cli_errors_name_the_option(tmp_path, args, error, message):
     data = _jsonl(tmp_path / "d.jsonl", _texts(2))
     res = _cli("tiny:mixtral", data, "-o", tmp_path / "t", *args)
     assert res.exit_code == 1
-    assert isinstance(res.exception, error) and message in str(res.exception)
+    assert isinstance(res.exception, error) and message in as_flags(str(res.exception))
 
 
 def test_cli_empty_data_and_dense_model(tmp_path, monkeypatch):

@@ -96,7 +96,7 @@ def _interrupt(proc, ready, sig) -> str:
 def test_sigterm_during_analyze_is_130_and_names_the_partial_folder(tmp_path):
     """SIGTERM (kill, timeout, a batch scheduler) ends a run like Ctrl-C: 130 and one line."""
     trace = tmp_path / "t"
-    write_synthetic_trace(trace, n_tokens=400_000, num_layers=8, num_experts=32, top_k=4, logits=True, seed=3)
+    write_synthetic_trace(trace, n_tokens=100_000, num_layers=8, num_experts=32, top_k=4, logits=True, seed=3)
     out = tmp_path / "analysis"
     proc = start("analyze", trace, "-o", out, "--permutations", "2000")
     # interrupt once a first result file is in place (before that, the folder would be removed)

@@ -105,7 +105,7 @@ def test_incomplete_needs_allow_incomplete(trace):
     m = json.loads((trace / "manifest.json").read_text())
     m["complete"] = False
     (trace / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(TraceError, match="--allow-incomplete"):
+    with pytest.raises(TraceError, match="`allow_incomplete`"):
         Trace.open(trace)
     assert _read_all(trace, allow_incomplete=True) == 3000
 

@@ -212,7 +212,7 @@ def test_seed004_routing_token_ids_from_text(tmp_path) -> None:
     assert b.token == ["c", "a", "d"]
     # the text has 4 tokens for 3 decode steps: the last sampled token is never routed, no mismatch
     assert "text_length_mismatch" not in tr.manifest["source"]["report"]["issues"]
-    with pytest.raises(ConfigError, match="--text"):
+    with pytest.raises(ConfigError, match="`text`"):
         import_log(
             "seed004-routing", log, tmp_path / "t2", model="none", num_experts=E, tokenizer=str(vocab_path)
         )
@@ -613,7 +613,7 @@ def test_vllm_replay_npy_and_npz(tmp_path) -> None:
     np.save(tmp_path / "flat.npy", a.reshape(6, -1))
     with pytest.raises(DataError, match=r"flat.npy: shape \(6, 6\), expected 3 axes"):
         import_log("vllm-replay", tmp_path / "flat.npy", tmp_path / "t2", num_experts=E)
-    with pytest.raises(ConfigError, match="--num-experts"):
+    with pytest.raises(ConfigError, match="`num_experts`"):
         import_log("vllm-replay", tmp_path / "req0.npy", tmp_path / "t2")
 
 
@@ -686,7 +686,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path) -> None:
         import_log("vllm-replay", tmp_path / "a.npy", tmp_path / "t", num_experts=E, tokenizer="x")
     with pytest.raises(ConfigError, match="unknown import format 'csv'"):
         import_log("csv", tmp_path / "a.npy", tmp_path / "t")
-    with pytest.raises(ConfigError, match="option --model: unknown model 'gpt'"):
+    with pytest.raises(ConfigError, match="`model`: unknown model 'gpt'"):
         import_log("vllm-replay", tmp_path / "a.npy", tmp_path / "t", model="gpt")
 
 

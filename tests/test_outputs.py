@@ -1,4 +1,7 @@
-"""The output guard: never delete what is not ours, never write into an input, one writer at a time."""
+"""The output guard: never delete what is not ours, never write into an input, one writer at a time.
+
+Commands run in this process (``run_here``); the exit statuses of the executable are in test_exit_codes.py.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import run
+from cli_helpers import run_here as run
 from conftest import make_rows
 from moescope.errors import ConfigError, MoescopeError
 from moescope.interop import import_log
@@ -365,3 +368,29 @@ def test_seed004_rules_files_are_guarded(tmp_path):
     evaluate = ["predict", "seed004", "evaluate-rules", "-r", rules, "-t", *journeys]
     _guarded(evaluate, res, foreign, [rules])
     assert _cli(*evaluate, "-o", res)[0] == 0 and _cli(*evaluate, "-o", res, "--overwrite")[0] == 0
+
+
+def test_predict_eval_figures_are_guarded(trace, tmp_path):
+    model = tmp_path / "m.npz"
+    assert _cli("predict", "fit", trace, "-p", "frequency", "-o", model)[0] == 0
+    args = ["predict", "eval", model, trace, "--n-boot", 5, "--figures"]
+    notes = _notes(tmp_path / "n")
+    rc, err = _cli(*args, notes)
+    assert rc == 1 and "--overwrite" in err
+    rc, err = _cli(*args, notes, "--overwrite")
+    assert (
+        rc == 1
+        and "leaves this alone" in err
+        and sorted(p.name for p in notes.iterdir())
+        == [
+            "notes.txt",
+            "paper.pdf",
+        ]
+    )
+    rc, err = _cli(*args, trace / "figs")
+    assert rc == 1 and "input" in err
+    figs = tmp_path / "figs"
+    assert _cli(*args, figs)[0] == 0 and any(figs.glob("*.png"))
+    assert _cli(*args, figs)[0] == 1
+    rc, err = _cli(*args, figs, "--overwrite")
+    assert rc == 0, err

@@ -14,24 +14,14 @@ from moescope.predict import iter_contexts, make_predictor
 from moescope.predict.queries import Queries, scatter_counts
 from moescope.predict.rules import fill_rows
 from moescope.trace import Trace
-from moescope.trace.synthetic import write_synthetic_trace
 
 L, E, K, W = 4, 8, 2, 4
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory: pytest.TempPathFactory) -> Trace:
-    return write_synthetic_trace(
-        tmp_path_factory.mktemp("kern") / "t",
-        n_tokens=40 * 64,
-        num_layers=L,
-        num_experts=E,
-        top_k=K,
-        law="markov",
-        noise=0.3,
-        doc_len=64,
-        vocab_size=50,
-        seed=7,
+def trace(synthetic) -> Trace:
+    return synthetic(
+        n_tokens=40 * 64, num_layers=L, num_experts=E, top_k=K, noise=0.3, doc_len=64, vocab_size=50, seed=7
     )
 
 

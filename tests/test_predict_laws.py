@@ -18,7 +18,6 @@ from moescope.predict import (
 )
 from moescope.trace import RoutingSpec, Trace, TraceWriter
 from moescope.trace.schema import default_columns
-from moescope.trace.synthetic import write_synthetic_trace
 
 E, K, L = 8, 2, 4
 
@@ -29,45 +28,28 @@ def _split(tr: Trace, seed: int = 0) -> tuple[Trace, Trace]:
 
 
 @pytest.fixture(scope="module")
-def uniform(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
-    tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("u") / "t",
-        n_tokens=24 * 256,
-        num_layers=L,
-        num_experts=E,
-        top_k=K,
-        law="uniform",
-        doc_len=256,
-        seed=3,
+def uniform(synthetic) -> tuple[Trace, Trace]:
+    tr = synthetic(
+        n_tokens=24 * 256, num_layers=L, num_experts=E, top_k=K, law="uniform", noise=0.0, doc_len=256, seed=3
     )
     return _split(tr)
 
 
 @pytest.fixture(scope="module")
-def markov(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
-    tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("m") / "t",
-        n_tokens=16 * 128,
-        num_layers=L,
-        num_experts=E,
-        top_k=K,
-        law="markov",
-        noise=0.0,
-        doc_len=128,
-        seed=4,
-    )
+def markov(synthetic) -> tuple[Trace, Trace]:
+    tr = synthetic(n_tokens=16 * 128, num_layers=L, num_experts=E, top_k=K, noise=0.0, doc_len=128)
     return _split(tr)
 
 
 @pytest.fixture(scope="module")
-def token_law(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trace, Trace]:
-    tr = write_synthetic_trace(
-        tmp_path_factory.mktemp("k") / "t",
+def token_law(synthetic) -> tuple[Trace, Trace]:
+    tr = synthetic(
         n_tokens=24 * 128,
         num_layers=L,
         num_experts=E,
         top_k=K,
         law="token",
+        noise=0.0,
         doc_len=128,
         vocab_size=40,
         seed=5,

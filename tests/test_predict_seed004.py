@@ -225,7 +225,7 @@ def test_extract_names_renumbered_series_like_the_importer(tmp_path: Path) -> No
     )
     kept, short_k = extract_journeys(raw, 0, 0, 6, tmp_path / "k", short_series="keep-prefix")
     assert short_k == short and sum(5 in load_journey(f) for f in kept) == 5  # the 5 records, as logged
-    with pytest.raises(ConfigError, match="--short-series"):
+    with pytest.raises(ConfigError, match="`short_series`"):
         extract_journeys(raw, 0, 0, 6, tmp_path / "x", short_series="shift")
     # the same series as the importer masks
     tr = import_log(

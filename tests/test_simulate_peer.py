@@ -7,7 +7,6 @@ import pytest
 
 from moescope.simulate import LRU, Belady, ModelCost, get_preset, simulate
 from moescope.simulate.peer import available, peer_budget, peer_hit_rates, to_recording
-from moescope.trace.synthetic import write_synthetic_trace
 
 pytestmark = pytest.mark.skipif(not available(), reason="moe-policylang is not installed")
 
@@ -24,19 +23,9 @@ def _ours(tr, fraction):
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
-def test_lru_identical_to_peer_at_top1(tmp_path, fraction):
+def test_lru_identical_to_peer_at_top1(synthetic, fraction):
     """With one expert per token the two replays' LRU semantics coincide: identical hit rates."""
-    tr = write_synthetic_trace(
-        tmp_path / "t",
-        n_tokens=600,
-        num_layers=3,
-        num_experts=16,
-        top_k=1,
-        law="markov",
-        noise=0.5,
-        doc_len=100,
-        seed=4,
-    )
+    tr = synthetic(n_tokens=600, top_k=1)
     peer = peer_hit_rates(to_recording(tr), tr.top_k, fraction)
     ours = _ours(tr, fraction)
     assert ours["topk_lru"] == peer["topk_lru"]
@@ -44,20 +33,10 @@ def test_lru_identical_to_peer_at_top1(tmp_path, fraction):
     assert ours["belady"] >= peer["belady"]
 
 
-def test_belady_not_below_peer_at_top2(tmp_path):
+def test_belady_not_below_peer_at_top2(synthetic):
     """The peer serves a token's experts one by one and may evict one the token still needs; our
     MIN decides the step's hits first and is optimal (tests/test_simulate.py), so it is never lower."""
-    tr = write_synthetic_trace(
-        tmp_path / "t",
-        n_tokens=600,
-        num_layers=3,
-        num_experts=16,
-        top_k=2,
-        law="markov",
-        noise=0.5,
-        doc_len=100,
-        seed=4,
-    )
+    tr = synthetic(n_tokens=600, top_k=2)
     peer = peer_hit_rates(to_recording(tr), tr.top_k, 0.25)
     ours = _ours(tr, 0.25)
     assert ours["belady"] >= peer["belady"]

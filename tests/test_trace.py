@@ -103,7 +103,7 @@ def test_readable_by_duckdb_polars_pyarrow_without_moescope(tmp_path):
 
 def test_refuses_to_overwrite_without_flag(tmp_path):
     write_docs(tmp_path / "t")
-    with pytest.raises(TraceError, match="--resume"):
+    with pytest.raises(TraceError, match="`resume`"):
         TraceWriter.create(tmp_path / "t", SPEC)
 
 

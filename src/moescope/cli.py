@@ -19,7 +19,7 @@ import typer
 from typer._click.exceptions import UsageError
 from typer.core import TyperCommand, TyperGroup
 
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, as_flags
 
 # Command name -> (the stage module whose ``register(app)`` adds it, its one-line help). Stages are
 # imported only when one of their commands runs, so ``moescope --help`` and every command start fast;
@@ -161,7 +161,7 @@ def _notes_as_lines() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__name__ == "IntegrityWarning":  # by name: importing it would slow every start
-            typer.echo(f"note: {message}", err=True)
+            typer.echo(f"note: {as_flags(str(message))}", err=True)
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -204,7 +204,7 @@ def run(argv: list[str] | None = None) -> int:
     except MoescopeError as exc:
         if debug:
             raise
-        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {as_flags(str(exc))}", err=True)
         return 1
     except KeyboardInterrupt:
         rv = 130

@@ -17,3 +17,14 @@ class ConfigError(MoescopeError):
 
 class DataError(MoescopeError):
     """Input data (texts, logs) is empty, malformed or lacks a field."""
+
+
+def as_flags(message: str) -> str:
+    """A library message in the command line's words: a parameter written `like_this` becomes ``--like-this``.
+
+    Library messages name parameters (what a notebook user passes), in backquotes; every such
+    parameter has a command-line option of the same name with dashes, so the CLI shows that.
+    """
+    import re
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m.group(1).replace("_", "-"), message)

@@ -231,7 +231,7 @@ def _parse_bandwidth(bandwidth: str | float) -> str | float:
             bandwidth = float(bandwidth)
         except ValueError:
             raise ConfigError(
-                f"--kde-bandwidth must be scott, silverman or a positive number, got {bandwidth!r}"
+                f"`kde_bandwidth` must be scott, silverman or a positive number, got {bandwidth!r}"
             ) from None
     if isinstance(bandwidth, float) and bandwidth <= 0:
         raise ConfigError(f"kde_bandwidth must be positive, got {bandwidth}")

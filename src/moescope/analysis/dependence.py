@@ -51,7 +51,7 @@ class DependenceAccumulator:
 
     def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
-            raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
+            raise ConfigError(f"`max_tokens` must be >= 1, got {max_tokens}")
         self.ctx = ctx
         self.with_weights = bool(ctx.trace.has_weights)
         self.columns = {"experts", "doc_id", "position"} | ({"weights"} if self.with_weights else set())
@@ -195,9 +195,9 @@ def bicluster(
     from sklearn.cluster import SpectralBiclustering, SpectralCoclustering
 
     if method not in BICLUSTER_METHODS:
-        raise ConfigError(f"--bicluster-method must be one of {BICLUSTER_METHODS}, got {method!r}")
+        raise ConfigError(f"`bicluster_method` must be one of {BICLUSTER_METHODS}, got {method!r}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-        raise ConfigError(f"--biclusters must be an integer >= 1, got {n_clusters!r}")
+        raise ConfigError(f"`biclusters` must be an integer >= 1, got {n_clusters!r}")
     c = np.asarray(counts, np.float64)
     rows, cols = c.sum(1) > 0, c.sum(0) > 0
     row_labels = np.full(c.shape[0], -1)

@@ -146,12 +146,12 @@ def pick_split(dsd: Any, split: str | None, where: str) -> Any:
     if split is not None:
         if split not in dsd:
             raise DataError(
-                f"{where}: no split {split!r}; available splits: {', '.join(splits)} (use --split)"
+                f"{where}: no split {split!r}; available splits: {', '.join(splits)} (use `split`)"
             )
         return dsd[split]
     if len(splits) == 1:
         return dsd[splits[0]]
-    raise DataError(f"{where}: has several splits ({', '.join(splits)}); choose one with --split")
+    raise DataError(f"{where}: has several splits ({', '.join(splits)}); choose one with `split`")
 
 
 def load_from_disk(path: Path, split: str | None) -> Any:
@@ -168,7 +168,7 @@ def load_from_disk(path: Path, split: str | None) -> Any:
     if isinstance(ds, datasets.DatasetDict):
         ds = pick_split(ds, split, str(path))
     elif split is not None and ds.split is not None and str(ds.split) != split:
-        raise DataError(f"{path}: holds split {str(ds.split)!r}, not --split {split!r}")
+        raise DataError(f"{path}: holds split {str(ds.split)!r}, not `split` {split!r}")
     return ds
 
 

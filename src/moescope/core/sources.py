@@ -132,7 +132,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"--preset: unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"`preset`: unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
 # --------------------------------------------------------------------------- field mapping
@@ -177,13 +177,13 @@ class FieldMapping:
             if name not in available:
                 raise DataError(
                     f"{where}: unknown text field {name!r}; available fields: {', '.join(map(str, available))}"
-                    " (choose one with --text-field)"
+                    " (choose one with `text_field`)"
                 )
         lab = self.label_rule()
         if lab is not None and lab not in available:
             raise DataError(
                 f"{where}: unknown label field {lab!r}; available fields: {', '.join(map(str, available))}"
-                " (choose one with --label-field, or give a constant --label)"
+                " (choose one with `label_field`, or give a constant `label`)"
             )
 
     def map(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
@@ -336,9 +336,9 @@ def resolve_source(
     name loads that preset from the hub.
     """
     if txt_unit not in TXT_UNITS:
-        raise ConfigError(f"--txt-unit must be one of {', '.join(TXT_UNITS)}, got {txt_unit!r}")
+        raise ConfigError(f"`txt_unit` must be one of {', '.join(TXT_UNITS)}, got {txt_unit!r}")
     if max_documents is not None and max_documents < 1:
-        raise ConfigError(f"--max-documents must be >= 1, got {max_documents}")
+        raise ConfigError(f"`max_documents` must be >= 1, got {max_documents}")
     p = Path(item).expanduser()
     pre = get_preset(preset) if preset else None
     if p.exists():
@@ -361,7 +361,7 @@ def resolve_source(
         if suffix in TEXT_SUFFIXES:
             if text_field or label_field or pre:
                 raise ConfigError(
-                    f"{p}: a plain text file has no fields, so --text-field, --label-field and --preset do not apply"
+                    f"{p}: a plain text file has no fields, so `text_field`, `label_field` and `preset` do not apply"
                 )
             return Source(item, "txt", txt_unit=txt_unit, **common)
         if suffix in JSON_SUFFIXES:
@@ -376,7 +376,7 @@ def resolve_source(
     if item in PRESETS:
         hub = PRESETS[item]
         if pre is not None and pre.name != hub.name:
-            raise ConfigError(f"--preset {pre.name} conflicts with DATA {item!r}, itself a preset")
+            raise ConfigError(f"`preset` {pre.name} conflicts with DATA {item!r}, itself a preset")
         mapping = FieldMapping(text_field, label_field, label, hub, hub.name)
         return Source(
             item,

@@ -98,7 +98,7 @@ class Window:
 def make_windows(doc_id: int, ids: np.ndarray, seq_len: int) -> list[Window]:
     """Cut a document into consecutive, non-overlapping windows of at most ``seq_len`` tokens."""
     if seq_len < 1:
-        raise ConfigError(f"--seq-len must be >= 1, got {seq_len}")
+        raise ConfigError(f"`seq_len` must be >= 1, got {seq_len}")
     return [Window(doc_id, s, ids[s : s + seq_len]) for s in range(0, len(ids), seq_len)]
 
 
@@ -108,7 +108,7 @@ def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
     Sorting is stable on (length, document, start), so the plan is the same on every run.
     """
     if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i]), windows[i].doc_id, windows[i].start))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -82,9 +82,7 @@ def preset(name: str | None) -> ModelFacts | None:
 
     key = resolve_shipped(name)
     if key is None:
-        raise ConfigError(
-            f"option --model: unknown model {name!r}; known: {', '.join(known_models())} or 'none'"
-        )
+        raise ConfigError(f"`model`: unknown model {name!r}; known: {', '.join(known_models())} or 'none'")
     return _model_facts(key)
 
 
@@ -323,7 +321,7 @@ def resolve_facts(
         if option is None and logged is not None and from_preset is not None and logged != from_preset:
             raise ConfigError(
                 f"{where}: the log says {name}={logged}, but model {facts_preset.name!r} has {from_preset};"
-                " pass --model none (and the facts) or the right --model"
+                " pass `model` none (and the facts) or the right `model`"
             )
         for value in (option, logged, from_preset):
             if value is not None:
@@ -343,13 +341,13 @@ def resolve_facts(
         layers = sorted({int(x) for x in seen_layers})
     if E is None:
         raise ConfigError(
-            f"{where}: the log does not say how many experts the model has: pass --num-experts or --model"
+            f"{where}: the log does not say how many experts the model has: pass `num_experts` or `model`"
         )
     if k is None:
-        raise ConfigError(f"{where}: the log does not say top_k: pass --top-k or --model")
+        raise ConfigError(f"{where}: the log does not say top_k: pass `top_k` or `model`")
     if layers is None:
         raise ConfigError(
-            f"{where}: the log does not say which layers are MoE layers: pass --moe-layers or --model"
+            f"{where}: the log does not say which layers are MoE layers: pass `moe_layers` or `model`"
         )
     if not 1 <= k <= E:
         raise ConfigError(f"{where}: top_k={k} must be in 1..num_experts={E}")
@@ -380,7 +378,7 @@ def check_ids(ids: np.ndarray, num_experts: int, where: Any) -> None:
         row, slot = np.argwhere(bad)[0]
         raise DataError(
             f"{where(int(row))}: expert id {int(ids[row, slot])} is out of range 0..{num_experts - 1}"
-            f" ({int(bad.sum())} such ids); is --num-experts / --model right?"
+            f" ({int(bad.sum())} such ids); is `num_experts` / `model` right?"
         )
     if ids.shape[1] > 1:
         srt = np.sort(ids, axis=1)
@@ -471,11 +469,11 @@ def write_documents(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise ConfigError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+            raise ConfigError(f"{out}: already exists and is not empty; pass `overwrite` to replace it")
         if not is_trace_dir(out):
             raise ConfigError(
                 f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
-                " it wrote, so it leaves this alone: move it away or choose another --output"
+                " it wrote, so it leaves this alone: move it away or choose another `output`"
             )
         foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
         if foreign:
@@ -735,7 +733,7 @@ def check_layers(layers: np.ndarray, facts: Facts, where: Any) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
             f"{where(i)}: layer {int(layers[i])} is not a MoE layer of this model (moe_layers"
-            f" {_ranges(facts.moe_layers)}); pass --moe-layers or the right --model"
+            f" {_ranges(facts.moe_layers)}); pass `moe_layers` or the right `model`"
         )
     return col
 

@@ -121,7 +121,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
             if layer not in column:
                 raise DataError(
                     f"{files[fi]}:{recs[0][0]}: layer {layer} is not a MoE layer of this model (moe_layers"
-                    f" {facts.moe_layers}); pass --moe-layers or the right --model"
+                    f" {facts.moe_layers}); pass `moe_layers` or the right `model`"
                 )
             for lineno, ids, _ in recs:
                 check_ids(

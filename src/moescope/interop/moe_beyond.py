@@ -363,7 +363,7 @@ def _split(t: _Table, facts: Facts, report: ImportReport, out: dict[str, _Parsed
         row = int(np.flatnonzero(bad)[0])
         raise DataError(
             f"{where(row)}: layer {layer[row]} is not a MoE layer of this model (moe_layers"
-            f" {facts.moe_layers[0]}..{facts.moe_layers[-1]}); pass --moe-layers or the right --model"
+            f" {facts.moe_layers[0]}..{facts.moe_layers[-1]}); pass `moe_layers` or the right `model`"
         )
     ids = _id_lists(t.ids, k, where)  # (R, k)
     check_ids(ids, facts.num_experts, where)

@@ -115,9 +115,7 @@ def assemble(
     records and masks only the holes (the indices were not renumbered).
     """
     if short_series not in SHORT_SERIES_POLICIES:
-        raise ConfigError(
-            f"option --short-series: must be one of {SHORT_SERIES_POLICIES}, got {short_series!r}"
-        )
+        raise ConfigError(f"`short_series`: must be one of {SHORT_SERIES_POLICIES}, got {short_series!r}")
     L, k, sentinel = len(facts.moe_layers), facts.top_k, facts.sentinel
     R = len(rec.doc)
     idx = np.arange(R)

@@ -397,7 +397,7 @@ def _document(
         if layer not in column:
             raise DataError(
                 f"{wj}: layer {layer} is not a MoE layer of this model (moe_layers {facts.moe_layers[0]}.."
-                f"{facts.moe_layers[-1]}); pass --moe-layers or the right --model"
+                f"{facts.moe_layers[-1]}); pass `moe_layers` or the right `model`"
             )
         if layer < prev:
             report.add("out_of_order", 1, f"{wj}: layer {layer} after layer {prev}; placed by its number")
@@ -505,13 +505,13 @@ def export(
     document is left out of that sample. Streams one document at a time.
     """
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists; pass --overwrite to replace it")
+        raise ConfigError(f"{out}: already exists; pass `overwrite` to replace it")
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; {NAME} writes one file")
     if documents is not None:
         absent = sorted(set(int(d) for d in documents) - set(trace.documents().tolist()))
         if absent:
-            raise ConfigError(f"option --documents: the trace has no document(s) {absent}")
+            raise ConfigError(f"`documents`: the trace has no document(s) {absent}")
         trace = trace.filter(documents=documents)
     moe, E, k, sentinel = trace.moe_layers, trace.num_experts, trace.top_k, trace.missing_id
     labels = trace.labels

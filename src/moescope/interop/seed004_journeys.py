@@ -137,14 +137,14 @@ def export(
     existing journey files unless ``overwrite``.
     """
     if tokens is not None and (len(tokens) != 2 or tokens[0] > tokens[1]):
-        raise ConfigError(f"option --tokens: give START END with START <= END, got {tokens}")
+        raise ConfigError(f"`tokens`: give START END with START <= END, got {tokens}")
     if documents is not None:
         absent = sorted(set(int(d) for d in documents) - set(trace.documents().tolist()))
         if absent:
-            raise ConfigError(f"option --documents: the trace has no document(s) {absent}")
+            raise ConfigError(f"`documents`: the trace has no document(s) {absent}")
     out.mkdir(parents=True, exist_ok=True)
     if not overwrite and any(out.glob("p*_token_*.jsonl")):
-        raise ConfigError(f"{out}: already holds token journey files; pass --overwrite to replace them")
+        raise ConfigError(f"{out}: already holds token journey files; pass `overwrite` to replace them")
     view = trace.filter(documents=documents) if documents is not None else trace
     moe = trace.moe_layers
     sentinel = trace.missing_id

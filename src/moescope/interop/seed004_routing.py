@@ -54,9 +54,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     """Parse every record, place it by (problem, layer, token_idx) and mask what cannot be trusted."""
     files = expand_paths(paths, (".jsonl",), "routing JSONL")
     if opts.text is not None and len(files) > 1:
-        raise ConfigError(
-            "option --text: give one routing file with it (problem ids of several files are offset)"
-        )
+        raise ConfigError("`text`: give one routing file with it (problem ids of several files are offset)")
     doc, layer, tok, experts, weights, file_idx, lines = [], [], [], [], [], [], []
     labels: dict[int, str] = {}
     has_weights: bool | None = None
@@ -143,8 +141,8 @@ def _attach_tokens(documents: list[RoutedDocument], opts: ImportOptions, report:
     from moescope.interop.vocab import load_vocab
 
     if opts.text is None or opts.tokenizer is None:
-        missing = "--text" if opts.text is None else "--tokenizer"
-        raise ConfigError(f"option {missing}: rebuilding token ids needs both --text and --tokenizer")
+        missing = "`text`" if opts.text is None else "`tokenizer`"
+        raise ConfigError(f"{missing}: rebuilding token ids needs both `text` and `tokenizer`")
     vocab = load_vocab(opts.tokenizer)
     texts: dict[int, str] = {}
     for lineno, obj in iter_jsonl(Path(opts.text)):
@@ -153,7 +151,7 @@ def _attach_tokens(documents: list[RoutedDocument], opts: ImportOptions, report:
     for d in documents:
         if d.doc_id not in texts:
             report.add(
-                "no_text", 1, f"doc {d.doc_id}: --text has no problem_id {d.doc_id}; token ids stay -1"
+                "no_text", 1, f"doc {d.doc_id}: `text` has no problem_id {d.doc_id}; token ids stay -1"
             )
             d.token_id = np.full(len(d), -1, np.int32)
             d.token = [""] * len(d)

@@ -86,7 +86,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     if len(facts.moe_layers) != L:
         raise DataError(
             f"{_name(first[0], first[1])}: {L} layers in the array but {len(facts.moe_layers)} MoE layers"
-            f" {facts.moe_layers}; pass --moe-layers with {L} layers"
+            f" {facts.moe_layers}; pass `moe_layers` with {L} layers"
         )
     report = ImportReport()
     mapping: list[dict[str, Any]] = []
@@ -101,7 +101,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     }
     if opts.moe_layers is None and opts.model is None:
         report.notes.append(
-            f"moe_layers assumed to be 0..{L - 1}: pass --moe-layers if the model has dense layers"
+            f"moe_layers assumed to be 0..{L - 1}: pass `moe_layers` if the model has dense layers"
         )
 
     def documents() -> Iterator[RoutedDocument]:

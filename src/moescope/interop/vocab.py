@@ -59,12 +59,12 @@ def load_vocab(spec: str | Path) -> Vocab:
             import mistral_common
         except ImportError:
             raise ConfigError(
-                f"option --tokenizer {text}: needs the package mistral-common (pip install mistral-common)"
+                f"`tokenizer` {text}: needs the package mistral-common (pip install mistral-common)"
             ) from None
         path = Path(mistral_common.__file__).parent / "data" / text.split(":", 1)[1]
         if not path.is_file():
             have = sorted(p.name for p in path.parent.glob("tokenizer.model*"))
-            raise ConfigError(f"option --tokenizer {text}: mistral-common has no {path.name}; it has {have}")
+            raise ConfigError(f"`tokenizer` {text}: mistral-common has no {path.name}; it has {have}")
         return _sentencepiece(path, text)
     path = Path(text)
     if path.is_dir():
@@ -72,12 +72,10 @@ def load_vocab(spec: str | Path) -> Vocab:
             return _tokenizers(path / "tokenizer.json", text)
         if (path / "tokenizer.model").is_file():
             return _sentencepiece(path / "tokenizer.model", text)
-        raise ConfigError(
-            f"option --tokenizer {text}: folder holds neither tokenizer.json nor tokenizer.model"
-        )
+        raise ConfigError(f"`tokenizer` {text}: folder holds neither tokenizer.json nor tokenizer.model")
     if not path.is_file():
         raise ConfigError(
-            f"option --tokenizer {text}: no such file; give a .model or tokenizer.json file, a folder with one,"
+            f"`tokenizer` {text}: no such file; give a .model or tokenizer.json file, a folder with one,"
             " or mistral-common:tokenizer.model.v1"
         )
     if path.suffix == ".json":
@@ -90,13 +88,13 @@ def _sentencepiece(path: Path, name: str) -> Vocab:
         import sentencepiece as spm
     except ImportError:
         raise ConfigError(
-            f"option --tokenizer {name}: a SentencePiece model needs the package sentencepiece"
+            f"`tokenizer` {name}: a SentencePiece model needs the package sentencepiece"
             " (pip install sentencepiece)"
         ) from None
     try:
         proc = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as exc:
-        raise ConfigError(f"option --tokenizer {name}: {path} is not a SentencePiece model ({exc})") from None
+        raise ConfigError(f"`tokenizer` {name}: {path} is not a SentencePiece model ({exc})") from None
     return Vocab(name, "sentencepiece", proc)
 
 
@@ -106,5 +104,5 @@ def _tokenizers(path: Path, name: str) -> Vocab:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise ConfigError(f"option --tokenizer {name}: {path} is not a tokenizer.json ({exc})") from None
+        raise ConfigError(f"`tokenizer` {name}: {path} is not a tokenizer.json ({exc})") from None
     return Vocab(name, "tokenizers", tok)

@@ -204,6 +204,7 @@ def eval_cmd(
         None, "--figures", help="Directory for accuracy-by-layer/-distance PNG + CSV."
     ),
     allow_incomplete: AllowIncompleteOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a saved predictor on a trace: per layer, per mode and overall, with CIs and random baselines.
@@ -244,10 +245,12 @@ def eval_cmd(
     summary = {"model": str(model), "scored": scored, **res.summary}
     if figures is not None:
         from moescope.predict.figures import plot_by_distance, plot_by_layer
+        from moescope.trace.outputs import claim
 
-        paths = plot_by_layer({header["predictor"]: res}, figures) + plot_by_distance(
-            {header["predictor"]: res}, figures
-        )
+        with claim(figures, "folder", overwrite=overwrite, inputs=[model, trace], option="--figures"):
+            paths = plot_by_layer({header["predictor"]: res}, figures) + plot_by_distance(
+                {header["predictor"]: res}, figures
+            )
         summary["figures"] = [str(p) for p in paths]
     emit(summary, json_out, text=_format_eval(summary))
 

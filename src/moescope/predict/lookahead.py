@@ -51,7 +51,7 @@ class LookaheadPredictor(BasePredictor):
         if not dists:
             raise ConfigError(
                 f"{trace.path}: the trace has no lookahead_{self.variant}_d* columns (it has "
-                f"{trace.lookahead_columns or 'none'}); capture with --lookahead to use this predictor"
+                f"{trace.lookahead_columns or 'none'}); capture with `lookahead` to use this predictor"
             )
         self.distances_ = np.asarray(dists, np.int64)
         self.popularity_ = count_popularity(trace)

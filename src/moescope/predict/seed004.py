@@ -108,12 +108,10 @@ def extract_journeys(
     from moescope.interop import SHORT_SERIES_POLICIES, find_short_series
 
     if short_series not in SHORT_SERIES_POLICIES:
-        raise ConfigError(
-            f"option --short-series: must be one of {SHORT_SERIES_POLICIES}, got {short_series!r}"
-        )
+        raise ConfigError(f"`short_series`: must be one of {SHORT_SERIES_POLICIES}, got {short_series!r}")
     raw, out = Path(raw), Path(output_dir)
     if end <= start:
-        raise DataError(f"--tokens: end ({end}) must be greater than start ({start})")
+        raise DataError(f"`tokens`: end ({end}) must be greater than start ({start})")
     mine: list[dict[str, Any]] = []
     for lineno, rec in enumerate(_read_jsonl(raw), 1):
         if _field(rec, "problem_id", raw, lineno) != problem:
@@ -255,7 +253,7 @@ def evaluate_rules(
 ) -> dict[str, Any]:
     """Seed 004's evaluation: per level, correct / total over the keys that have a rule."""
     if not test_files:
-        raise DataError("evaluate-rules needs at least one --test file")
+        raise DataError("no test journey files given: rules are evaluated on at least one")
     E = int(rules.get("metadata", {}).get("num_experts", 8))
     tally = {
         name: [0, 0] for name in ["level1", "level2", "level3", "level4", *(f"level5_k{K}" for K in SKIPS)]

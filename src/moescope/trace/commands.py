@@ -26,9 +26,10 @@ def validate(
 
     Example: moescope validate runs/mixtral-wikitext
     """
+    from moescope.errors import as_flags
     from moescope.trace.validate import validate_trace
 
-    problems = validate_trace(trace, checksums=not no_checksums)
+    problems = [as_flags(p) for p in validate_trace(trace, checksums=not no_checksums)]
     emit(
         {"trace": str(trace), "ok": not problems, "problems": problems},
         json_out,

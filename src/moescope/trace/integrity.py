@@ -81,7 +81,7 @@ def check_open(path: Path, manifest: dict[str, Any], *, allow_incomplete: bool =
     if not manifest.get("complete") and not allow_incomplete:
         raise TraceError(
             f"{where}: the trace is incomplete (its capture or import was interrupted); continue it with"
-            " --resume, or pass --allow-incomplete to read the committed shards"
+            " `resume`, or pass `allow_incomplete` to read the committed shards"
         )
     try:
         expected = build_schema(spec, manifest["columns"])

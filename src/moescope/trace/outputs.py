@@ -104,13 +104,9 @@ def file_record_path(path: Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from moescope.trace.writer import file_sha256  # here: the writer imports this module
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def is_own_file(path: Path) -> bool:
@@ -165,7 +161,7 @@ def _refuse_foreign(path: Path, kind: str) -> ConfigError:
     needs = _NEEDS.get(kind, f"a moescope {kind} folder (no {MARKER} marker)")
     return ConfigError(
         f"{path}: exists and is not {needs}; moescope replaces only what it wrote, so it leaves this"
-        " alone: move it away or choose another --output"
+        " alone: move it away or choose another `output`"
     )
 
 
@@ -212,7 +208,7 @@ def _clear(path: Path, kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- inputs
-def check_not_input(output: Path, inputs: Sequence[str | Path | None], option: str = "--output") -> None:
+def check_not_input(output: Path, inputs: Sequence[str | Path | None], option: str = "`output`") -> None:
     """Refuse an output that is one of the inputs, lies inside one, or holds one."""
     out = Path(output).resolve()
     for item in inputs:
@@ -353,7 +349,7 @@ def claim(
     overwrite: bool = False,
     inputs: Sequence[str | Path | None] = (),
     resume: bool = False,
-    option: str = "--output",
+    option: str = "`output`",
     left: str | None = None,
     names: Sequence[str] | None = None,
 ) -> Iterator[Claim]:
@@ -370,7 +366,7 @@ def claim(
         raise ValueError("names= applies to output folders other than traces")
     path = Path(path)
     if names is not None and left is None:
-        left = f"part of the files to write in {path} (its {MARKER} lists them; --overwrite replaces them)"
+        left = f"part of the files to write in {path} (its {MARKER} lists them; `overwrite` replaces them)"
     if names is None:
         check_not_input(path, inputs, option)
     else:
@@ -403,7 +399,7 @@ def claim(
                 if not overwrite:
                     raise ConfigError(
                         f"{path}: already exists" + (" and is not empty" if is_dir_kind else "") + "; pass"
-                        " --overwrite to replace it"
+                        " `overwrite` to replace it"
                     )
                 if _proof(path, kind) is None:
                     raise _refuse_foreign(path, kind)
@@ -456,14 +452,14 @@ def _check_names(path: Path, kind: str, names: Sequence[str], ours: set[str], ov
     if not overwrite:
         raise ConfigError(
             f"{path / existing[0]}: already exists ({len(existing)} of the files to write do);"
-            " pass --overwrite to replace them"
+            " pass `overwrite` to replace them"
         )
     foreign = [n for n in existing if n not in ours]
     if foreign:
         raise ConfigError(
             f"{path / foreign[0]}: exists and its folder's {MARKER} does not list it as a file moescope"
             " wrote; moescope replaces only what it wrote, so it leaves this alone: move it away or"
-            " choose another --output"
+            " choose another `output`"
         )
 
 
@@ -480,7 +476,7 @@ def _default_left(c: Claim) -> str:
     if c.kind in FILE_KINDS:
         return f"{c.path} unchanged (files are replaced only when complete)"
     n = len(_files_under(c.path)) if c.path.is_dir() else 0
-    return f"a partial {c.kind} folder {c.path} ({n} files; rerun with --overwrite to replace it)"
+    return f"a partial {c.kind} folder {c.path} ({n} files; rerun with `overwrite` to replace it)"
 
 
 def _os_reason(exc: OSError) -> str:

@@ -109,9 +109,9 @@ def validate_trace(path: str | Path, *, checksums: bool = True, max_problems: in
         if p.name not in listed:
             problems.append(f"{p}: shard not listed in manifest.json (an orphan from an interrupted write)")
     for p in sorted(path.glob("*.tmp")) + sorted(path.glob(".*.tmp")):
-        problems.append(f"{p}: stray temporary file (an interrupted write; --resume removes moescope's own)")
+        problems.append(f"{p}: stray temporary file (an interrupted write; `resume` removes moescope's own)")
     if not manifest.get("complete"):
         problems.append(
-            f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with --resume)"
+            f"{path / 'manifest.json'}: trace is incomplete (interrupted; continue it with `resume`)"
         )
     return problems[:max_problems]

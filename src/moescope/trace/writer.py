@@ -115,13 +115,13 @@ class TraceWriter:
         if directory.exists() and any(directory.iterdir()):
             if not overwrite:
                 raise TraceError(
-                    f"{directory}: already exists and is not empty; pass --resume to continue it or"
-                    " --overwrite to replace it"
+                    f"{directory}: already exists and is not empty; pass `resume` to continue it or"
+                    " `overwrite` to replace it"
                 )
             if not is_trace_dir(directory):
                 raise TraceError(
                     f"{directory}: exists and is not a moescope trace (no manifest.json); moescope replaces"
-                    " only what it wrote, so it leaves this alone: move it away or choose another --output"
+                    " only what it wrote, so it leaves this alone: move it away or choose another `output`"
                 )
             clear_trace_dir(directory)  # only the manifest, part-NNNNN.parquet and their temporaries
         directory.mkdir(parents=True, exist_ok=True)
