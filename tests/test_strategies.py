@@ -385,12 +385,15 @@ def test_padded_slots_are_not_computed_and_change_nothing(family, impl, monkeypa
     spec = routing_spec(model)
     experts = [model.get_submodule(p).experts for p in spec.module_paths]
     rows: list[int] = []
-    handles = [
-        e.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
-        for e in experts
-    ]
+    handles = []
     try:
         with torch.no_grad(), StrategyRouter(model, "topp:p=0.6", record=True) as router:
+            handles = [  # registered after the router's: they see the call the kernel runs
+                e.register_forward_pre_hook(
+                    lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0])
+                )
+                for e in experts
+            ]
             out = model(ids).logits
             kept = [int(a.count.sum()) for a in router.applied]
             width = [a.ids.shape[1] for a in router.applied]

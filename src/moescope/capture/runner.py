@@ -429,14 +429,16 @@ def capture(
         if opts.strategy:
             from moescope.strategies.trace import StrategyRecorder
 
-            recorder = StrategyRecorder(
-                loaded.model,
-                opts.strategy,
-                logits=opts.logits,
-                lookahead=opts.lookahead,
-                lookahead_m=opts.lookahead_m,
-                token_loss=_records_loss(opts),
-            )
+            base = None
+            if opts.logits or opts.lookahead or _records_loss(opts):
+                base = RoutingRecorder(
+                    loaded.model,
+                    logits=opts.logits,
+                    lookahead=opts.lookahead,
+                    lookahead_m=opts.lookahead_m,
+                    token_loss=_records_loss(opts),
+                )
+            recorder = StrategyRecorder(loaded.model, opts.strategy, base=base)
         else:
             recorder = RoutingRecorder(
                 loaded.model,

@@ -133,37 +133,24 @@ class StrategyRecorder:
     """The capture engine's recorder interface (``spec``, ``lookahead_columns``, ``run``) under a strategy.
 
     ``run`` returns ``experts``/``weights`` ``(n, L, K)`` over the valid tokens, K the storage width,
-    sentinel-padded as the module docstring says; ``spec.top_k`` is K. With ``logits``,
-    ``lookahead`` or ``token_loss`` a :class:`~moescope.capture.engine.RoutingRecorder` rides along
-    in the same forward pass: its hooks are installed first, so they see the model's own routing
+    sentinel-padded as the module docstring says; ``spec.top_k`` is K. Given ``base``, a
+    :class:`~moescope.capture.engine.RoutingRecorder` with logits, lookahead or token loss, it rides
+    along in the same forward pass: its hooks are installed first, so they see the model's own routing
     call and router outputs, and it returns the router logits (unchanged by a strategy: it edits
     which experts run, not what the router computes), the gate-lookahead predictions (what each
     later router would choose) and the per-token loss of the model *under the strategy*.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        strategy: str,
-        *,
-        logits: bool = False,
-        lookahead: int = 0,
-        lookahead_m: int | None = None,
-        token_loss: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, strategy: str, *, base: Any | None = None) -> None:
         self.model = model
         self.router = StrategyRouter(model, strategy, record=True)
         self.width = storage_width(self.router)
         self.spec = storage_spec(self.router, self.width)
-        self.base = None
-        if logits or lookahead or token_loss:
-            from moescope.capture.engine import RoutingRecorder
-
-            self.base = RoutingRecorder(
-                model, logits=logits, lookahead=lookahead, lookahead_m=lookahead_m, token_loss=token_loss
-            )
-        self.lookahead_columns: list[str] = list(self.base.lookahead_columns) if self.base else []
-        self.lookahead_m = (self.base.lookahead_m or self.router.spec.top_k) if lookahead else None
+        self.base = base  # a RoutingRecorder for logits, lookahead and loss (the capture stage builds it)
+        self.lookahead_columns: list[str] = list(base.lookahead_columns) if base is not None else []
+        self.lookahead_m = (
+            (base.lookahead_m or self.router.spec.top_k) if base is not None and base.lookahead else None
+        )
 
     def manifest_entries(self) -> dict[str, Any]:
         """What the manifest's ``capture`` section records about the strategy."""
