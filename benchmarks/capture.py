@@ -247,12 +247,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=_COMMON["num_hidden_layers"], help="decoder layers")
     ap.add_argument("--chunk-batches", type=int, default=2, help="batches per chunk in the overlap table")
     ap.add_argument("--overlap-only", action="store_true", help="print only the overlap table")
+    ap.add_argument("--only", default=None, help="run only the models whose name contains this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, overlap = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, overrides) in MODELS.items():
+            if args.only and args.only not in name:
+                continue
             name = name.replace("h256", f"h{args.hidden}")
             if not args.overlap_only:
                 rows.append(bench_model(name, family, overrides, args, Path(tmp)))

@@ -9,7 +9,6 @@ so an interrupted capture resumes after the last committed document with no toke
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -922,20 +921,24 @@ def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     stop = threading.Event()
     done = object()
 
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Hand ``entry`` over unless the consumer has left (then never block)."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            q.put((done, None))
+            put((done, None))
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put((done, exc))
+            put((done, exc))
 
     thread = threading.Thread(target=produce, name="moescope-tokenize", daemon=True)
     thread.start()
@@ -949,8 +952,6 @@ def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        with contextlib.suppress(queue.Empty):
-            q.get_nowait()  # let a producer blocked on a full queue see the stop
         thread.join()
 
 
