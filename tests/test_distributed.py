@@ -30,7 +30,7 @@ from moescope.capture.distributed import (
 from moescope.capture.runner import CaptureOptions, LoadedModel, capture
 from moescope.capture.tiny import tiny_model
 from moescope.data import corpus_path
-from moescope.errors import ConfigError, TraceError
+from moescope.errors import ConfigError, DataError, TraceError
 from moescope.models import byte_tokenizer
 from moescope.trace import Trace
 from moescope.trace.merge import merge_traces
@@ -294,3 +294,10 @@ def test_merge_refuses_other_models(tmp_path):
         (tmp_path / name / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TraceError, match=r"different models.*org/model-a.*org/model-b"):
         merge_traces([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+
+
+def test_unit_capture_of_empty_data_leaves_nothing(tmp_path, tiny):
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(DataError, match="no documents"):
+        capture(tiny, [str(tmp_path / "e.jsonl")], tmp_path / "t", CaptureOptions(unit_documents=2))
+    assert not (tmp_path / "t").exists()

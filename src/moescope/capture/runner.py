@@ -775,10 +775,14 @@ def _capture_units(
             error = exc
         result.seconds = time.perf_counter() - t0
         n_units = -(-n_docs[0] // units)
+        if error is None and n_docs[0] == 0:
+            error = DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
         try:
             ctx.agree(error, "capturing")
         except Exception:
-            if ctx.is_main:  # list what is done, so --allow-incomplete readers see it
+            if ctx.is_main and created and not read_records(output):
+                _remove_empty_trace(output)  # nothing was captured: do not block a plain rerun
+            elif ctx.is_main:  # list what is done, so --allow-incomplete readers see it
                 with contextlib.suppress(Exception):
                     commit_units(output, None, complete=False)
             raise
