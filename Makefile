@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): one per core of the 2-core CI machine; tests keep torch to one thread each.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench clean
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

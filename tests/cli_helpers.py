@@ -58,3 +58,21 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> bool:
             pass
         time.sleep(0.02)
     return False
+
+
+def run_here(*args: object) -> subprocess.CompletedProcess:
+    """``moescope ARGS`` through :func:`moescope.cli.run` in this process: same exit status, stdout
+    and stderr as the executable, without a Python start-up (and a torch import) per call.
+
+    Use :func:`run` where the process itself matters (its exit status, signals).
+    """
+    import contextlib
+    import io
+
+    from moescope.cli import run as cli_run
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_run(argv)
+    return subprocess.CompletedProcess(["moescope", *argv], rc, out.getvalue(), err.getvalue())

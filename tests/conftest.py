@@ -38,3 +38,26 @@ def make_rows(doc: int, n: int, L: int = 3, k: int = 2, E: int = 8, seed: int = 
         "experts": experts,
         "weights": weights / weights.sum(-1, keepdims=True),
     }
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory) -> tuple[Path, str]:
+    """``moescope demo`` run once per session (small budget, table predictor): its folder and output.
+
+    Shared by the demo test and the report's browser tests, which open the demo's report.
+    """
+    from typer.testing import CliRunner
+
+    from moescope.cli import app
+
+    # A folder the same demo run wrote (its printed output saved as demo.log), to iterate on the tests.
+    reuse = os.environ.get("MOESCOPE_TEST_DEMO")
+    if reuse:
+        log = Path(reuse) / "demo.log"
+        return Path(reuse), log.read_text(encoding="utf-8") if log.is_file() else ""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    res = CliRunner().invoke(
+        app, ["demo", "-o", str(out), "--max-tokens", "1500", "--predictor", "cooccurrence"]
+    )
+    assert res.exit_code == 0, res.output
+    return out, res.output

@@ -11,12 +11,8 @@ from moescope.demo import demo_steps
 from moescope.trace import Trace, validate_trace
 
 
-def test_demo_runs_every_step_and_judges_on_unseen_documents(tmp_path):
-    out = tmp_path / "demo"
-    res = CliRunner().invoke(
-        app, ["demo", "-o", str(out), "--max-tokens", "1500", "--predictor", "cooccurrence"]
-    )
-    assert res.exit_code == 0, res.output
+def test_demo_runs_every_step_and_judges_on_unseen_documents(demo_out):
+    out, output = demo_out
     for model in ("tiny-mixtral", "tiny-finegrained"):
         assert validate_trace(out / f"trace-{model}") == []
         assert Trace.open(out / f"trace-{model}").num_tokens == 1500
@@ -27,6 +23,9 @@ def test_demo_runs_every_step_and_judges_on_unseen_documents(tmp_path):
     assert any((out / "predict-tiny-finegrained").glob("*.png"))
     assert any((out / "simulate-tiny-finegrained").glob("sweep_*.png"))
     assert any((out / "ablate-tiny-mixtral-layer3").iterdir())
+    report = out / "report.html"
+    assert report.is_file() and f"open the report: {report}" in output
+    assert '<meta name="generator" content="moescope report">' in report.read_text(encoding="utf-8")[:2000]
 
 
 def test_demo_steps_are_plain_cli_commands(tmp_path):

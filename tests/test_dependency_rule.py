@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "ablate": FOUNDATION | {"capture"},  # loads models and records routing the way capture does
     "interop": FOUNDATION,
     "monitor": FOUNDATION | {"capture", "analysis"},  # the capture engine's hooks, the offline metrics
-    "report": FOUNDATION,
+    "report": FOUNDATION | {"analysis", "evaluate", "predict"},  # the page shows them; compare reuses diff
     "demo": FOUNDATION,
     "cli_utils": set(),
     "__main__": {"cli"},  # python -m moescope (torchrun -m moescope) runs the CLI
@@ -63,6 +63,7 @@ ALLOWED: dict[str, set[str]] = {
         "interop",
         "models",
         "predict",
+        "report",
         "simulate",
         "trace",
     },
@@ -77,6 +78,8 @@ PUBLIC_FACE: dict[str, set[str]] = {
         "moescope.analysis.load",
         "moescope.analysis.entropy",
         "moescope.analysis.density",
+        "moescope.analysis.run",  # report runs the suite when no analysis folder is given
+        "moescope.analysis.suite",
     },
     "interop": {"moescope.interop"},
 }

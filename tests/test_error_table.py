@@ -1,7 +1,8 @@
 """A table of bad inputs walked through every command: ``Error:`` and a sentence, never a traceback.
 
-Each case runs the installed ``moescope`` executable and asserts exit status 1, a last stderr line
-starting with ``Error:`` that names the file, field or option at fault, and no ``Traceback``.
+Each case runs ``moescope.cli.run`` in this process (the exit statuses of the executable itself are
+tested in test_exit_codes.py) and asserts exit status 1, a last stderr line starting with ``Error:``
+that names the file, field or option at fault, and no ``Traceback``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import run
+from cli_helpers import run_here as run
 from moescope.trace.synthetic import write_synthetic_trace
 
 

@@ -251,11 +251,57 @@ def test_capture_with_a_strategy_records_the_applied_routing(tmp_path):
     used = c.experts != topp.missing_id
     assert used.sum(-1).min() >= 1 and used.sum(-1).mean() > 2 and topp.top_k == 8
     np.testing.assert_allclose(c.weights.sum(-1), 1, rtol=1e-5)  # Mixtral renormalises over the kept set
-    with pytest.raises(ConfigError, match="--strategy cannot be combined with --logits"):
-        capture(
-            "tiny:mixtral",
-            [str(data)],
-            tmp_path / "x",
-            CaptureOptions(strategy="topk", logits=True),
-            device="cpu",
-        )
+
+
+def test_strategy_capture_composes_with_logits_lookahead_and_loss(tmp_path):
+    """--strategy with --logits, --lookahead and --loss: one pass, checked against separate runs."""
+    import torch
+
+    from moescope.capture.runner import CaptureOptions, capture
+    from moescope.capture.tiny import tiny_model
+
+    data = tmp_path / "d.txt"
+    data.write_text(
+        "In the beginning God created the heaven and the earth.\n\nAnd the earth was without form.\n"
+    )
+    capture("tiny:mixtral", [str(data)], tmp_path / "plain", CaptureOptions(logits=True), device="cpu")
+    capture("tiny:mixtral", [str(data)], tmp_path / "s", CaptureOptions(strategy="topp:p=0.7"), device="cpu")
+    opts = CaptureOptions(strategy="topp:p=0.7", logits=True, lookahead=1, loss=True)
+    capture("tiny:mixtral", [str(data)], tmp_path / "all", opts, device="cpu")
+    plain, only, full = (Trace.open(tmp_path / n) for n in ("plain", "s", "all"))
+    assert full.manifest["capture"]["strategy"] == "topp:p=0.7"
+    a = next(only.iter_batches(["experts", "weights"]))
+    cols = ["doc_id", "token_id", "experts", "weights", "logits", "doc_loss", "lookahead_gate_input_d1"]
+    b = next(full.iter_batches(cols))
+    assert np.array_equal(a.experts, b.experts) and np.array_equal(a.weights, b.weights)
+    lp = next(plain.iter_batches(["logits"])).logits
+    assert np.array_equal(lp[:, 0], b.logits[:, 0])  # the first router sees the same input
+    assert not np.array_equal(lp[:, 1:], b.logits[:, 1:])  # later ones see the strategy's hidden states
+    assert b.lookahead["lookahead_gate_input_d1"].shape[1:] == (full.num_layers, 2)
+    model = tiny_model("mixtral")
+    for d in np.unique(b.doc_id):
+        ids = torch.tensor(b.token_id[b.doc_id == d], dtype=torch.long)[None]
+        with torch.no_grad(), StrategyRouter(model, "topp:p=0.7"):
+            logp = torch.log_softmax(model(ids).logits.float(), -1)
+        nll = -logp[0, :-1].gather(1, ids[0, 1:, None]).mean()
+        np.testing.assert_allclose(b.doc_loss[b.doc_id == d], float(nll), rtol=1e-4)
+
+
+def test_fixed_set_readers_refuse_padded_strategy_rows(tmp_path):
+    """analyze and predict read fixed-size sets: a padded strategy trace is a clear error, not dropped rows."""
+    from moescope.analysis.run import analyze
+    from moescope.capture.runner import CaptureOptions, capture
+    from moescope.predict.baselines import FrequencyPredictor
+    from moescope.predict.evaluate import evaluate as evaluate_predictor
+
+    data = tmp_path / "d.txt"
+    data.write_text("In the beginning God created the heaven and the earth.\n")
+    capture("tiny:mixtral", [str(data)], tmp_path / "p", CaptureOptions(strategy="topp:p=0.7"), device="cpu")
+    capture("tiny:mixtral", [str(data)], tmp_path / "k", CaptureOptions(strategy="topk"), device="cpu")
+    padded, own = Trace.open(tmp_path / "p"), Trace.open(tmp_path / "k")
+    with pytest.raises(ConfigError, match="variable-k strategy trace"):
+        analyze(padded, tmp_path / "a")
+    with pytest.raises(ConfigError, match="variable-k strategy trace"):
+        evaluate_predictor(FrequencyPredictor().fit(own), padded)
+    analyze(own, tmp_path / "b")  # the model's own k: no padding, read as any trace
+    evaluate_predictor(FrequencyPredictor().fit(own), own)

@@ -80,21 +80,28 @@ def test_help_is_zero():
     assert run("predict", "fit", "--help").returncode == 0
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_analyze_is_130_and_names_the_partial_folder(tmp_path):
-    trace = tmp_path / "t"
-    write_synthetic_trace(trace, n_tokens=400_000, num_layers=8, num_experts=32, top_k=4, logits=True, seed=3)
-    out = tmp_path / "analysis"
-    proc = start("analyze", trace, "-o", out, "--permutations", "2000")
+def _interrupt(proc, ready, sig) -> str:
+    """Send ``sig`` once ``ready()`` holds; returns stderr after the process ended."""
     try:
-        # interrupt once a first result file is in place (before that, the folder would be removed)
-        wrote = lambda: out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())  # noqa: E731
-        assert wait_for(wrote, proc), "analyze ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
+        assert wait_for(ready, proc), "the command ended before it could be interrupted"
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return err
+
+
+@pytest.mark.slow
+def test_sigterm_during_analyze_is_130_and_names_the_partial_folder(tmp_path):
+    """SIGTERM (kill, timeout, a batch scheduler) ends a run like Ctrl-C: 130 and one line."""
+    trace = tmp_path / "t"
+    write_synthetic_trace(trace, n_tokens=400_000, num_layers=8, num_experts=32, top_k=4, logits=True, seed=3)
+    out = tmp_path / "analysis"
+    proc = start("analyze", trace, "-o", out, "--permutations", "2000")
+    # interrupt once a first result file is in place (before that, the folder would be removed)
+    wrote = lambda: out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())  # noqa: E731
+    err = _interrupt(proc, wrote, signal.SIGTERM)
     assert proc.returncode == 130, err
     last = _last_line(err)
     assert last.startswith("Interrupted; left a partial analysis folder") and str(out) in last
@@ -110,25 +117,26 @@ def test_ctrl_c_during_analyze_is_130_and_names_the_partial_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_capture_is_130_and_leaves_a_resumable_trace(tmp_path):
+def test_sigterm_then_ctrl_c_during_capture_leave_a_resumable_trace(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 40}) + "\n" for i in range(400)))
+    data.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 40}) + "\n" for i in range(40)))
     out = tmp_path / "cap"
     common = ["--seq-len", "32", "--batch-size", "1", "--shard-rows", "64", "--device", "cpu"]
-    proc = start("capture", "tiny:mixtral", data, "-o", out, *common)
-    try:
-        ok = wait_for(lambda: json.loads((out / "manifest.json").read_text())["shards"], proc)
-        assert ok, "capture ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    last = _last_line(err)
-    assert last.startswith("Interrupted; left a resumable trace in") and "--resume" in last
-    partial = Trace.open(out, allow_incomplete=True)
-    assert not partial.complete and partial.num_tokens > 0
-    assert any("incomplete" in p for p in validate_trace(out))
-    with pytest.raises(Exception, match="incomplete"):
-        Trace.open(out)
+    shards = lambda: len(json.loads((out / "manifest.json").read_text())["shards"])  # noqa: E731
+    for sig, flags in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
+        before = shards() if flags else 0
+        proc = start("capture", "tiny:mixtral", data, "-o", out, *common, *flags)
+        err = _interrupt(proc, lambda b=before: shards() > b, sig)
+        assert proc.returncode == 130, (sig, err)
+        last = _last_line(err)
+        assert last.startswith("Interrupted; left a resumable trace in") and "--resume" in last, last
+        assert "Traceback" not in err
+        partial = Trace.open(out, allow_incomplete=True)
+        assert not partial.complete and partial.num_tokens > 0
+        assert any("incomplete" in p for p in validate_trace(out))
+        with pytest.raises(Exception, match="incomplete"):
+            Trace.open(out)
+    res = run("capture", "tiny:mixtral", data, "-o", out, *common, "--resume")
+    assert res.returncode == 0, res.stderr
+    done = Trace.open(out)
+    assert done.complete and len(done.documents()) == 40 and validate_trace(out) == []

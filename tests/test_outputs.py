@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -217,3 +219,149 @@ def test_two_concurrent_overwrites_one_wins_one_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="another moescope run"):
             import_log("vllm-replay", data, out, num_experts=8, overwrite=True)
     import_log("vllm-replay", data, out, num_experts=8, overwrite=True)
+
+
+# --------------------------------------------------------------------------- simulate, ablate, export, seed 004
+def _cli(*args: object) -> tuple[int, str]:
+    """``moescope ARGS`` in this process (exit statuses are tested through the executable elsewhere)."""
+    from moescope.cli import run as cli_run
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = cli_run([str(a) for a in args])
+    return rc, err.getvalue()
+
+
+def _guarded(args: list, out, foreign, inputs_inside: list) -> None:
+    """The rules every writing command shares, for ``args + ["-o", out]``."""
+    rc, err = _cli(*args, "-o", foreign)  # not ours, no --overwrite
+    assert rc == 1 and "--overwrite" in err and str(foreign) in err, err
+    before = {p.name: p.read_bytes() for p in ([foreign] if foreign.is_file() else foreign.iterdir())}
+    rc, err = _cli(*args, "-o", foreign, "--overwrite")  # not ours: refused even so, nothing deleted
+    assert rc == 1 and "leaves this alone" in err, err
+    after = {p.name: p.read_bytes() for p in ([foreign] if foreign.is_file() else foreign.iterdir())}
+    assert after == before
+    for target in inputs_inside:  # never into an input
+        rc, err = _cli(*args, "-o", target, "--overwrite")
+        assert rc == 1 and "input" in err and "Traceback" not in err, err
+    with locked(out):  # one writer at a time
+        rc, err = _cli(*args, "-o", out, "--overwrite")
+    assert rc == 1 and "another moescope run is writing here" in err, err
+
+
+def test_simulate_output_rules(trace, tmp_path):
+    args = ["simulate", trace, "--expert-params", 1000, "--cache-fraction", 0.5]
+    out = tmp_path / "sim"
+    _guarded(args, out, _notes(tmp_path / "n"), [trace, trace / "sub"])
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 0, err
+    assert json.loads((out / MARKER).read_text())["kind"] == "simulation"
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 1 and "--overwrite" in err
+    rc, err = _cli(*args, "-o", out, "--overwrite", "--policy", "lfu")
+    assert rc == 0, err
+    assert json.loads((out / "summary.json").read_text())["policy"].lower().startswith("lfu")
+    Trace.open(trace)
+
+
+def test_ablate_output_rules(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello world"}) + "\n")
+    args = ["ablate", "tiny:mixtral", data, "--device", "cpu"]
+    # every refusal comes before the model is loaded: cheap, and nothing is computed in vain
+    _guarded(args, tmp_path / "ab", _notes(tmp_path / "n"), [data, tmp_path])
+    assert data.read_text() == json.dumps({"text": "hello world"}) + "\n"
+
+
+def test_export_file_output_rules(trace, tmp_path):
+    args = ["export", "router-logger-json", trace]
+    foreign = tmp_path / "theirs.json"
+    foreign.write_text('{"mine": true}')
+    out = tmp_path / "r.json"
+    _guarded(args, out, foreign, [trace / "manifest.json", trace / "x.json"])
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 0, err
+    first = out.read_bytes()
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 1 and "--overwrite" in err
+    rc, err = _cli(*args, "-o", out, "--overwrite", "--documents", "0")
+    assert rc == 0, err
+    assert out.read_bytes() != first  # replaced: it was provably ours
+    out.write_text(out.read_text() + " ")  # the user edits it: no longer provably ours
+    rc, err = _cli(*args, "-o", out, "--overwrite")
+    assert rc == 1 and "leaves this alone" in err and out.read_text().endswith(" ")
+    rc, err = _cli(*args, "-o", tmp_path)
+    assert rc == 1 and "is a directory" in err
+
+
+def test_export_folder_output_rules(trace, tmp_path):
+    args = ["export", "token-journeys-jsonl", trace, "--documents", "0", "--tokens", 0, 3]
+    out = tmp_path / "j"
+    _guarded(args, out, _notes(tmp_path / "n"), [trace, trace / "j"])
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == [
+        f"p0_token_{i}.jsonl" for i in range(3)
+    ]
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 1 and "--overwrite" in err
+    rc, err = _cli(*args[:-2], 1, 2, "-o", out, "--overwrite")
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["p0_token_1.jsonl"]
+
+
+def _seed004_raw(path, problems=(0,), tokens=4, layers=2):
+    recs = [
+        {"problem_id": p, "layer": layer, "token_idx": t, "experts": [layer, (t + 1) % 8]}
+        for p in problems
+        for t in range(tokens)
+        for layer in range(layers)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_seed004_extract_adds_files_and_replaces_only_its_own(tmp_path, monkeypatch):
+    # like the seed, the default output is the current folder, which holds the user's own files
+    work = _notes(tmp_path / "work")
+    raw = _seed004_raw(work / "raw.jsonl")
+    monkeypatch.chdir(work)
+    args = ["predict", "seed004", "extract", raw.name, "-p", 0, "-t", 0, 3]
+    rc, err = _cli(*args)
+    assert rc == 0, err
+    assert (work / "p0_token_2.jsonl").is_file() and (work / "notes.txt").read_text() == "my notes"
+    rc, err = _cli(*args)
+    assert rc == 1 and "--overwrite" in err and "p0_token_0.jsonl" in err
+    (work / "p0_token_3.jsonl").write_text("the user's own file\n")
+    rc, err = _cli(*args[:-2], 0, 4, "--overwrite")  # p0_token_3.jsonl is not listed as ours
+    assert rc == 1 and "leaves this alone" in err and "p0_token_3.jsonl" in err
+    assert (work / "p0_token_3.jsonl").read_text() == "the user's own file\n"
+    rc, err = _cli(*args, "--overwrite")  # its own files: replaced
+    assert rc == 0, err
+    assert (work / "raw.jsonl").read_bytes() == raw.read_bytes() and (work / "paper.pdf").is_file()
+    # never into its input: an output name that is the input file itself
+    named = _seed004_raw(tmp_path / "p0_token_1.jsonl")
+    rc, err = _cli("predict", "seed004", "extract", named, "-p", 0, "-t", 0, 3, "-o", tmp_path, "--overwrite")
+    assert rc == 1 and "input" in err
+    with locked(work):
+        rc, err = _cli(*args, "--overwrite")
+    assert rc == 1 and "another moescope run is writing here" in err
+
+
+def test_seed004_rules_files_are_guarded(tmp_path):
+    raw = _seed004_raw(tmp_path / "raw.jsonl", tokens=6)
+    j = tmp_path / "j"
+    assert _cli("predict", "seed004", "extract", raw, "-p", 0, "-t", 0, 6, "-o", j)[0] == 0
+    journeys = sorted(str(p) for p in j.glob("p0_token_*.jsonl"))
+    rules = tmp_path / "rules.json"
+    foreign = tmp_path / "theirs.json"
+    foreign.write_text("{}")
+    create = ["predict", "seed004", "create-rules", *journeys]
+    _guarded(create, rules, foreign, [journeys[0]])
+    assert _cli(*create, "-o", rules)[0] == 0
+    assert _cli(*create, "-o", rules)[0] == 1
+    assert _cli(*create, "-o", rules, "--overwrite")[0] == 0
+    res = tmp_path / "res.json"
+    evaluate = ["predict", "seed004", "evaluate-rules", "-r", rules, "-t", *journeys]
+    _guarded(evaluate, res, foreign, [rules])
+    assert _cli(*evaluate, "-o", res)[0] == 0 and _cli(*evaluate, "-o", res, "--overwrite")[0] == 0

@@ -515,6 +515,7 @@ def test_cli_simulate_and_sweep(small, tmp_path):
             "fifo",
             "-o",
             str(out),
+            "--overwrite",
         ],
     )
     assert bad.exit_code != 0
@@ -763,7 +764,7 @@ def test_cli_train_trace(small, tmp_path):
     other = write_synthetic_trace(
         tmp_path / "wide", n_tokens=100, num_layers=3, num_experts=16, top_k=2, seed=1
     )
-    bad = CliRunner().invoke(app, [*args, "--train", str(other.path)])
+    bad = CliRunner().invoke(app, [*args, "--train", str(other.path), "--overwrite"])
     assert bad.exit_code != 0
     assert "was fitted on 3 layers x 16 experts" in str(bad.exception) + bad.output
 

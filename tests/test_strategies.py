@@ -369,3 +369,41 @@ def test_density_file_of_another_model_is_refused(tmp_path):
     own.save(tmp_path / "own")
     _, router, _ = _run(_model("mixtral"), f"pvalue:alpha=0.2,density={tmp_path / 'own'}")
     assert all(int(a.count.min()) >= 1 for a in router.applied)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "dbrx"])
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_padded_slots_are_not_computed_and_change_nothing(family, impl, monkeypatch):
+    """The experts module sees one row per kept (token, expert); outputs equal the zero-weight padding."""
+    import moescope.strategies.apply as apply_mod
+
+    try:
+        model = tiny_model(family, experts_implementation=impl)
+    except ConfigError:
+        pytest.skip(f"{family} has no {impl} kernel")
+    ids = _ids()
+    spec = routing_spec(model)
+    experts = [model.get_submodule(p).experts for p in spec.module_paths]
+    rows: list[int] = []
+    handles = [
+        e.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+        for e in experts
+    ]
+    try:
+        with torch.no_grad(), StrategyRouter(model, "topp:p=0.6", record=True) as router:
+            out = model(ids).logits
+            kept = [int(a.count.sum()) for a in router.applied]
+            width = [a.ids.shape[1] for a in router.applied]
+    finally:
+        for h in handles:
+            h.remove()
+    n = ids.numel()
+    assert any(w * n > k for w, k in zip(width, kept, strict=True))  # the batch has padding
+    if family == "dbrx":  # its experts take (B, T, H) hidden states: the call is kept as it is
+        assert rows == [n] * len(rows)
+    else:
+        assert rows == [k if w * n > k else n for w, k in zip(width, kept, strict=True)]
+    monkeypatch.setattr(apply_mod, "compaction_ok", lambda *a: False)
+    with torch.no_grad(), StrategyRouter(model, "topp:p=0.6", record=True) as router:
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)  # kernels block the matmuls differently

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moescope.cli_utils import JsonOpt, SeedOpt, emit
+from moescope.cli_utils import JsonOpt, OverwriteOpt, SeedOpt, emit
 
 
 def register(app: typer.Typer) -> None:
@@ -119,6 +119,7 @@ def ablate(
     ),
     no_figures: bool = typer.Option(False, "--no-figures", help="Write the tables only, no PNG figures."),
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Disable experts by editing the routing at run time and measure accuracy, top-5 and perplexity per domain.
@@ -136,6 +137,7 @@ def ablate(
     from moescope.ablate.report import summary_text, write_outputs
     from moescope.ablate.sweep import AblateOptions, check_options, run_ablation
     from moescope.capture.runner import load_model
+    from moescope.trace.outputs import claim
 
     opts = AblateOptions(
         layers=parse_layer_choice(layer),
@@ -159,14 +161,16 @@ def ablate(
         figures=not no_figures,
     )
     check_options(opts)
-    loaded = load_model(model, device=device, dtype=dtype)
+    inputs = [p for p in [model, *(data or [])] if Path(p).exists()]  # local files; hub names are not paths
 
     def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
-    log(f"ablating {model} ({mode})")
-    result = run_ablation(loaded.model, loaded.tokenizer, data or [], opts, log=log)
-    params = {"model": model, "data": list(data) if data else "bundled held-out corpus"}
-    summary = write_outputs(result, output, figures=opts.figures, params=params)
+    with claim(output, "ablation", overwrite=overwrite, inputs=inputs):
+        loaded = load_model(model, device=device, dtype=dtype)
+        log(f"ablating {model} ({mode})")
+        result = run_ablation(loaded.model, loaded.tokenizer, data or [], opts, log=log)
+        params = {"model": model, "data": list(data) if data else "bundled held-out corpus"}
+        summary = write_outputs(result, output, figures=opts.figures, params=params)
     sys.stderr.flush()
     emit(summary, json_out, text=summary_text(summary))

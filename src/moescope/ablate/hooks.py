@@ -52,12 +52,10 @@ from moescope.core.families import FamilySpec, resolve_adapter, text_config
 from moescope.core.family_rules import WeightRule
 from moescope.core.routing import (
     HookSet,
-    call_arg,
     choice_scores,
-    decode_router_output,
-    encode_router_output,
     moe_sites,
-    replace_arg,
+    rewrite_experts_call,
+    rewrite_router_output,
     router_logits,
     routing_spec,
     rule_weights,
@@ -255,41 +253,31 @@ class ExpertAblator(HookSet):
         return hook
 
     def _experts_hook(self, j: int):
-        fam = self.family
+        path = self.spec.module_paths[j]
 
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-            ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
-            w = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
-            if ids is None or w is None:
-                raise ConfigError(
-                    f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
-                )
+        def edit(ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             new_ids, new_w = self._edit(j, ids, w, self._logits[j])
             self._logits[j] = None
             if self.record:
                 self.routing[j] = new_ids.detach()
-            if new_ids is ids and new_w is w:
-                return None
-            args, kwargs = replace_arg(args, kwargs, fam.index_arg, fam.index_kwarg, new_ids)
-            args, kwargs = replace_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg, new_w)
-            return args, kwargs
+            return new_ids, new_w
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            return rewrite_experts_call(self.family, path, args, kwargs, edit)
 
         return hook
 
     def _router_hook(self, j: int, block: torch.nn.Module):
-        fam = self.family
-        E, k = self.spec.num_experts, self.spec.top_k
+        def edit(ids: torch.Tensor, w: torch.Tensor, logits: torch.Tensor):
+            new_ids, new_w = self._edit(j, ids, w, logits)
+            if self.record:
+                self.routing[j] = new_ids.detach()
+            return new_ids, new_w
 
         def hook(module: torch.nn.Module, args: tuple, out: Any):
             if self._off[j] is None and not self.record:
                 return None
-            ids, w = decode_router_output(fam, block, out, k)
-            new_ids, new_w = self._edit(j, ids, w, router_logits(fam, out))
-            if self.record:
-                self.routing[j] = new_ids.detach()
-            if new_ids is ids and new_w is w:
-                return None
-            return encode_router_output(fam, out, new_ids, new_w, E)
+            return rewrite_router_output(self.family, block, out, self.spec, edit)
 
         return hook
 

@@ -1,24 +1,28 @@
 """One streaming pass over a trace, shared by every analysis.
 
-Each analysis is an *accumulator*: it names the columns it needs, folds each :class:`View` (a batch
-restricted to the chosen MoE layers, with the missing-routing mask computed once) into fixed-size
-counters, and turns the counters into DataFrames at the end. :func:`run_pass` reads the union of
-the columns once for all accumulators, so ``moescope analyze`` pays for one read of the trace and
-memory stays flat whatever its length.
+Each analysis is an *accumulator* (:class:`~moescope.analysis.base.Accumulator`): it names the
+columns it needs, folds each :class:`View` (a batch restricted to the chosen MoE layers, with the
+missing-routing mask computed once) into fixed-size counters, merges exactly with another of its
+kind, and turns the counters into DataFrames at the end. :func:`run_pass` reads the union of the
+columns once for all accumulators, so ``moescope analyze`` pays for one read of the trace and
+memory stays flat whatever its length; :mod:`moescope.analysis.parallel` runs it over shard groups
+in several processes (or on Ray) and merges.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from math import comb
-from typing import Any, Protocol
 
 import numpy as np
 
+from moescope.analysis.base import Accumulator
 from moescope.errors import ConfigError, DataError
 from moescope.trace.reader import Batch, Trace
+
+__all__ = ["Accumulator", "ExactSum", "PassContext", "View", "iter_views", "row_uniform", "run_pass"]
 
 
 def resolve_layers(trace: Trace, layers: Iterable[int] | None, option: str = "layers") -> list[int]:
@@ -123,16 +127,6 @@ class PassContext:
         return len(self.cols)
 
 
-class Accumulator(Protocol):
-    """What :func:`run_pass` drives: needed columns, a fold step and a result."""
-
-    columns: set[str]
-
-    def update(self, view: View) -> None: ...
-
-    def result(self) -> Any: ...
-
-
 def make_context(trace: Trace, layers: Iterable[int] | None = None) -> PassContext:
     return PassContext(
         trace=trace,
@@ -153,17 +147,15 @@ def require(trace: Trace, column: str, analysis: str) -> None:
         )
 
 
-def run_pass(
-    ctx: PassContext,
-    accumulators: Sequence[Accumulator],
-    batch_size: int = 65536,
-    progress: bool = False,
-) -> None:
-    """Stream the trace once, feeding each batch (restricted to ``ctx.cols``) to every accumulator."""
-    trace = ctx.trace
-    cols: set[str] = {"experts"}
-    for acc in accumulators:
-        cols |= acc.columns
+def iter_views(
+    ctx: PassContext, columns: set[str], batch_size: int = 65536, source: Trace | None = None
+) -> Iterator[View]:
+    """The :class:`View` of each batch of ``source`` (default ``ctx.trace``), read with ``columns``.
+
+    Batches never span shards, so a shard yields the same views whichever shards are read with it.
+    """
+    trace = ctx.trace if source is None else source
+    cols = {"experts", *columns}
     order = [
         c
         for c in ("doc_id", "position", "token_id", "label", "token", "experts", "weights", "logits")
@@ -172,11 +164,15 @@ def run_pass(
     sel = np.asarray(ctx.cols)
     all_layers = ctx.Ls == trace.num_layers
     missing = trace.missing_id
-    seen = 0
-    total = trace.num_tokens if progress else 0
+    variable_k = bool(trace.manifest.get("capture", {}).get("variable_k"))
     for batch in trace.iter_batches(order, batch_size=batch_size):
         ex = batch.experts if all_layers else batch.experts[:, sel]
         bad = ex == missing  # (n, Ls, k)
+        if variable_k and bool((bad.any(-1) & ~bad.all(-1)).any()):
+            raise ConfigError(
+                f"{trace.path}: a variable-k strategy trace: tokens use fewer experts than its width"
+                f" {ex.shape[-1]}, and the analyses count fixed-size expert sets; capture without --strategy"
+            )
         valid = ~bad.any(-1)
         ex = ex.astype(np.int64)
         if bad.any():
@@ -188,6 +184,30 @@ def run_pass(
             lg = batch.logits if all_layers else batch.logits[:, sel]
             view.logits = lg.astype(np.float32)
             view.logit_valid = valid & np.isfinite(view.logits).all(-1)
+        yield view
+
+
+def run_pass(
+    ctx: PassContext,
+    accumulators: Sequence[Accumulator],
+    batch_size: int = 65536,
+    progress: bool = False,
+    *,
+    source: Trace | None = None,
+    allow_empty: bool = False,
+) -> int:
+    """Stream the trace once, feeding each batch (restricted to ``ctx.cols``) to every accumulator.
+
+    ``source`` reads another view of the trace (a group of its shards) while ``ctx`` keeps the whole
+    trace's facts; ``allow_empty`` accepts a source without rows. Returns the number of rows read.
+    """
+    trace = ctx.trace if source is None else source
+    cols: set[str] = set()
+    for acc in accumulators:
+        cols |= acc.columns
+    seen = 0
+    total = trace.num_tokens if progress else 0
+    for view in iter_views(ctx, cols, batch_size, source):
         for acc in accumulators:
             acc.update(view)
         seen += view.n
@@ -196,8 +216,83 @@ def run_pass(
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
-    if seen == 0:
+    if seen == 0 and not allow_empty and not trace.manifest.get("counts"):  # counts-only: totals, no rows
         raise DataError(f"{trace.path}: no tokens to analyse (empty trace or filter)")
+    return seen
+
+
+#: Fixed-point scale of :class:`ExactSum`: every finite float64 is an integer multiple of 2**-1074,
+#: and 53 more bits keep the mantissa shift non-negative for subnormals.
+_FIX = 1127
+
+
+class ExactSum:
+    """Exact running sums of float64 arrays of one shape: adding in any grouping gives the same bits.
+
+    Each finite value is added as an exact integer multiple of ``2**-1127`` (Python integers), and
+    :meth:`value` rounds once, correctly, to float64. Infinities and NaN are summed apart (their sum
+    does not depend on the order either) and win over the finite part. Used for the float sums of the
+    accumulators, so that merging shard groups reproduces the one-process result exactly.
+    """
+
+    def __init__(self, shape: int | tuple[int, ...]) -> None:
+        self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        size = int(np.prod(self.shape))
+        self.fixed: list[int] = [0] * size
+        self.special = np.zeros(size)
+
+    def add(self, x: np.ndarray) -> None:
+        """Add ``x`` (of :attr:`shape`, converted to float64) cell by cell."""
+        x = np.asarray(x, np.float64).reshape(-1)
+        if len(x) != len(self.fixed):
+            raise ValueError(f"ExactSum of shape {self.shape} cannot add {x.size} values")
+        fin = np.isfinite(x)
+        if not fin.all():
+            self.special += np.where(fin, 0.0, x)
+            x = np.where(fin, x, 0.0)
+        m, e = np.frexp(x)
+        mant = (m * 9007199254740992.0).astype(np.int64).tolist()  # m * 2**53: exact
+        shift = (e + (_FIX - 53)).tolist()
+        f = self.fixed
+        for i in np.flatnonzero(x).tolist():
+            f[i] += mant[i] << shift[i]
+
+    def merge(self, other: ExactSum) -> None:
+        self.fixed = [a + b for a, b in zip(self.fixed, other.fixed, strict=True)]
+        self.special = self.special + other.special
+
+    def value(self) -> np.ndarray:
+        """The sums, each correctly rounded to float64, in :attr:`shape`."""
+        scale = 1 << _FIX
+        out = np.array([f / scale for f in self.fixed], np.float64)
+        out = np.where(self.special != 0, self.special, out)  # NaN != 0 too
+        return out.reshape(self.shape)
+
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_uniform(doc_id: np.ndarray, position: np.ndarray, seed: int) -> np.ndarray:
+    """A number in [0, 1) per row from a hash of (seed, document id, position).
+
+    Samples drawn with it (``row_uniform(...) < rate``) pick the same rows whatever the batch size,
+    the shard grouping or the order in which workers finish, unlike a generator consumed in arrival
+    order; different seeds give independent-looking samples.
+    """
+    with np.errstate(over="ignore"):
+        s = _mix64(np.asarray([seed], np.int64).astype(np.uint64) * _GOLD + _GOLD)
+        d = _mix64(np.asarray(doc_id, np.int64).astype(np.uint64) + s)
+        x = _mix64(d ^ (np.asarray(position, np.int64).astype(np.uint64) * _GOLD))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
 def bincount(idx: np.ndarray, size: int, weights: np.ndarray | None = None) -> np.ndarray:

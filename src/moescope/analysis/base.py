@@ -10,11 +10,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from moescope.analysis._stream import PassContext
+    from moescope.analysis._stream import PassContext, View
     from moescope.trace.reader import Trace
+
+
+class Accumulator(Protocol):
+    """What the streaming pass drives: the columns it needs, a fold step, a merge and a result.
+
+    ``merge(other)`` folds the state of ``other`` (an accumulator built the same way, which saw the
+    rows that come *after* this one's in trace order) into ``self``. State has a fixed size (or a
+    bounded one: samples), and merging is exact: folding the shards of a trace in groups and merging
+    the groups in order gives the same bits as one pass, whatever the grouping. So counters are
+    integers, float sums are kept exactly (:class:`~moescope.analysis._stream.ExactSum`), samples are
+    drawn per row from a hash of (seed, document, position), never from arrival order, and state that
+    spans consecutive rows (pairs of tokens, per-document counts) carries its first and last rows so
+    that a document split between two groups is joined at the merge.
+    """
+
+    columns: set[str]
+
+    def update(self, view: View) -> None: ...
+
+    def merge(self, other: Any) -> None: ...
+
+    def result(self) -> Any: ...
 
 
 @dataclass
@@ -64,11 +86,14 @@ class Analysis:
     name: ClassVar[str] = "base"
     needs_logits: ClassVar[bool] = False  # skipped, with a note, on traces without router logits
     selectable: ClassVar[bool] = True  # False: runs when its option is given (``compare``)
+    reads_counts: ClassVar[bool] = False  # True: also runs on a counts-only trace (no rows, only totals)
 
     def skip_reason(self, run: AnalysisRun) -> str | None:
         """Why this analysis cannot run on ``run.trace`` (a note in ``summary.json``), or None."""
         if self.needs_logits and not run.trace.has_logits:
             return f"{self.name} skipped: the trace has no 'logits' column"
+        if run.trace.manifest.get("counts") and not self.reads_counts:
+            return f"{self.name} skipped: a counts-only trace has per-expert counts, no token rows"
         return None
 
     def accumulators(self, run: AnalysisRun) -> list[Any]:

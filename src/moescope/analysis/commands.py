@@ -114,6 +114,23 @@ def analyze(
             help="Dependence: cocluster (SpectralCoclustering) or bicluster (SpectralBiclustering).",
         ),
     ] = "cocluster",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-j",
+            help="Processes reading shard groups in parallel (default: all cores; a trace under 250k"
+            " tokens per core uses fewer). Results equal one process's exactly.",
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the shard groups as Ray tasks: 'local' (a Ray instance on this machine), 'auto'"
+            " or a cluster address such as ray://head:10001. The trace must be at the same path on every node.",
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
@@ -125,6 +142,9 @@ def analyze(
     lists the key numbers, the files and any analysis skipped (and why).
 
     Example: moescope analyze runs/mixtral-wikitext -o out/mixtral --analyses load,entropy --target-layer 15
+
+    On 8 cores, or on a Ray cluster: moescope analyze runs/big -o out/big --workers 8;
+    moescope analyze /shared/runs/big -o out/big --ray ray://head:10001
     """
     from moescope.analysis.run import AnalyzeOptions, run_analyses, summary_text
     from moescope.errors import ConfigError
@@ -153,6 +173,8 @@ def analyze(
         bicluster_method=bicluster_method,
         seed=seed,
         progress=progress_enabled() and not json_out,
+        workers=workers,
+        ray_address=ray,
     )
     from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace, reading_incomplete

@@ -91,6 +91,9 @@ class TransitionAccumulator:
                 self.counts += bincount(key[ok], len(self.counts))
             off += npair
 
+    def merge(self, other: TransitionAccumulator) -> None:
+        self.counts = self.counts + other.counts
+
     def matrices(self) -> np.ndarray:
         """Counts ``(pairs, A, A)``, in the order of :attr:`pairs`."""
         return self.counts.reshape(len(self.pairs), self.A, self.A)
@@ -230,6 +233,10 @@ class CoactivationAccumulator:
         if len(self.s):
             key = (lay * E + ex[..., self.s]) * E + ex[..., self.t]  # (n, Ls, k(k-1))
             self.pair += bincount(key[ok], Ls * E * E)
+
+    def merge(self, other: CoactivationAccumulator) -> None:
+        self.pair, self.single = self.pair + other.pair, self.single + other.single
+        self.tokens = self.tokens + other.tokens
 
     def result(self) -> pl.DataFrame:
         ctx = self.ctx
@@ -484,7 +491,23 @@ class TokenTransitionAccumulator:
         self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
         self.table = subset_rank_table(ctx.E, ctx.k)
         self.counts = np.zeros(ctx.Ls * self.A * self.A, np.int64)
+        # (doc, position, symbols, valid) of the last row seen, and of the first (joined at a merge)
         self.carry: tuple[int, int, np.ndarray, np.ndarray] | None = None
+        self.head: tuple[int, int, np.ndarray, np.ndarray] | None = None
+
+    def _pair(self, a: tuple, b: tuple) -> None:
+        """Count the pair (row ``a``, row ``b``) when ``b`` follows ``a`` in its document."""
+        if b[0] == a[0] and b[1] == a[1] + 1:
+            A = self.A
+            base = np.arange(self.ctx.Ls) * A * A
+            self.counts += bincount((base + a[2] * A + b[2])[a[3] & b[3]], len(self.counts))
+
+    def merge(self, other: TokenTransitionAccumulator) -> None:
+        if self.carry is not None and other.head is not None:
+            self._pair(self.carry, other.head)
+        self.counts = self.counts + other.counts
+        self.head = self.head if self.head is not None else other.head
+        self.carry = other.carry if other.carry is not None else self.carry
 
     def update(self, v: View) -> None:
         from moescope.analysis._stream import consecutive_pairs
@@ -503,6 +526,8 @@ class TokenTransitionAccumulator:
             okf = self.carry[3] & v.valid[0]
             self.counts += bincount((base[0] + self.carry[2] * A + sym[0])[okf], len(self.counts))
         if v.n:
+            if self.head is None:
+                self.head = (int(doc[0]), int(pos[0]), sym[0].copy(), v.valid[0].copy())
             self.carry = (int(doc[-1]), int(pos[-1]), sym[-1].copy(), v.valid[-1].copy())
 
     def matrices(self) -> np.ndarray:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy import special, stats
 
-from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, require, row_uniform, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.atomic import atomic_write, atomic_write_json
 from moescope.trace.reader import Trace
@@ -37,34 +36,42 @@ FORMAT = "moescope-logit-density"
 
 
 class LogitSampleAccumulator:
-    """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer."""
+    """A seeded Bernoulli sample of about ``max_points`` valid logit vectors per layer (rows picked by a
+    hash of document and position, so the sample does not depend on batches or shard groups)."""
 
     def __init__(self, ctx: PassContext, max_points: int = 2000, seed: int = 0) -> None:
         require(ctx.trace, "logits", "router-logit density")
         if max_points < 10:
             raise ConfigError(f"kde_points must be >= 10, got {max_points}")
         self.ctx = ctx
-        self.columns = {"logits"}
+        self.columns = {"logits", "doc_id", "position"}
         self.rate = min(1.0, 1.3 * max_points / max(ctx.trace.num_tokens, 1))
         self.max_points = max_points
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.parts: list[list[np.ndarray]] = [[] for _ in ctx.cols]
 
     def update(self, v: View) -> None:
         if v.logits is None:
             return
-        pick = self.rng.random(v.n) < self.rate if self.rate < 1 else np.ones(v.n, bool)
+        b = v.batch
+        pick = (
+            row_uniform(b.doc_id, b.position, self.seed) < self.rate if self.rate < 1 else np.ones(v.n, bool)
+        )
         for i in range(self.ctx.Ls):
             ok = pick & v.logit_valid[:, i]
             if ok.any():
                 self.parts[i].append(v.logits[ok, i].copy())
 
+    def merge(self, other: LogitSampleAccumulator) -> None:
+        self.parts = [a + b for a, b in zip(self.parts, other.parts, strict=True)]
+
     def result(self) -> dict[int, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
         out = {}
         for layer, parts in zip(self.ctx.layer_ids, self.parts, strict=True):
             x = np.concatenate(parts) if parts else np.zeros((0, self.ctx.E), np.float32)
             if len(x) > self.max_points:
-                x = x[self.rng.choice(len(x), self.max_points, replace=False)]
+                x = x[rng.choice(len(x), self.max_points, replace=False)]
             out[layer] = x
         return out
 
@@ -109,6 +116,8 @@ class LogitDensity:
         return sorted(self.points)
 
     def _model(self, layer: int):
+        from scipy import stats
+
         if layer not in self._models:
             pts = self.points[layer]
             if self.kernel == "gaussian":
@@ -300,6 +309,8 @@ def fit_logit_density(
 
 def _marginal_p(train: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Two-sided p-values of ``x`` under a 1-D Gaussian KDE of ``train`` (Scott bandwidth)."""
+    from scipy import special
+
     train = np.asarray(train, np.float64)
     h = max(train.std(), 1e-6) * len(train) ** (-0.2)
     grid = np.linspace(train.min() - 6 * h, train.max() + 6 * h, 512)  # the CDF is smooth at scale h
@@ -310,6 +321,8 @@ def _marginal_p(train: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def score_from_samples(model: LogitDensity, samples: dict[int, np.ndarray]) -> dict[str, pl.DataFrame]:
     """Stage 6 on sampled logits: joint p-values, their summary against the uniform, by rank and popularity."""
+    from scipy import stats
+
     joint, summ, by_rank, by_pop = [], [], [], []
     k = model.top_k
     for layer, x in samples.items():
@@ -384,6 +397,8 @@ def score_logits(
 # ---------------------------------------------------------------------------- plots (stages 3 to 6)
 def logit_distributions(samples: dict[int, np.ndarray], router_kind: str, bins: int = 60) -> pl.DataFrame:
     """Histograms per layer of raw logits and of router probabilities (softmax, or sigmoid/sum), all experts."""
+    from scipy import special
+
     rows = []
     for layer, x in samples.items():
         if not len(x):
@@ -470,6 +485,7 @@ def kernel_comparison(
 ) -> pl.DataFrame:
     """Stage 5: 1-D densities of the top-1 logit under several kernels (same Scott bandwidth), the KDE
     CDF against the empirical CDF, for one layer."""
+    from scipy import special
     from sklearn.neighbors import KernelDensity
 
     top1 = -np.sort(-model.raw[layer].astype(np.float64), 1)[:, 0]
@@ -598,6 +614,8 @@ def compare_models(
     kernels), and the calibration of the conformal p-values (KS distance to the uniform: 0 for a
     model that describes the held-out data, larger when it does not).
     """
+    from scipy import stats
+
     rows, models = [], {}
     for kernel, trim in variants if variants is not None else model_variants(num_experts, top_k):
         name = variant_name(kernel, trim)

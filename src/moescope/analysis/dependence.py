@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import PassContext, View, subset_name, subset_rank_table, subset_ranks
+from moescope.analysis._stream import (
+    PassContext,
+    View,
+    row_uniform,
+    subset_name,
+    subset_rank_table,
+    subset_ranks,
+)
 from moescope.analysis.cooccurrence import choose_alphabet, summarise_counts
 from moescope.errors import ConfigError, DataError
 
@@ -39,25 +46,32 @@ BICLUSTER_METHODS = ("cocluster", "bicluster")
 
 
 class DependenceAccumulator:
-    """Seeded Bernoulli sample of tokens: expert ids, validity and (when present) routing weights."""
+    """Seeded Bernoulli sample of tokens (per row, from a hash of document and position): expert ids,
+    validity and (when present) routing weights."""
 
     def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
             raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
         self.ctx = ctx
         self.with_weights = bool(ctx.trace.has_weights)
-        self.columns = {"experts"} | ({"weights"} if self.with_weights else set())
+        self.columns = {"experts", "doc_id", "position"} | ({"weights"} if self.with_weights else set())
         self.rate = min(1.0, max_tokens / max(ctx.trace.num_tokens, 1))
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def update(self, v: View) -> None:
-        keep = np.ones(v.n, bool) if self.rate >= 1 else self.rng.random(v.n) < self.rate
+        b = v.batch
+        keep = (
+            np.ones(v.n, bool) if self.rate >= 1 else row_uniform(b.doc_id, b.position, self.seed) < self.rate
+        )
         if not keep.any():
             return
         dtype = np.uint8 if self.ctx.E <= 255 else np.uint16
         w = v.weights[keep].astype(np.float32) if self.with_weights and v.weights is not None else None
         self.parts.append((v.experts[keep].astype(dtype), v.valid[keep], w))
+
+    def merge(self, other: DependenceAccumulator) -> None:
+        self.parts = self.parts + other.parts
 
     def result(self) -> DependenceSample:
         if not self.parts:

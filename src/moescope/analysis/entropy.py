@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import PassContext, View, make_context, require, run_pass
+from moescope.analysis._stream import _FIX, ExactSum, PassContext, View, make_context, require, run_pass
 from moescope.trace.reader import Trace
 
 
@@ -36,7 +36,7 @@ def normaliser(router_kind: str) -> str:
 
 
 class EntropyAccumulator:
-    """Per layer: count, mean and M2 (Chan et al. parallel variance), min, max, fixed-bin histogram."""
+    """Per layer: count, exact sums of h and h^2 (mean and variance rounded once), min, max, fixed-bin histogram."""
 
     def __init__(self, ctx: PassContext, bins: int = 50) -> None:
         require(ctx.trace, "logits", "routing entropy")
@@ -47,8 +47,8 @@ class EntropyAccumulator:
         self.hmax = float(np.log2(ctx.E)) if ctx.E > 1 else 1.0
         Ls = ctx.Ls
         self.n = np.zeros(Ls, np.int64)
-        self.mean = np.zeros(Ls)
-        self.m2 = np.zeros(Ls)
+        self.s1 = ExactSum(Ls)  # sum of entropies (each batch's float64 sum, added exactly)
+        self.s2 = ExactSum(Ls)  # sum of squared entropies
         self.lo = np.full(Ls, np.inf)
         self.hi = np.full(Ls, -np.inf)
         self.hist = np.zeros(Ls * bins, np.int64)
@@ -70,38 +70,54 @@ class EntropyAccumulator:
         h = self._entropy(v)
         ok = v.logit_valid
         hz = np.where(ok, h, 0.0)
-        nb = ok.sum(0)
-        sb = hz.sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mb = np.where(nb > 0, sb / np.maximum(nb, 1), 0.0)
-        m2b = np.where(ok, (h - mb[None, :]) ** 2, 0.0).sum(0)
-        n = self.n + nb
-        delta = mb - self.mean
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.mean = np.where(n > 0, self.mean + delta * nb / np.maximum(n, 1), 0.0)
-            self.m2 = self.m2 + m2b + delta**2 * self.n * nb / np.maximum(n, 1)
-        self.n = n
+        self.n = self.n + ok.sum(0)
+        self.s1.add(hz.sum(0))
+        self.s2.add((hz * hz).sum(0))
         self.lo = np.minimum(self.lo, np.where(ok, h, np.inf).min(0))
         self.hi = np.maximum(self.hi, np.where(ok, h, -np.inf).max(0))
         idx = np.clip((h / self.hmax * self.bins).astype(np.int64), 0, self.bins - 1)
         key = idx + (np.arange(self.ctx.Ls) * self.bins)[None, :]
         self.hist += np.bincount(key[ok], minlength=self.ctx.Ls * self.bins)
 
+    def merge(self, other: EntropyAccumulator) -> None:
+        self.n = self.n + other.n
+        self.s1.merge(other.s1)
+        self.s2.merge(other.s2)
+        self.lo = np.minimum(self.lo, other.lo)
+        self.hi = np.maximum(self.hi, other.hi)
+        self.hist = self.hist + other.hist
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance (ddof 0) per layer from the exact sums, each rounded once; NaN without tokens."""
+        mean, var = np.full(self.ctx.Ls, np.nan), np.full(self.ctx.Ls, np.nan)
+        special = self.s1.special + self.s2.special
+        for i, n in enumerate(self.n.tolist()):
+            if n == 0:
+                continue
+            if special[i] != 0:
+                mean[i] = var[i] = np.nan
+                continue
+            a, b = self.s1.fixed[i], self.s2.fixed[i]  # sums times 2**_FIX
+            mean[i] = a / (n << _FIX)
+            var[i] = max(n * b * (1 << _FIX) - a * a, 0) / ((n * n) << (2 * _FIX))
+        return mean, var
+
     def result(self) -> dict[str, pl.DataFrame]:
         ctx, bins = self.ctx, self.bins
         Ls = ctx.Ls
         has = self.n > 0
-        std = np.where(has, np.sqrt(self.m2 / np.maximum(self.n, 1)), np.nan)
+        mean, var = self.moments()
+        std = np.sqrt(var)
         log2e = float(np.log2(ctx.E))
         by_layer = pl.DataFrame(
             {
                 "layer": np.asarray(ctx.layer_ids, np.int32),
                 "tokens": self.n,
-                "mean_entropy_bits": np.where(has, self.mean, np.nan),
+                "mean_entropy_bits": mean,
                 "std_entropy_bits": std,
                 "min_entropy_bits": np.where(has, self.lo, np.nan),
                 "max_entropy_bits": np.where(has, self.hi, np.nan),
-                "mean_entropy_norm": np.where(has, self.mean / log2e, np.nan) if log2e > 0 else np.nan,
+                "mean_entropy_norm": mean / log2e if log2e > 0 else np.nan,
                 "max_possible_bits": np.full(Ls, log2e),
                 "normaliser": [normaliser(self.kind)] * Ls,
             }

@@ -14,7 +14,15 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import PassContext, View, bincount, entropy_bits, make_context, run_pass
+from moescope.analysis._stream import (
+    ExactSum,
+    PassContext,
+    View,
+    bincount,
+    entropy_bits,
+    make_context,
+    run_pass,
+)
 from moescope.trace.reader import Trace
 
 DEAD_SHARE = 0.001
@@ -32,9 +40,13 @@ class LoadAccumulator:
         self.tokens = np.zeros(Ls, np.int64)
         self.counts = np.zeros(Ls * E, np.int64)
         self.first = np.zeros(Ls * E, np.int64)
-        self.wsum = np.zeros(Ls * E, np.float64)
+        self.wsum = ExactSum(Ls * E)
         self.prob_tokens = np.zeros(Ls, np.int64)
-        self.psum = np.zeros((Ls, E), np.float64)
+        self.psum = ExactSum((Ls, E))
+        counts = ctx.trace.manifest.get("counts")
+        if counts:  # a counts-only trace (an engine's per-expert counts, no rows): start from its totals
+            self.counts += np.asarray(counts["assignments"], np.int64)[ctx.cols].ravel()
+            self.tokens += np.asarray(counts["tokens"], np.int64)[ctx.cols]
 
     def update(self, v: View) -> None:
         E, Ls = self.ctx.E, self.ctx.Ls
@@ -45,11 +57,17 @@ class LoadAccumulator:
         self.counts += bincount(sel, Ls * E)
         self.first += bincount(key[..., 0][v.valid], Ls * E)
         if v.weights is not None:
-            self.wsum += bincount(sel, Ls * E, v.weights[valid3].astype(np.float64))
+            self.wsum.add(bincount(sel, Ls * E, v.weights[valid3].astype(np.float64)))
         if self.use_logits and v.logits is not None:
             p = v.softmax()
-            self.psum += np.sum(p, axis=0, where=v.logit_valid[..., None], dtype=np.float64)
+            self.psum.add(np.sum(p, axis=0, where=v.logit_valid[..., None], dtype=np.float64))
             self.prob_tokens += v.logit_valid.sum(0)
+
+    def merge(self, other: LoadAccumulator) -> None:
+        for name in ("tokens", "counts", "first", "prob_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.wsum.merge(other.wsum)
+        self.psum.merge(other.psum)
 
     def result(self) -> pl.DataFrame:
         ctx = self.ctx
@@ -60,8 +78,8 @@ class LoadAccumulator:
         with np.errstate(divide="ignore", invalid="ignore"):
             share = counts / (k * tok)
             first_share = first / tok
-            mean_w = self.wsum.reshape(Ls, E) / counts
-            mean_p = self.psum / self.prob_tokens[:, None]
+            mean_w = self.wsum.value().reshape(Ls, E) / counts
+            mean_p = self.psum.value() / self.prob_tokens[:, None]
         df = pl.DataFrame(
             {
                 "layer": np.repeat(ctx.layer_ids, E).astype(np.int32),

@@ -36,7 +36,18 @@ class RepetitionAccumulator:
         self.pairs = np.zeros(size, np.int64)
         self.first = np.zeros(size, np.int64)
         self.anys = np.zeros(size, np.int64)
+        # (doc, position, experts, valid, label) of the last row seen, and of the first (joined at a merge)
         self.carry: tuple[int, int, np.ndarray, np.ndarray] | None = None
+        self.head: tuple[int, int, np.ndarray, np.ndarray, int] | None = None
+
+    def merge(self, other: RepetitionAccumulator) -> None:
+        a, b = self.carry, other.head
+        if a is not None and b is not None and b[0] == a[0] and b[1] == a[1] + 1:
+            self._fold(a[2][None], b[2][None], (a[3] & b[3])[None], np.asarray([b[4]]))
+        self.pairs, self.first = self.pairs + other.pairs, self.first + other.first
+        self.anys = self.anys + other.anys
+        self.head = self.head if self.head is not None else other.head
+        self.carry = other.carry if other.carry is not None else self.carry
 
     def _fold(self, a: np.ndarray, b: np.ndarray, ok: np.ndarray, lab: np.ndarray) -> None:
         """``a``, ``b``: ``(m, Ls, k)`` expert ids of token i and i+1; ``ok``: ``(m, Ls)``; ``lab``: (m,)."""
@@ -62,6 +73,8 @@ class RepetitionAccumulator:
         if v.n > 1:
             ok = within[:, None] & v.valid[:-1] & v.valid[1:]
             self._fold(v.experts[:-1], v.experts[1:], ok, b.label[1:])
+        if self.head is None:
+            self.head = (int(doc[0]), int(pos[0]), v.experts[0].copy(), v.valid[0].copy(), int(b.label[0]))
         self.carry = (int(doc[-1]), int(pos[-1]), v.experts[-1].copy(), v.valid[-1].copy())
 
     def result(self) -> pl.DataFrame:

@@ -8,6 +8,7 @@ columns are absent are skipped with a note in ``summary.json`` rather than faili
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from moescope.analysis._stream import check_same_model, make_context, run_pass
-from moescope.analysis.base import AnalysisRun
+from moescope.analysis._stream import PassContext, check_same_model, make_context
+from moescope.analysis.base import Analysis, AnalysisRun
+from moescope.analysis.parallel import fold_shards
 from moescope.analysis.suite import ANALYSES, ANALYSIS_NAMES
 from moescope.errors import ConfigError
 from moescope.trace.atomic import atomic_write_json
@@ -46,6 +48,8 @@ class AnalyzeOptions:
     bicluster_method: str = "cocluster"
     seed: int = 0
     progress: bool = False
+    workers: int | None = None  # processes over shard groups; None: all cores (fewer on a small trace)
+    ray_address: str | None = None  # run the shard groups on Ray: "local", "auto" or "ray://host:port"
 
 
 def _log(msg: str) -> None:
@@ -118,7 +122,15 @@ def run_analyses(trace_path: Any, out: str | Path, opts: AnalyzeOptions | None =
     _log(
         f"{tr.num_tokens} tokens, {ctx.Ls} layers, analyses: {', '.join(a.name for a in chosen if a.selectable)}"
     )
-    run_pass(ctx, accs, progress=opts.progress)
+    build = functools.partial(
+        build_accumulators,
+        names=[a.name for a in chosen],
+        opts=opts,
+        trace_path=run.trace_path,
+        target=target,
+        other=other,
+    )
+    fold_shards(ctx, build, accs, workers=opts.workers, ray_address=opts.ray_address, progress=opts.progress)
     for analysis in chosen:
         entry = analysis.finish(run)
         if entry is not None:
@@ -129,6 +141,24 @@ def run_analyses(trace_path: Any, out: str | Path, opts: AnalyzeOptions | None =
     for n in run.notes:
         _log(n)
     return _clean(summary)
+
+
+def build_accumulators(
+    trace: Trace,
+    *,
+    names: list[str],
+    opts: AnalyzeOptions,
+    trace_path: Path,
+    target: int,
+    other: Trace | None,
+) -> tuple[PassContext, list[Any]]:
+    """Fresh accumulators of the analyses ``names``, as :func:`run_analyses` makes them (for workers)."""
+    ctx = make_context(trace, opts.layers)
+    run = AnalysisRun(
+        trace=trace, trace_path=trace_path, ctx=ctx, opts=opts, out=Path("."), target=target, other=other
+    )
+    analyses: list[Analysis] = [ANALYSES[n]() for n in names]
+    return ctx, [acc for a in analyses for acc in a.accumulators(run)]
 
 
 def _clean(obj: Any) -> Any:

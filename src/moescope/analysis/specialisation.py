@@ -52,6 +52,14 @@ class _SparseCounter:
         if self._pending > max(1 << 22, len(self.keys)):
             self.compact()
 
+    def add_counts(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts[i]`` to key ``keys[i]`` (keys distinct)."""
+        self._pk.append(np.asarray(keys, np.int64))
+        self._pc.append(np.asarray(counts, np.int64))
+        self._pending += len(keys)
+        if self._pending > max(1 << 22, len(self.keys)):
+            self.compact()
+
     def compact(self) -> None:
         if not self._pk:
             return
@@ -74,15 +82,21 @@ class VocabAccumulator:
         self.sparse: _SparseCounter | None = None
         self.text: dict[int, str] = {}
 
+    def _sparsify(self) -> None:
+        """Move the dense counts to a sparse counter (token ids too large for a dense array)."""
+        if self.dense is None:
+            return
+        self.sparse = _SparseCounter()
+        ls, t, e = np.nonzero(self.dense)
+        if len(ls):
+            keys = (ls * (1 << 31) + t) * self.ctx.E + e
+            self.sparse.keys, self.sparse.counts = keys, self.dense[ls, t, e]
+        self.dense = None
+
     def _grow(self, V: int) -> None:
         if self.dense is not None and V > self.V:
             if self.ctx.Ls * V * self.ctx.E > DENSE_CELLS:
-                self.sparse = _SparseCounter()
-                ls, t, e = np.nonzero(self.dense)
-                if len(ls):
-                    keys = (ls * (1 << 31) + t) * self.ctx.E + e
-                    self.sparse.keys, self.sparse.counts = keys, self.dense[ls, t, e]
-                self.dense = None
+                self._sparsify()
             else:
                 pad = max(V, int(self.V * 1.5))
                 self.dense = np.pad(self.dense, ((0, 0), (0, pad - self.V), (0, 0)))
@@ -109,6 +123,18 @@ class VocabAccumulator:
             for t, i in zip(ids.tolist(), first.tolist(), strict=True):
                 if t >= 0 and t not in self.text:
                     self.text[t] = toks[i]
+
+    def merge(self, other: VocabAccumulator) -> None:
+        for t, text in other.text.items():
+            self.text.setdefault(t, text)
+        if other.dense is not None and self.dense is not None:
+            self._grow(other.V)
+        if other.dense is not None and self.dense is not None:
+            self.dense[:, : other.V] += other.dense
+            return
+        self._sparsify()
+        ls, t, e, c = other.cells()
+        self.sparse.add_counts((ls.astype(np.int64) * (1 << 31) + t) * self.ctx.E + e, c)
 
     def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Non-zero ``(layer column, token id, expert, count)`` arrays."""
@@ -225,8 +251,16 @@ class DomainAccumulator:
         self.max_doc_cells = max_doc_cells
         self.doc_counts: list[np.ndarray] = []
         self.doc_labels: list[int] = []
+        self.ndocs = 0  # runs of rows of one document seen (kept when the per-document counts are dropped)
+        self.first_doc: int | None = None
         self.last_doc: int | None = None
         self.dropped_docs = False
+
+    def _drop(self, ndocs: int, force: bool = False) -> bool:
+        """Drop the per-document counts once ``ndocs`` documents would exceed ``max_doc_cells``."""
+        if not self.dropped_docs and (force or ndocs * self.ctx.Ls * self.ctx.E > self.max_doc_cells):
+            self.dropped_docs, self.doc_counts, self.doc_labels = True, [], []
+        return self.dropped_docs
 
     def update(self, v: View) -> None:
         Ls, E = self.ctx.Ls, self.ctx.E
@@ -239,27 +273,43 @@ class DomainAccumulator:
         self.tokens += bincount((lab[:, None] * Ls + np.arange(Ls)[None, :])[ok], self.tokens.size).reshape(
             self.tokens.shape
         )
-        if self.dropped_docs:
-            return
         doc = v.batch.doc_id
+        if v.n == 0:
+            return
         new = np.empty(len(doc), bool)
         new[0] = self.last_doc is None or doc[0] != self.last_doc
         new[1:] = doc[1:] != doc[:-1]
-        local = np.cumsum(new) - 1 + (0 if new[0] else 1)  # row 0 continues the previous doc when not new
-        nd = int(local[-1]) + 1
-        if (len(self.doc_labels) + nd) * Ls * E > self.max_doc_cells:
-            self.dropped_docs, self.doc_counts = True, []
-            return
-        key = (local[:, None, None] * Ls + lay) * E + v.experts
-        dc = bincount(key[v.valid], nd * Ls * E).reshape(nd, Ls, E).astype(np.int32)
-        start = 0
-        if not new[0]:
-            self.doc_counts[-1] = self.doc_counts[-1] + dc[0]
-            start = 1
-        starts = np.flatnonzero(new)
-        self.doc_counts.extend(dc[start:])
-        self.doc_labels.extend(lab[starts].tolist())
+        self.ndocs += int(new.sum())
+        if self.first_doc is None:
+            self.first_doc = int(doc[0])
+        if not self._drop(self.ndocs):
+            local = np.cumsum(new) - 1 + (0 if new[0] else 1)  # row 0 continues the previous doc when not new
+            nd = int(local[-1]) + 1
+            key = (local[:, None, None] * Ls + lay) * E + v.experts
+            dc = bincount(key[v.valid], nd * Ls * E).reshape(nd, Ls, E).astype(np.int32)
+            start = 0
+            if not new[0]:
+                self.doc_counts[-1] = self.doc_counts[-1] + dc[0]
+                start = 1
+            starts = np.flatnonzero(new)
+            self.doc_counts.extend(dc[start:])
+            self.doc_labels.extend(lab[starts].tolist())
         self.last_doc = int(doc[-1])
+
+    def merge(self, other: DomainAccumulator) -> None:
+        self.counts, self.tokens = self.counts + other.counts, self.tokens + other.tokens
+        joined = self.last_doc is not None and other.first_doc == self.last_doc
+        total = self.ndocs + other.ndocs - int(joined)
+        if not self._drop(total, force=other.dropped_docs):  # other saw too many documents: so did the whole
+            counts, labels = list(other.doc_counts), list(other.doc_labels)
+            if joined and counts:
+                self.doc_counts[-1] = self.doc_counts[-1] + counts[0]
+                counts, labels = counts[1:], labels[1:]
+            self.doc_counts.extend(counts)
+            self.doc_labels.extend(labels)
+        self.ndocs = total
+        self.first_doc = self.first_doc if self.first_doc is not None else other.first_doc
+        self.last_doc = other.last_doc if other.last_doc is not None else self.last_doc
 
     def result(self, n_perm: int = 200, seed: int = 0) -> dict[str, pl.DataFrame]:
         return domain_frames(

@@ -29,6 +29,7 @@ class LoadAnalysis(Analysis):
     """Expert load per layer: shares, imbalance (CV, MaxVio), dead experts, the auxiliary loss."""
 
     name = "load"
+    reads_counts = True
 
     def accumulators(self, run: AnalysisRun) -> list[Any]:
         self.acc = load.LoadAccumulator(run.ctx)

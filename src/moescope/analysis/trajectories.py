@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from moescope.analysis._stream import PassContext, View, make_context, run_pass
+from moescope.analysis._stream import PassContext, View, make_context, row_uniform, run_pass
 from moescope.errors import ConfigError, DataError
 from moescope.trace.reader import Trace
 
@@ -42,21 +42,29 @@ def token_class(text: str | None) -> str:
 
 
 class TrajectoryAccumulator:
-    """Keeps a seeded Bernoulli sample of tokens: expert sets (all layers), label, token id, text."""
+    """Keeps a seeded Bernoulli sample of tokens: expert sets (all layers), label, token id, text.
+
+    A row is kept when :func:`~moescope.analysis._stream.row_uniform` of its (document, position)
+    falls below the rate, so the sample does not depend on batches, shard groups or arrival order.
+    """
 
     def __init__(self, ctx: PassContext, max_tokens: int = 100_000, seed: int = 0) -> None:
         if max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
         self.ctx = ctx
         self.with_text = bool(ctx.trace.columns.get("token_text"))
-        self.columns = {"experts", "label", "token_id"} | ({"token"} if self.with_text else set())
+        self.columns = {"experts", "label", "token_id", "doc_id", "position"}
+        self.columns |= {"token"} if self.with_text else set()
         total = ctx.trace.num_tokens
         self.rate = min(1.0, max_tokens / max(total, 1))
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str | None]]] = []
 
     def update(self, v: View) -> None:
-        keep = np.ones(v.n, bool) if self.rate >= 1 else self.rng.random(v.n) < self.rate
+        b = v.batch
+        keep = (
+            np.ones(v.n, bool) if self.rate >= 1 else row_uniform(b.doc_id, b.position, self.seed) < self.rate
+        )
         if not keep.any():
             return
         idx = np.flatnonzero(keep)
@@ -65,6 +73,9 @@ class TrajectoryAccumulator:
         self.parts.append(
             (v.experts[idx].astype(dtype), v.valid[idx], v.batch.label[idx], v.batch.token_id[idx], text)
         )
+
+    def merge(self, other: TrajectoryAccumulator) -> None:
+        self.parts = self.parts + other.parts
 
     def result(self) -> TrajectorySample:
         if not self.parts:

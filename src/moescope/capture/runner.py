@@ -486,7 +486,14 @@ def _setup(
     if opts.strategy:
         from moescope.strategies.trace import StrategyRecorder
 
-        recorder = StrategyRecorder(loaded.model, opts.strategy, logits=opts.logits, lookahead=opts.lookahead)
+        recorder = StrategyRecorder(
+            loaded.model,
+            opts.strategy,
+            logits=opts.logits,
+            lookahead=opts.lookahead,
+            lookahead_m=opts.lookahead_m,
+            token_loss=_records_loss(opts),
+        )
     else:
         recorder = RoutingRecorder(
             loaded.model,
@@ -841,7 +848,7 @@ def _default_seq_len(config: Any) -> int:
 
 def _records_loss(opts: CaptureOptions) -> bool:
     """Whether a capture records the per-document loss: asked for, or the LM logits are computed anyway."""
-    return bool(opts.loss or opts.logits) and not opts.strategy  # the strategy recorder keeps no LM loss
+    return bool(opts.loss or opts.logits)
 
 
 def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:

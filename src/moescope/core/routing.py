@@ -11,6 +11,8 @@ and its row into the objects every routing tool works on, so capture
 - :class:`HookSet`: hooks installed on entering the first ``with`` and removed when the last exits;
 - :func:`decode_router_output` / :func:`encode_router_output`: a router's output as ``(ids, weights)``
   and back, for families whose block consumes the router output directly;
+- :func:`rewrite_experts_call` / :func:`rewrite_router_output`: the hook bodies that edit the
+  routing a block consumes (ablation and routing strategies both use them);
 - :func:`choice_scores` (the score a router ranks experts by) and :func:`rule_weights` (the weights
   the family gives a chosen set).
 """
@@ -18,6 +20,7 @@ and its row into the objects every routing tool works on, so capture
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,8 +233,8 @@ def encode_router_output(
     fam: FamilySpec, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int
 ) -> Any:
     """The router output a block consumes, rebuilt from edited ``ids``/``w`` (N, k) (inverse of decode)."""
-    if fam.selection == "router_dense_scores":  # Llama4: (scores (N, E), logits)
-        scores = torch.zeros_like(out[0]).scatter(1, ids.long(), w.to(out[0].dtype))
+    if fam.selection == "router_dense_scores":  # Llama4: (scores (N, E), logits); repeated ids add
+        scores = torch.zeros_like(out[0]).scatter_add(1, ids.long(), w.to(out[0].dtype))
         return (scores, *tuple(out[1:]))
     if fam.selection == "router_sorted":  # JetMoE: ScatterMoE layout, as JetMoeTopKGating builds it
         k = ids.shape[1]
@@ -242,6 +245,45 @@ def encode_router_output(
         expert_size = torch.bincount(flat, minlength=num_experts).tolist()
         return (index_sorted, batch_index, batch_gates, expert_size, *tuple(out[4:]))
     raise ConfigError(f"{fam.family}: selection {fam.selection!r} has no router-output encoding")
+
+
+#: ``(ids, weights) -> (ids, weights)``: an edit of the routing a block consumes; returning the very
+#: tensors it was given means "unchanged".
+RoutingEdit = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rewrite_experts_call(
+    fam: FamilySpec, path: str, args: tuple, kwargs: dict, edit: RoutingEdit
+) -> tuple[tuple, dict] | None:
+    """Forward pre-hook body on an experts module: the call with ``edit`` applied, ``None`` if unchanged."""
+    ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+    w = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+    if ids is None or w is None:
+        raise ConfigError(f"{path}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}")
+    new_ids, new_w = edit(ids, w)
+    if new_ids is ids and new_w is w:
+        return None
+    args, kwargs = replace_arg(args, kwargs, fam.index_arg, fam.index_kwarg, new_ids)
+    return replace_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg, new_w)
+
+
+def rewrite_router_output(
+    fam: FamilySpec,
+    block: torch.nn.Module,
+    out: Any,
+    spec: RoutingSpec,
+    edit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Any:
+    """Forward hook body on a router whose output the block consumes (Llama4, JetMoE).
+
+    ``edit(ids, weights, logits)`` returns the new routing; the router output is rebuilt from it,
+    or ``None`` (keep the output) when ``edit`` returned its inputs.
+    """
+    ids, w = decode_router_output(fam, block, out, spec.top_k)
+    new_ids, new_w = edit(ids, w, router_logits(fam, out))
+    if new_ids is ids and new_w is w:
+        return None
+    return encode_router_output(fam, out, new_ids, new_w, spec.num_experts)
 
 
 def choice_scores(fam: FamilySpec, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -261,27 +303,38 @@ def choice_scores(fam: FamilySpec, router: torch.nn.Module, logits: torch.Tensor
 
 
 def rule_weights(
-    rule: WeightRule, logits: torch.Tensor, ids: torch.Tensor, excluded: torch.Tensor | None = None
+    rule: WeightRule,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    excluded: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights ``(n, k)`` float32 the family gives the chosen ``ids`` (n, k), from router ``logits`` (n, E).
 
     ``excluded`` (E,) bool marks disabled experts; only the sparsemixer uses it (its masked softmax
-    spans experts near the chosen logit, and a disabled one must not sit among them).
+    spans experts near the chosen logit, and a disabled one must not sit among them). ``valid``
+    (n, k) bool marks the slots a token really uses when tokens choose different numbers of
+    experts: the others get weight 0 and take no part in the normalisation (not for sparsemixer).
     """
     logits = logits.reshape(-1, logits.shape[-1]).float()  # (n, E)
     ids = ids.long()
+    if valid is not None and rule.score == "sparsemixer":
+        raise ConfigError("rule_weights: the sparsemixer rule takes no valid mask; weight each count apart")
     if rule.score == "softmax":
         w = logits.softmax(dim=-1).gather(1, ids)
     elif rule.score == "sigmoid":
         w = logits.sigmoid().gather(1, ids)
     elif rule.score == "softmax_chosen":
-        w = logits.gather(1, ids).softmax(dim=-1)
+        chosen = logits.gather(1, ids)
+        w = (chosen if valid is None else chosen.masked_fill(~valid, float("-inf"))).softmax(dim=-1)
     elif rule.score == "sparsemixer":
         return _sparsemixer_weights(logits, ids, excluded, rule.jitter_eps)
     else:
         raise ConfigError(
             f"weight rule score {rule.score!r} is not one of softmax, sigmoid, softmax_chosen, sparsemixer"
         )
+    if valid is not None:
+        w = torch.where(valid, w, 0.0)
     if rule.norm_p is not None:
         norm = (
             w.sum(-1, keepdim=True)

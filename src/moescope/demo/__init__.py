@@ -42,6 +42,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
                 "--lookahead",
                 "2",
                 "--logits",
+                "--token-text",
                 "--overwrite",
                 "-o",
                 trace,
@@ -116,7 +117,27 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             str(out / "evaluate-tiny-mixtral"),
         ]
     )
+    # Last: one self-contained HTML page of the fine-grained model's trace, its analyses and the
+    # predictor's hits and misses, token by token.
+    steps.append(
+        [
+            "report",
+            fine,
+            "--analysis",
+            str(out / "analysis-tiny-finegrained"),
+            "--predict",
+            model_file,
+            "-o",
+            str(report_path(out)),
+            "--overwrite",
+        ]
+    )
     return steps
+
+
+def report_path(out: Path) -> Path:
+    """Where the demo writes its HTML report."""
+    return Path(out) / "report.html"
 
 
 def run_in_subprocess(args: list[str]) -> None:
@@ -146,4 +167,5 @@ def run_demo(
         say(f"({time.perf_counter() - t0:.1f} s)")
     total = time.perf_counter() - start
     say(f"\ndemo finished in {total:.0f} s; everything is under {out}/")
+    say(f"open the report: {report_path(out)}")
     return total

@@ -47,7 +47,31 @@ IMPORT_FORMATS: dict[str, tuple[str, str]] = {
     ),
     "megatron-router-trace": (
         "moescope.interop.megatron",
-        "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices",
+        "Megatron-Core RouterTracer JSONL: step, layer, num_tokens, topk, top_indices (+ bf16 logits sidecar)",
+    ),
+    "vllm-routed-experts": (
+        "moescope.interop.vllm",
+        "vLLM routed experts: prompt_routed_experts + routed_experts from RequestOutput (.npz) or HTTP JSON",
+    ),
+    "sglang-expert-distribution": (
+        "moescope.interop.sglang",
+        "SGLang ExpertDistributionRecorder .pt dumps (per_token, per_pass, stat), read weights-only",
+    ),
+    "sglang-routed-experts": (
+        "moescope.interop.sglang_routed",
+        "SGLang return_routed_experts: base64 meta_info.routed_experts of /generate responses (JSON, JSONL)",
+    ),
+    "llama-cpp-moe-trace": (
+        "moescope.interop.llama_cpp",
+        "llama.cpp llama-moe-trace CSV: phase,token,layer,rank,expert (one row per routed activation)",
+    ),
+    "flame-moe-parquet": (
+        "moescope.interop.flame",
+        "FLAME-MoE-Traces Parquet: actives/iter_N/layer_NN.parquet (indices, scores) + samples/*.parquet",
+    ),
+    "tensorrt-llm-expert-statistic": (
+        "moescope.interop.tensorrt_llm",
+        "TensorRT-LLM expert statistics: meta_info.json + rank*.safetensors per-expert counts (counts only)",
     ),
 }
 
@@ -127,7 +151,7 @@ def import_log(
     if isinstance(paths, str | Path):
         paths = [paths]
     left = f"{out} as it was (the import writes into a temporary folder the next import removes)"
-    with claim(out, "trace", overwrite=overwrite, inputs=[*paths, opts.text], left=left):
+    with claim(out, "trace", overwrite=overwrite, inputs=[*paths, opts.text, opts.expert_map], left=left):
         got = mod.read(list(paths), opts)
         write_documents(
             out,
@@ -141,6 +165,7 @@ def import_log(
             report=got.report,
             tokenizer=got.tokenizer,
             overwrite=overwrite,
+            counts=got.counts,
         )
     return Trace.open(out)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from moescope.cli_utils import JsonOpt, TraceArg, emit
+from moescope.cli_utils import JsonOpt, OverwriteOpt, TraceArg, emit
 from moescope.interop import EXPORT_FORMATS, FORMAT_ALIASES, IMPORT_FORMATS, known_models
 
 
@@ -47,7 +47,9 @@ def _import_help() -> str:
         " stored as missing and listed in the manifest's source section. Layouts: docs/interop.md.\n\n"
         "Example: moescope import routing-records-jsonl humaneval_2_routing.jsonl -o runs/mixtral-he"
         " --text humaneval_2_outputs.jsonl --tokenizer mistral-common:tokenizer.model.v1\n\n"
-        "Example: moescope import moe-beyond training_data_eamc_prompts_0001-1000.tar.xz -o runs/dsv2-puffin"
+        "Example: moescope import moe-beyond training_data_eamc_prompts_0001-1000.tar.xz -o runs/dsv2-puffin\n\n"
+        "Example: moescope import sglang-expert-distribution dumps/ -o runs/sglang --model qwen3-30b-a3b\n\n"
+        "Example: moescope import tensorrt-llm-expert-statistic expert_statistic/ -o runs/trt --num-experts 64"
     )
 
 
@@ -112,6 +114,15 @@ def import_cmd(
         help="routing-records-jsonl: a series shorter than its document had a record dropped and later token_idx"
         " renumbered; 'mask' it whole, or 'keep-prefix' (only if records can only be lost at the end).",
     ),
+    expert_map: Path | None = typer.Option(
+        None,
+        "--expert-map",
+        help="Engines with redundant experts (SGLang EPLB, TensorRT-LLM load balancer): a (layers, physical)"
+        " physical-to-logical map (.npy, .json or .pt) to map logged physical slots back to experts.",
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="flame-moe-parquet: tokens per training sequence (one document each)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace at --output."),
     json_out: JsonOpt = False,
 ) -> None:
@@ -131,6 +142,8 @@ def import_cmd(
         "tokenizer": tokenizer,
         "text": text,
         "short_series": short_series.value,
+        "expert_map": expert_map,
+        "seq_len": seq_len,
     }
     tr = import_log(format.value, paths, output, overwrite=overwrite, **options)
     source = tr.manifest["source"]
@@ -150,11 +163,15 @@ def import_cmd(
         "masked_cells": report["masked_cells"],
         "masked_series": report["masked_series"],
         "notes": report["notes"],
+        "counts_only": "counts" in tr.manifest,
     }
     text_out = (
         f"{output}: {result['tokens']} tokens in {docs} documents; top-{r.top_k} of {r.num_experts},"
         f" {r.num_moe_layers} MoE layers {r.moe_layers[0]}..{r.moe_layers[-1]}, slot order {result['slot_order']}"
     )
+    if "counts" in tr.manifest:
+        routed = max(tr.manifest["counts"]["tokens"], default=0)
+        text_out += f"; counts only: {routed} tokens routed (busiest layer), no token rows"
     summary = ImportReport.from_dict(report).summary()
     emit(result, json_out, text=text_out + ("\n" + summary if summary else "\nno record problems"))
 
@@ -179,21 +196,24 @@ def export_cmd(
         "--tokens",
         help="token-journeys-jsonl: positions START END (END excluded), like extract_tokens.py.",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output."),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a trace (help text: ``_export_help``, with the formats and examples)."""
     from moescope.errors import ConfigError
     from moescope.interop import canonical_format, export_trace
     from moescope.interop.common import parse_index_list
+    from moescope.trace.outputs import claim
 
-    options: dict = {"overwrite": overwrite}
+    options: dict = {"overwrite": True}  # the output guard below decides what may be replaced
     if documents is not None:
         options["documents"] = parse_index_list(documents, "--documents")
     if tokens is not None:
         if canonical_format(format.value) != "token-journeys-jsonl":
             raise ConfigError(f"option --tokens does not apply to format {format.value!r}")
         options["tokens"] = tokens
-    result = export_trace(format.value, trace, output, **options)
+    kind = "folder" if canonical_format(format.value) == "token-journeys-jsonl" else "file"
+    with claim(output, kind, overwrite=overwrite, inputs=[trace]):
+        result = export_trace(format.value, trace, output, **options)
     parts = ", ".join(f"{v} {k}" for k, v in result.items() if isinstance(v, int))
     emit(result, json_out, text=f"{output}: wrote {parts} ({format.value})")

@@ -136,6 +136,9 @@ class ImportOptions:
     text : seed 004 outputs JSONL (``problem_id``, ``generated``) whose tokens are the routed ones.
     short_series : ``"mask"`` (default) or ``"keep-prefix"``: what to do with a series that is
         shorter than its document when the log renumbers its token counter after a dropped record.
+    expert_map : engine logs with redundant experts: a ``(layers, physical)`` physical-to-logical
+        map (``.npy``, ``.json`` or ``.pt``) that maps the logged physical slots to logical experts.
+    seq_len : FLAME-MoE traces: tokens per training sequence, to cut the token stream into documents.
     """
 
     model: str | None = None
@@ -149,6 +152,8 @@ class ImportOptions:
     tokenizer: str | None = None
     text: str | Path | None = None
     short_series: str = "mask"
+    expert_map: str | Path | None = None
+    seq_len: int | None = None
 
 
 @dataclass
@@ -450,13 +455,15 @@ def write_documents(
     tokenizer: dict[str, Any] | None = None,
     overwrite: bool = False,
     shard_rows: int = 65536,
+    counts: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``documents`` (increasing ``doc_id``) to the trace ``out``, atomically.
 
     The trace is built in ``.<name>.<uuid8>.incomplete`` beside ``out`` and renamed into place at the
     end, so a failed import never leaves a half-written trace; ``source`` gets the report's counts.
     ``source["slot_order"]`` (``"rank"`` or ``"set"``, default ``"rank"``; the importer may settle it
-    while reading) becomes the trace's ``routing.slot_order``.
+    while reading) becomes the trace's ``routing.slot_order``. ``counts`` (a counts-only log, see
+    :func:`counts_section`) becomes the manifest's ``counts`` section; such a trace has no rows.
     """
     from moescope.trace.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir, remove_leftovers
     from moescope.trace.writer import TraceWriter
@@ -513,6 +520,8 @@ def write_documents(
             {"name": name, "labels": [name], "documents": n} for name, n in labels.items()
         ]
         writer.set_slot_order(source.get("slot_order", "rank"))
+        if counts is not None:
+            writer.manifest["counts"] = counts
         rest = {key: value for key, value in source.items() if key != "slot_order"}
         writer.manifest["source"] = {**rest, "report": report.to_dict()}
         writer.close()
@@ -689,6 +698,21 @@ class Imported:
     token_text: bool = False
     tokenizer: dict[str, Any] | None = None
     doc_loss: bool = False
+    counts: dict[str, Any] | None = None  # a counts-only log: the manifest's ``counts`` section
+
+
+def counts_section(assignments: np.ndarray, tokens: np.ndarray, summed_over: str) -> dict[str, Any]:
+    """The manifest's ``counts`` section of a counts-only trace (docs/trace-format.md).
+
+    ``assignments`` ``(L, E)``: how many top-k slots chose each expert at each MoE layer column,
+    all slots counted; ``tokens`` ``(L,)``: tokens routed at each column; ``summed_over`` says what
+    the engine's records were summed over (steps, ranks).
+    """
+    a = np.asarray(assignments, np.int64)
+    t = np.asarray(tokens, np.int64)
+    if a.ndim != 2 or t.shape != (a.shape[0],) or (a < 0).any() or (t < 0).any():
+        raise DataError(f"counts must be non-negative, (L, E) and (L,); got {a.shape} and {t.shape}")
+    return {"assignments": a.tolist(), "tokens": t.tolist(), "summed_over": summed_over}
 
 
 def locator(

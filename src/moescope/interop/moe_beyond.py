@@ -78,11 +78,13 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     facts = resolve_facts(opts, DEFAULT_MODEL, where=str(paths[0]) if paths else NAME)
     report = ImportReport()
     parsed: dict[str, _Parsed] = {}
+    origin: dict[str, Path] = {}  # member -> the input (file, folder or archive) it came from
     batch: list[tuple[str, bytes]] = []
     size = 0
-    for name, data in read_ahead_iter(_members([Path(p) for p in paths]), 64):
+    for name, data, src in read_ahead_iter(_members([Path(p) for p in paths]), 64):
         if name in parsed or any(name == b[0] for b in batch):
             raise DataError(f"{name}: given twice")
+        origin[name] = src
         batch.append((name, data))
         size += len(data)
         if size >= CHUNK_BYTES:
@@ -101,7 +103,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         names, ids = [names[i] for i in order], [ids[i] for i in order]
     else:
         ids = list(range(len(names)))
-    label = default_label(opts, None, Path(paths[0]))
+    labels = {name: default_label(opts, None, origin[name]) for name in names}
     vocab = None
     if opts.tokenizer is not None:
         from moescope.interop.vocab import load_vocab
@@ -139,22 +141,27 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
                     report.add(
                         "unknown_piece", missing, f"{name}: piece {p.tokens[int(np.argmax(token_id < 0))]!r}"
                     )
-            yield RoutedDocument(doc_id, label, np.arange(n), p.experts, token_id=token_id, token=p.tokens)
+            yield RoutedDocument(
+                doc_id, labels[name], np.arange(n), p.experts, token_id=token_id, token=p.tokens
+            )
 
     return Imported(
         facts, documents(), report, source, token_text=True, tokenizer=vocab.describe() if vocab else None
     )
 
 
-def _members(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of every CSV: plain files, files in folders, members of tar archives (one pass)."""
+def _members(paths: list[Path]) -> Iterator[tuple[str, bytes, Path]]:
+    """``(name, bytes, input)`` of every CSV: plain files, files in folders, members of tar archives (one pass).
+
+    ``input`` is the path given (file, folder or archive): each document's label is named after it.
+    """
     for p in paths:
         if p.is_dir():
             files = sorted((q for q in p.rglob("*.csv") if q.is_file()), key=natural_key)
             if not files:
                 raise DataError(f"{p}: folder holds no .csv files")
             for q in files:
-                yield str(q), q.read_bytes()
+                yield str(q), q.read_bytes(), p
         elif p.is_file() and (".tar" in p.name or p.suffix in (".tgz", ".txz")):
             try:
                 with tarfile.open(p, "r:*") as tar:
@@ -162,11 +169,11 @@ def _members(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
                         if m.isfile() and m.name.endswith(".csv"):
                             f = tar.extractfile(m)
                             if f is not None:
-                                yield f"{p}!{m.name}", f.read()
+                                yield f"{p}!{m.name}", f.read(), p
             except (tarfile.TarError, EOFError, OSError) as exc:
                 raise DataError(f"{p}: not a readable tar archive ({exc})") from None
         elif p.is_file():
-            yield str(p), p.read_bytes()
+            yield str(p), p.read_bytes(), p
         else:
             raise DataError(f"{p}: no such file or folder")
 

@@ -288,6 +288,7 @@ def seed004_extract(
         " renumbered; 'mask' leaves it out of every journey, 'keep-prefix' keeps it as logged (only if"
         " records can only be lost at the end). Same choices as moescope import.",
     ),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Extract token journeys (one file per token, one record per layer) from seed 004's raw JSONL.
@@ -295,8 +296,13 @@ def seed004_extract(
     Example: moescope predict seed004 extract humaneval_2_routing.jsonl --problem 0 --tokens 0 10 -o journeys/
     """
     from moescope.predict.seed004 import extract_journeys
+    from moescope.trace.outputs import claim
 
-    files, short = extract_journeys(raw, problem, tokens[0], tokens[1], output_dir, short_series=short_series)
+    names = [f"p{problem}_token_{t}.jsonl" for t in range(tokens[0], tokens[1])]
+    with claim(output_dir, "folder", overwrite=overwrite, inputs=[raw], option="--output-dir", names=names):
+        files, short = extract_journeys(
+            raw, problem, tokens[0], tokens[1], output_dir, short_series=short_series
+        )
     if short:
         what = "left out of every journey" if short_series == "mask" else "kept as logged (keep-prefix)"
         listed = ", ".join(
@@ -329,6 +335,7 @@ def seed004_create(
     files: list[Path] = typer.Argument(..., help="Training token journey files.", show_default=False),
     output: Path = typer.Option(Path("rules.json"), "--output", "-o", help="Rules JSON to write."),
     num_experts: int = typer.Option(8, "--num-experts", help="Experts per layer (for the random baseline)."),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create majority-vote rules of levels 1-5 from token journeys.
@@ -337,10 +344,11 @@ def seed004_create(
     """
     from moescope.predict.seed004 import create_rules
     from moescope.trace.atomic import atomic_write_json
+    from moescope.trace.outputs import claim
 
     rules = create_rules(files, num_experts=num_experts)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output, rules)
+    with claim(output, "file", overwrite=overwrite, inputs=files):
+        atomic_write_json(output, rules)
     counts = {f"level{i}": len(rules[f"level{i}"]) for i in range(1, 5)}
     counts.update({f"level5_k{k}": len(v) for k, v in rules["level5"].items()})
     emit(
@@ -366,6 +374,7 @@ def seed004_evaluate(
         None, help="More test files (what follows the first --test file).", show_default=False
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the results JSON here."),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate rules on test journeys: correct / total / accuracy / vs random per level, best level.
@@ -377,6 +386,8 @@ def seed004_evaluate(
 
     doc = evaluate_rules(load_rules(rules), [*test, *(more or [])], rules_file=rules.name)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output, doc)
+        from moescope.trace.outputs import claim
+
+        with claim(output, "file", overwrite=overwrite, inputs=[rules, *test, *(more or [])]):
+            atomic_write_json(output, doc)
     emit(doc, json_out, text=format_results(doc))

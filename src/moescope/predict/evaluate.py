@@ -18,7 +18,7 @@ from moescope.core.estimator import plain_params
 from moescope.errors import ConfigError, DataError
 from moescope.predict.base import BasePredictor
 from moescope.predict.metrics import bootstrap_ratio_ci, metric_names, random_baselines, score_metrics
-from moescope.predict.queries import iter_contexts, mode_name
+from moescope.predict.queries import iter_contexts, mode_name, refuse_padded_rows
 from moescope.trace.reader import Trace
 from moescope.trace.split import split_documents as split_documents  # re-exported: predict.split_documents
 
@@ -121,6 +121,7 @@ def evaluate_many(
         ndocs_seen.update(np.unique(ctx.doc_id).tolist())
         for layer in range(L):
             actual = ctx.actual[:, layer]
+            refuse_padded_rows(trace, actual, ctx.missing, "prediction")
             valid = ~(actual == ctx.missing).any(axis=1)
             if not valid.any():
                 continue

@@ -377,6 +377,23 @@ def scatter_counts(
     return out.astype(np.float32).reshape(*shape, num_experts)
 
 
+def refuse_padded_rows(trace: Trace, actual: np.ndarray, missing: int, reader: str) -> None:
+    """A clear error where a strategy trace (``capture.variable_k``) has rows padded with the sentinel.
+
+    Such a row holds fewer experts than the storage width; this reader scores fixed-size sets and
+    would count the row as missing routing, so it refuses rather than drop it silently.
+    """
+    if not trace.manifest.get("capture", {}).get("variable_k"):
+        return
+    pad = actual == missing
+    if bool((pad.any(-1) & ~pad.all(-1)).any()):
+        raise ConfigError(
+            f"{trace.path}: a variable-k strategy trace ({trace.manifest['capture'].get('strategy')}): tokens"
+            f" use fewer experts than its width {actual.shape[-1]}, and {reader} reads fixed-size expert sets;"
+            " capture without --strategy (or with topk at the model's k) for it"
+        )
+
+
 def iter_labelled(
     trace: Trace,
     modes: list[int],
@@ -393,6 +410,7 @@ def iter_labelled(
     for ctx in iter_contexts(trace, window=window, lookahead=lookahead, batch_size=batch_size):
         for layer in range(ctx.num_layers):
             actual = ctx.actual[:, layer]  # (n, k)
+            refuse_padded_rows(trace, actual, ctx.missing, "prediction")
             valid = ~(actual == ctx.missing).any(axis=1)
             for d in modes:
                 yield ctx.queries(layer, d), actual, valid

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from moescope.cli_utils import JsonOpt, TraceArg, emit
+from moescope.cli_utils import JsonOpt, OverwriteOpt, TraceArg, emit
 from moescope.errors import ConfigError
 
 
@@ -84,6 +84,7 @@ def simulate_cmd(
     do_sweep: bool = typer.Option(
         False, "--sweep", help="Also sweep cache size x policy (and budgets 1..2k when prefetching)."
     ),
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Replay a trace through an expert cache, a prefetcher and a timing model.
@@ -98,85 +99,88 @@ def simulate_cmd(
     from moescope.simulate.policies import make_policy
     from moescope.simulate.prefetch import make_prefetcher
     from moescope.simulate.sweep import plot_sweep, sweep
+    from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace
 
     if train is not None and fit_on_replayed:
         raise ConfigError("--train and --fit-on-replayed exclude each other: choose one")
-    tr = Trace.open(trace)
-    fit_tr = Trace.open(train) if train is not None else (REPLAYED if fit_on_replayed else None)
-    dep = get_preset(preset).replace(compute_ms_per_layer=compute_ms, link_efficiency=link_efficiency)
-    if expert_params is not None:
-        from moescope.simulate.deployment import BYTES_PER_PARAM
+    with claim(output, "simulation", overwrite=overwrite, inputs=[trace, train]):
+        tr = Trace.open(trace)
+        fit_tr = Trace.open(train) if train is not None else (REPLAYED if fit_on_replayed else None)
+        dep = get_preset(preset).replace(compute_ms_per_layer=compute_ms, link_efficiency=link_efficiency)
+        if expert_params is not None:
+            from moescope.simulate.deployment import BYTES_PER_PARAM
 
-        if dtype not in BYTES_PER_PARAM:
-            raise ConfigError(f"--dtype {dtype!r} is unknown; use one of {', '.join(BYTES_PER_PARAM)}")
-        cost = ModelCost(expert_params=expert_params, bytes_per_param=BYTES_PER_PARAM[dtype], top_k=tr.top_k)
-    else:
-        name = model or tr.manifest.get("model", {}).get("id")
-        if not name:
-            raise ConfigError(f"{trace}: the trace names no model: pass --model or --expert-params")
-        try:
-            cost = model_cost(name, dtype)
-        except ConfigError as exc:
-            raise ConfigError(f"--model {name!r}: {exc}; pass --model or --expert-params") from None
-    cap = cache_capacity(
-        dep,
-        cost,
-        tr.num_layers,
-        tr.num_experts,
-        experts=cache_experts,
-        fraction=cache_fraction,
-        gb=cache_gb,
-        shared=shared,
-    )
-    pf = None if prefetch == "none" else make_prefetcher(prefetch, distance=distance, budget=budget)
-    if fit_tr is None and (do_sweep or learns_from_trace(make_policy(policy)) or learns_from_trace(pf)):
-        raise ConfigError(
-            "the prefetcher or cache policy (or the sweep's static pinning) learns from a trace: pass"
-            " --train TRAIN_TRACE (e.g. the train half of `moescope split`) or --fit-on-replayed"
-        )
-    res = simulate(
-        tr,
-        make_policy(policy),
-        cap,
-        dep,
-        cost,
-        shared=shared,
-        prefetcher=pf,
-        mode=mode,
-        batch_size=batch_size,
-        reset=reset,
-        fit_trace=fit_tr,
-    )
-    output.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "trace": str(trace),
-        "fit_on": str(train) if train is not None else ("replayed trace" if fit_on_replayed else None),
-        "deployment": dep.to_dict(),
-        "expert_bytes": cost.expert_bytes,
-        **res.summary(),
-    }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    res.per_layer().write_csv(output / "per_layer.csv")
-    if do_sweep:
-        pfs = [None]
-        if prefetch != "none":
-            k = tr.top_k
-            pfs += [make_prefetcher(prefetch, distance=distance, budget=m) for m in sorted({k, 2 * k})]
-        df = sweep(
-            tr,
+            if dtype not in BYTES_PER_PARAM:
+                raise ConfigError(f"--dtype {dtype!r} is unknown; use one of {', '.join(BYTES_PER_PARAM)}")
+            cost = ModelCost(
+                expert_params=expert_params, bytes_per_param=BYTES_PER_PARAM[dtype], top_k=tr.top_k
+            )
+        else:
+            name = model or tr.manifest.get("model", {}).get("id")
+            if not name:
+                raise ConfigError(f"{trace}: the trace names no model: pass --model or --expert-params")
+            try:
+                cost = model_cost(name, dtype)
+            except ConfigError as exc:
+                raise ConfigError(f"--model {name!r}: {exc}; pass --model or --expert-params") from None
+        cap = cache_capacity(
             dep,
             cost,
-            prefetchers=pfs,
+            tr.num_layers,
+            tr.num_experts,
+            experts=cache_experts,
+            fraction=cache_fraction,
+            gb=cache_gb,
+            shared=shared,
+        )
+        pf = None if prefetch == "none" else make_prefetcher(prefetch, distance=distance, budget=budget)
+        if fit_tr is None and (do_sweep or learns_from_trace(make_policy(policy)) or learns_from_trace(pf)):
+            raise ConfigError(
+                "the prefetcher or cache policy (or the sweep's static pinning) learns from a trace: pass"
+                " --train TRAIN_TRACE (e.g. the train half of `moescope split`) or --fit-on-replayed"
+            )
+        res = simulate(
+            tr,
+            make_policy(policy),
+            cap,
+            dep,
+            cost,
+            shared=shared,
+            prefetcher=pf,
             mode=mode,
             batch_size=batch_size,
-            shared=shared,
             reset=reset,
             fit_trace=fit_tr,
         )
-        df.write_csv(output / "sweep.csv")
-        plot_sweep(df, output / "sweep", {"trace": str(trace), "preset": preset, "mode": mode})
-        summary["sweep"] = str(output / "sweep.csv")
+        summary = {
+            "trace": str(trace),
+            "fit_on": str(train) if train is not None else ("replayed trace" if fit_on_replayed else None),
+            "deployment": dep.to_dict(),
+            "expert_bytes": cost.expert_bytes,
+            **res.summary(),
+        }
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        res.per_layer().write_csv(output / "per_layer.csv")
+        if do_sweep:
+            pfs = [None]
+            if prefetch != "none":
+                k = tr.top_k
+                pfs += [make_prefetcher(prefetch, distance=distance, budget=m) for m in sorted({k, 2 * k})]
+            df = sweep(
+                tr,
+                dep,
+                cost,
+                prefetchers=pfs,
+                mode=mode,
+                batch_size=batch_size,
+                shared=shared,
+                reset=reset,
+                fit_trace=fit_tr,
+            )
+            df.write_csv(output / "sweep.csv")
+            plot_sweep(df, output / "sweep", {"trace": str(trace), "preset": preset, "mode": mode})
+            summary["sweep"] = str(output / "sweep.csv")
     text = (
         f"{res.policy} + {res.prefetcher}: hit rate {summary['hit_rate']:.3f}, "
         f"{summary['bytes_moved'] / 1e9:.2f} GB moved ({summary['wasted_prefetch_bytes'] / 1e9:.2f} GB wasted), "

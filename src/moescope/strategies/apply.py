@@ -7,9 +7,14 @@ encoded back. A strategy returns the experts each token uses; this module turns 
 the block consumes:
 
 - the kept experts, ranked (the model's own choice first), fill the first ``count`` slots of an
-  ``(N, K)`` call, ``K`` the largest count in the batch; the other slots repeat the token's first
-  expert with weight 0, which adds exactly nothing (x + 0 == x), so tokens may use 0..E experts;
-- kept experts are weighted by the family's own rule (:func:`moescope.ablate.hooks.rule_weights`:
+  ``(N, K)`` call, ``K`` the largest count in the batch; the other slots are padding with weight 0,
+  which adds exactly nothing (x + 0 == x), so tokens may use 0..E experts. Padding repeats the
+  token's first expert. Padded slots are not computed: where a batch has padding, the experts call
+  is *compacted* to one row per kept (token, expert) pair (``hidden[token]``, ids and weights of
+  width 1) and a forward hook adds the rows back per token, so the experts module does the work of
+  the mean count, not the batch's largest (:func:`compaction_ok` checks each experts class once;
+  Llama4's dense experts and JetMoE's router-side layout keep the zero-weight slots);
+- kept experts are weighted by the family's own rule (:func:`moescope.core.routing.rule_weights`:
   Mixtral's renormalised softmax, DeepSeek-V3's unbiased sigmoid normalised and scaled, ...), or
   keep the model's weights for ``drop``-style strategies (``mask``, ``skip``);
 - a token whose set equals the model's own keeps its exact ids and weights, in their slot order, so
@@ -32,10 +37,10 @@ from moescope.core.routing import (
     HookSet,
     call_arg,
     choice_scores,
-    decode_router_output,
-    encode_router_output,
     moe_sites,
     replace_arg,
+    rewrite_experts_call,
+    rewrite_router_output,
     routing_spec,
     rule_weights,
 )
@@ -66,9 +71,16 @@ def model_facts(model_or_spec: Any) -> ModelFacts:
 
 
 def materialise(
-    strategy: Any, rule: Any, routing: Routing, ids: torch.Tensor, weights: torch.Tensor
+    strategy: Any,
+    rule: Any,
+    routing: Routing,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
 ) -> Applied:
-    """Turn ``strategy.select(routing)`` into the ``(N, K)`` ids and weights the block consumes."""
+    """Turn ``strategy.select(routing)`` into the ``(N, K)`` ids and weights the block consumes.
+
+    Padding slots (beyond each token's ``count``) repeat the token's first expert with weight 0.
+    """
     keep = strategy.select(routing)
     if strategy.min_experts > 0:
         keep = keep | torch.zeros_like(keep).scatter(1, routing.probs.argmax(1, keepdim=True), True) & (
@@ -90,7 +102,9 @@ def materialise(
     valid = torch.arange(K, device=sel.device).reshape(1, K) < count.reshape(-1, 1)
     sel = torch.where(valid, sel, sel[:, :1])
     w = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
-    if strategy.reweight:
+    if strategy.reweight and rule.score != "sparsemixer":  # one masked call for every count
+        w = rule_weights(rule, routing.logits, sel, valid=valid)
+    elif strategy.reweight:
         for c in torch.unique(count).tolist():
             rows = (count == c).nonzero().squeeze(1)
             if c > 0 and rows.numel():
@@ -160,6 +174,9 @@ class StrategyRouter(HookSet):
         self._strategies = [self.plan.by_layer.get(layer) for layer in self.spec.moe_layers]
         self._logits: list[torch.Tensor | None] = [None] * L
         self.applied: list[Applied | None] = [None] * L
+        self._last: list[Applied | None] = [None] * L  # the edit the experts call is about to use
+        self._compact = [False] * L  # layers whose experts call is compacted (set on install)
+        self._scatter: list[tuple[torch.Tensor, int] | None] = [None] * L  # (token of each row, N)
         self._init_hooks()
 
     def __exit__(self, *exc: object) -> None:
@@ -170,6 +187,7 @@ class StrategyRouter(HookSet):
 
     def _install(self) -> None:
         fam = self.family
+        checked: dict[type, bool] = {}
         for j, (block, router) in enumerate(zip(self._blocks, self._routers, strict=True)):
             if self._strategies[j] is None and not self.record:
                 continue
@@ -177,12 +195,25 @@ class StrategyRouter(HookSet):
                 experts = getattr(block, fam.experts, None) if fam.experts else None
                 if experts is None:
                     raise ConfigError(f"{self.spec.module_paths[j]}: no {fam.experts!r} module to hook")
-                self._handles.append(
-                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True, prepend=True)
+                if self._strategies[j] is not None:
+                    if type(experts) not in checked:
+                        checked[type(experts)] = compaction_ok(experts, fam)
+                    self._compact[j] = checked[type(experts)]
+                    if self._compact[j]:
+                        self._handles.append(
+                            experts.register_forward_hook(self._scatter_hook(j), prepend=True)
+                        )
+                self._handles.append(  # after hooks already there: they see the model's own call
+                    experts.register_forward_pre_hook(self._experts_hook(j), with_kwargs=True)
                 )
                 self._handles.append(router.register_forward_hook(self._logits_hook(j), prepend=True))
             else:
-                self._handles.append(router.register_forward_hook(self._router_hook(j, block), prepend=True))
+                self._handles.append(router.register_forward_hook(self._router_hook(j, block)))
+
+    def _remove(self) -> None:
+        super()._remove()
+        L = self.spec.num_moe_layers
+        self._compact, self._scatter, self._last = [False] * L, [None] * L, [None] * L
 
     def edit(self, j: int, ids: torch.Tensor, w: torch.Tensor, logits: torch.Tensor | None) -> Applied:
         """The routing MoE layer ``j`` (0..L-1) uses instead of the model's ``ids``/``w``."""
@@ -209,40 +240,69 @@ class StrategyRouter(HookSet):
         return hook
 
     def _experts_hook(self, j: int):
-        fam = self.family
+        path = self.spec.module_paths[j]
 
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-            ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
-            w = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
-            if ids is None or w is None:
-                raise ConfigError(
-                    f"{self.spec.module_paths[j]}.{fam.experts}: call carries no {fam.index_kwarg}/{fam.weights_kwarg}"
-                )
+        def edit(ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             out = self.edit(j, ids, w, self._logits[j])
             self._logits[j] = None
+            self._last[j] = out
             if self.record:
                 self.applied[j] = _detached(out)
-            if out.ids is ids and out.weights is w:
-                return None
-            args, kwargs = replace_arg(args, kwargs, fam.index_arg, fam.index_kwarg, out.ids)
-            args, kwargs = replace_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg, out.weights)
+            return out.ids, out.weights
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            self._scatter[j] = None
+            call = rewrite_experts_call(self.family, path, args, kwargs, edit)
+            if call is None or not self._compact[j]:
+                return call
+            return self._compacted(j, *call)
+
+        return hook
+
+    def _compacted(self, j: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The experts call with one row per kept (token, expert) pair; padding slots dropped."""
+        fam = self.family
+        ids = call_arg(args, kwargs, fam.index_arg, fam.index_kwarg)
+        w = call_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg)
+        hidden = args[0] if args else None
+        a = self._last[j]
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] != ids.shape[0]:
             return args, kwargs
+        K = ids.shape[1]
+        valid = torch.arange(K, device=ids.device).reshape(1, K) < a.count.reshape(-1, 1).to(ids.device)
+        if bool(valid.all()) or not bool(valid.any()):  # nothing padded, or no row to run
+            return args, kwargs
+        tok, slot = valid.nonzero(as_tuple=True)
+        self._scatter[j] = (tok, hidden.shape[0])
+        args = (hidden[tok], *args[1:])
+        args, kwargs = replace_arg(
+            args, kwargs, fam.index_arg, fam.index_kwarg, ids[tok, slot].reshape(-1, 1)
+        )
+        return replace_arg(args, kwargs, fam.weights_arg, fam.weights_kwarg, w[tok, slot].reshape(-1, 1))
+
+    def _scatter_hook(self, j: int):
+        def hook(module: torch.nn.Module, args: tuple, out: Any):
+            sc, self._scatter[j] = self._scatter[j], None
+            if sc is None:
+                return None
+            tok, n = sc
+            rows = out[0] if isinstance(out, tuple) else out
+            full = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_add_(
+                0, tok, rows
+            )
+            return (full, *out[1:]) if isinstance(out, tuple) else full
 
         return hook
 
     def _router_hook(self, j: int, block: torch.nn.Module):
-        fam = self.family
-        E, k = self.spec.num_experts, self.spec.top_k
-
-        def hook(module: torch.nn.Module, args: tuple, out: Any):
-            ids, w = decode_router_output(fam, block, out, k)
-            logits = out if fam.logits_index is None else out[fam.logits_index]
+        def edit(ids: torch.Tensor, w: torch.Tensor, logits: torch.Tensor):
             res = self.edit(j, ids, w, logits)
             if self.record:
                 self.applied[j] = _detached(res)
-            if res.ids is ids and res.weights is w:
-                return None
-            return _encode(fam, out, res.ids, res.weights, E)
+            return res.ids, res.weights
+
+        def hook(module: torch.nn.Module, args: tuple, out: Any):
+            return rewrite_router_output(self.family, block, out, self.spec, edit)
 
         return hook
 
@@ -262,17 +322,39 @@ class StrategyRouter(HookSet):
         return np.array(out)
 
 
+def compaction_ok(experts: torch.nn.Module, fam: Any) -> bool:
+    """Whether ``experts`` computes each (token, slot) row independently, so a call can be compacted.
+
+    Probed once per experts class on three tokens, calling the class's forward directly (no hook
+    fires): the ``(3, 2)`` call must equal the sum, per token, of the ``(6, 1)`` call over its rows.
+    """
+    params = [p for p in experts.parameters() if p.is_floating_point()]
+    hidden = getattr(getattr(experts, "config", None), "hidden_size", None)
+    E = getattr(experts, "num_experts", None)
+    if not params or params[0].device.type == "meta" or not isinstance(hidden, int) or not isinstance(E, int):
+        return False
+    p = params[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, hidden, generator=g).to(p.device, p.dtype)
+    ids = torch.tensor([[0, 1], [min(2, E - 1), 0], [1, E - 1]], device=p.device)
+    w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]], device=p.device, dtype=p.dtype)
+
+    def call(h: torch.Tensor, i: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        args: list[Any] = [h, None, None]
+        args[fam.index_arg], args[fam.weights_arg] = i, v
+        out = type(experts).forward(experts, *args)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        with torch.no_grad():
+            full = call(x, ids, w)
+            tok = torch.arange(3, device=p.device).repeat_interleave(2)
+            rows = call(x[tok], ids.reshape(-1, 1), w.reshape(-1, 1))
+            summed = torch.zeros_like(full).index_add_(0, tok, rows)
+        return full.shape == summed.shape and bool(torch.allclose(full, summed, rtol=1e-4, atol=1e-5))
+    except Exception:  # a module that is not row-wise keeps its padded call
+        return False
+
+
 def _detached(a: Applied) -> Applied:
     return Applied(a.ids.detach(), a.weights.detach(), a.count.detach())
-
-
-def _encode(fam: Any, out: Any, ids: torch.Tensor, w: torch.Tensor, num_experts: int) -> Any:
-    """The router output a Llama4/JetMoE block consumes, rebuilt from ``ids``/``w`` (N, K).
-
-    Padding slots repeat a kept id with weight 0, so dense scores are built by adding.
-    """
-    if fam.selection == "router_dense_scores":
-        scores = torch.zeros_like(out[0]).scatter_add(1, ids.long(), w.to(out[0].dtype))
-        return (scores, *tuple(out[1:]))
-
-    return encode_router_output(fam, out, ids, w, num_experts)

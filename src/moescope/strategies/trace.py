@@ -10,6 +10,7 @@ token's experts as the slots that are not the sentinel.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ def storage_width(router: StrategyRouter) -> int:
     if len(router.plan.by_layer) < spec.num_moe_layers:
         widths.append(spec.top_k)
     return max(widths)
+
+
+def storage_spec(router: StrategyRouter, width: int) -> RoutingSpec:
+    """The model's :class:`RoutingSpec` with ``top_k`` the storage width of a strategy trace."""
+    return dataclasses.replace(
+        router.spec,
+        top_k=width,
+        moe_layers=list(router.spec.moe_layers),
+        module_paths=list(router.spec.module_paths),
+    )
+
+
+def manifest_entries(router: StrategyRouter) -> dict[str, Any]:
+    """What a strategy trace's manifest ``capture`` section records about the strategy."""
+    return {"strategy": router.plan.spec, "model_top_k": router.spec.top_k, "variable_k": True}
 
 
 def applied_arrays(router: StrategyRouter, keep: torch.Tensor, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,28 +100,13 @@ class StrategyTraceWriter:
     ) -> None:
         self.router = router
         self.width = storage_width(router)
-        s = router.spec
-        spec = RoutingSpec(
-            num_experts=s.num_experts,
-            top_k=self.width,
-            moe_layers=list(s.moe_layers),
-            family=s.family,
-            router_kind=s.router_kind,
-            n_shared_experts=s.n_shared_experts,
-            num_hidden_layers=s.num_hidden_layers,
-            module_paths=list(s.module_paths),
-            dtype=s.dtype,
-        )
+        spec = storage_spec(router, self.width)
         self.writer = TraceWriter.create(
             directory,
             spec,
             columns=default_columns(weights=True),
             model=model or {},
-            capture={
-                "strategy": router.plan.spec,
-                "model_top_k": s.top_k,
-                "variable_k": True,
-            },
+            capture=manifest_entries(router),
             source={"tool": tool},
             overwrite=overwrite,
         )
@@ -132,52 +133,73 @@ class StrategyRecorder:
     """The capture engine's recorder interface (``spec``, ``lookahead_columns``, ``run``) under a strategy.
 
     ``run`` returns ``experts``/``weights`` ``(n, L, K)`` over the valid tokens, K the storage width,
-    sentinel-padded as the module docstring says; ``spec.top_k`` is K. Router logits and gate
-    lookahead are not recorded under a strategy.
+    sentinel-padded as the module docstring says; ``spec.top_k`` is K. With ``logits``,
+    ``lookahead`` or ``token_loss`` a :class:`~moescope.capture.engine.RoutingRecorder` rides along
+    in the same forward pass: its hooks are installed first, so they see the model's own routing
+    call and router outputs, and it returns the router logits (unchanged by a strategy: it edits
+    which experts run, not what the router computes), the gate-lookahead predictions (what each
+    later router would choose) and the per-token loss of the model *under the strategy*.
     """
 
-    def __init__(self, model: Any, strategy: str, *, logits: bool = False, lookahead: int = 0) -> None:
-        if logits or lookahead:
-            raise ConfigError(
-                "--strategy cannot be combined with --logits or --lookahead yet; capture those without it"
-            )
+    def __init__(
+        self,
+        model: Any,
+        strategy: str,
+        *,
+        logits: bool = False,
+        lookahead: int = 0,
+        lookahead_m: int | None = None,
+        token_loss: bool = False,
+    ) -> None:
         self.model = model
         self.router = StrategyRouter(model, strategy, record=True)
         self.width = storage_width(self.router)
-        s = self.router.spec
-        self.spec = RoutingSpec(
-            num_experts=s.num_experts,
-            top_k=self.width,
-            moe_layers=list(s.moe_layers),
-            family=s.family,
-            router_kind=s.router_kind,
-            n_shared_experts=s.n_shared_experts,
-            num_hidden_layers=s.num_hidden_layers,
-            module_paths=list(s.module_paths),
-            dtype=s.dtype,
-        )
-        self.lookahead_columns: list[str] = []
+        self.spec = storage_spec(self.router, self.width)
+        self.base = None
+        if logits or lookahead or token_loss:
+            from moescope.capture.engine import RoutingRecorder
+
+            self.base = RoutingRecorder(
+                model, logits=logits, lookahead=lookahead, lookahead_m=lookahead_m, token_loss=token_loss
+            )
+        self.lookahead_columns: list[str] = list(self.base.lookahead_columns) if self.base else []
+        self.lookahead_m = (self.base.lookahead_m or self.router.spec.top_k) if lookahead else None
 
     def manifest_entries(self) -> dict[str, Any]:
         """What the manifest's ``capture`` section records about the strategy."""
-        return {"strategy": self.router.plan.spec, "model_top_k": self.router.spec.top_k, "variable_k": True}
+        return manifest_entries(self.router)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
         """One forward pass over a padded batch; routing arrays over the valid tokens, batch-major."""
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "use_cache": False,
-        }
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad(), self.router:
-            self.model(**kwargs)
+        with self:
+            if self.base is not None:
+                out = self.base.run(input_ids, attention_mask)
+            else:
+                kwargs: dict[str, Any] = {
+                    "input_ids": input_ids,
+                    "attention_mask": attention_mask,
+                    "use_cache": False,
+                    "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+                }
+                with torch.no_grad():
+                    self.model(**kwargs)
+                out = {}
         experts, weights = applied_arrays(self.router, attention_mask.bool(), self.width)
-        return {"experts": experts, "weights": weights}
+        out["experts"], out["weights"] = experts, weights
+        return out
 
     def __enter__(self) -> StrategyRecorder:
-        self.router.__enter__()
+        if self.base is not None:  # the recorder's hooks first: they see the model's own routing
+            self.base.__enter__()
+        try:
+            self.router.__enter__()
+        except BaseException:
+            if self.base is not None:
+                self.base.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.router.__exit__(*exc)
+        if self.base is not None:
+            self.base.__exit__(*exc)

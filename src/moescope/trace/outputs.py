@@ -4,8 +4,13 @@ Every command that writes goes through :func:`claim`, so they all behave the sam
 
 - an existing, non-empty output is replaced only with ``--overwrite``, and only when moescope can
   prove it wrote it (a trace with its ``manifest.json``, an output folder with its
-  ``.moescope-output.json`` marker, a predictor ``.npz`` with its header); anything else is refused
+  ``.moescope-output.json`` marker, a predictor ``.npz`` with its header, an HTML report with its
+  generator tag, any other file with a ``.<name>.moescope-output.json`` record of its SHA-256 beside
+  it); anything else is refused
   with a message naming the path;
+- a command that adds named files to a folder the user may share (seed 004's journeys, written to
+  the current directory by default) claims only those names: the folder may hold anything else,
+  and an existing file of those names is replaced only when the folder's marker lists it;
 - replacing deletes only moescope's own file names (shards, manifest, its temporaries, the files a
   marker lists), never a user's notes that happen to sit in the same folder;
 - an output never lies inside one of the command's inputs, nor an input inside the output;
@@ -36,7 +41,7 @@ MARKER = ".moescope-output.json"
 LOCK_SUFFIX = ".moescope-lock"
 #: Folder kinds proven by a marker; "trace" is proven by its manifest, "predictor" by its header.
 DIR_KINDS = ("trace", "analysis", "split", "simulation", "ablation", "folder")
-FILE_KINDS = ("predictor", "file")
+FILE_KINDS = ("predictor", "report", "file")
 
 #: moescope's own names inside a trace directory (shards, manifest, their atomic-write temporaries).
 #: ``part-NNNNN.json``: a work unit's record in a unit-structured (distributed) capture.
@@ -93,14 +98,56 @@ def is_predictor_file(path: Path) -> bool:
     return isinstance(header, dict) and header.get("format") == "moescope-predictor"
 
 
+def file_record_path(path: Path) -> Path:
+    """Where the record proving that moescope wrote the file ``path`` lives: a hidden sibling."""
+    path = Path(path)
+    return path.parent / f".{path.name}{MARKER}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_own_file(path: Path) -> bool:
+    """True when ``path`` is a file moescope wrote and nobody changed since (its record's SHA-256 matches)."""
+    try:
+        doc = json.loads(file_record_path(path).read_text(encoding="utf-8"))
+        return (
+            isinstance(doc, dict)
+            and doc.get("tool") == "moescope"
+            and Path(path).is_file()
+            and doc.get("sha256") == _sha256(path)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def is_report_file(path: Path) -> bool:
+    """True when ``path`` is an HTML page whose head says ``<meta name="generator" content="moescope report">``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="moescope report">' in head
+
+
 def _proof(path: Path, kind: str) -> str | None:
     """Why ``path`` is moescope's output of ``kind``; ``None`` when it cannot be proven."""
     if kind == "trace":
         return "its manifest.json" if is_trace_dir(path) else None
     if kind == "predictor":
         return "its predictor header" if is_predictor_file(path) else None
+    if kind == "report":
+        return "its generator meta tag" if is_report_file(path) else None
     if kind == "file":
-        return None
+        return f"its {file_record_path(path).name}" if is_own_file(path) else None
     marker = read_marker(path)
     if marker is not None and marker.get("kind") == kind:
         return f"its {MARKER}"
@@ -110,7 +157,8 @@ def _proof(path: Path, kind: str) -> str | None:
 _NEEDS = {
     "trace": "a moescope trace (no manifest.json of format moescope-trace)",
     "predictor": "a moescope predictor file (no moescope-predictor header)",
-    "file": "a file moescope can prove it wrote",
+    "report": 'a moescope report (no <meta name="generator" content="moescope report"> in its head)',
+    "file": f"a file moescope can prove it wrote (no matching .<name>{MARKER} beside it)",
 }
 
 
@@ -198,6 +246,8 @@ def _pid_alive(pid: int) -> bool:
 def lock_path(output: Path) -> Path:
     """The lock file of an output: a hidden sibling, so it works for folders and files alike."""
     output = Path(output)
+    if not output.name:  # "." or "/": name the folder itself
+        output = output.resolve()
     return output.parent / f".{output.name}{LOCK_SUFFIX}"
 
 
@@ -306,17 +356,27 @@ def claim(
     resume: bool = False,
     option: str = "--output",
     left: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> Iterator[Claim]:
     """Take ``path`` as this command's output of ``kind`` for the duration of the ``with`` block.
 
     Checks the kind of path, the inputs and the lock, then (with ``overwrite``) clears what moescope
     wrote there before. ``resume`` lets a trace be continued in place. ``left`` describes, for an
-    interruption, what stays behind (default: a sentence built from the kind).
+    interruption, what stays behind (default: a sentence built from the kind). ``names`` (a folder
+    kind only) claims just those file names inside ``path``, which may hold anything else.
     """
     if kind not in DIR_KINDS + FILE_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
+    if names is not None and (kind not in DIR_KINDS or kind == "trace"):
+        raise ValueError("names= applies to output folders other than traces")
     path = Path(path)
-    check_not_input(path, inputs, option)
+    if names is not None and left is None:
+        left = f"part of the files to write in {path} (its {MARKER} lists them; --overwrite replaces them)"
+    if names is None:
+        check_not_input(path, inputs, option)
+    else:
+        for name in names:
+            check_not_input(path / name, inputs, option)
     is_dir_kind = kind in DIR_KINDS
     if is_dir_kind and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: exists and is not a directory; this command writes a folder")
@@ -330,22 +390,29 @@ def claim(
     c = Claim(path, kind)
     ok = False
     interrupted = False
+    before: set[str] = set()  # names mode: the files the marker already lists as moescope's
     try:
         created = not path.exists()
-        exists = _holds_something(path) if is_dir_kind else path.exists()
-        if exists and not resume:
-            if not overwrite:
-                raise ConfigError(
-                    f"{path}: already exists" + (" and is not empty" if is_dir_kind else "") + "; pass"
-                    " --overwrite to replace it"
-                )
-            if _proof(path, kind) is None:
-                raise _refuse_foreign(path, kind)
-            if kind != "trace":  # a trace is cleared by its writer, right before the new one starts
-                _clear(path, kind)
+        if names is not None:
+            marker = read_marker(path) or {}
+            if marker.get("kind") == kind:
+                before = {f for f in marker.get("files", []) if (path / f).is_file()}
+            _check_names(path, kind, names, before, overwrite)
+        else:
+            exists = _holds_something(path) if is_dir_kind else path.exists()
+            if exists and not resume:
+                if not overwrite:
+                    raise ConfigError(
+                        f"{path}: already exists" + (" and is not empty" if is_dir_kind else "") + "; pass"
+                        " --overwrite to replace it"
+                    )
+                if _proof(path, kind) is None:
+                    raise _refuse_foreign(path, kind)
+                if kind != "trace":  # a trace is cleared by its writer, right before the new one starts
+                    _clear(path, kind)
         if is_dir_kind and kind != "trace":
             path.mkdir(parents=True, exist_ok=True)
-            c.write_marker("incomplete")
+            c.write_marker("incomplete", sorted(before))
         yield c
         ok = True
     except KeyboardInterrupt:
@@ -353,8 +420,13 @@ def claim(
         raise
     finally:
         try:
+            if ok and kind == "file" and path.is_file():
+                _atomic_json(file_record_path(path), {"tool": "moescope", "sha256": _sha256(path)})
             if is_dir_kind and kind != "trace" and path.is_dir():
-                files = _files_under(path)
+                if names is None:
+                    files = _files_under(path)
+                else:
+                    files = sorted(before | {n for n in names if (path / n).is_file()})
                 if ok:
                     c.write_marker("complete", files)
                 elif not files and (path / MARKER).exists():
@@ -367,12 +439,33 @@ def claim(
         finally:
             lock_cm.__exit__(None, None, None)
             if interrupted:  # said after the clean-up, so the line matches what is really left
-                wrote = path.exists() and (kind == "trace" or _holds_something(path))
+                wrote = path.exists() and (
+                    kind == "trace" or (_holds_something(path) if names is None else (path / MARKER).exists())
+                )
                 _LEFT.append(
                     (c.left or left or _default_left(c))
                     if wrote
                     else f"{path} untouched (nothing written yet)"
                 )
+
+
+def _check_names(path: Path, kind: str, names: Sequence[str], ours: set[str], overwrite: bool) -> None:
+    """Names mode: refuse existing files of ``names`` without ``overwrite``, or that the marker does not list."""
+    existing = [n for n in names if (path / n).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{path / existing[0]}: already exists ({len(existing)} of the files to write do);"
+            " pass --overwrite to replace them"
+        )
+    foreign = [n for n in existing if n not in ours]
+    if foreign:
+        raise ConfigError(
+            f"{path / foreign[0]}: exists and its folder's {MARKER} does not list it as a file moescope"
+            " wrote; moescope replaces only what it wrote, so it leaves this alone: move it away or"
+            " choose another --output"
+        )
 
 
 def _holds_something(path: Path) -> bool:
