@@ -13,7 +13,15 @@ length-sorted batching), then times, alternating over ``--reps`` rounds and keep
 It prints a markdown table with the overhead of each over ``forward`` (goal: at most 10% on CPU)
 and the trace size in bytes per token-layer, with and without router logits.
 
-Run: .venv/bin/python benchmarks/capture.py [--threads 1] [--reps 3] [--device cpu]
+A second table shows how much host work (reading and tokenising ahead, slicing rows, writing
+Parquet shards) now runs beside the model: the whole capture with that work in line
+(``runner.OVERLAP = False``) and in its threads (the default), alternating, with chunks of
+``--chunk-batches`` batches so that there are several. In each run, the wall time minus the time
+spent inside the model is the host work left exposed (each ratio comes from one run, so machine load
+drifting between runs does not enter it); ``hidden`` is the share of the in-line run's exposed host
+work that the threaded run no longer shows.
+
+Run: .venv/bin/python benchmarks/capture.py [--threads 1] [--reps 3] [--device cpu] [--overlap-only]
 GPU: python benchmarks/capture.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 --batch-size 32
 """
 
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moescope.capture import runner as runner_mod
 from moescope.capture.engine import RoutingRecorder
 from moescope.capture.runner import CaptureOptions, LoadedModel, capture
 from moescope.capture.tiny import tiny_model
@@ -184,6 +193,46 @@ def bench_model(name: str, family: str, overrides: dict, args, work: Path) -> di
     }
 
 
+def bench_overlap(name: str, family: str, overrides: dict, args, work: Path) -> dict:
+    """The whole capture with host work in line vs in threads, alternating; medians of ``--reps``."""
+    overrides = scaled(overrides, args.hidden, args.layers)
+    model = tiny_model(family, **overrides).to(args.device, getattr(torch, args.dtype))
+    tok = byte_tokenizer(overrides["vocab_size"])
+    data_file = work / f"{family}-overlap.jsonl"
+    data_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(args.docs, seed=0)))
+    loaded = LoadedModel(model, tok, name, "object")
+    opts = CaptureOptions(seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True, shard_rows=4096)
+    runner_mod.CHUNK_BATCHES = args.chunk_batches
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    capture(loaded, [str(data_file)], work / "ov", opts)  # warm-up
+    try:
+        for _ in range(args.reps):
+            for overlap in (False, True):
+                runner_mod.OVERLAP = overlap
+                t = time.perf_counter()
+                res = capture(loaded, [str(data_file)], work / "ov", opts)
+                times[overlap].append((time.perf_counter() - t, res.model_seconds))
+    finally:
+        runner_mod.OVERLAP = True
+        runner_mod.CHUNK_BATCHES = 16
+    serial, serial_model = (statistics.median(x) for x in zip(*times[False], strict=True))
+    threaded, threaded_model = (statistics.median(x) for x in zip(*times[True], strict=True))
+    host, exposed = serial - serial_model, threaded - threaded_model
+    return {
+        "model": name,
+        "tokens": res.tokens,
+        "chunks": -(-res.windows // (args.batch_size * args.chunk_batches)),
+        "shards": res.shards,
+        "model_s": serial_model,
+        "serial_s": serial,
+        "threaded_s": threaded,
+        "threaded_model_s": threaded_model,
+        "host_s": host,
+        "exposed_s": exposed,
+        "hidden": 1 - exposed / host if host > 0 else 0.0,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -199,15 +248,21 @@ def main() -> None:
         "--hidden", type=int, default=_COMMON["hidden_size"], help="hidden size (intermediate sizes follow)"
     )
     ap.add_argument("--layers", type=int, default=_COMMON["num_hidden_layers"], help="decoder layers")
+    ap.add_argument("--chunk-batches", type=int, default=2, help="batches per chunk in the overlap table")
+    ap.add_argument("--overlap-only", action="store_true", help="print only the overlap table")
+    ap.add_argument("--only", default=None, help="run only the models whose name contains this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows, overlap = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, overrides) in MODELS.items():
-            rows.append(
-                bench_model(name.replace("h256", f"h{args.hidden}"), family, overrides, args, Path(tmp))
-            )
+            if args.only and args.only not in name:
+                continue
+            name = name.replace("h256", f"h{args.hidden}")
+            if not args.overlap_only:
+                rows.append(bench_model(name, family, overrides, args, Path(tmp)))
+            overlap.append(bench_overlap(name, family, overrides, args, Path(tmp)))
     print(
         f"device {args.device} ({args.dtype}, hidden {args.hidden}, {args.layers} layers), "
         f"{torch.get_num_threads()} thread(s), seq_len {args.seq_len}, "
@@ -224,6 +279,17 @@ def main() -> None:
             f" | {r['recorder_tok_s']:,.0f} | {r['capture_tok_s']:,.0f} | {r['recorder_overhead']:+.1%}"
             f" | {r['pipeline_overhead']:+.1%} | {r['capture_overhead']:+.1%} | {r['bytes_per_token_layer']:.2f}"
             f" | {r['bytes_per_token_layer_logits']:.2f} |"
+        )
+    print(
+        "\n| model | tokens | chunks | in line: wall s | model s | host exposed s | threaded: wall s | model s"
+        " | host exposed s | host work hidden |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in overlap:
+        print(
+            f"| {r['model']} | {r['tokens']} | {r['chunks']} | {r['serial_s']:.2f} | {r['model_s']:.2f}"
+            f" | {r['host_s']:.2f} | {r['threaded_s']:.2f} | {r['threaded_model_s']:.2f} | {r['exposed_s']:.2f}"
+            f" | {r['hidden']:.0%} |"
         )
 
 

@@ -52,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": FOUNDATION | {"analysis", "evaluate", "predict"},  # the page shows them; compare reuses diff
     "demo": FOUNDATION,
     "cli_utils": set(),
+    "__main__": {"cli"},  # python -m moescope (torchrun -m moescope) runs the CLI
     "cli": {
         "errors",
         "ablate",
@@ -139,7 +140,7 @@ def test_layers_import_only_what_the_rule_allows() -> None:
                 dst = _layer(dst_module)
                 if dst == src or (module, dst_module) in PENDING:
                     continue
-                if dst == "cli":
+                if dst == "cli" and src != "__main__":
                     bad.append(f"{module} imports the CLI ({dst_module})")
                 elif dst == "cli_utils" and not module.endswith(".commands"):
                     bad.append(f"{module} imports cli_utils, which is for command modules only")

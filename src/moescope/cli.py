@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moescope.trace.commands",
         "Split a trace by document into OUTPUT/train and OUTPUT/test (all columns kept).",
     ),
+    "merge": (
+        "moescope.trace.commands",
+        "Join traces of one model (captured separately, e.g. on other machines) into one trace.",
+    ),
     "analyze": (
         "moescope.analysis.commands",
         "Run the analyses on a trace, write one CSV per result plus PNG figures, print a summary.",

@@ -109,6 +109,12 @@ def capture(
         False, "--overwrite", help="Replace an existing trace in the output directory."
     ),
     shard_rows: int = typer.Option(65536, "--shard-rows", help="Rows (tokens) per Parquet shard, at least."),
+    unit_documents: int | None = typer.Option(
+        None,
+        "--unit-documents",
+        help="Cut the work into units of this many documents, one shard each, so that any number of"
+        " ranks (torchrun, accelerate launch) writes the same trace; default 64 when launched by torchrun.",
+    ),
     json_out: JsonOpt = False,
 ) -> None:
     """Run a MoE model over texts and record the experts every token was routed to.
@@ -120,6 +126,8 @@ def capture(
     Example: moescope capture allenai/OLMoE-1B-7B-0924 wikitext --max-documents 300 -o runs/olmoe-wiki
 
     Example: moescope capture tiny:mixtral notes.txt news.jsonl --label-field topic -o runs/tiny --json
+
+    Example (8 GPUs, one replica each): torchrun --nproc-per-node 8 -m moescope capture MODEL wikitext -o runs/w
     """
     from moescope.capture.runner import CaptureOptions
     from moescope.capture.runner import capture as run_capture
@@ -145,6 +153,7 @@ def capture(
         resume=resume,
         overwrite=overwrite,
         shard_rows=shard_rows,
+        unit_documents=unit_documents,
     )
     with _Progress(max_tokens) as bar:
         result = run_capture(
@@ -161,6 +170,13 @@ def capture(
             else ""
         )
     )
+    if result.rank != 0:  # every rank of a distributed capture says what it did; only rank 0 reports
+        _log(
+            f"rank {result.rank}/{result.world_size}: captured {result.tokens} tokens of {result.documents} documents"
+        )
+        return
+    if result.world_size > 1:
+        text += f" ({result.world_size} ranks, units of {result.unit_documents} documents)"
     emit(summary, json_out, text=text)
 
 

@@ -297,7 +297,7 @@ class RoutingRecorder(HookSet):
         ids = torch.stack([col.ids[j].to(dev) for j in range(L)], 1)[keep].long()  # (n, L, k)
         w = torch.stack([col.weights[j].to(dev) for j in range(L)], 1)[keep].float()
         order = torch.argsort(w, dim=2, descending=True, stable=True)
-        ids_out, w_out = _host(ids.gather(2, order)), _host(w.gather(2, order))
+        ids_out, w_out = _host_many(ids.gather(2, order), w.gather(2, order))
         if len(ids_out):
             lo, hi = ids_out.min(axis=(0, 2)), ids_out.max(axis=(0, 2))
             bad = np.nonzero((lo < 0) | (hi >= E))[0]
@@ -357,7 +357,22 @@ def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
 
 def _host(t: torch.Tensor) -> np.ndarray:
     """A (device) tensor as a NumPy array: one host copy."""
-    return t.cpu().numpy()
+    return _host_many(t)[0]
+
+
+def _host_many(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Tensors as NumPy arrays, from a GPU with every copy queued at once and one wait.
+
+    On CUDA each copy goes to a pinned host buffer (torch caches those) with ``non_blocking``, so
+    the copies run back to back on the copy engine and the host waits once; on the CPU it is free.
+    """
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu().numpy() for t in tensors]
+    bufs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for buf, t in zip(bufs, tensors, strict=True):
+        buf.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [buf.numpy() for buf in bufs]
 
 
 def _check(path: str, what: str, t: torch.Tensor, shape: tuple[int, int]) -> None:

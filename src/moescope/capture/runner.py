@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +37,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Windows gathered before sorting into batches: more gives tighter length groups, costs memory.
 CHUNK_BATCHES = 16
+#: Tokenise ahead and write shards behind the model in threads; False runs that host work in line
+#: (benchmarks/capture.py measures how much of it the threads hide).
+OVERLAP = True
 #: Upper bound on the default --seq-len; a model's max_position_embeddings caps it further.
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -234,6 +237,7 @@ class CaptureOptions(DataOptions):
     resume: bool = False
     overwrite: bool = False
     shard_rows: int = 65536
+    unit_documents: int | None = None  # units of D documents, one shard each (any rank count: same trace)
     strategy: str | None = None  # a routing strategy spec (moescope.strategies); None: the model's own
 
 
@@ -254,6 +258,7 @@ _OPTION_OF = {
     "lookahead_columns": "--lookahead",
     "token_text": "--token-text",
     "strategy": "--strategy",
+    "unit_documents": "--unit-documents",
 }
 _DATA_OPTION_OF = {
     "max_documents": "--max-documents",
@@ -286,6 +291,9 @@ class CaptureResult:
     total_tokens: int = 0
     shards: int = 0
     routing: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0  # this process's rank in a distributed capture
+    world_size: int = 1
+    unit_documents: int | None = None  # documents per unit (unit-structured captures only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -299,6 +307,8 @@ def _check_options(opts: CaptureOptions) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if opts.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.unit_documents is not None and opts.unit_documents < 1:
+        raise ConfigError(f"--unit-documents must be >= 1, got {opts.unit_documents}")
     if opts.shard_rows < 1:
         raise ConfigError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
     if opts.lookahead < 0:
@@ -384,6 +394,39 @@ def capture(
     if not data:
         raise DataError("no DATA given: pass at least one file, directory, preset or hub data set")
     sources = resolve_sources(data, opts)
+    from moescope.capture.distributed import DEFAULT_UNIT_DOCUMENTS, DistContext
+
+    ctx = DistContext.from_env()
+    old_units = _trace_units(output) if opts.resume else None
+    if ctx.world > 1 and opts.resume and (output / "manifest.json").is_file() and old_units is None:
+        raise ConfigError(
+            f"{output}: --resume with {ctx.world} ranks: this trace was captured by one process without"
+            " --unit-documents; continue it with a single process (moescope capture --resume)"
+        )
+    units = opts.unit_documents or old_units or (DEFAULT_UNIT_DOCUMENTS if ctx.launched else None)
+    if units is None:
+        return _capture_single(model, data, sources, output, opts, device, dtype, progress, log)
+    try:
+        return _capture_units(model, data, sources, output, opts, units, ctx, device, dtype, progress, log)
+    finally:
+        ctx.close()
+
+
+def _trace_units(output: Path) -> int | None:
+    """``--unit-documents`` of the trace in ``output`` (``None``: none there, or a single-process trace)."""
+    from moescope.trace.outputs import is_trace_dir
+
+    if not is_trace_dir(output):
+        return None
+    import json
+
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    value = (manifest.get("capture") or {}).get("unit_documents")
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def _check_output(output: Path, opts: CaptureOptions) -> bool:
+    """Refuse outputs capture must not touch; returns whether this run resumes a trace there."""
     resuming = opts.resume and (output / "manifest.json").is_file()
     if output.exists() and not output.is_dir():
         raise TraceError(f"{output}: exists and is not a directory")
@@ -395,6 +438,129 @@ def capture(
         raise TraceError(
             f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
         )
+    return resuming
+
+
+@dataclass
+class _Setup:
+    """A loaded model with its recorder and everything the manifest says about the capture."""
+
+    loaded: LoadedModel
+    recorder: Any
+    pad_id: int
+    seq_len: int
+    columns: dict[str, Any]
+    model_info: dict[str, Any]
+    tok_info: dict[str, Any]
+    params: dict[str, Any]
+
+
+def _setup(
+    model: str | LoadedModel,
+    described: list[dict[str, Any]],
+    opts: CaptureOptions,
+    device: str,
+    dtype: str,
+    log: Callable[[str], None],
+) -> _Setup:
+    """Load the model, build its recorder and the capture parameters a resume must match."""
+    if isinstance(model, str):
+        log(f"loading model {model}")
+        loaded = resolve_model(model, device=device, dtype=dtype, log=log)
+    else:
+        loaded = model
+    pad_id = ensure_pad_token(loaded.tokenizer)
+    seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    n_embed = loaded.model.get_input_embeddings().weight.shape[0]
+    if len(loaded.tokenizer) > n_embed:
+        raise ConfigError(
+            f"tokenizer {loaded.tokenizer_info()['name']!r} has {len(loaded.tokenizer)} ids but the model embeds"
+            f" only {n_embed}: they do not belong together"
+        )
+
+    from moescope.capture.engine import RoutingRecorder
+
+    if opts.strategy:
+        from moescope.strategies.trace import StrategyRecorder
+
+        base = None
+        if opts.logits or opts.lookahead or _records_loss(opts):
+            base = RoutingRecorder(
+                loaded.model,
+                logits=opts.logits,
+                lookahead=opts.lookahead,
+                lookahead_m=opts.lookahead_m,
+                token_loss=_records_loss(opts),
+            )
+        recorder = StrategyRecorder(loaded.model, opts.strategy, base=base)
+    else:
+        recorder = RoutingRecorder(
+            loaded.model,
+            logits=opts.logits,
+            lookahead=opts.lookahead,
+            lookahead_m=opts.lookahead_m,
+            token_loss=_records_loss(opts),
+        )
+    if not recorder.spec.moe_layers:
+        raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
+    columns = _columns(recorder, opts)
+    model_info = loaded.info()
+    tok_info = loaded.tokenizer_info()
+    params = {
+        "model": loaded.name,
+        "config_sha256": model_info["config_sha256"],
+        "dtype": model_info["dtype"],
+        "tokenizer": tok_info["name"],
+        "tokenizer_vocab_size": tok_info["vocab_size"],
+        "data": described,
+        "seq_len": seq_len,
+        "max_tokens": opts.max_tokens,
+        "logits": opts.logits,
+        "lookahead": opts.lookahead,
+        "lookahead_m": columns["lookahead"]["m"] if columns["lookahead"] else None,
+        "lookahead_columns": list(recorder.lookahead_columns),
+        "token_text": opts.token_text,
+    }
+    if _records_loss(opts):  # only then, so traces captured before the key existed still resume
+        params["loss"] = True
+    if opts.strategy:
+        params.update(recorder.manifest_entries())
+    return _Setup(loaded, recorder, pad_id, seq_len, columns, model_info, tok_info, params)
+
+
+def _create_writer(output: Path, setup: _Setup, described: list[dict[str, Any]], opts: CaptureOptions) -> Any:
+    from moescope.trace.writer import TraceWriter
+
+    return TraceWriter.create(
+        output,
+        setup.recorder.spec,
+        columns=setup.columns,
+        model=setup.model_info,
+        tokenizer=setup.tok_info,
+        datasets=[dict(d) for d in described],
+        capture=setup.params,
+        source={"tool": "moescope capture"},
+        shard_rows=opts.shard_rows,
+        overwrite=opts.overwrite,
+    )
+
+
+def _capture_single(
+    model: str | LoadedModel,
+    data: Sequence[str],
+    sources: list[Any],
+    output: Path,
+    opts: CaptureOptions,
+    device: str,
+    dtype: str,
+    progress: Callable[[int, int], None] | None,
+    log: Callable[[str], None],
+) -> CaptureResult:
+    """One process, shards cut every ``shard_rows`` rows, resumed after the last committed document."""
+    resuming = _check_output(output, opts)
     from moescope.trace.outputs import claim
 
     inputs = [item for item in data if Path(item).exists()]
@@ -406,93 +572,18 @@ def capture(
         if first is None:
             raise DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
         documents = itertools.chain([first], documents)
-
-        if isinstance(model, str):
-            log(f"loading model {model}")
-            loaded = resolve_model(model, device=device, dtype=dtype, log=log)
-        else:
-            loaded = model
-        pad_id = ensure_pad_token(loaded.tokenizer)
-        seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
-        max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
-        if max_pos is not None and seq_len > max_pos:
-            raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
-        n_embed = loaded.model.get_input_embeddings().weight.shape[0]
-        if len(loaded.tokenizer) > n_embed:
-            raise ConfigError(
-                f"tokenizer {loaded.tokenizer_info()['name']!r} has {len(loaded.tokenizer)} ids but the model embeds"
-                f" only {n_embed}: they do not belong together"
-            )
-
-        from moescope.capture.engine import RoutingRecorder
-
-        if opts.strategy:
-            from moescope.strategies.trace import StrategyRecorder
-
-            base = None
-            if opts.logits or opts.lookahead or _records_loss(opts):
-                base = RoutingRecorder(
-                    loaded.model,
-                    logits=opts.logits,
-                    lookahead=opts.lookahead,
-                    lookahead_m=opts.lookahead_m,
-                    token_loss=_records_loss(opts),
-                )
-            recorder = StrategyRecorder(loaded.model, opts.strategy, base=base)
-        else:
-            recorder = RoutingRecorder(
-                loaded.model,
-                logits=opts.logits,
-                lookahead=opts.lookahead,
-                lookahead_m=opts.lookahead_m,
-                token_loss=_records_loss(opts),
-            )
-        spec = recorder.spec
-        if not spec.moe_layers:
-            raise ConfigError(f"{loaded.name}: the model has no MoE layer to capture")
-        columns = _columns(recorder, opts)
-        model_info = loaded.info()
-        tok_info = loaded.tokenizer_info()
-        capture_params = {
-            "model": loaded.name,
-            "config_sha256": model_info["config_sha256"],
-            "dtype": model_info["dtype"],
-            "tokenizer": tok_info["name"],
-            "tokenizer_vocab_size": tok_info["vocab_size"],
-            "data": described,
-            "seq_len": seq_len,
-            "max_tokens": opts.max_tokens,
-            "logits": opts.logits,
-            "lookahead": opts.lookahead,
-            "lookahead_m": columns["lookahead"]["m"] if columns["lookahead"] else None,
-            "lookahead_columns": list(recorder.lookahead_columns),
-            "token_text": opts.token_text,
-        }
-        if _records_loss(opts):  # only then, so traces captured before the key existed still resume
-            capture_params["loss"] = True
-        if opts.strategy:
-            capture_params.update(recorder.manifest_entries())
+        setup = _setup(model, described, opts, device, dtype, log)
+        loaded, recorder, spec = setup.loaded, setup.recorder, setup.recorder.spec
 
         from moescope.trace.manifest import read_manifest
         from moescope.trace.writer import TraceWriter
 
         if resuming:
-            _check_resume(output, read_manifest(output).get("capture", {}), capture_params)
-            writer = TraceWriter.resume(output, capture=capture_params, shard_rows=opts.shard_rows)
+            _check_resume(output, read_manifest(output).get("capture", {}), setup.params)
+            writer = TraceWriter.resume(output, capture=setup.params, shard_rows=opts.shard_rows)
             log(f"resuming {output} after document {writer.last_document}")
         else:
-            writer = TraceWriter.create(
-                output,
-                spec,
-                columns=columns,
-                model=model_info,
-                tokenizer=tok_info,
-                datasets=[dict(d) for d in described],
-                capture=capture_params,
-                source={"tool": "moescope capture"},
-                shard_rows=opts.shard_rows,
-                overwrite=opts.overwrite,
-            )
+            writer = _create_writer(output, setup, described, opts)
         result = CaptureResult(
             trace=str(output), model=loaded.name, resumed_after_document=writer.last_document
         )
@@ -509,21 +600,27 @@ def capture(
             writer.manifest["datasets"] = tally.entries
             writer.commit(docs[-1].doc_id)
 
-        # Chunk i's shards are written in a background thread while the model runs chunk i+1 (on a GPU
-        # the forward pass is as fast as the writing); at most one write is pending, so memory stays
-        # bounded, and the pending write always finishes (or raises) before the capture returns.
+        # Chunk i+1 is tokenised in one thread and chunk i-1's shards are written in another while
+        # the model runs chunk i (on a GPU the forward pass is as fast as the host work); at most one
+        # chunk waits on each side, so memory stays bounded, and the pending write always finishes (or
+        # raises) before the capture returns.
+        todo = (d for d in documents if d.doc_id >= start_doc)
+        tokenized = iter_tokenized(todo, loaded.tokenizer, max_tokens=budget, group=opts.batch_size)
+        chunks = _chunks(tokenized, setup.seq_len, opts.batch_size)
         t0 = time.perf_counter()
         try:
             with writer, recorder, ThreadPoolExecutor(1, thread_name_prefix="moescope-writer") as pool:
                 pending: Future | None = None
                 try:
-                    for docs, ids in _chunks(documents, start_doc, loaded.tokenizer, seq_len, opts, budget):
+                    for docs, ids in read_ahead(chunks) if OVERLAP else chunks:
                         rows = _run_chunk(
-                            recorder, docs, ids, seq_len, pad_id, opts, loaded, result, progress
+                            recorder, docs, ids, setup.seq_len, setup.pad_id, opts, loaded, result, progress
                         )
                         if pending is not None:
                             pending.result()
                         pending = pool.submit(write, docs, ids, rows)
+                        if not OVERLAP:
+                            pending.result()
                 finally:
                     if pending is not None:
                         pending.result()
@@ -538,6 +635,181 @@ def capture(
         result.shards = len(writer.manifest["shards"])
         result.routing = spec.to_dict()
         return result
+
+
+def _capture_units(
+    model: str | LoadedModel,
+    data: Sequence[str],
+    sources: list[Any],
+    output: Path,
+    opts: CaptureOptions,
+    units: int,
+    ctx: Any,
+    device: str,
+    dtype: str,
+    progress: Callable[[int, int], None] | None,
+    log: Callable[[str], None],
+) -> CaptureResult:
+    """Unit-structured capture: units of ``units`` documents, unit u on rank u % world, one shard each.
+
+    See :mod:`moescope.capture.distributed`. Every rank loads its own replica; rank 0 holds the
+    output lock, creates (or reopens) the trace and commits the manifest after the last agreement.
+    """
+    import contextlib
+
+    from moescope.capture.distributed import (
+        clean_unfinished,
+        commit_units,
+        maybe_fault,
+        owner,
+        read_records,
+        unit_shard_name,
+        write_record,
+    )
+    from moescope.trace.manifest import read_manifest
+    from moescope.trace.outputs import claim
+    from moescope.trace.writer import TraceWriter
+
+    device = ctx.device(device)
+    ctx.init(device)
+    tag = f"rank {ctx.rank}/{ctx.world}: " if ctx.world > 1 else ""
+    described = [src.describe() for src in sources]
+    stack = contextlib.ExitStack()
+    error: BaseException | None = None
+    resuming = False
+    created = False
+    setup: _Setup | None = None
+    with stack:
+        try:
+            if ctx.is_main:
+                resuming = _check_output(output, opts)
+                inputs = [item for item in data if Path(item).exists()]
+                left = f"a resumable trace in {output} (continue it with --resume, any number of ranks)"
+                stack.enter_context(
+                    claim(
+                        output, "trace", overwrite=opts.overwrite, resume=resuming, inputs=inputs, left=left
+                    )
+                )
+            setup = _setup(model, described, opts, device, dtype, lambda m: log(tag + m))
+            setup.params["unit_documents"] = units
+            if ctx.is_main:
+                if resuming:
+                    _check_resume(output, read_manifest(output).get("capture", {}), setup.params)
+                    for p in clean_unfinished(output):
+                        log(f"{tag}removed {p.name} (an unfinished unit)")
+                else:
+                    _create_writer(output, setup, described, opts)
+                    created = True
+        except Exception as exc:  # every rank must hear of it, or the others wait forever
+            error = exc
+        try:
+            ctx.agree(error, "opening the trace")
+        except Exception:
+            if created:
+                _remove_empty_trace(output)
+            raise
+        assert setup is not None
+        loaded, recorder = setup.loaded, setup.recorder
+        manifest = read_manifest(output)
+        done = set(read_records(output))
+        result = CaptureResult(
+            trace=str(output), model=loaded.name, rank=ctx.rank, world_size=ctx.world, unit_documents=units
+        )
+        if done:
+            log(f"{tag}resuming {output}: {len(done)} unit(s) already captured")
+        n_docs = [0]  # documents in the capture (the budget's cut included): they set the unit count
+
+        def counted(items: Iterator[Any]) -> Iterator[Any]:
+            for item in items:
+                d = item[0] if isinstance(item, tuple) else item
+                n_docs[0] = d.doc_id + 1
+                yield item
+
+        def mine(doc_id: int) -> bool:
+            unit = doc_id // units
+            return owner(unit, ctx.world) == ctx.rank and unit not in done
+
+        documents = iter_documents(sources)
+        if opts.max_tokens is not None:  # the budget is global: every rank tokenises every document
+            tokenized = iter_tokenized(
+                documents, loaded.tokenizer, max_tokens=opts.max_tokens, group=opts.batch_size
+            )
+            pairs = ((d, x) for d, x in counted(tokenized) if mine(d.doc_id))
+        else:
+            pairs = iter_tokenized(
+                (d for d in counted(documents) if mine(d.doc_id)), loaded.tokenizer, group=opts.batch_size
+            )
+        writer = TraceWriter(output, manifest, opts.shard_rows)
+        written = [0]
+
+        def write(
+            docs: list[Document],
+            ids: list[np.ndarray],
+            rows: dict[str, Any],
+            unit: int,
+            last: bool,
+            tally: _Tally,
+        ) -> None:
+            writer.append(**rows)
+            tally.add(docs, ids)
+            if last:
+                entry = writer.write_unit(unit_shard_name(unit), unit=unit)
+                write_record(output, unit, entry, tally.entries)
+                written[0] += 1
+                maybe_fault(ctx.rank, written[0])
+
+        tally = _Tally([{} for _ in described])
+        t0 = time.perf_counter()
+        error = None
+        try:
+            with recorder, ThreadPoolExecutor(1, thread_name_prefix="moescope-writer") as pool:
+                pending: Future | None = None
+                try:
+                    chunks = _unit_chunks(pairs, units, setup.seq_len, opts.batch_size)
+                    for unit, docs, ids, last in read_ahead(chunks) if OVERLAP else chunks:
+                        rows = _run_chunk(
+                            recorder, docs, ids, setup.seq_len, setup.pad_id, opts, loaded, result, progress
+                        )
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(write, docs, ids, rows, unit, last, tally)
+                        if not OVERLAP:
+                            pending.result()
+                        if last:
+                            tally = _Tally([{} for _ in described])
+                finally:
+                    if pending is not None:
+                        pending.result()
+        except Exception as exc:
+            error = exc
+        result.seconds = time.perf_counter() - t0
+        n_units = -(-n_docs[0] // units)
+        if error is None and n_docs[0] == 0:
+            error = DataError(f"no documents in {', '.join(data)}: the data is empty or every text is blank")
+        try:
+            ctx.agree(error, "capturing")
+        except Exception:
+            if ctx.is_main and created and not read_records(output):
+                _remove_empty_trace(output)  # nothing was captured: do not block a plain rerun
+            elif ctx.is_main:  # list what is done, so --allow-incomplete readers see it
+                with contextlib.suppress(Exception):
+                    commit_units(output, None, complete=False)
+            raise
+        if ctx.is_main:
+            error = None
+            try:
+                final = commit_units(output, n_units)
+            except Exception as exc:
+                error = exc
+                final = None
+        ctx.agree(error if ctx.is_main else None, "committing the manifest")
+        final = ctx.broadcast(final if ctx.is_main else None)
+    result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    result.total_tokens = int(final["progress"]["rows"])
+    result.total_documents = sum(e["documents"] for e in final["datasets"])
+    result.shards = len(final["shards"])
+    result.routing = recorder.spec.to_dict()
+    return result
 
 
 def _remove_empty_trace(output: Path) -> None:
@@ -614,24 +886,14 @@ def _columns(recorder: Any, opts: CaptureOptions) -> dict[str, Any]:
 
 
 def _chunks(
-    documents: Iterator[Document],
-    start_doc: int,
-    tokenizer: Any,
-    seq_len: int,
-    opts: CaptureOptions,
-    budget: int | None,
+    pairs: Iterable[tuple[Document, np.ndarray]], seq_len: int, batch_size: int
 ) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
-    """Groups of whole documents with their token ids, about ``CHUNK_BATCHES`` batches of windows each.
-
-    Documents before ``start_doc`` are read (ids depend on them) but not tokenised. With a token
-    ``budget`` the last document is cut so the total matches it exactly.
-    """
-    want = opts.batch_size * CHUNK_BATCHES
+    """Groups of whole documents with their token ids, about ``CHUNK_BATCHES`` batches of windows each."""
+    want = batch_size * CHUNK_BATCHES
     docs: list[Document] = []
     ids: list[np.ndarray] = []
     n_windows = 0
-    todo = (d for d in documents if d.doc_id >= start_doc)
-    for d, x in iter_tokenized(todo, tokenizer, max_tokens=budget, group=opts.batch_size):
+    for d, x in pairs:
         docs.append(d)
         ids.append(x)
         n_windows += -(-len(x) // seq_len)
@@ -640,6 +902,70 @@ def _chunks(
             docs, ids, n_windows = [], [], 0
     if docs:
         yield docs, ids
+
+
+def _unit_chunks(
+    pairs: Iterable[tuple[Document, np.ndarray]], units: int, seq_len: int, batch_size: int
+) -> Iterator[tuple[int, list[Document], list[np.ndarray], bool]]:
+    """``(unit, docs, ids, last)``: :func:`_chunks` restarted at every unit, ``last`` on a unit's final chunk.
+
+    Chunks never straddle units, so a unit's batches are the same whichever rank runs it.
+    """
+    for unit, group in itertools.groupby(pairs, key=lambda p: p[0].doc_id // units):
+        prev: tuple[list[Document], list[np.ndarray]] | None = None
+        for chunk in _chunks(group, seq_len, batch_size):
+            if prev is not None:
+                yield unit, *prev, False
+            prev = chunk
+        if prev is not None:
+            yield unit, *prev, True
+
+
+def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Iterate ``items`` while a background thread prepares the next ``depth`` of them.
+
+    The capture reads and tokenises chunk i+1 while the model runs chunk i. An error in the thread
+    is raised here, in order; leaving the loop early stops the thread at its next item.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        """Hand ``entry`` over unless the consumer has left (then never block)."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name="moescope-tokenize", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _run_chunk(

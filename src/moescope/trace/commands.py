@@ -1,4 +1,4 @@
-"""CLI: ``moescope validate``, ``moescope info`` and ``moescope split``."""
+"""CLI: ``moescope validate``, ``moescope info``, ``moescope split`` and ``moescope merge``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
     app.command("validate")(validate)
     app.command("info")(info)
     app.command("split")(split)
+    app.command("merge")(merge)
 
 
 def validate(
@@ -113,4 +114,36 @@ def split(
             f"{k}: {v['trace']} ({v['documents']} documents, {v['tokens']} tokens)"
             for k, v in summary.items()
         ),
+    )
+
+
+def merge(
+    traces: list[Path] = typer.Argument(
+        ..., help="Traces of the same model to join (two or more), in order.", show_default=False
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Trace directory to write.", show_default=False),
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Join traces of one model (captured separately, e.g. on other machines) into one trace.
+
+    Documents are renumbered in input order; every column is kept. The traces must agree on the
+    model, tokenizer, routing facts and columns; otherwise the error names the two files and the field.
+
+    Example: moescope merge runs/node0 runs/node1 -o runs/all
+    """
+    from moescope.trace.merge import merge_traces
+    from moescope.trace.outputs import claim
+
+    for t in traces:
+        if not t.exists():
+            raise typer.BadParameter(f"{t}: no such trace directory", param_hint="TRACES")
+    with claim(output, "trace", overwrite=overwrite, inputs=traces):
+        result = merge_traces(traces, output, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    emit(
+        result.to_dict(),
+        json_out,
+        text=f"{result.trace}: {result.tokens} tokens of {result.documents} documents from {len(traces)} traces"
+        f" in {result.shards} shard(s)",
     )

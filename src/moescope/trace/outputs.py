@@ -44,8 +44,9 @@ DIR_KINDS = ("trace", "analysis", "split", "simulation", "ablation", "folder")
 FILE_KINDS = ("predictor", "report", "file")
 
 #: moescope's own names inside a trace directory (shards, manifest, their atomic-write temporaries).
-TRACE_FILE = re.compile(r"^(manifest\.json|part-\d{5}\.parquet)$")
-TRACE_TMP = re.compile(r"^\.(manifest\.json|part-\d{5}\.parquet)\.[0-9a-f]{8}\.tmp$")
+#: ``part-NNNNN.json``: a work unit's record in a unit-structured (distributed) capture.
+TRACE_FILE = re.compile(r"^(manifest\.json|part-\d{5,}\.(parquet|json))$")
+TRACE_TMP = re.compile(r"^\.(manifest\.json|part-\d{5,}\.(parquet|json))\.[0-9a-f]{8}\.tmp$")
 
 #: What interrupted commands left behind, for the entry point's last line.
 _LEFT: list[str] = []

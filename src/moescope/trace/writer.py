@@ -299,6 +299,32 @@ class TraceWriter:
         else:
             self._closed = True  # keep committed shards; the trace stays resumable, not complete
 
+    def write_unit(self, name: str, **extra: Any) -> dict[str, Any] | None:
+        """Write every row appended so far as one shard ``name`` and return its manifest entry.
+
+        For unit-structured (distributed) captures, where each rank writes its own shards and rank 0
+        lists them later: the manifest is left alone. The entry carries ``extra`` and the shard's
+        ``labels``; ``None`` when no row was appended.
+        """
+        tables, self._pending, self._ready, self._ready_rows = self._pending + self._ready, [], [], 0
+        if not tables:
+            return None
+        table = pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+        path = self.directory / name
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        doc = table["doc_id"].to_numpy()
+        labels = table["label"].combine_chunks().dictionary.to_pylist()
+        return {
+            "file": name,
+            "rows": table.num_rows,
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+            "first_doc": int(doc.min()),
+            "last_doc": int(doc.max()),
+            **extra,
+            "labels": sorted(v for v in set(labels) if v is not None),
+        }
+
     # ----------------------------------------------------------------- internals
     def _write_shard(self) -> None:
         table = pa.concat_tables(self._ready).unify_dictionaries().combine_chunks()
