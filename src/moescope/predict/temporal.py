@@ -19,12 +19,12 @@ training popularity, and a transition score: the summed training probabilities
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from numba import njit
-from sklearn.base import BaseEstimator
 
+from moescope.core.estimator import Estimator, Interval, RandomState
 from moescope.errors import ConfigError
 
 CAP_LOG2 = 12.0  # distances are capped at 2^12 steps (no use before the end counts as the cap)
@@ -150,7 +150,7 @@ def _demand_of(trace: Any) -> tuple[np.ndarray, np.ndarray]:
     return ids, new_doc
 
 
-class NextUsePredictor(BaseEstimator):
+class NextUsePredictor(Estimator):
     """Predicts, at each use of an expert, how many steps until its next use at the same layer.
 
     Parameters
@@ -173,6 +173,14 @@ class NextUsePredictor(BaseEstimator):
     >>> steps_ahead = p.predict_distance(demand, doc_start, num_experts=64)  # doctest: +SKIP
     """
 
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "max_rows": Interval(int, 1, None),
+        "max_iter": Interval(int, 1, None),
+        "max_leaf_nodes": Interval(int, 2, None),
+        "learning_rate": Interval(float, 1e-12, 1),
+        "random_state": RandomState(),
+    }
+
     def __init__(
         self,
         *,
@@ -188,30 +196,12 @@ class NextUsePredictor(BaseEstimator):
         self.learning_rate = learning_rate
         self.random_state = random_state
 
-    def _validate(self) -> None:
-        for name in ("max_rows", "max_iter", "max_leaf_nodes"):
-            v = getattr(self, name)
-            if (
-                not isinstance(v, (int, np.integer))
-                or isinstance(v, bool)
-                or v < (2 if name == "max_leaf_nodes" else 1)
-            ):
-                raise ConfigError(
-                    f"NextUsePredictor: parameter {name}={v!r} is invalid; it must be a positive integer"
-                )
-        lr = self.learning_rate
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr <= 1:
-            raise ConfigError(
-                f"NextUsePredictor: parameter learning_rate={lr!r} is invalid; it must be in (0, 1]"
-            )
-
     def fit(self, trace: Any) -> NextUsePredictor:
         """Learn the popularity, the transitions and the regressor from ``trace`` (decode order)."""
         from sklearn.ensemble import HistGradientBoostingRegressor
 
-        self._validate()
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
-            delattr(self, attr)
+        self._validate_params()
+        self._reset()
         demand, doc_start = _demand_of(trace)
         S, L, _W = demand.shape
         E = int(trace.num_experts)
@@ -239,6 +229,7 @@ class NextUsePredictor(BaseEstimator):
         self.model_ = model
         self.trees_ = _tree_arrays(model)
         self.train_mae_log2_ = float(np.mean(np.abs(self._predict_log2(X) - y)))
+        self.fitted_ = True
         return self
 
     def _predict_log2(self, X: np.ndarray) -> np.ndarray:
@@ -440,7 +431,7 @@ def _reuse_samples(demand, doc_start, E, decay, trans, prior, horizon, window, s
     return X[:r], y[:r]
 
 
-class ReusePredictor(BaseEstimator):
+class ReusePredictor(Estimator):
     """Probability that ``(layer, expert)`` is used again within the next ``horizon`` steps.
 
     A logistic model over the features a cache can keep per expert at no cost (:data:`REUSE_FEATURES`):
@@ -464,6 +455,13 @@ class ReusePredictor(BaseEstimator):
     num_layers_, num_experts_ : the fitted shape.
     """
 
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "horizon": Interval(int, 1, None),
+        "decay": Interval(float, 0, 64),
+        "window": Interval(int, 1, None),
+        "max_rows": Interval(int, 1, None),
+    }
+
     def __init__(
         self, *, horizon: int = 4, decay: float = 0.05, window: int = 64, max_rows: int = 500_000
     ) -> None:
@@ -472,26 +470,12 @@ class ReusePredictor(BaseEstimator):
         self.window = window
         self.max_rows = max_rows
 
-    def _validate(self) -> None:
-        for name in ("horizon", "window", "max_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ConfigError(
-                    f"ReusePredictor: parameter {name}={v!r} is invalid; it must be a positive integer"
-                )
-        d = self.decay
-        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d <= 64:
-            raise ConfigError(
-                f"ReusePredictor: parameter decay={d!r} is invalid; it must be a number in [0, 64]"
-            )
-
     def fit(self, trace: Any) -> ReusePredictor:
         """Learn transitions, popularity and the logistic coefficients from ``trace`` (decode order)."""
         from sklearn.linear_model import LogisticRegression
 
-        self._validate()
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
-            delattr(self, attr)
+        self._validate_params()
+        self._reset()
         demand, doc_start = _demand_of(trace)
         S, L, _W = demand.shape
         E = int(trace.num_experts)
@@ -514,4 +498,5 @@ class ReusePredictor(BaseEstimator):
         self.log_popularity_ = prior
         self.num_layers_, self.num_experts_ = L, E
         self.train_rows_ = len(y)
+        self.fitted_ = True
         return self

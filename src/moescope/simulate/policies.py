@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numba import njit
 
-from moescope.core.estimator import Boolean, Estimator, Interval, OrNone
+from moescope.core.estimator import Boolean, Estimator, Interval, OrNone, clone
 from moescope.errors import ConfigError
 from moescope.simulate import kernel as K
 from moescope.simulate.kernel import AUX, FREQ, LAST, NEXT
@@ -287,8 +287,6 @@ class NextUse(CachePolicy):
         return bool(self.admission)
 
     def _fit(self, trace: Any) -> None:
-        from sklearn.base import clone
-
         from moescope.predict import NextUsePredictor
 
         pred = self.predictor
@@ -383,8 +381,6 @@ class LearnedReuse(CachePolicy):
         return bool(self.admission)
 
     def _fit(self, trace: Any) -> None:
-        from sklearn.base import clone
-
         from moescope.predict import ReusePredictor
 
         pred = self.predictor
