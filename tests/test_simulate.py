@@ -10,13 +10,19 @@ import pytest
 from sklearn.base import clone
 
 from moescope.errors import ConfigError, MoescopeError
+from moescope.predict.temporal import NextUsePredictor, ReusePredictor
 from moescope.simulate import (
     LFU,
     LRFU,
     LRU,
     Belady,
     Deployment,
+    LearnedReuse,
+    LearnedReuseAdmit,
     ModelCost,
+    NextUse,
+    NextUseEvict,
+    OracleNextUse,
     OraclePrefetcher,
     PreviousTokenPrefetcher,
     ProtectedLRU,
@@ -36,9 +42,36 @@ from moescope.trace.synthetic import write_synthetic_trace
 # reference simulator: one obvious Python loop, dictionaries and lists only
 
 
-def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, compute, reset):
-    """Counts and final time of a replay, by the rules stated in moescope.simulate.kernel."""
+PRED_POLICIES = ("next-use", "next-use-evict", "oracle-next-use")
+
+
+def reference(
+    demand,
+    pref,
+    dist,
+    E,
+    cap,
+    shared,
+    policy,
+    pinned_keys,
+    load_t,
+    compute,
+    reset,
+    nextpred=None,
+    stale=0.0,
+    reuse=None,
+):
+    """Counts and final time of a replay, by the rules stated in moescope.simulate.kernel.
+
+    For the predicted-next-use policies, ``nextpred[s][l][j]`` is the predicted next event of the
+    use ``demand[s][l][j]`` and ``stale`` the policy's staleness weight. For the learned reuse
+    policies, ``reuse = (coef, transition, log popularity, decay)``.
+    """
     S, L, _ = demand.shape
+    pred = policy in PRED_POLICIES
+    learned = policy in ("learned-reuse", "learned-reuse-admit")
+    bypassing = policy in ("belady", "next-use", "oracle-next-use", "learned-reuse-admit")
+    lastset = {}  # layer -> the experts of its latest event
     future = {}  # key -> list of demand events
     for s in range(S):
         for layer in range(L):
@@ -76,6 +109,22 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
             return d["aux"]
         if policy == "belady":
             return -next_use(key, event, s)
+        if learned:
+            coef, trans, prior, decay = reuse
+            layer, e = divmod(key, E)
+            t = sum(trans[layer, a, e] for a in lastset.get(layer, []) if a >= 0)
+            return (
+                coef[0] * (d["aux"] - decay * s)
+                + coef[1] * math.log(t + 1e-6)
+                + coef[2] * prior[key]
+                + coef[3] * math.log2(1.0 + s - d["step"])
+                + coef[4]
+            )
+        if pred:
+            nxt = d["next"]
+            if stale > 0:
+                nxt = max(nxt, event + stale * (event - d["aux"]))
+            return -nxt
         return d["last"]
 
     def victim(p, locked, event, s):
@@ -89,12 +138,27 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                 best = (rank, key)
         return None if best is None else best[1]
 
-    def use(key, s):
+    def use(key, s, event):
+        if pred:
+            info[key]["aux"] = event
+        if learned:
+            decay = reuse[3]
+            info[key]["aux"] = math.log2(1 + 2 ** (info[key]["aux"] - decay * s)) + decay * s
+            info[key]["step"] = s
         if policy == "lrfu":
             info[key]["aux"] = math.log2(1 + 2 ** (info[key]["aux"] - 0.05 * s)) + 0.05 * s
 
     def fresh(key):
-        return {"last": 0, "freq": 0, "aux": -math.inf, "unused": False, "arrival": 0.0, "protect": -1}
+        return {
+            "last": 0,
+            "freq": 0,
+            "aux": -math.inf,
+            "next": math.inf,
+            "step": 0,
+            "unused": False,
+            "arrival": 0.0,
+            "protect": -1,
+        }
 
     for s in range(S):
         if reset[s]:
@@ -112,8 +176,15 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
             start = now
             ready = now
             keys = [layer * E + int(e) for e in demand[s][layer] if e >= 0]
+            lastset[layer] = [int(e) for e in demand[s][layer]]
+            if pred:  # every key of the event ranks by its use after it, before any eviction
+                for j, e in enumerate(demand[s][layer]):
+                    if e >= 0:
+                        nx = float(nextpred[s][layer][j])
+                        info[layer * E + int(e)]["next"] = nx if nx < seg_end[s] else math.inf
+                        info[layer * E + int(e)]["aux"] = event
             at_start = {key for key in keys if key in cache[p]}
-            locked = set(at_start) if policy != "belady" else set()
+            locked = set(at_start) if not bypassing else set()
             for key in keys:
                 out["access"][layer] += 1
                 if key in at_start:
@@ -133,6 +204,8 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                             keep = False
                         elif policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
                             keep = False
+                        elif bypassing and (pred or learned) and prio(key, event, s) <= prio(v, event, s):
+                            keep = False
                         else:
                             if info[v]["unused"]:
                                 out["pf_waste"][v // E] += 1
@@ -140,7 +213,7 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                             cache[p].remove(v)
                     if keep:
                         cache[p].append(key)
-                        if policy != "belady":
+                        if not bypassing:
                             locked.add(key)
                         info[key]["arrival"] = link
                     else:
@@ -148,7 +221,7 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                 counter += 1
                 info[key]["last"] = counter
                 info[key]["freq"] += 1
-                use(key, s)
+                use(key, s, event)
             now = ready + compute[s][layer]
             target = layer + dist
             if target >= L or pref.shape[2] == 0:
@@ -160,6 +233,8 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                     continue
                 key = target * E + int(e)
                 info[key]["protect"] = max(info[key]["protect"], s * L + target)
+                if pred:
+                    info[key]["next"] = min(info[key]["next"], s * L + target)
                 if key in cache[tp]:
                     issued.add(key)
                     continue
@@ -168,6 +243,8 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                     if v is None:
                         continue
                     if policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
+                        continue
+                    if bypassing and (pred or learned) and prio(key, event, s) <= prio(v, event, s):
                         continue
                     if info[v]["unused"]:
                         out["pf_waste"][v // E] += 1
@@ -181,7 +258,7 @@ def reference(demand, pref, dist, E, cap, shared, policy, pinned_keys, load_t, c
                 info[key]["arrival"] = link
                 counter += 1
                 info[key]["last"] = counter
-                use(key, s)
+                use(key, s, s * L + target)
     for keys in cache.values():
         for key in keys:
             if info[key]["unused"]:
@@ -499,6 +576,9 @@ def test_cli_simulate_and_sweep(small, tmp_path):
     import polars as pl
 
     sw = pl.read_csv(out / "sweep.csv")
+    guided = set(sw.filter(pl.col("predictor_guided"))["policy"].str.extract(r"^([a-z-]+)").to_list())
+    assert guided == {"learned-reuse", "learned-reuse-admit", "next-use", "next-use-evict"}
+    assert "best predictor-guided" in doc["prediction_pays"] and "Belady" in doc["prediction_pays"]
     for (_frac, pf), part in sw.group_by(["cache_fraction", "prefetcher"]):
         if pf == "none":
             assert part.filter(pl.col("policy") == "belady")["hits"][0] == part["hits"].max()
@@ -792,3 +872,228 @@ def test_belady_may_evict_what_the_first_prefetch_loaded():
     )
     assert _engine_counts(res) == ref
     assert res.counts[1, 2] == 1  # kept at step 0 (evicting the useless prefetch), hit at step 1
+
+
+# ---------------------------------------------------------------------------------------------
+# predictor-guided policies (eviction and admission by predicted next use)
+
+
+class _GivenNextUse(NextUse):
+    """NextUse whose predictions are given (random or exact), so that the machinery is tested alone."""
+
+    def __init__(self, *, staleness=1.0, admission=True, predictor=None, latency_ms=0.0, table=None):
+        super().__init__(staleness=staleness, admission=admission, predictor=predictor, latency_ms=latency_ms)
+        self.table = table
+
+    def _fit(self, trace):
+        self.latency_s_ = 0.0
+
+    def next_use(self, steps):
+        return self.table
+
+
+def _ref_policy_name(pol):
+    if isinstance(pol, OracleNextUse):
+        return "oracle-next-use"
+    return "next-use" if pol.admission else "next-use-evict"
+
+
+def _check_against_reference(steps, pol, cap, shared, pref, dist, reset, dep=DEP):
+    from moescope.simulate.deployment import compute_times, load_times
+
+    L, E = steps.num_layers, steps.num_experts
+    res = run(steps, pol, cap, dep, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
+    load_t, _ = load_times(dep, COST, steps.popularity)
+    compute = compute_times(dep, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2))
+    compute = compute + pol.critical_path_s()
+    rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
+    rmask[0] = True
+    p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
+    ref, t_end = reference(
+        steps.demand,
+        p,
+        dist,
+        E,
+        cap,
+        shared,
+        _ref_policy_name(pol),
+        set(),
+        load_t,
+        compute,
+        rmask,
+        nextpred=pol.next_use(steps),
+        stale=float(pol.param()),
+    )
+    assert _engine_counts(res) == ref
+    assert res.total_s == pytest.approx(t_end, rel=1e-9)
+    return res
+
+
+@pytest.mark.parametrize("admission", [True, False])
+@pytest.mark.parametrize("staleness", [0.0, 1.5])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pf", ["none", "table"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_given_next_use_matches_reference(small, admission, staleness, shared, pf, mode):
+    """Random predictions with ties, document resets and prefetches: engine == reference, exactly."""
+    steps = prepare(small, mode=mode, batch_size=8)
+    S, L, W = steps.demand.shape
+    rng = np.random.default_rng(7)
+    event = np.arange(S)[:, None, None] * L + np.arange(L)[None, :, None]
+    table = event + L * rng.integers(1, 12, (S, L, W)).astype(float)  # integer steps: many ties
+    table[rng.random((S, L, W)) < 0.1] = np.inf
+    pol = _GivenNextUse(staleness=staleness, admission=admission, table=table).fit()
+    cap = np.array([7]) if shared else np.array([3, 2, 4])
+    pref, dist = None, 1
+    if pf == "table":
+        pref, dist = step_prefetch(steps, TablePrefetcher(distance=2, budget=3).fit(small).ranked(small)), 2
+    reset = "document" if mode == "prefill" else "none"
+    _check_against_reference(steps, pol, cap, shared, pref, dist, reset)
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory):
+    d = tmp_path_factory.mktemp("simtrain")
+    return write_synthetic_trace(
+        d / "t",
+        n_tokens=600,
+        num_layers=3,
+        num_experts=8,
+        top_k=2,
+        law="markov",
+        noise=0.4,
+        doc_len=40,
+        seed=11,
+    )
+
+
+@pytest.mark.parametrize("cls", [NextUse, NextUseEvict])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fitted_next_use_matches_reference(small, small_train, cls, shared):
+    """The real temporal predictor, fitted on other documents, through engine and reference alike."""
+    steps = prepare(small)
+    pol = cls(predictor=NextUsePredictor(max_iter=15, max_leaf_nodes=8), latency_ms=0.01).fit(small_train)
+    assert pol.critical_path_s() == pytest.approx(1e-5)
+    cap = np.array([7]) if shared else np.array([3, 2, 4])
+    pref = step_prefetch(steps, TablePrefetcher(distance=1, budget=2).fit(small_train).ranked(small))
+    _check_against_reference(steps, pol, cap, shared, pref, 1, "none")
+
+
+def _next_use_oracle_equals_belady(demand, E, cap, shared=False):
+    steps = _steps_of(demand, E)
+    a = run(steps, Belady().fit(), cap, DEP, COST, shared=shared)
+    b = run(steps, OracleNextUse().fit(), cap, DEP, COST, shared=shared)
+    assert np.array_equal(a.counts, b.counts)
+    assert a.total_s == b.total_s and np.array_equal(a.stall_s, b.stall_s)
+    return a
+
+
+def test_perfect_next_use_oracle_equals_belady():
+    """A policy fed the true next uses makes Belady's choices: identical hits, bytes and times."""
+    rng = np.random.default_rng(5)
+    for trial in range(10):
+        E, k, L, S = 10, 3, 3, 120
+        demand = _random_demand(rng, S, L, E, k)
+        if trial % 3 == 0:  # some -1 gaps
+            demand[rng.random(demand.shape) < 0.1] = -1
+        cap = np.array([2 + trial % 5] * L) if trial % 2 else np.array([4 + trial])
+        _next_use_oracle_equals_belady(demand, E, cap, shared=not trial % 2)
+
+
+def test_belady_never_beaten_by_predicted_policies(small_train):
+    rng = np.random.default_rng(9)
+    pred = NextUsePredictor(max_iter=10, max_leaf_nodes=8).fit(small_train)
+    for trial in range(5):
+        E, k, L, S = 8, 2, 3, 150
+        demand = _random_demand(rng, S, L, E, k)
+        steps = _steps_of(demand, E)
+        cap = np.array([2 + trial % 4] * L)
+        best = run(steps, Belady().fit(), cap, DEP, COST).counts[1].sum()
+        for pol in (NextUse(predictor=pred, latency_ms=0.0), NextUseEvict(predictor=pred, latency_ms=0.0)):
+            assert run(steps, pol.fit(), cap, DEP, COST).counts[1].sum() <= best
+
+
+def test_temporal_predictor_trees_and_causality(small_train, small):
+    """The compiled trees equal scikit-learn's predictions; a use's features ignore every later step."""
+    from moescope.predict.temporal import FEATURES, next_use_distance
+
+    p = NextUsePredictor(max_iter=12, max_leaf_nodes=8).fit(small_train)
+    steps = prepare(small)
+    X = p._features(steps.demand, steps.doc_start)
+    assert X.shape == (int((steps.demand >= 0).sum()), len(FEATURES))
+    np.testing.assert_allclose(p._predict_log2(X), p.model_.predict(X), rtol=1e-6, atol=1e-6)
+    cut = 100
+    changed = steps.demand.copy()
+    changed[cut + 1 :] = np.random.default_rng(0).permutation(changed[cut + 1 :])
+    a = p.predict_distance(steps.demand, steps.doc_start, steps.num_experts)
+    b = p.predict_distance(changed, steps.doc_start, steps.num_experts)
+    assert np.array_equal(a[: cut + 1], b[: cut + 1])
+    # distances by hand on one key
+    d = next_use_distance(steps.demand, steps.num_experts)
+    e0 = int(steps.demand[0, 0, 0])
+    uses = [s for s in range(steps.num_steps) if e0 in steps.demand[s, 0].tolist()]
+    j = steps.demand[0, 0].tolist().index(e0)
+    assert d[0, 0, j] == (uses[1] - uses[0] if len(uses) > 1 else steps.num_steps)
+    with pytest.raises(ConfigError, match="max_iter"):
+        NextUsePredictor(max_iter=0).fit(small_train)
+    with pytest.raises(ConfigError, match="fitted on"):
+        p.predict_distance(np.zeros((2, 5, 2), np.int16), np.ones(2, bool), 8)
+
+
+@pytest.mark.parametrize("cls", [LearnedReuse, LearnedReuseAdmit])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pf", ["none", "table"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_learned_reuse_matches_reference(small, small_train, cls, shared, pf, mode):
+    """The learned reuse policy (fitted on other documents) through engine and reference alike."""
+    from moescope.simulate.deployment import compute_times, load_times
+
+    steps = prepare(small, mode=mode, batch_size=8)
+    L, E = steps.num_layers, steps.num_experts
+    pol = cls(predictor=ReusePredictor(horizon=2, max_rows=20_000), latency_ms=0.02).fit(small_train)
+    assert pol.critical_path_s() == pytest.approx(2e-5)
+    cap = np.array([7]) if shared else np.array([3, 2, 4])
+    pref, dist = None, 1
+    if pf == "table":
+        pref, dist = (
+            step_prefetch(steps, TablePrefetcher(distance=2, budget=3).fit(small_train).ranked(small)),
+            2,
+        )
+    reset = "document" if mode == "prefill" else "none"
+    res = run(steps, pol, cap, DEP, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
+    load_t, _ = load_times(DEP, COST, steps.popularity)
+    compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2)) + 2e-5
+    rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
+    rmask[0] = True
+    p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
+    coef, trans, prior = pol.reuse_model(L, E)
+    ref, t_end = reference(
+        steps.demand,
+        p,
+        dist,
+        E,
+        cap,
+        shared,
+        cls.name,
+        set(),
+        load_t,
+        compute,
+        rmask,
+        reuse=(coef, trans, prior, pol.predictor_.decay),
+    )
+    assert _engine_counts(res) == ref
+    assert res.total_s == pytest.approx(t_end, rel=1e-9)
+
+
+def test_belady_never_beaten_by_learned_reuse(small_train):
+    rng = np.random.default_rng(4)
+    pred = ReusePredictor(max_rows=20_000).fit(small_train)
+    for trial in range(5):
+        E, k, L, S = 8, 2, 3, 150
+        demand = _random_demand(rng, S, L, E, k)
+        steps = _steps_of(demand, E)
+        cap = np.array([2 + trial % 4] * L)
+        best = run(steps, Belady().fit(), cap, DEP, COST).counts[1].sum()
+        for cls in (LearnedReuse, LearnedReuseAdmit):
+            pol = cls(predictor=pred, latency_ms=0.0).fit()
+            assert run(steps, pol, cap, DEP, COST).counts[1].sum() <= best

@@ -80,6 +80,8 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             train,
             "--cache-fraction",
             "0.25",
+            "--policy",
+            "learned-reuse",
             "--prefetch",
             model_file,
             "--sweep",

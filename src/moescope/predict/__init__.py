@@ -20,6 +20,7 @@ from moescope.predict.learned import LearnedPredictor
 from moescope.predict.lookahead import LookaheadPredictor
 from moescope.predict.queries import TEMPORAL, Context, Queries, iter_contexts, mode_name, parse_mode
 from moescope.predict.rules import RulesPredictor
+from moescope.predict.temporal import NextUsePredictor, ReusePredictor, next_use_distance
 
 make = make_predictor  # the front door's spelling: moescope.predict.make("best")
 
@@ -33,8 +34,10 @@ __all__ = [
     "FrequencyPredictor",
     "LearnedPredictor",
     "LookaheadPredictor",
+    "NextUsePredictor",
     "NotFittedError",
     "Queries",
+    "ReusePredictor",
     "RulesPredictor",
     "clone",
     "evaluate",
@@ -44,6 +47,7 @@ __all__ = [
     "make",
     "make_predictor",
     "mode_name",
+    "next_use_distance",
     "parse_mode",
     "rank",
     "split_documents",

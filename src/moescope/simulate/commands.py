@@ -47,7 +47,10 @@ def simulate_cmd(
         False, "--shared", help="One cache shared by all layers instead of one per layer."
     ),
     policy: str = typer.Option(
-        "lru", "--policy", help="Eviction: lru, lfu, lrfu, lru-protect, static, belady."
+        "lru",
+        "--policy",
+        help="Eviction: lru, lfu, lrfu, lru-protect, static, belady, or predictor-guided (fitted on --train): "
+        "learned-reuse, learned-reuse-admit, next-use, next-use-evict, oracle-next-use.",
     ),
     prefetch: str = typer.Option(
         "none", "--prefetch", help="none, table, previous, oracle, or a saved predictor file."
@@ -98,7 +101,7 @@ def simulate_cmd(
     from moescope.simulate.fitting import REPLAYED, learns_from_trace
     from moescope.simulate.policies import make_policy
     from moescope.simulate.prefetch import make_prefetcher
-    from moescope.simulate.sweep import plot_sweep, sweep
+    from moescope.simulate.sweep import plot_sweep, prediction_pays, sweep
     from moescope.trace.outputs import claim
     from moescope.trace.reader import Trace
 
@@ -160,7 +163,6 @@ def simulate_cmd(
             "expert_bytes": cost.expert_bytes,
             **res.summary(),
         }
-        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         res.per_layer().write_csv(output / "per_layer.csv")
         if do_sweep:
             pfs = [None]
@@ -181,10 +183,16 @@ def simulate_cmd(
             df.write_csv(output / "sweep.csv")
             plot_sweep(df, output / "sweep", {"trace": str(trace), "preset": preset, "mode": mode})
             summary["sweep"] = str(output / "sweep.csv")
+            frac = cache_fraction if cache_fraction is not None else 0.25
+            pays = prediction_pays(df, min((0.0625, 0.125, 0.25, 0.5, 0.75), key=lambda f: abs(f - frac)))
+            summary["prediction_pays"] = pays["text"]
+        (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     text = (
         f"{res.policy} + {res.prefetcher}: hit rate {summary['hit_rate']:.3f}, "
         f"{summary['bytes_moved'] / 1e9:.2f} GB moved ({summary['wasted_prefetch_bytes'] / 1e9:.2f} GB wasted), "
         f"stall {summary['stall_ms_per_token']:.3f} ms/token, {summary['tokens_per_s']:.1f} tokens/s "
         f"(all in GPU {summary['tokens_per_s_all_in_gpu']:.1f}, no cache {summary['tokens_per_s_no_cache']:.1f})"
     )
+    if do_sweep:
+        text += "\n" + summary["prediction_pays"]
     emit(summary, json_out, text=text)

@@ -391,6 +391,8 @@ def run(
     load_t, _ = load_times(deployment, cost, steps.popularity)
     demand = np.ascontiguousarray(steps.demand, dtype=np.int16)
     ctab, crow = compute_table(deployment, cost, steps)
+    # a policy's own predictor, when it runs on the critical path, delays every layer
+    ctab = ctab + float(policy.critical_path_s())
     counts = np.zeros((K.NCOUNT, L), np.int64)
     stall = np.zeros(L, np.float64)
     wait_pf = np.zeros(L, np.float64)
@@ -402,6 +404,7 @@ def run(
         and not policy.protect
         and not policy.bypass
         and not policy.needs_future
+        and not policy.pred_next
     ):
         # LRU and static pinning: the O(1) recency-list loop (same semantics, several times faster)
         node, lists = K.lru_state(load_t, E, capacity.shape[0])
@@ -435,57 +438,52 @@ def run(
             occ_start, occ_ev = np.zeros(L * E + 1, np.int64), np.zeros(0, np.int64)
         seg_start = np.flatnonzero(reset_mask)
         seg_end = (np.append(seg_start[1:], S)[np.cumsum(reset_mask) - 1]).astype(np.int64) * L
+        if policy.pred_next:
+            nextpred = np.array(policy.next_use(steps), dtype=np.float64, order="C")
+            if nextpred.shape != demand.shape:
+                raise ConfigError(
+                    f"{policy.describe()}: next_use returned shape {nextpred.shape}; the steps need {demand.shape}"
+                )
+            # a reset empties the cache, so a use predicted beyond it is no use to the cache
+            nextpred[nextpred >= seg_end[:, None, None]] = np.inf
+        else:
+            nextpred = np.zeros((S, L, 0), np.float64)
         P = capacity.shape[0]
-        slots = np.full((P, int(capacity.max())), -1, np.int64)
-        nres = np.zeros(P, np.int64)
-        where = np.full(L * E, -1, np.int64)
-        st = np.zeros((L * E, 4), np.float64)
-        lock = np.full(L * E, -1, np.int64)
-        protect_until = np.full(L * E, -1, np.int64)
-        arrival = np.zeros(L * E, np.float64)
-        ptr = occ_start[:-1].copy()
-        unused = np.zeros(L * E, np.bool_)
-        rules = (
+        cfg = K.Config(
+            dist,
+            int(E),
+            per_layer,
             int(policy.priority_rule),
             int(policy.use_rule),
             float(policy.param()),
             bool(policy.bypass),
             bool(policy.protect),
             bool(policy.needs_future),
+            bool(policy.pred_next),
         )
+        coef, trans, prior = policy.reuse_model(L, E)
+        tab = K.Tables(capacity, pinned, occ_start, occ_ev, load_t, ctab, coef, trans, prior)
+        sta = K.State(
+            slots=np.full((P, int(capacity.max())), -1, np.int64),
+            nres=np.zeros(P, np.int64),
+            where=np.full(L * E, -1, np.int64),
+            st=np.zeros((L * E, K.NSTATE), np.float64),
+            lock=np.full(L * E, -1, np.int64),
+            protect_until=np.full(L * E, -1, np.int64),
+            unused=np.zeros(L * E, np.bool_),
+            arrival=np.zeros(L * E, np.float64),
+            ptr=occ_start[:-1].copy(),
+            clock=clock,
+            counts=counts,
+            stall=stall,
+            wait_pf=wait_pf,
+            lastset=np.full((L, max(demand.shape[2], 1)), -1, np.int16),
+        )
+        unused = sta.unused
 
         def replay(a: int, b: int, pref: np.ndarray) -> None:
-            K.replay_chunk(
-                demand[a:b],
-                pref,
-                dist,
-                int(E),
-                per_layer,
-                capacity,
-                pinned,
-                *rules,
-                occ_start,
-                occ_ev,
-                seg_end[a:b],
-                reset_mask[a:b],
-                load_t,
-                ctab,
-                crow[a:b],
-                a,
-                slots,
-                nres,
-                where,
-                st,
-                lock,
-                protect_until,
-                unused,
-                arrival,
-                ptr,
-                clock,
-                counts,
-                stall,
-                wait_pf,
-            )
+            blk = K.Block(demand[a:b], pref, nextpred[a:b], seg_end[a:b], reset_mask[a:b], crow[a:b], a)
+            K.replay_chunk(blk, cfg, tab, sta)
 
     if prefetcher is None:
         replay(0, S, prefetch)

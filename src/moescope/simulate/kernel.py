@@ -30,6 +30,8 @@ Transfers are first-in first-out on one link; a transfer of key ``x`` takes ``lo
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numba import njit
 
@@ -38,6 +40,8 @@ LAST = 0  # touch counter of the last use or insertion (larger = more recent)
 FREQ = 1  # demand uses so far
 AUX = 2  # policy scratch (e.g. LRFU's combined recency-frequency value)
 NEXT = 3  # next demand event of the key (Belady), +inf when none before the next reset
+STEP = 4  # step of the last use (PRIO_REUSE)
+NSTATE = 5
 
 INF = np.inf
 # lock stamps: a demand event locks with its index (>= 0), a prefetch issue with -2 - event (<= -2),
@@ -49,9 +53,13 @@ PRIO_LAST = 0  # least recently touched first (LRU)
 PRIO_FREQ = 1  # fewest demand uses first (LFU)
 PRIO_AUX = 2  # lowest AUX first (LRFU)
 PRIO_NEXT = 3  # furthest next use first (Belady)
+PRIO_PRED = 4  # furthest predicted next use first (NEXT from the per-access predictions; AUX = last use)
+PRIO_REUSE = 5  # lowest learned reuse score first (:func:`reuse_score`)
 # update rules on a use or a prefetch insertion
 USE_NONE = 0
 USE_LRFU = 1
+USE_EVENT = 2  # AUX = the event of the last use (PRIO_PRED)
+USE_REUSE = 3  # LRFU in AUX and the step in STEP (PRIO_REUSE)
 
 # per-layer counters in the ``counts`` output, shape (NCOUNT, L)
 C_ACCESS = 0
@@ -76,136 +84,100 @@ NCLOCK = 5
 
 
 @njit(cache=True, inline="always")
-def priority(rule, st, key, param):
-    """Eviction priority of ``key`` under ``rule``: lower is evicted first."""
+def priority(rule, last, freq, aux, nxt, event, param):
+    """Eviction priority under ``rule`` of a key with state ``(last, freq, aux, nxt)`` at ``event``:
+    lower is evicted first. Scalars only: an array handed to an inlined helper inside the loops is
+    reference-counted at every call, which made the replay loops 2-4x slower."""
     if rule == PRIO_FREQ:
-        return st[key, FREQ]
+        return freq
     if rule == PRIO_AUX:
-        return st[key, AUX]
+        return aux
     if rule == PRIO_NEXT:
-        return -st[key, NEXT]
-    return st[key, LAST]
+        return -nxt
+    if rule == PRIO_PRED:
+        # predicted next use; once overdue, the wait so far (times param) estimates the rest
+        if param > 0.0:
+            late = event + param * (event - aux)
+            if late > nxt:
+                nxt = late
+        return -nxt
+    return last
 
 
 @njit(cache=True, inline="always")
-def on_use(rule, st, key, step, param):
-    """Update the policy scratch column when ``key`` is used (or inserted by a prefetch) at ``step``."""
-    if rule == USE_LRFU:
-        # LRFU (Lee et al., IEEE TC 2001): C(t) = 1 + 2^(-lam (t - t_last)) C(t_last), stored as
-        # log2 C(t_last) + lam t_last so that comparing keys at any common "now" compares this value.
-        st[key, AUX] = np.log2(1.0 + np.exp2(st[key, AUX] - param * step)) + param * step
+def lrfu(aux, step, param):
+    """LRFU's value after a use at ``step`` (Lee et al., IEEE TC 2001): C(t) = 1 + 2^(-lam (t - t_last))
+    C(t_last), stored as log2 C(t_last) + lam t_last so that comparing keys at any common "now"
+    compares this value."""
+    return np.log2(1.0 + np.exp2(aux - param * step)) + param * step
 
 
 @njit(cache=True, inline="always")
-def _next_use(key, after, ptr, occ_start, occ_ev, seg_end):
-    """First demand event of ``key`` strictly after ``after`` and before ``seg_end``; +inf if none."""
-    p = ptr[key]
-    end = occ_start[key + 1]
-    while p < end and occ_ev[p] <= after:
-        p += 1
-    ptr[key] = p
-    if p < end and occ_ev[p] < seg_end:
-        return float(occ_ev[p])
-    return INF
+def reuse_score(aux, last_step, prior, trans_sum, step, param, coef):
+    """Learned reuse score (higher = kept) of a key at ``step``: the logit of a logistic model over
+    its LRFU value ``aux`` (decay ``param``), ``trans_sum`` (the summed transition probabilities from
+    its layer's latest expert set), its training popularity ``prior`` and its age since
+    ``last_step``; ``coef`` (a 5-tuple of floats) fitted on a training trace."""
+    return (
+        coef[0] * (aux - param * step)
+        + coef[1] * np.log(trans_sum + 1e-6)
+        + coef[2] * prior
+        + coef[3] * np.log2(1.0 + step - last_step)
+        + coef[4]
+    )
 
 
-@njit(cache=True, inline="always")
-def _pick_victim(
-    part,
-    slots,
-    nres,
-    st,
-    lock,
-    stamp,
-    pinned,
-    protect_until,
-    event,
-    use_protect,
-    prio_rule,
-    param,
-    need_next,
-    ptr,
-    occ_start,
-    occ_ev,
-    seg_end,
-):
-    """Slot index of the victim in partition ``part``, or -1 when every resident is locked/pinned."""
-    best = -1
-    best_prot = 2
-    best_pri = INF
-    best_last = INF
-    for i in range(nres[part]):
-        key = slots[part, i]
-        if lock[key] == stamp or pinned[key]:
-            continue
-        if need_next:
-            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-        prot = 1 if (use_protect and protect_until[key] >= event) else 0
-        pri = priority(prio_rule, st, key, param)
-        last = st[key, LAST]
-        if prot < best_prot or (
-            prot == best_prot and (pri < best_pri or (pri == best_pri and last < best_last))
-        ):
-            best, best_prot, best_pri, best_last = i, prot, pri, last
-    return best
+# a replay's configuration, read-only arrays, carried state and block of steps, packed so that
+# :func:`replay_chunk` takes four arguments (Numba compiles each as one typed tuple)
+Config = namedtuple(
+    "Config", "dist E per_layer prio_rule use_rule param bypass use_protect need_next pred_next"
+)
+Tables = namedtuple("Tables", "cap pinned occ_start occ_ev load_time ctab coef trans prior")
+State = namedtuple(
+    "State", "slots nres where st lock protect_until unused arrival ptr clock counts stall wait_pf lastset"
+)
+Block = namedtuple("Block", "demand pref nextpred seg_end reset crow step0")
 
 
 @njit(cache=True, nogil=True)
-def replay_chunk(
-    demand,
-    pref,
-    dist,
-    E,
-    per_layer,
-    cap,
-    pinned,
-    prio_rule,
-    use_rule,
-    param,
-    bypass,
-    use_protect,
-    need_next,
-    occ_start,
-    occ_ev,
-    seg_end_of_step,
-    reset,
-    load_time,
-    ctab,
-    crow,
-    step0,
-    slots,
-    nres,
-    where,
-    st,
-    lock,
-    protect_until,
-    pf_unused,
-    arrival,
-    ptr,
-    clock,
-    counts,
-    stall,
-    wait_pf,
-):
-    """Replay steps ``demand[0:S]`` (global step index ``step0 + s``); all state arrays are updated in place.
+def replay_chunk(blk, cfg, tab, sta):
+    """Replay the steps of ``blk`` (a :data:`Block`) with the policy rules of ``cfg`` (a :data:`Config`).
 
-    ``demand`` is ``(S, L, W)`` and ``pref`` ``(S, L, M)`` (ids for layer ``l``, issued after layer
-    ``l - dist``), both padded with -1. ``clock`` holds the times and the touch counter (rows ``T_*``);
-    the compute time of a layer with ``n`` demand experts is ``ctab[crow[s], n]``.
+    ``tab`` (:data:`Tables`) holds the read-only arrays, ``sta`` (:data:`State`) everything that
+    carries over from one call to the next, so a trace can be replayed in consecutive blocks. Serves
+    every policy; each eviction scans the partition's residents. Demand loads and prefetches go
+    through one loop over ``W + M`` requests, so the victim search, the insertion and the touch are
+    written once. Every array is read from the tuples once per call and the inlined rules
+    (:func:`priority`, :func:`lrfu`, :func:`reuse_score`) take scalars: an array handed to an
+    inlined helper inside the loops is reference-counted at every call (2-4x slower loops).
     """
+    demand, pref, nextpred = blk.demand, blk.pref, blk.nextpred
+    crow, seg_ends, resets, step0 = blk.crow, blk.seg_end, blk.reset, blk.step0
+    dist, E, per_layer, prio_rule = cfg.dist, cfg.E, cfg.per_layer, cfg.prio_rule
+    use_rule, param, bypass, use_protect = cfg.use_rule, cfg.param, cfg.bypass, cfg.use_protect
+    need_next, pred_next = cfg.need_next, cfg.pred_next
+    cap, pinned, load_time, ctab = tab.cap, tab.pinned, tab.load_time, tab.ctab
+    slots, nres, where = sta.slots, sta.nres, sta.where
+    lock, protect_until, unused, arrival = sta.lock, sta.protect_until, sta.unused, sta.arrival
+    clock, counts, stall, wait_pf = sta.clock, sta.counts, sta.stall, sta.wait_pf
+    st, ptr, lastset, occ_start, occ_ev = sta.st, sta.ptr, sta.lastset, tab.occ_start, tab.occ_ev
+    coef, trans, prior = tab.coef, tab.trans, tab.prior
+    reuse = prio_rule == PRIO_REUSE
+    cf = (coef[0], coef[1], coef[2], coef[3], coef[4])
     S, L, W = demand.shape
     M = pref.shape[2]
     K = L * E
     resident_at_start = np.zeros(W, np.bool_)
     for s in range(S):
         gs = step0 + s
-        if reset[s]:
+        step = float(gs)
+        if resets[s]:
             for p in range(nres.shape[0]):
                 for i in range(nres[p]):
                     key = slots[p, i]
-                    if pf_unused[key]:
+                    if unused[key]:
                         counts[C_PF_WASTE, key // E] += 1
-                        pf_unused[key] = False
+                        unused[key] = False
                     where[key] = -1
                 nres[p] = 0
             for key in range(K):
@@ -213,6 +185,7 @@ def replay_chunk(
                 st[key, FREQ] = 0.0
                 st[key, AUX] = -INF
                 st[key, NEXT] = INF
+                st[key, STEP] = 0.0
                 protect_until[key] = -1
                 arrival[key] = 0.0
                 if pinned[key]:
@@ -220,7 +193,7 @@ def replay_chunk(
                     slots[p, nres[p]] = key
                     where[key] = nres[p]
                     nres[p] += 1
-        seg_end = seg_end_of_step[s]
+        seg_end = seg_ends[s]
         for layer in range(L):
             event = gs * L + layer
             part = layer if per_layer else 0
@@ -231,164 +204,169 @@ def replay_chunk(
             for j in range(W):
                 e = demand[s, layer, j]
                 resident_at_start[j] = False
+                if reuse:
+                    lastset[layer, j] = e
                 if e < 0:
                     continue
                 n_demand += 1
                 key = layer * E + e
                 clock[T_NOCACHE] += load_time[key]
+                if pred_next:  # every key of this event ranks by its use after it
+                    st[key, NEXT] = nextpred[s, layer, j]
+                    st[key, AUX] = event
                 if where[key] >= 0:
                     lock[key] = event
                     resident_at_start[j] = True
-            # 2. serve demand in rank order
-            for j in range(W):
-                e = demand[s, layer, j]
-                if e < 0:
-                    continue
-                key = layer * E + e
-                counts[C_ACCESS, layer] += 1
-                if resident_at_start[j]:
-                    counts[C_HIT, layer] += 1
-                    if pf_unused[key]:
-                        counts[C_PF_HIT, layer] += 1
-                        pf_unused[key] = False
-                        if arrival[key] > t_start:
-                            counts[C_LATE, layer] += 1
-                            wait_pf[layer] += arrival[key] - t_start
-                    if arrival[key] > ready:
-                        ready = arrival[key]
-                else:
-                    counts[C_MISS, layer] += 1
-                    start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
-                    clock[T_LINK] = start + load_time[key]
-                    if clock[T_LINK] > ready:
-                        ready = clock[T_LINK]
-                    keep = True
-                    victim = -1
-                    if nres[part] >= cap[part]:
-                        # a bypassing policy may evict what this step already used: it need not stay
-                        victim = _pick_victim(
-                            part,
-                            slots,
-                            nres,
-                            st,
-                            lock,
-                            NO_STAMP if bypass else event,
-                            pinned,
-                            protect_until,
-                            event,
-                            use_protect,
-                            prio_rule,
-                            param,
-                            need_next,
-                            ptr,
-                            occ_start,
-                            occ_ev,
-                            seg_end,
-                        )
-                        if victim < 0:
-                            keep = False
-                        elif bypass:
-                            st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-                            if priority(prio_rule, st, key, param) <= priority(
-                                prio_rule, st, slots[part, victim], param
-                            ):
-                                keep = False
-                    if keep:
-                        if victim >= 0:
-                            old = slots[part, victim]
-                            if pf_unused[old]:
-                                counts[C_PF_WASTE, old // E] += 1
-                                pf_unused[old] = False
-                            where[old] = -1
-                            counts[C_EVICT, layer] += 1
-                            slots[part, victim] = key
-                            where[key] = victim
-                        else:
-                            slots[part, nres[part]] = key
-                            where[key] = nres[part]
-                            nres[part] += 1
-                        lock[key] = event
-                        arrival[key] = clock[T_LINK]
+            # 2. requests 0..W-1 serve demand in rank order, W..W+M-1 prefetch for layer + dist. A
+            # bypassing policy may evict what this step already used (it need not stay), so its demand
+            # loads search victims with a stamp that matches no lock; a prefetch never evicts an expert
+            # predicted by the same issue (pf_stamp never equals an event index: demand locks stay).
+            target = layer + dist
+            n_req = W + M if target < L else W
+            tpart = target if per_layer else 0
+            tevent = gs * L + target
+            pf_stamp = -2 - event
+            for j in range(n_req):
+                if j < W:
+                    e = demand[s, layer, j]
+                    if e < 0:
+                        continue
+                    key = layer * E + e
+                    counts[C_ACCESS, layer] += 1
+                    if resident_at_start[j]:
+                        counts[C_HIT, layer] += 1
+                        if unused[key]:
+                            counts[C_PF_HIT, layer] += 1
+                            unused[key] = False
+                            if arrival[key] > t_start:
+                                counts[C_LATE, layer] += 1
+                                wait_pf[layer] += arrival[key] - t_start
+                        if arrival[key] > ready:
+                            ready = arrival[key]
+                        admit = False
                     else:
+                        admit = True
+                        counts[C_MISS, layer] += 1
+                        start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
+                        clock[T_LINK] = start + load_time[key]
+                        if clock[T_LINK] > ready:
+                            ready = clock[T_LINK]
+                    p = part
+                    stamp = NO_STAMP if bypass else event
+                    lay = layer
+                else:
+                    e = pref[s, target, j - W]
+                    if e < 0:
+                        continue
+                    key = target * E + e
+                    if use_protect and protect_until[key] < tevent:
+                        protect_until[key] = tevent
+                    if pred_next and st[key, NEXT] > tevent:  # predicted for the target layer
+                        st[key, NEXT] = tevent
+                    if where[key] >= 0:
+                        counts[C_PF_RESIDENT, target] += 1
+                        lock[key] = pf_stamp
+                        continue
+                    admit = True
+                    p = tpart
+                    stamp = pf_stamp
+                    lay = target
+                # the one eviction: a free slot, else the resident of lowest (protected, priority, last
+                # touch) that is neither pinned nor locked with this request's stamp; a bypassing
+                # policy keeps the key only when it ranks above that victim (i = -1 ranks the key)
+                keep = True
+                slot = -1
+                if admit:
+                    if nres[p] < cap[p]:
+                        slot = nres[p]
+                        nres[p] += 1
+                    else:
+                        best_prot = 2
+                        best_pri = INF
+                        best_last = INF
+                        mine = INF
+                        for i in range(-1 if bypass else 0, nres[p]):
+                            cand = key if i < 0 else slots[p, i]
+                            if i >= 0 and (lock[cand] == stamp or pinned[cand]):
+                                continue
+                            if need_next:  # the first demand event of cand after this one, in this segment
+                                q = ptr[cand]
+                                q_end = occ_start[cand + 1]
+                                while q < q_end and occ_ev[q] <= event:
+                                    q += 1
+                                ptr[cand] = q
+                                st[cand, NEXT] = (
+                                    float(occ_ev[q]) if q < q_end and occ_ev[q] < seg_end else INF
+                                )
+                            if reuse:
+                                c_layer = cand // E
+                                c_e = cand - c_layer * E
+                                tsum = 0.0
+                                for q in range(lastset.shape[1]):
+                                    if lastset[c_layer, q] >= 0:
+                                        tsum += trans[c_layer, lastset[c_layer, q], c_e]
+                                pri = reuse_score(
+                                    st[cand, AUX], st[cand, STEP], prior[cand], tsum, step, param, cf
+                                )
+                            else:
+                                pri = priority(
+                                    prio_rule,
+                                    st[cand, LAST],
+                                    st[cand, FREQ],
+                                    st[cand, AUX],
+                                    st[cand, NEXT],
+                                    event,
+                                    param,
+                                )
+                            if i < 0:
+                                mine = pri
+                                continue
+                            prot = 1 if (use_protect and protect_until[cand] >= event) else 0
+                            last = st[cand, LAST]
+                            if prot < best_prot or (
+                                prot == best_prot
+                                and (pri < best_pri or (pri == best_pri and last < best_last))
+                            ):
+                                slot, best_prot, best_pri, best_last = i, prot, pri, last
+                        keep = slot >= 0 and not (bypass and mine <= best_pri)
+                        if keep:
+                            old = slots[p, slot]
+                            if unused[old]:
+                                counts[C_PF_WASTE, old // E] += 1
+                                unused[old] = False
+                            where[old] = -1
+                            counts[C_EVICT, lay] += 1
+                    if keep:
+                        slots[p, slot] = key
+                        where[key] = slot
+                        lock[key] = stamp if j >= W else event
+                        if j >= W:
+                            counts[C_PF_LOAD, target] += 1
+                            unused[key] = True
+                            start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
+                            clock[T_LINK] = start + load_time[key]
+                        arrival[key] = clock[T_LINK]
+                    elif j < W:
                         counts[C_STREAM, layer] += 1
+                    else:
+                        continue  # a prefetch that found no room
+                # touch: a demand use (hit, kept or streamed miss) or a prefetch insertion
                 clock[T_TOUCH] += 1.0
                 st[key, LAST] = clock[T_TOUCH]
-                st[key, FREQ] += 1.0
-                on_use(use_rule, st, key, float(gs), param)
-            # 3. compute
+                if j < W:
+                    st[key, FREQ] += 1.0
+                if use_rule == USE_LRFU or use_rule == USE_REUSE:
+                    st[key, AUX] = lrfu(st[key, AUX], step, param)
+                    if use_rule == USE_REUSE:
+                        st[key, STEP] = step
+                elif use_rule == USE_EVENT:
+                    st[key, AUX] = event if j < W else tevent
+            # 3. compute once every demand expert has arrived (the prefetch above never moves ready)
             stall[layer] += ready - t_start
             c = ctab[crow[s], n_demand]
             clock[T_COMPUTE] += c
             clock[T_NOCACHE] += c
             clock[T_NOW] = ready + c
-            # 4. prefetch for layer + dist
-            target = layer + dist
-            if M == 0 or target >= L:
-                continue
-            tpart = target if per_layer else 0
-            tevent = gs * L + target
-            pf_stamp = -2 - event  # never equals an event index, so demand locks are untouched
-            for j in range(M):
-                e = pref[s, target, j]
-                if e < 0:
-                    continue
-                key = target * E + e
-                if use_protect and protect_until[key] < tevent:
-                    protect_until[key] = tevent
-                if where[key] >= 0:
-                    counts[C_PF_RESIDENT, target] += 1
-                    lock[key] = pf_stamp
-                    continue
-                victim = -1
-                if nres[tpart] >= cap[tpart]:
-                    victim = _pick_victim(
-                        tpart,
-                        slots,
-                        nres,
-                        st,
-                        lock,
-                        pf_stamp,
-                        pinned,
-                        protect_until,
-                        event,
-                        use_protect,
-                        prio_rule,
-                        param,
-                        need_next,
-                        ptr,
-                        occ_start,
-                        occ_ev,
-                        seg_end,
-                    )
-                    if victim < 0:
-                        continue
-                    if bypass:
-                        st[key, NEXT] = _next_use(key, event, ptr, occ_start, occ_ev, seg_end)
-                        if priority(prio_rule, st, key, param) <= priority(
-                            prio_rule, st, slots[tpart, victim], param
-                        ):
-                            continue
-                    old = slots[tpart, victim]
-                    if pf_unused[old]:
-                        counts[C_PF_WASTE, old // E] += 1
-                        pf_unused[old] = False
-                    where[old] = -1
-                    counts[C_EVICT, target] += 1
-                    slots[tpart, victim] = key
-                    where[key] = victim
-                else:
-                    slots[tpart, nres[tpart]] = key
-                    where[key] = nres[tpart]
-                    nres[tpart] += 1
-                counts[C_PF_LOAD, target] += 1
-                pf_unused[key] = True
-                lock[key] = pf_stamp
-                start = clock[T_LINK] if clock[T_LINK] > t_start else t_start
-                clock[T_LINK] = start + load_time[key]
-                arrival[key] = clock[T_LINK]
-                clock[T_TOUCH] += 1.0
-                st[key, LAST] = clock[T_TOUCH]
-                on_use(use_rule, st, key, float(gs), param)
 
 
 # per-key state of :func:`replay_lru`, one record per key so that a look-up touches one cache line

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from numba import njit
 
-from moescope.core.estimator import Estimator, Interval
+from moescope.core.estimator import Boolean, Estimator, Interval, OrNone, clone
 from moescope.errors import ConfigError
 from moescope.simulate import kernel as K
 from moescope.simulate.kernel import AUX, FREQ, LAST, NEXT
@@ -36,6 +37,8 @@ class CachePolicy(Estimator):
     bypass: ClassVar[bool] = False
     protect: ClassVar[bool] = False
     needs_future: ClassVar[bool] = False
+    pred_next: ClassVar[bool] = False
+    predictor_guided: ClassVar[bool] = False  # driven by a fitted predictor (the sweep's comparison)
     priority_rule: ClassVar[int] = K.PRIO_LAST
     use_rule: ClassVar[int] = K.USE_NONE
 
@@ -57,6 +60,22 @@ class CachePolicy(Estimator):
     def param(self) -> float:
         """The one float the jitted functions receive."""
         return 0.0
+
+    def critical_path_s(self) -> float:
+        """Seconds the policy's own computation adds to every layer on the critical path (a predictor)."""
+        return 0.0
+
+    def reuse_model(self, num_layers: int, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(coef, transition, log popularity)`` of the learned reuse score (``PRIO_REUSE`` only)."""
+        return np.zeros(5), np.zeros((1, 1, 1)), np.zeros(1)
+
+    def next_use(self, steps: Any) -> np.ndarray:
+        """Predicted next demand event (``step * L + layer``, +inf for none) of every access of ``steps``.
+
+        ``(S, L, W)`` float, aligned with ``steps.demand``; read by the replay when ``pred_next`` is set.
+        A prediction for the access at ``(s, l)`` may only use the demand up to ``(s, l)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not predict next uses")
 
     def pinned(self, num_layers: int, num_experts: int, capacity: np.ndarray, per_layer: bool) -> np.ndarray:
         """``(L * E,)`` mask of keys that are loaded at the start and never evicted."""
@@ -147,6 +166,14 @@ class StaticPin(CachePolicy):
             counts += np.bincount(flat, minlength=L * (E + 1)).reshape(L, E + 1)
         self.counts_ = counts[:, :E]
 
+    def next_use(self, steps: Any) -> np.ndarray:
+        """Predicted next demand event (``step * L + layer``, +inf for none) of every access of ``steps``.
+
+        ``(S, L, W)`` float, aligned with ``steps.demand``; read by the replay when ``pred_next`` is set.
+        A prediction for the access at ``(s, l)`` may only use the demand up to ``(s, l)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not predict next uses")
+
     def pinned(self, num_layers: int, num_experts: int, capacity: np.ndarray, per_layer: bool) -> np.ndarray:
         self.check_is_fitted()
         if self.counts_.shape != (num_layers, num_experts):
@@ -182,13 +209,273 @@ class Belady(CachePolicy):
     priority_rule = K.PRIO_NEXT
 
 
+class OracleNextUse(CachePolicy):
+    """Eviction and bypass by a perfect next-use oracle (the steps' true next use): equals Belady.
+
+    A check of the predicted-next-use machinery (:class:`NextUse` with a perfect predictor) and the
+    ceiling of every predictor-guided policy without prefetch.
+    """
+
+    name = "oracle-next-use"
+    predictor_guided = True
+    bypass = True
+    pred_next = True
+    priority_rule = K.PRIO_PRED
+    use_rule = K.USE_EVENT
+
+    def next_use(self, steps: Any) -> np.ndarray:
+        from moescope.predict import next_use_distance
+
+        S, L, _W = steps.demand.shape
+        dist = next_use_distance(np.ascontiguousarray(steps.demand, dtype=np.int16), steps.num_experts)
+        event = (np.arange(S)[:, None, None] * L + np.arange(L)[None, :, None]).astype(np.float64)
+        out = event + L * dist.astype(np.float64)
+        out[(dist >= S) | (steps.demand < 0)] = np.inf
+        return out
+
+
+class NextUse(CachePolicy):
+    """Approximate Belady: evict the resident whose *predicted* next use is furthest, bypass a miss
+    predicted to return later than that victim (admission), from a temporal predictor fitted on a
+    training trace (:class:`moescope.predict.temporal.NextUsePredictor`).
+
+    At each use of ``(layer, expert)`` the predictor estimates the steps until its next use; the
+    replay ranks residents by the predicted next event. Once a prediction is overdue, ``staleness``
+    times the wait so far is taken as the rest (a key not back when expected is likely gone for long).
+    A prefetched expert is predicted for its target layer.
+
+    Parameters
+    ----------
+    staleness : weight of the wait so far once a prediction is overdue (0: never revised).
+    admission : bypass (stream without keeping) a miss predicted to return after the victim.
+    predictor : an unfitted or fitted ``NextUsePredictor`` (None: the default one).
+    latency_ms : predictor time per layer at batch 1 charged on the critical path (None: measured
+        in :meth:`fit`, the median of 200 single-layer calls of the compiled trees).
+
+    Attributes
+    ----------
+    predictor_ : the fitted temporal predictor.
+    latency_s_ : seconds charged per layer.
+    """
+
+    name = "next-use"
+    predictor_guided = True
+    pred_next = True
+    priority_rule = K.PRIO_PRED
+    use_rule = K.USE_EVENT
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "staleness": Interval(float, 0, 1e3),
+        "admission": Boolean(),
+        "latency_ms": OrNone(Interval(float, 0, None)),
+    }
+
+    def __init__(
+        self,
+        *,
+        staleness: float = 1.0,
+        admission: bool = True,
+        predictor: Any = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        self.staleness = staleness
+        self.admission = admission
+        self.predictor = predictor
+        self.latency_ms = latency_ms
+
+    @property
+    def bypass(self) -> bool:  # type: ignore[override]
+        return bool(self.admission)
+
+    def _fit(self, trace: Any) -> None:
+        from moescope.predict import NextUsePredictor
+
+        pred = self.predictor
+        if pred is not None and hasattr(pred, "model_"):
+            self.predictor_ = pred
+        else:
+            if trace is None:
+                raise ConfigError(f"{type(self).__name__} needs a training trace: call fit(trace)")
+            self.predictor_ = (NextUsePredictor() if pred is None else clone(pred)).fit(trace)
+        if self.latency_ms is None:
+            self.latency_s_ = self.predictor_.layer_latency_s()
+        else:
+            self.latency_s_ = float(self.latency_ms) / 1e3
+
+    def param(self) -> float:
+        return float(self.staleness)
+
+    def critical_path_s(self) -> float:
+        self.check_is_fitted()
+        return float(self.latency_s_)
+
+    def next_use(self, steps: Any) -> np.ndarray:
+        self.check_is_fitted()
+        S, L, _W = steps.demand.shape
+        memo = getattr(self, "_memo", None)  # a sweep replays the same steps at every cache size
+        if memo is not None and memo[0] is steps:
+            return memo[1]
+        dist = self.predictor_.predict_distance(steps.demand, steps.doc_start, steps.num_experts)
+        event = (np.arange(S)[:, None, None] * L + np.arange(L)[None, :, None]).astype(np.float64)
+        out = event + L * dist
+        out[steps.demand < 0] = np.inf
+        self._memo = (steps, out)
+        return out
+
+
+class NextUseEvict(NextUse):
+    """:class:`NextUse` without admission control: every miss is kept (eviction by prediction only)."""
+
+    name = "next-use-evict"
+
+    def __init__(
+        self,
+        *,
+        staleness: float = 1.0,
+        admission: bool = False,
+        predictor: Any = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        super().__init__(staleness=staleness, admission=admission, predictor=predictor, latency_ms=latency_ms)
+
+
+class LearnedReuse(CachePolicy):
+    """Evict the resident least likely to be used again soon, by a reuse predictor fitted on a
+    training trace (:class:`moescope.predict.temporal.ReusePredictor`): a learned, relaxed Belady.
+
+    At each eviction the replay evaluates, for every candidate, the logistic model's logit over its
+    LRFU value, the transition probabilities from its layer's latest experts, its training
+    popularity and its age (all state the cache keeps anyway). With ``admission`` a miss is streamed
+    instead of kept when it scores no higher than the victim.
+
+    Parameters
+    ----------
+    admission : bypass low-scoring misses.
+    predictor : an unfitted or fitted ``ReusePredictor`` (None: the default one).
+    latency_ms : cost per layer charged on the critical path (None: measured in :meth:`fit`: one
+        layer's scores for 16 candidates at batch 1, median of 200 calls).
+
+    Attributes
+    ----------
+    predictor_ : the fitted reuse predictor.
+    latency_s_ : seconds charged per layer.
+    """
+
+    name = "learned-reuse"
+    predictor_guided = True
+    priority_rule = K.PRIO_REUSE
+    use_rule = K.USE_REUSE
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "admission": Boolean(),
+        "latency_ms": OrNone(Interval(float, 0, None)),
+    }
+
+    def __init__(
+        self, *, admission: bool = False, predictor: Any = None, latency_ms: float | None = None
+    ) -> None:
+        self.admission = admission
+        self.predictor = predictor
+        self.latency_ms = latency_ms
+
+    @property
+    def bypass(self) -> bool:  # type: ignore[override]
+        return bool(self.admission)
+
+    def _fit(self, trace: Any) -> None:
+        from moescope.predict import ReusePredictor
+
+        pred = self.predictor
+        if pred is not None and hasattr(pred, "coef_"):
+            self.predictor_ = pred
+        else:
+            if trace is None:
+                raise ConfigError(f"{type(self).__name__} needs a training trace: call fit(trace)")
+            self.predictor_ = (ReusePredictor() if pred is None else clone(pred)).fit(trace)
+        if self.latency_ms is None:
+            self.latency_s_ = _reuse_latency(self.predictor_)
+        else:
+            self.latency_s_ = float(self.latency_ms) / 1e3
+
+    def param(self) -> float:
+        self.check_is_fitted()
+        return float(self.predictor_.decay)
+
+    def critical_path_s(self) -> float:
+        self.check_is_fitted()
+        return float(self.latency_s_)
+
+    def reuse_model(self, num_layers: int, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.check_is_fitted()
+        p = self.predictor_
+        if (p.num_layers_, p.num_experts_) != (num_layers, num_experts):
+            raise ConfigError(
+                f"{self.describe()} was fitted on {p.num_layers_} layers x {p.num_experts_} experts; "
+                f"the replayed steps have {num_layers} x {num_experts}"
+            )
+        return p.coef_, p.transition_, p.log_popularity_
+
+
+class LearnedReuseAdmit(LearnedReuse):
+    """:class:`LearnedReuse` with admission control (a miss scoring below the victim is streamed)."""
+
+    name = "learned-reuse-admit"
+
+    def __init__(
+        self, *, admission: bool = True, predictor: Any = None, latency_ms: float | None = None
+    ) -> None:
+        super().__init__(admission=admission, predictor=predictor, latency_ms=latency_ms)
+
+
+def _reuse_latency(pred: Any, repeat: int = 200) -> float:
+    """Median seconds of one layer's reuse scores for 16 candidates at batch 1 (compiled, this CPU)."""
+    import time
+
+    st = np.zeros((16, K.NSTATE))
+    lastset = np.zeros((1, 8), np.int16)
+    coef, trans, prior = pred.coef_, pred.transition_[:1], pred.log_popularity_[:16]
+    _scores(st, coef, trans, prior, lastset)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        _scores(st, coef, trans, prior, lastset)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+@njit(cache=True)
+def _scores(st, coef, trans, prior, lastset):
+    out = np.empty(st.shape[0])
+    cf = (coef[0], coef[1], coef[2], coef[3], coef[4])
+    for key in range(st.shape[0]):
+        layer, e = divmod(key, 16)
+        tsum = 0.0
+        for i in range(lastset.shape[1]):
+            if lastset[layer, i] >= 0:
+                tsum += trans[layer, lastset[layer, i], e]
+        out[key] = K.reuse_score(st[key, K.AUX], st[key, K.STEP], prior[key], tsum, 1.0, 0.05, cf)
+    return out
+
+
 POLICIES: dict[str, type[CachePolicy]] = {
-    cls.name: cls for cls in (LRU, LFU, LRFU, ProtectedLRU, StaticPin, Belady)
+    cls.name: cls
+    for cls in (
+        LRU,
+        LFU,
+        LRFU,
+        ProtectedLRU,
+        StaticPin,
+        Belady,
+        LearnedReuse,
+        LearnedReuseAdmit,
+        NextUse,
+        NextUseEvict,
+        OracleNextUse,
+    )
 }
 
 
 def make_policy(name: str, **params: Any) -> CachePolicy:
-    """A new policy by name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``, ``belady``)."""
+    """A new policy by name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``, ``belady``,
+    ``next-use``, ``next-use-evict``, ``oracle-next-use``)."""
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
     return POLICIES[name](**params)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
 from moescope.simulate.policies import make_policy
@@ -19,7 +21,18 @@ def sweep(
     cost: ModelCost,
     *,
     fractions: Sequence[float] = (0.0625, 0.125, 0.25, 0.5, 0.75),
-    policies: Sequence[str] = ("lru", "lfu", "lrfu", "lru-protect", "static", "belady"),
+    policies: Sequence[str] = (
+        "lru",
+        "lfu",
+        "lrfu",
+        "lru-protect",
+        "static",
+        "belady",
+        "learned-reuse",
+        "learned-reuse-admit",
+        "next-use",
+        "next-use-evict",
+    ),
     prefetchers: Sequence[Any] = (None,),
     mode: str = "decode",
     batch_size: int | None = None,
@@ -31,7 +44,8 @@ def sweep(
 
     ``prefetchers`` holds unfitted :class:`~moescope.simulate.prefetch.Prefetcher` objects (or None);
     each is fitted once on ``fit_trace`` (a training trace, ``"replayed"`` or ``None`` as in
-    :func:`~moescope.simulate.engine.simulate`) and its predictions reused.
+    :func:`~moescope.simulate.engine.simulate`) and its predictions reused. The
+    predictor-guided policies (``predictor_guided`` column) are fitted on ``fit_trace`` too.
     """
     import polars as pl
 
@@ -64,7 +78,14 @@ def sweep(
                     prefetcher_name=pf_name,
                     reset=reset,
                 )
-                rows.append({"cache_fraction": frac, **res.summary()})
+                rows.append(
+                    {
+                        "cache_fraction": frac,
+                        "predictor_guided": bool(pol.predictor_guided),
+                        "predictor_s_per_layer": pol.critical_path_s(),
+                        **res.summary(),
+                    }
+                )
     return pl.DataFrame(rows)
 
 
@@ -119,3 +140,52 @@ def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) 
         atomic_write_json(meta, json.loads(json.dumps(params, default=str)))
         written.append(meta)
     return written
+
+
+def prediction_pays(df: Any, fraction: float) -> dict[str, Any]:
+    """At cache ``fraction`` of a :func:`sweep`: the best predictor-guided and predictor-free policy
+    (without a prefetcher), LRFU and Belady, and a one-paragraph comparison in ``text``.
+
+    The answer to "does prediction pay here?": the demo prints it for the bundled model.
+    """
+    import polars as pl
+
+    near = pl.Series(np.isclose(df["cache_fraction"].to_numpy(), fraction))
+    at = df.filter(near & (df["prefetcher"] == "none"))
+    if not len(at):
+        raise ValueError(f"the sweep has no row at cache fraction {fraction}")
+
+    def best(rows: Any) -> dict[str, Any] | None:
+        return rows.sort("tokens_per_s", descending=True).row(0, named=True) if len(rows) else None
+
+    def named(name: str) -> dict[str, Any] | None:
+        return best(at.filter(at["policy"].str.starts_with(name + "(") | (at["policy"] == name)))
+
+    guided = best(at.filter(at["predictor_guided"]))
+    free = best(at.filter(~at["predictor_guided"] & ~at["policy"].str.starts_with("belady")))
+    lrfu, belady = named("lrfu"), named("belady")
+    out = {"cache_fraction": fraction, "guided": guided, "free": free, "lrfu": lrfu, "belady": belady}
+
+    def line(label: str, r: dict[str, Any] | None) -> str:
+        if r is None:
+            return f"  {label}: not in the sweep"
+        return f"  {label}: {r['policy']}, hit rate {r['hit_rate']:.3f}, {r['tokens_per_s']:.4g} tokens/s"
+
+    lines = [f"cache {fraction:g} of the experts, no prefetch:"]
+    lines += [
+        line("best predictor-guided", guided),
+        line("best predictor-free", free),
+        line("LRFU", lrfu),
+        line("Belady (offline ceiling)", belady),
+    ]
+    if guided and free and belady:
+        g, f, b = guided["tokens_per_s"], free["tokens_per_s"], belady["tokens_per_s"]
+        gap = (g - f) / (b - f) if b > f else float("nan")
+        lines.append(
+            f"  prediction {'pays' if g > f else 'does not pay'}: {100 * (g / f - 1):+.1f}% tokens/s, "
+            f"{100 * gap:.0f}% of the gap to Belady closed"
+        )
+        out["gain"] = g / f - 1
+        out["gap_closed"] = gap
+    out["text"] = "\n".join(lines)
+    return out
