@@ -394,3 +394,31 @@ def test_predict_eval_figures_are_guarded(trace, tmp_path):
     assert _cli(*args, figs)[0] == 1
     rc, err = _cli(*args, figs, "--overwrite")
     assert rc == 0, err
+
+
+def test_diff_output_rules(trace, tmp_path):
+    args = ["diff", trace, trace, "--permutations", 10]
+    out = tmp_path / "diff"
+    _guarded(args, out, _notes(tmp_path / "n"), [trace, trace / "sub"])
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 0, err
+    assert json.loads((out / MARKER).read_text())["kind"] == "folder"
+    rc, err = _cli(*args, "-o", out)
+    assert rc == 1 and "--overwrite" in err
+    rc, err = _cli(*args, "-o", out, "--overwrite")
+    assert rc == 0, err
+    assert (out / "experts.csv").is_file()
+    Trace.open(trace)
+
+
+def test_evaluate_output_rules(tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"query": "a b", "choices": [" c", " d"], "gold": 0}) + "\n")
+    args = ["evaluate", "tiny:mixtral", f"mc={mc}", "--device", "cpu", "--bootstrap", 10, "--no-figures"]
+    # every refusal but the lock's comes before the model is loaded
+    _guarded(args, tmp_path / "ev", _notes(tmp_path / "n"), [mc, tmp_path])
+    rc, err = _cli(*args, "-o", tmp_path / "ev")
+    assert rc == 0, err
+    rc, err = _cli(*args, "-o", tmp_path / "ev")
+    assert rc == 1 and "--overwrite" in err
+    assert mc.read_text().startswith('{"query"')

@@ -71,7 +71,17 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
     steps.append(
         ["predict", "fit", train, "--no-split", "--predictor", predictor, "-o", model_file, "--overwrite"]
     )
-    steps.append(["predict", "eval", model_file, test, "--figures", str(out / "predict-tiny-finegrained")])
+    steps.append(
+        [
+            "predict",
+            "eval",
+            model_file,
+            test,
+            "--figures",
+            str(out / "predict-tiny-finegrained"),
+            "--overwrite",
+        ]
+    )
     steps.append(
         [
             "simulate",
@@ -87,6 +97,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             "--sweep",
             "-o",
             str(out / "simulate-tiny-finegrained"),
+            "--overwrite",
         ]
     )
     steps.append(
@@ -104,6 +115,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             "perplexity",
             "-o",
             str(out / "ablate-tiny-mixtral-layer3"),
+            "--overwrite",
         ]
     )
     # Routing strategies at equal compute: baseline, top-1, and top-p and p-value routing calibrated to the
@@ -117,6 +129,7 @@ def demo_steps(out: Path, max_tokens: int = 16000, predictor: str = "best") -> l
             *("--match-k", "1.5", "--calibration", "1", "--limit", "1", "--bootstrap", "200"),
             "-o",
             str(out / "evaluate-tiny-mixtral"),
+            "--overwrite",
         ]
     )
     # Last: one self-contained HTML page of the fine-grained model's trace, its analyses and the
