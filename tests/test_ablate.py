@@ -28,7 +28,7 @@ from moescope.capture.tiny import TINY_CONFIGS, tiny_model
 from moescope.cli import app
 from moescope.core.families import resolve_adapter
 from moescope.core.routing import rule_weights
-from moescope.errors import ConfigError
+from moescope.errors import ConfigError, as_flags
 from moescope.models import byte_tokenizer
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -547,7 +547,7 @@ def test_cli_errors_name_the_option(tmp_path, args, message):
     data = _corpus(tmp_path / "d.jsonl", n=2)
     res = _cli("tiny:deepseek_v3", data, "--device", "cpu", "-o", tmp_path / "o", *args)
     assert res.exit_code == 1 and isinstance(res.exception, ConfigError)
-    assert message in str(res.exception)
+    assert message in as_flags(str(res.exception))
 
 
 def test_bundled_model_and_corpus(tmp_path):

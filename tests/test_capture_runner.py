@@ -160,13 +160,13 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, tiny):
     data = _jsonl(tmp_path / "d.jsonl", _texts(3, seed=3))
     out = tmp_path / "t"
     capture(tiny, [str(data)], out)
-    with pytest.raises(TraceError, match="already exists and is not empty; pass --resume"):
+    with pytest.raises(TraceError, match="already exists and is not empty; pass `resume`"):
         capture(tiny, [str(data)], out)
     capture(tiny, [str(data)], out, CaptureOptions(overwrite=True))
     # Resuming a complete trace with the same settings adds nothing.
     res = capture(tiny, [str(data)], out, CaptureOptions(resume=True))
     assert res.tokens == 0 and res.resumed_after_document == 2 and validate_trace(out) == []
-    with pytest.raises(ConfigError, match=r"capture setting 'seq_len' was 256, now 16 \(set by --seq-len\)"):
+    with pytest.raises(ConfigError, match=r"capture setting 'seq_len' was 256, now 16 \(set by `seq_len`\)"):
         capture(tiny, [str(data)], out, CaptureOptions(resume=True, seq_len=16))
     with pytest.raises(
         ConfigError, match=r"capture setting 'data\[0\]\.label_field' was null, now \"topic\""
@@ -177,9 +177,9 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, tiny):
         capture(tiny, [str(data)], out, CaptureOptions(resume=True))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
-    with pytest.raises(TraceError, match=r"--resume: the directory is not empty but has no manifest\.json"):
+    with pytest.raises(TraceError, match=r"`resume`: the directory is not empty but has no manifest\.json"):
         capture(tiny, [str(data)], tmp_path / "other", CaptureOptions(resume=True))
-    with pytest.raises(ConfigError, match="--resume and --overwrite cannot be used together"):
+    with pytest.raises(ConfigError, match="`resume` and `overwrite` cannot be used together"):
         capture(tiny, [str(data)], out, CaptureOptions(resume=True, overwrite=True))
 
 

@@ -134,11 +134,11 @@ def test_resume_redoes_only_the_missing_units(tmp_path, tiny):
 def test_resume_refuses_other_unit_size_and_commit_names_missing_units(tmp_path, tiny):
     data = [str(_jsonl(tmp_path / "d.jsonl", 7))]
     capture(tiny, data, tmp_path / "t", CaptureOptions(seq_len=16, unit_documents=2))
-    with pytest.raises(ConfigError, match=r"unit_documents.*--unit-documents"):
+    with pytest.raises(ConfigError, match=r"unit_documents.*`unit_documents`"):
         capture(tiny, data, tmp_path / "t", CaptureOptions(seq_len=16, unit_documents=3, resume=True))
     (tmp_path / "t" / unit_record_name(1)).unlink()
     (tmp_path / "t" / unit_record_name(2)).unlink()
-    with pytest.raises(TraceError, match=r"unit\(s\) 1-2 have no shard.*--resume"):
+    with pytest.raises(TraceError, match=r"unit\(s\) 1-2 have no shard.*`resume`"):
         commit_units(tmp_path / "t", 4)
 
 

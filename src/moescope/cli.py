@@ -230,7 +230,8 @@ def run(argv: list[str] | None = None) -> int:
     if rv == 130:
         left = left_behind()
         typer.echo(
-            "Interrupted; left " + ("; ".join(left) if left else "nothing half-written") + ".", err=True
+            as_flags("Interrupted; left " + ("; ".join(left) if left else "nothing half-written") + "."),
+            err=True,
         )
         return 130
     return rv if isinstance(rv, int) else 0

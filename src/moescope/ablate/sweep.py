@@ -75,19 +75,19 @@ class AblationResult:
 def check_options(opts: AblateOptions) -> None:
     """Refuse bad options before any work, naming the option."""
     if opts.mode not in MODES:
-        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
+        raise ConfigError(f"`mode` must be one of {', '.join(MODES)}, got {opts.mode!r}")
     if opts.rank_by not in METRICS:
-        raise ConfigError(f"--rank-by must be one of {', '.join(METRICS)}, got {opts.rank_by!r}")
-    for name, value in (("--batch-size", opts.batch_size), ("--bootstrap", opts.bootstrap)):
+        raise ConfigError(f"`rank_by` must be one of {', '.join(METRICS)}, got {opts.rank_by!r}")
+    for name, value in (("`batch_size`", opts.batch_size), ("`bootstrap`", opts.bootstrap)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    for name, value in (("--max-tokens", opts.max_tokens), ("--seq-len", opts.seq_len)):
+    for name, value in (("`max_tokens`", opts.max_tokens), ("`seq_len`", opts.seq_len)):
         if value is not None and value < 2:
             raise ConfigError(f"{name} must be >= 2 (a prediction needs two tokens), got {value}")
     if not 0 < opts.confidence < 1:
-        raise ConfigError(f"--confidence must be in (0, 1), got {opts.confidence}")
+        raise ConfigError(f"`confidence` must be in (0, 1), got {opts.confidence}")
     if isinstance(opts.layers, str) and opts.layers != "all":
-        raise ConfigError(f"--layer must be decoder-layer indices or 'all', got {opts.layers!r}")
+        raise ConfigError(f"`layer` must be decoder-layer indices or 'all', got {opts.layers!r}")
 
 
 # --------------------------------------------------------------------------- data
@@ -143,10 +143,10 @@ def conditions(ablator: ExpertAblator, opts: AblateOptions) -> list[tuple[int, t
     for layer in layers:
         for s in sets:
             if not s:
-                raise ConfigError("--experts: an empty expert set")
+                raise ConfigError("`experts`: an empty expert set")
             bad = [e for e in s if not 0 <= e < spec.num_experts]
             if bad:
-                raise ConfigError(f"--experts: ids {bad} are outside 0..{spec.num_experts - 1}")
+                raise ConfigError(f"`experts`: ids {bad} are outside 0..{spec.num_experts - 1}")
             out.append((layer, tuple(sorted(set(s)))))
     return out
 
@@ -300,7 +300,7 @@ def run_ablation(
     max_pos = getattr(ablator.config, "max_position_embeddings", None)
     seq_len = opts.seq_len or int(min(max_pos or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN))
     if max_pos is not None and seq_len > max_pos:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+        raise ConfigError(f"`seq_len` {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     prep = prepare(tokenizer, data, opts, seq_len, ensure_pad_token(tokenizer))
     D = len(prep.doc_labels)
     log(

@@ -68,7 +68,7 @@ def resolve_workers(trace: Trace, workers: int | None, ray_address: str | None =
     shards = len(trace.manifest["shards"])
     if workers is not None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigError(f"workers (--workers) must be an integer >= 1, got {workers!r}")
+            raise ConfigError(f"`workers` must be an integer >= 1, got {workers!r}")
         return max(1, min(workers, shards))
     if ray_address is not None:
         import ray
@@ -191,7 +191,7 @@ def _ray_start(address: str) -> bool:
         import ray
     except ImportError:
         raise ConfigError(
-            "--ray needs the ray package: pip install 'moescope[ray]' (or pip install ray)"
+            "`ray` needs the ray package: pip install 'moescope[ray]' (or pip install ray)"
         ) from None
     if ray.is_initialized():
         return False
@@ -201,7 +201,7 @@ def _ray_start(address: str) -> bool:
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--ray {address}: cannot connect to a Ray cluster ({exc})") from None
+        raise ConfigError(f"`ray` {address}: cannot connect to a Ray cluster ({exc})") from None
     return True
 
 

@@ -230,7 +230,7 @@ def commit_units(directory: Path, n_units: int | None, *, complete: bool = True)
         if missing:
             raise TraceError(
                 f"{directory}: unit(s) {_ranges(missing)} have no shard (a rank stopped early); the trace stays"
-                " incomplete: continue it with --resume (any number of ranks)"
+                " incomplete: continue it with `resume` (any number of ranks)"
             )
         records = {u: r for u, r in records.items() if u < n_units}
     shards, labels, rows, last = [], set(manifest.get("labels", [])), 0, None

@@ -129,9 +129,9 @@ def resolve_device(device: str) -> str:
 
     base = device.split(":", 1)[0]
     if base not in DEVICES or (":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())):
-        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+        raise ConfigError(f"`device` must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
     if base == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        raise ConfigError(f"`device` {device}: CUDA is not available on this machine (use `device` cpu)")
     if device == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
     return device
@@ -142,7 +142,7 @@ def resolve_dtype(dtype: str) -> Any:
     import torch
 
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return None if dtype == "auto" else getattr(torch, dtype)
 
 
@@ -245,30 +245,30 @@ class CaptureOptions(DataOptions):
 _OPTION_OF = {
     "model": "MODEL",
     "config_sha256": "MODEL (its config changed)",
-    "dtype": "--dtype",
+    "dtype": "`dtype`",
     "tokenizer": "MODEL (its tokenizer changed)",
     "tokenizer_vocab_size": "MODEL (its tokenizer changed)",
     "data": "DATA",
-    "seq_len": "--seq-len",
-    "max_tokens": "--max-tokens",
-    "logits": "--logits",
-    "loss": "--loss",
-    "lookahead": "--lookahead",
-    "lookahead_m": "--lookahead-m",
-    "lookahead_columns": "--lookahead",
-    "token_text": "--token-text",
-    "strategy": "--strategy",
-    "unit_documents": "--unit-documents",
+    "seq_len": "`seq_len`",
+    "max_tokens": "`max_tokens`",
+    "logits": "`logits`",
+    "loss": "`loss`",
+    "lookahead": "`lookahead`",
+    "lookahead_m": "`lookahead_m`",
+    "lookahead_columns": "`lookahead`",
+    "token_text": "`token_text`",
+    "strategy": "`strategy`",
+    "unit_documents": "`unit_documents`",
 }
 _DATA_OPTION_OF = {
-    "max_documents": "--max-documents",
-    "text": "--text-field",
-    "label_field": "--label-field",
-    "label": "--label",
-    "preset": "--preset",
-    "split": "--split",
-    "config": "--data-config",
-    "txt_unit": "--txt-unit",
+    "max_documents": "`max_documents`",
+    "text": "`text_field`",
+    "label_field": "`label_field`",
+    "label": "`label`",
+    "preset": "`preset`",
+    "split": "`split`",
+    "config": "`data_config`",
+    "txt_unit": "`txt_unit`",
 }
 
 
@@ -301,22 +301,22 @@ class CaptureResult:
 
 def _check_options(opts: CaptureOptions) -> None:
     if opts.resume and opts.overwrite:
-        raise ConfigError("--resume and --overwrite cannot be used together")
-    for name, value in (("--max-tokens", opts.max_tokens), ("--seq-len", opts.seq_len)):
+        raise ConfigError("`resume` and `overwrite` cannot be used together")
+    for name, value in (("`max_tokens`", opts.max_tokens), ("`seq_len`", opts.seq_len)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if opts.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {opts.batch_size}")
+        raise ConfigError(f"`batch_size` must be >= 1, got {opts.batch_size}")
     if opts.unit_documents is not None and opts.unit_documents < 1:
-        raise ConfigError(f"--unit-documents must be >= 1, got {opts.unit_documents}")
+        raise ConfigError(f"`unit_documents` must be >= 1, got {opts.unit_documents}")
     if opts.shard_rows < 1:
-        raise ConfigError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
+        raise ConfigError(f"`shard_rows` must be >= 1, got {opts.shard_rows}")
     if opts.lookahead < 0:
-        raise ConfigError(f"--lookahead must be >= 0, got {opts.lookahead}")
+        raise ConfigError(f"`lookahead` must be >= 0, got {opts.lookahead}")
     if opts.lookahead_m is not None and opts.lookahead_m < 1:
-        raise ConfigError(f"--lookahead-m must be >= 1, got {opts.lookahead_m}")
+        raise ConfigError(f"`lookahead_m` must be >= 1, got {opts.lookahead_m}")
     if opts.lookahead_m is not None and not opts.lookahead:
-        raise ConfigError("--lookahead-m needs --lookahead D (the distance to predict)")
+        raise ConfigError("`lookahead_m` needs `lookahead` D (the distance to predict)")
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
@@ -365,7 +365,7 @@ def _check_resume(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> 
     raise ConfigError(
         f"{directory}: cannot resume: capture setting {path!r} was {json.dumps(_lookup(old, path))},"
         f" now {json.dumps(_lookup(new, path))} (set by {option}); rerun with the original settings or"
-        " use --overwrite to start again"
+        " use `overwrite` to start again"
     )
 
 
@@ -400,8 +400,8 @@ def capture(
     old_units = _trace_units(output) if opts.resume else None
     if ctx.world > 1 and opts.resume and (output / "manifest.json").is_file() and old_units is None:
         raise ConfigError(
-            f"{output}: --resume with {ctx.world} ranks: this trace was captured by one process without"
-            " --unit-documents; continue it with a single process (moescope capture --resume)"
+            f"{output}: `resume` with {ctx.world} ranks: this trace was captured by one process without"
+            " `unit_documents`; continue it with a single process (moescope capture `resume`)"
         )
     units = opts.unit_documents or old_units or (DEFAULT_UNIT_DOCUMENTS if ctx.launched else None)
     if units is None:
@@ -432,11 +432,11 @@ def _check_output(output: Path, opts: CaptureOptions) -> bool:
         raise TraceError(f"{output}: exists and is not a directory")
     if opts.resume and not resuming and output.is_dir() and any(output.iterdir()):
         raise TraceError(
-            f"{output}: --resume: the directory is not empty but has no manifest.json to resume from"
+            f"{output}: `resume`: the directory is not empty but has no manifest.json to resume from"
         )
     if output.is_dir() and any(output.iterdir()) and not (resuming or opts.overwrite):
         raise TraceError(
-            f"{output}: already exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+            f"{output}: already exists and is not empty; pass `resume` to continue it or `overwrite` to replace it"
         )
     return resuming
 
@@ -473,7 +473,7 @@ def _setup(
     seq_len = opts.seq_len or _default_seq_len(loaded.model.config)
     max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+        raise ConfigError(f"`seq_len` {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     n_embed = loaded.model.get_input_embeddings().weight.shape[0]
     if len(loaded.tokenizer) > n_embed:
         raise ConfigError(
@@ -564,7 +564,7 @@ def _capture_single(
     from moescope.trace.outputs import claim
 
     inputs = [item for item in data if Path(item).exists()]
-    left = f"a resumable trace in {output} (continue it with --resume)"
+    left = f"a resumable trace in {output} (continue it with `resume`)"
     with claim(output, "trace", overwrite=opts.overwrite, resume=resuming, inputs=inputs, left=left):
         described = [src.describe() for src in sources]
         documents = iter_documents(sources)
@@ -684,7 +684,7 @@ def _capture_units(
             if ctx.is_main:
                 resuming = _check_output(output, opts)
                 inputs = [item for item in data if Path(item).exists()]
-                left = f"a resumable trace in {output} (continue it with --resume, any number of ranks)"
+                left = f"a resumable trace in {output} (continue it with `resume`, any number of ranks)"
                 stack.enter_context(
                     claim(
                         output, "trace", overwrite=opts.overwrite, resume=resuming, inputs=inputs, left=left

@@ -31,7 +31,7 @@ def _batches(model: Any, tokenizer: Any, texts: Sequence[str], max_len: int, bat
     ids = [tokenizer.encode(t)[:max_len] for t in texts if t]
     ids = [i for i in ids if i]
     if not ids:
-        raise ConfigError("the calibration split holds no text: raise --calibration or give more samples")
+        raise ConfigError("the calibration split holds no text: raise `calibration` or give more samples")
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
         T = max(len(r) for r in rows)
@@ -105,11 +105,11 @@ def match_k(
     """``(spec with its free parameter set, achieved mean k)`` so that mean k is closest to ``target``."""
     plan = parse_strategy(spec)
     if plan.is_baseline or len(plan.items) != 1 or plan.items[0][1] is not None:
-        raise ConfigError(f"--match-k needs one strategy for every layer, got {spec!r}")
+        raise ConfigError(f"`match_k` needs one strategy for every layer, got {spec!r}")
     strategy = plan.items[0][0]
     if strategy.name not in FREE_PARAMETER:
         raise ConfigError(
-            f"--match-k: strategy {strategy.name} has no free parameter to calibrate;"
+            f"`match_k`: strategy {strategy.name} has no free parameter to calibrate;"
             f" calibratable: {', '.join(FREE_PARAMETER)}"
         )
     key, lo, hi, increasing, log = FREE_PARAMETER[strategy.name]

@@ -68,7 +68,7 @@ def diff_traces(
     if list(a.moe_layers) != list(b.moe_layers):
         raise ConfigError(f"{b.path}: MoE layers {b.moe_layers} differ from {a.path}'s {a.moe_layers}")
     if n_perm < 1:
-        raise ConfigError(f"option --permutations must be >= 1, got {n_perm}")
+        raise ConfigError(f"option `permutations` must be >= 1, got {n_perm}")
     A, B = _read(a), _read(b)
     if len(A.token_id) != len(B.token_id) or not np.array_equal(A.token_id, B.token_id):
         raise ConfigError(

@@ -93,7 +93,7 @@ class Scorer:
         samples: dict[int, np.ndarray] | None = None,
     ) -> None:
         if batch_size < 1:
-            raise ConfigError(f"option --batch-size must be >= 1, got {batch_size}")
+            raise ConfigError(f"option `batch_size` must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         plan = strategy if isinstance(strategy, StrategyPlan) else parse_strategy(strategy)

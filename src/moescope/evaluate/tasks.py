@@ -143,7 +143,7 @@ class Task:
             rows, where = read_records(path, self.label), str(path)
         if limit is not None:
             if limit < 1:
-                raise ConfigError(f"option --limit must be >= 1, got {limit}")
+                raise ConfigError(f"option `limit` must be >= 1, got {limit}")
             rows = rows[:limit]
         require_fields(rows, self.fields, self.label, where)
         self.check(rows, where)

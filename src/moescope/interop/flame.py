@@ -150,14 +150,14 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     else:
         report.notes.append("no samples/ folder beside actives/: token ids unknown (-1)")
     if opts.seq_len is not None and opts.seq_len < 1:
-        raise DataError(f"option --seq-len must be >= 1, got {opts.seq_len}")
+        raise DataError(f"option `seq_len` must be >= 1, got {opts.seq_len}")
     seq = opts.seq_len or max(n_rows, 1)
     if opts.seq_len is None:
         report.notes.append(
-            "one document for the whole token stream: pass --seq-len to cut training sequences"
+            "one document for the whole token stream: pass `seq_len` to cut training sequences"
         )
     elif n_rows % seq:
-        report.add("short_last_sequence", 1, f"{n_rows} tokens are not a multiple of --seq-len {seq}")
+        report.add("short_last_sequence", 1, f"{n_rows} tokens are not a multiple of `seq_len` {seq}")
     L, K = len(facts.moe_layers), facts.top_k
     label = default_label(opts, None, pfs[0][1].parent)
     ascending = [False]
@@ -165,7 +165,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "format": NAME,
         "files": [str(p) for _, p in layer_files],
         "samples": [str(s) for s in sample_files],
-        "doc_id": f"token stream cut every {seq} tokens (--seq-len)" if opts.seq_len else "one document",
+        "doc_id": f"token stream cut every {seq} tokens (`seq_len`)" if opts.seq_len else "one document",
         "position": "index of the token in its document",
         "weights_note": "FLAME 'scores': router softmax probabilities of the chosen experts, as logged (not renormalised)",
         "slot_order": "rank",

@@ -190,7 +190,7 @@ def cache_capacity(
     """
     given = [x is not None for x in (experts, fraction, gb)]
     if sum(given) != 1:
-        raise ConfigError("give exactly one of --cache-experts, --cache-fraction, --cache-gb")
+        raise ConfigError("give exactly one of `cache_experts`, `cache_fraction`, `cache_gb`")
     total = num_layers * num_experts
     if experts is not None:
         if experts < 1:
@@ -203,7 +203,7 @@ def cache_capacity(
     else:
         if not 0 < gb <= deployment.gpu_memory_gb:
             raise ConfigError(
-                f"--cache-gb must be in (0, gpu_memory_gb={deployment.gpu_memory_gb}], got {gb}"
+                f"`cache_gb` must be in (0, gpu_memory_gb={deployment.gpu_memory_gb}], got {gb}"
             )
         n_total = int(gb * GB // cost.expert_bytes)
     n_total = max(1, min(n_total, total))

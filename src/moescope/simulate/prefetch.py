@@ -407,5 +407,5 @@ def make_prefetcher(spec: str | Path, *, distance: int = 1, budget: int | None =
     if path.is_file():
         return PredictorPrefetcher(predictor=str(path), distance=distance, budget=budget)
     raise ConfigError(
-        f"--prefetch {spec!r}: not a built-in prefetcher ({', '.join(PREFETCHERS)}, none) nor a predictor file"
+        f"`prefetch` {spec!r}: not a built-in prefetcher ({', '.join(PREFETCHERS)}, none) nor a predictor file"
     )

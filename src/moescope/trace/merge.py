@@ -72,7 +72,7 @@ def check_compatible(traces: Sequence[Trace]) -> None:
             if c0.get(name) != c.get(name):
                 raise TraceError(
                     f"cannot merge {f0} and {f}: columns.{name} is {c0.get(name)!r} in one and {c.get(name)!r}"
-                    " in the other (capture both with the same --logits/--lookahead/--token-text/--loss)"
+                    " in the other (capture both with the same `logits`/`lookahead`/`token_text`/`loss`)"
                 )
         t0, t = first.manifest.get("tokenizer") or {}, tr.manifest.get("tokenizer") or {}
         for name in ("name", "vocab_size"):
@@ -200,11 +200,11 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise ConfigError(f"{out}: already exists and is not empty; pass --overwrite to replace it")
+            raise ConfigError(f"{out}: already exists and is not empty; pass `overwrite` to replace it")
         if not is_trace_dir(out):
             raise ConfigError(
                 f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
-                " it wrote, so it leaves this alone: move it away or choose another --output"
+                " it wrote, so it leaves this alone: move it away or choose another `output`"
             )
         foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
         if foreign:
