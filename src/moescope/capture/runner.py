@@ -924,48 +924,13 @@ def _unit_chunks(
 def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     """Iterate ``items`` while a background thread prepares the next ``depth`` of them.
 
-    The capture reads and tokenises chunk i+1 while the model runs chunk i. An error in the thread
-    is raised here, in order; leaving the loop early stops the thread at its next item.
+    The capture reads and tokenises chunk i+1 while the model runs chunk i (the trace reader's
+    read-ahead, reused): an error in the thread is raised here, in order; leaving the loop early
+    stops the thread at its next item.
     """
-    import queue
-    import threading
+    from moescope.trace.readahead import read_ahead_iter
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        """Hand ``entry`` over unless the consumer has left (then never block)."""
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put((done, exc))
-
-    thread = threading.Thread(target=produce, name="moescope-tokenize", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = q.get()
-            if item is done:
-                if exc is not None:
-                    raise exc
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    return read_ahead_iter(items, depth)
 
 
 def _run_chunk(

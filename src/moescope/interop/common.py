@@ -463,24 +463,11 @@ def write_documents(
     while reading) becomes the trace's ``routing.slot_order``. ``counts`` (a counts-only log, see
     :func:`counts_section`) becomes the manifest's ``counts`` section; such a trace has no rows.
     """
-    from moescope.trace.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir, remove_leftovers
+    from moescope.trace.outputs import check_replace_trace, remove_leftovers
     from moescope.trace.writer import TraceWriter
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ConfigError(f"{out}: already exists and is not empty; pass `overwrite` to replace it")
-        if not is_trace_dir(out):
-            raise ConfigError(
-                f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
-                " it wrote, so it leaves this alone: move it away or choose another `output`"
-            )
-        foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
-        if foreign:
-            raise ConfigError(
-                f"{out}: holds files moescope did not write ({', '.join(sorted(foreign)[:5])}); move them"
-                " away before replacing the trace"
-            )
+    check_replace_trace(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # temporary folders of an earlier, killed import into the same place
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.incomplete")

@@ -111,7 +111,9 @@ def merge_traces(
     traces = [Trace.open(p, allow_incomplete=allow_incomplete) for p in inputs]
     check_compatible(traces)
     out = Path(output)
-    _check_output(out, overwrite)
+    from moescope.trace.outputs import check_replace_trace
+
+    check_replace_trace(out, overwrite)
     from moescope.trace.outputs import remove_leftovers
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,22 +195,3 @@ def _shift(dataset: dict[str, Any], docs: np.ndarray, base: int, trace: str) -> 
         if isinstance(v, int) and len(docs):
             out[key] = int(np.searchsorted(docs, v)) + base
     return out
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    from moescope.trace.outputs import TRACE_FILE, TRACE_TMP, is_trace_dir
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ConfigError(f"{out}: already exists and is not empty; pass `overwrite` to replace it")
-        if not is_trace_dir(out):
-            raise ConfigError(
-                f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
-                " it wrote, so it leaves this alone: move it away or choose another `output`"
-            )
-        foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
-        if foreign:
-            raise ConfigError(
-                f"{out}: holds files moescope did not write ({', '.join(sorted(foreign)[:5])}); move them"
-                " away before replacing the trace"
-            )

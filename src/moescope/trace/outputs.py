@@ -506,3 +506,23 @@ def remove_leftovers(output: Path, suffixes: Sequence[str] = (".incomplete", ".r
                 shutil.rmtree(p)
                 removed.append(p)
     return removed
+
+
+def check_replace_trace(out: Path, overwrite: bool) -> None:
+    """Refuse to write a trace over a non-empty ``out`` unless ``overwrite`` and it is a moescope trace
+    holding only moescope's files (its shards, manifest and temporaries)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"{out}: already exists and is not empty; pass `overwrite` to replace it")
+        if not is_trace_dir(out):
+            raise ConfigError(
+                f"{out}: exists and is not a moescope trace (no manifest.json); moescope replaces only what"
+                " it wrote, so it leaves this alone: move it away or choose another `output`"
+            )
+        foreign = [p.name for p in out.iterdir() if not (TRACE_FILE.match(p.name) or TRACE_TMP.match(p.name))]
+        if foreign:
+            raise ConfigError(
+                f"{out}: holds files moescope did not write ({', '.join(sorted(foreign)[:5])}); move them"
+                " away before replacing the trace"
+            )
