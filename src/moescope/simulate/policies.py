@@ -289,13 +289,7 @@ class NextUse(CachePolicy):
     def _fit(self, trace: Any) -> None:
         from moescope.predict import NextUsePredictor
 
-        pred = self.predictor
-        if pred is not None and hasattr(pred, "model_"):
-            self.predictor_ = pred
-        else:
-            if trace is None:
-                raise ConfigError(f"{type(self).__name__} needs a training trace: call fit(trace)")
-            self.predictor_ = (NextUsePredictor() if pred is None else clone(pred)).fit(trace)
+        self.predictor_ = _fitted_predictor(self, trace, NextUsePredictor, "model_")
         if self.latency_ms is None:
             self.latency_s_ = self.predictor_.layer_latency_s()
         else:
@@ -383,13 +377,7 @@ class LearnedReuse(CachePolicy):
     def _fit(self, trace: Any) -> None:
         from moescope.predict import ReusePredictor
 
-        pred = self.predictor
-        if pred is not None and hasattr(pred, "coef_"):
-            self.predictor_ = pred
-        else:
-            if trace is None:
-                raise ConfigError(f"{type(self).__name__} needs a training trace: call fit(trace)")
-            self.predictor_ = (ReusePredictor() if pred is None else clone(pred)).fit(trace)
+        self.predictor_ = _fitted_predictor(self, trace, ReusePredictor, "coef_")
         if self.latency_ms is None:
             self.latency_s_ = _reuse_latency(self.predictor_)
         else:
@@ -423,6 +411,17 @@ class LearnedReuseAdmit(LearnedReuse):
         self, *, admission: bool = True, predictor: Any = None, latency_ms: float | None = None
     ) -> None:
         super().__init__(admission=admission, predictor=predictor, latency_ms=latency_ms)
+
+
+def _fitted_predictor(policy: Any, trace: Any, default: type, fitted_attr: str) -> Any:
+    """The policy's ``predictor`` when it is already fitted (has ``fitted_attr``), else a fresh copy of
+    it (or of ``default``) fitted on ``trace``."""
+    pred = policy.predictor
+    if pred is not None and hasattr(pred, fitted_attr):
+        return pred
+    if trace is None:
+        raise ConfigError(f"{type(policy).__name__} needs a training trace: call fit(trace)")
+    return (default() if pred is None else clone(pred)).fit(trace)
 
 
 def _reuse_latency(pred: Any, repeat: int = 200) -> float:
