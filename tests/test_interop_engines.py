@@ -113,7 +113,7 @@ def test_tensorrt_llm_counts_only_trace_and_load_analysis(tmp_path) -> None:
     folder2 = tmp_path / "eplb"
     _trtllm_statistics(folder2, phys, 10, K)
     np.save(tmp_path / "map.npy", p2l)
-    with pytest.raises(DataError, match=r"10 slots counted but the model has 8 experts.*--expert-map"):
+    with pytest.raises(DataError, match=r"10 slots counted but the model has 8 experts.*`expert_map`"):
         import_log("tensorrt-llm-expert-statistic", folder2, tmp_path / "t2", num_experts=E)
     tr2 = import_log(
         "tensorrt-llm-expert-statistic",

@@ -152,7 +152,7 @@ def test_analysis_folder_of_another_trace_shape_is_refused(tmp_path):
     ana = tmp_path / "ana"
     assert invoke(["analyze", str(other.path), "-o", str(ana), "--analyses", "load"]).exit_code == 0
     with pytest.raises(
-        ConfigError, match=rf"--analysis {re.escape(str(ana))}: written for .*{re.escape(str(other.path))}"
+        ConfigError, match=rf"`analysis` {re.escape(str(ana))}: written for .*{re.escape(str(other.path))}"
     ):
         build_report(tr.path, analysis=ana)
     (tmp_path / "empty").mkdir()
@@ -172,12 +172,12 @@ def test_bad_inputs_from_the_demo_name_the_files(demo_out, tmp_path):
     # a predictor fitted on the other model
     model = out / "cooccurrence-tiny-finegrained.npz"
     with pytest.raises(
-        ConfigError, match=rf"--predict {re.escape(str(model))}: fitted on .*trace-tiny-mixtral"
+        ConfigError, match=rf"`predict` {re.escape(str(model))}: fitted on .*trace-tiny-mixtral"
     ):
         build_report(mix, analysis=out / "analysis-tiny-mixtral", predict=model)
     # a compare trace holding other tokens (the held-out split of the same model's trace)
     test_split = out / "split-tiny-finegrained" / "test"
-    with pytest.raises(ConfigError, match=rf"--compare {re.escape(str(test_split))}.*{re.escape(str(fine))}"):
+    with pytest.raises(ConfigError, match=rf"`compare` {re.escape(str(test_split))}.*{re.escape(str(fine))}"):
         build_report(fine, analysis=out / "analysis-tiny-finegrained", compare=test_split)
     res = invoke(
         [
@@ -228,5 +228,5 @@ def test_ablation_impacts_reach_the_atlas_cards(demo_out):
     with (abl / "ranking.csv").open() as f:
         want = {(int(r["layer"]), int(r["experts"])): float(r["impact"]) for r in csv.DictReader(f)}
     assert {(r[0], r[1]): r[2] for r in rows} == pytest.approx(want)
-    with pytest.raises(ConfigError, match=rf"--ablation {re.escape(str(abl))}: ablates model tiny-mixtral"):
+    with pytest.raises(ConfigError, match=rf"`ablation` {re.escape(str(abl))}: ablates model tiny-mixtral"):
         build_report(out / "trace-tiny-finegrained", analysis=out / "analysis-tiny-finegrained", ablation=abl)

@@ -67,7 +67,7 @@ def clean_rows(
         r, j = np.argwhere(over)[0]
         raise DataError(
             f"{where(int(r))}: expert id {int(ids[r, j])} is out of range 0..{num_experts - 1} ({int(over.sum())}"
-            " such ids); is --num-experts / --model right, or are shared experts logged as routed"
+            " such ids); is `num_experts` / `model` right, or are shared experts logged as routed"
             " (--shared-experts)?"
         )
     keep_n = w - drop.sum(axis=1)

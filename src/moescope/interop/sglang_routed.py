@@ -89,7 +89,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         if flat.size % (L_all * k):
             raise DataError(
                 f"{where}: {flat.size} ids do not split into (tokens, {L_all} layers, top_k={k});"
-                " check --num-hidden-layers / --model / --top-k"
+                " check `num_hidden_layers` / `model` / `top_k`"
             )
         arr = flat.reshape(-1, L_all, k)[:, cols]  # (n, L, k)
         n = len(arr)
@@ -128,7 +128,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         raise DataError(f"{files[0]}: no responses")
     if facts.num_hidden_layers is None:
         report.notes.append(
-            "rows taken to hold the MoE layers only: pass --num-hidden-layers if they hold every layer"
+            "rows taken to hold the MoE layers only: pass `num_hidden_layers` if they hold every layer"
         )
     source = {
         "format": NAME,

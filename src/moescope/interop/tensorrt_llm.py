@@ -155,14 +155,14 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     if opts.expert_map is None and facts.num_experts != slots:
         raise DataError(
             f"{meta_path}: {slots} slots counted but the model has {facts.num_experts} experts: the load"
-            " balancer's redundant slots need --expert-map (a (layers, slots) slot-to-expert map)"
+            " balancer's redundant slots need `expert_map` (a (layers, slots) slot-to-expert map)"
         )
     column = facts.column_of()
     missing = [layer for layer in layers_seen if layer not in column]
     if missing:
         raise DataError(
             f"{p0}: layer {missing[0]} is not a MoE layer of this model (moe_layers {facts.moe_layers});"
-            " pass --moe-layers or the right --model"
+            " pass `moe_layers` or the right `model`"
         )
     p2l = None
     if opts.expert_map is not None:

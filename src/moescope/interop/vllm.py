@@ -187,12 +187,12 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     if len(facts.moe_layers) != L:
         raise DataError(
             f"{first.where}: {L} layers in the arrays but {len(facts.moe_layers)} MoE layers {facts.moe_layers};"
-            f" pass --moe-layers with {L} layers"
+            f" pass `moe_layers` with {L} layers"
         )
     report = ImportReport()
     if opts.moe_layers is None and opts.model is None:
         report.notes.append(
-            f"moe_layers assumed to be 0..{L - 1}: pass --moe-layers if the model has dense layers"
+            f"moe_layers assumed to be 0..{L - 1}: pass `moe_layers` if the model has dense layers"
         )
     mapping: list[dict[str, Any]] = []
     source: dict[str, Any] = {

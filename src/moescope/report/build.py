@@ -43,7 +43,7 @@ def check_analysis(trace: Trace, folder: Path, summary: dict[str, Any]) -> None:
             model = None
     if got != want or (model is not None and model != trace.model_id):
         raise ConfigError(
-            f"--analysis {folder}: written for {other} (model {model or '?'}, E={got['num_experts']},"
+            f"`analysis` {folder}: written for {other} (model {model or '?'}, E={got['num_experts']},"
             f" k={got['top_k']}, layers {got['layers']}), not for {trace.path} (model {trace.model_id},"
             f" E={want['num_experts']}, k={want['top_k']}, layers {want['layers']}): analyse this trace"
             " or pass the matching folder"
@@ -80,7 +80,7 @@ def predictor_hits(trace: Trace, model_path: Path, sample: Sample) -> dict[str, 
         model is not None and model != trace.model_id
     ):
         raise ConfigError(
-            f"--predict {model_path}: fitted on {fitted_on or 'another trace'} (model {model or '?'},"
+            f"`predict` {model_path}: fitted on {fitted_on or 'another trace'} (model {model or '?'},"
             f" E={E_fit}, L={L_fit}); {trace.path} is model {trace.model_id} with E={trace.num_experts},"
             f" L={trace.num_layers}: fit a predictor on this model's trace"
         )
@@ -149,13 +149,13 @@ def compare_data(a: Trace, b_path: Path, sample: Sample) -> dict[str, Any]:
     b = Trace.open(b_path)
     if b.num_tokens != a.num_tokens:
         raise ConfigError(
-            f"--compare {b_path}: holds {b.num_tokens} tokens, {a.path} holds {a.num_tokens}; the compare"
+            f"`compare` {b_path}: holds {b.num_tokens} tokens, {a.path} holds {a.num_tokens}; the compare"
             " view needs two traces of the same tokens (same documents, same tokenizer)"
         )
     try:
         tables = diff_traces(a, b, n_perm=1)
     except ConfigError as exc:
-        raise ConfigError(f"--compare {b_path}: {exc}") from None
+        raise ConfigError(f"`compare` {b_path}: {exc}") from None
     sb = read_sample(b, max_tokens=len(sample.text))
     same = (
         len(sb.token_ids) == len(sample.token_ids)
@@ -164,7 +164,7 @@ def compare_data(a: Trace, b_path: Path, sample: Sample) -> dict[str, Any]:
     )
     if not same:
         raise ConfigError(
-            f"--compare {b_path}: its documents do not hold the same tokens as {a.path}'s; the compare"
+            f"`compare` {b_path}: its documents do not hold the same tokens as {a.path}'s; the compare"
             " view needs two traces of the same tokens"
         )
     return {
@@ -201,14 +201,14 @@ def ablation_impacts(trace: Trace, folder: Path) -> dict[str, Any]:
             rows = list(csv.DictReader(f))
     except FileNotFoundError as exc:
         raise ConfigError(
-            f"--ablation {folder}: no {Path(exc.filename).name}; give a folder written by moescope ablate"
+            f"`ablation` {folder}: no {Path(exc.filename).name}; give a folder written by moescope ablate"
         ) from None
     except ValueError as exc:
-        raise ConfigError(f"--ablation {folder}/summary.json: not valid JSON ({exc})") from None
+        raise ConfigError(f"`ablation` {folder}/summary.json: not valid JSON ({exc})") from None
     model, E = summary.get("model"), summary.get("num_experts")
     if E != trace.num_experts or (model and trace.model_id and model != trace.model_id):
         raise ConfigError(
-            f"--ablation {folder}: ablates model {model} (E={E}); {trace.path} is model {trace.model_id}"
+            f"`ablation` {folder}: ablates model {model} (E={E}); {trace.path} is model {trace.model_id}"
             f" (E={trace.num_experts})"
         )
     out = []

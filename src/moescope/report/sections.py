@@ -128,12 +128,12 @@ def read_summary(folder: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(
-            f"--analysis {folder}: no summary.json; give a folder written by moescope analyze"
+            f"`analysis` {folder}: no summary.json; give a folder written by moescope analyze"
         ) from None
     except ValueError as exc:
-        raise ConfigError(f"--analysis {path}: not valid JSON ({exc})") from None
+        raise ConfigError(f"`analysis` {path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("analyses"), dict):
-        raise ConfigError(f"--analysis {path}: no 'analyses' object; not written by moescope analyze")
+        raise ConfigError(f"`analysis` {path}: no 'analyses' object; not written by moescope analyze")
     return doc
 
 
