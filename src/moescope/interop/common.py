@@ -510,13 +510,9 @@ def write_documents(
         rest = {key: value for key, value in source.items() if key != "slot_order"}
         writer.manifest["source"] = {**rest, "report": report.to_dict()}
         writer.close()
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.replaced")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        from moescope.trace.outputs import swap_in
+
+        swap_in(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

@@ -174,13 +174,9 @@ def merge_traces(
                 result.tokens += rows
                 base += len(docs)
         result.shards = len(writer.manifest["shards"])
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.replaced")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        from moescope.trace.outputs import swap_in
+
+        swap_in(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

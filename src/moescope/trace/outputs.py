@@ -526,3 +526,17 @@ def check_replace_trace(out: Path, overwrite: bool) -> None:
                 f"{out}: holds files moescope did not write ({', '.join(sorted(foreign)[:5])}); move them"
                 " away before replacing the trace"
             )
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out``, replacing what is there by two renames (the old one
+    is moved aside first and removed last, so ``out`` is never half-written)."""
+    import uuid
+
+    if out.exists():
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.replaced")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
