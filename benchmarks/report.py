@@ -1,11 +1,14 @@
-"""HTML report cost: time to write, page size, and time to first render in headless Chromium.
+"""HTML report cost: time to write, page size, peak memory, and time to first render in headless Chromium.
 
 For each trace given (default: the demo's two traces under ``--demo DIR``) and for a synthetic
 trace of ``--tokens`` rows (default 1M; 16 layers, 64 experts, top-8, like OLMoE), it times
-``build_report`` plus the atomic write (the analysis folder is given, as ``moescope report
---analysis`` does; for the synthetic trace a ``load,entropy`` analysis is run first, untimed), then
-opens the page in the system Chromium and times navigation start to the page's ``data-ready`` mark
-(the script has parsed the data and drawn the summary, viewer, atlas and compare sections).
+``build_report`` plus the atomic write in a fresh child process (its peak RSS is the memory figure),
+then opens the page in the system Chromium and times navigation start to the page's ``data-ready``
+mark (the script has parsed the data and drawn the summary, viewer, atlas, compare and zoomable
+plots). The synthetic trace is written twice over with two analysis folders (run first, untimed):
+``load,entropy`` (the atlas counts load, first choices and domains itself, in its pass) and
+``load,specialisation,cooccurrence`` (it reads those counts and the same-layer partners from the
+folder and only samples the trace for next-layer partners and token tables).
 
 Goals: under 10 s to write and under 2 s to first render on 2 cores.
 
@@ -26,11 +29,23 @@ from moescope.trace.atomic import atomic_write
 from moescope.trace.synthetic import write_synthetic_trace
 
 
-def write_seconds(trace: Path, analysis: Path, out: Path) -> tuple[float, int]:
+def _write(trace: Path, analysis: Path, out: Path) -> tuple[float, int, float]:
+    import resource
+
     t0 = time.perf_counter()
     page, info = build_report(trace, analysis=analysis)
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return time.perf_counter() - t0, info["bytes"]
+    secs = time.perf_counter() - t0
+    return secs, info["bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_seconds(trace: Path, analysis: Path, out: Path) -> tuple[float, int, float]:
+    """Seconds to build and write the page, its bytes, and the child process's peak RSS in MB."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_write, trace, analysis, out).result()
 
 
 def render_seconds(path: Path, chromium: str, reps: int) -> float:
@@ -69,7 +84,6 @@ def main() -> None:
             cases.append((f"demo {model}", trace, ana))
     if args.tokens:
         syn = args.out / f"synthetic-{args.tokens}"
-        ana = args.out / f"synthetic-{args.tokens}-analysis"
         if not (syn / "manifest.json").is_file():
             write_synthetic_trace(
                 syn,
@@ -82,20 +96,34 @@ def main() -> None:
                 labels=("web", "code", "math"),
                 vocab_size=50_000,
             )
-        if not (ana / "summary.json").is_file():
-            run_analyses(syn, ana, AnalyzeOptions(analyses=["load", "entropy"], progress=False))
-        cases.append((f"synthetic {args.tokens:,} tokens (L=16, E=64, k=8)", syn, ana))
+        for names in ("load,entropy", "load,specialisation,cooccurrence"):
+            ana = args.out / f"synthetic-{args.tokens}-{names.replace(',', '-')}"
+            if not (ana / "summary.json").is_file():
+                run_analyses(
+                    syn, ana, AnalyzeOptions(analyses=names.split(","), permutations=20, progress=False)
+                )
+            cases.append(
+                (f"synthetic {args.tokens:,} tokens (L=16, E=64, k=8), --analysis {names}", syn, ana)
+            )
     rows = []
     for name, trace, ana in cases:
-        html = args.out / f"{trace.name}.html"
-        secs, size = write_seconds(trace, ana, html)
+        html = args.out / f"{trace.name}-{ana.name}.html"
+        secs, size, rss = write_seconds(trace, ana, html)
         render = render_seconds(html, args.chromium, args.reps) if Path(args.chromium).exists() else None
         rows.append(
-            {"case": name, "write_s": round(secs, 2), "bytes": size, "render_s": render and round(render, 2)}
+            {
+                "case": name,
+                "write_s": round(secs, 2),
+                "bytes": size,
+                "peak_rss_mb": round(rss),
+                "render_s": render and round(render, 2),
+            }
         )
-    print("| case | write s | page MB | first render s |\n|---|---|---|---|")
+    print("| case | write s | page MB | peak RSS MB | first render s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['write_s']} | {r['bytes'] / 1e6:.2f} | {r['render_s']} |")
+        print(
+            f"| {r['case']} | {r['write_s']} | {r['bytes'] / 1e6:.2f} | {r['peak_rss_mb']} | {r['render_s']} |"
+        )
     print(json.dumps(rows))
 
 

@@ -90,6 +90,113 @@ def test_sample_and_atlas_match_a_brute_force_count(tmp_path):
                 assert pair[e, top] == pair[e].max()
 
 
+def _brute_atlas(raw: dict, stride: int) -> dict:
+    """The atlas's counts by a plain loop over every row and slot (Python sets and dicts, no numpy groupby)."""
+    from collections import Counter
+
+    ex, tok, lab = raw["experts"].astype(int), raw["tok"].astype(int), raw["label"]
+    L, miss = raw["L"], raw["sentinel"]
+    load, first, dom, dom_tok, lay_tok = Counter(), Counter(), Counter(), Counter(), Counter()
+    sub_load, same, nxt, tok_n, tok_e = Counter(), Counter(), Counter(), Counter(), Counter()
+    for i in range(len(ex)):
+        sampled = i % stride == 0
+        if sampled:
+            tok_n[tok[i]] += 1
+        for j in range(L):
+            row = [int(e) for e in ex[i, j] if e != miss]
+            if ex[i, j, 0] != miss:  # routing recorded for this token at this layer
+                first[j, int(ex[i, j, 0])] += 1
+                lay_tok[j] += 1
+                dom_tok[lab[i], j] += 1
+            for e in row:
+                load[j, e] += 1
+                dom[lab[i], j, e] += 1
+            if not sampled:
+                continue
+            for s, e in enumerate(row):
+                sub_load[j, e] += 1
+                tok_e[j, e, tok[i]] += 1
+                for t, f in enumerate(row):
+                    if s != t:
+                        same[j, e, f] += 1
+                if j + 1 < L:
+                    for f in ex[i, j + 1]:
+                        if f != miss:
+                            nxt[j, e, int(f)] += 1
+    return {
+        "n": len(ex), "seen": len(range(0, len(ex), stride)), "load": load, "first": first, "dom": dom,
+        "dom_tok": dom_tok, "lay_tok": lay_tok, "sub_load": sub_load, "same": same, "nxt": nxt, "tok_n": tok_n, "tok_e": tok_e,
+    }  # fmt: skip
+
+
+def _top(scores: dict, n: int = 5) -> list:
+    """Keys by descending score, ties by ascending key (the atlas's stable order), first ``n``."""
+    return sorted(scores, key=lambda x: (-scores[x], x))[:n]
+
+
+def test_atlas_matches_a_brute_force_loop_over_rows_and_slots(tmp_path):
+    tr, raw = build_trace(tmp_path / "t", docs=9, doc_len=31, E=6, k=3, L=4, labels=("x", "y", "z"), vocab=7)
+    E, L = raw["E"], raw["L"]
+    # stride 5 and batches of 50 rows over shards of 40: the sample crosses batch and shard edges
+    a = expert_atlas(tr, token_rows=60, batch_size=50)
+    assert a["stride"] == 5
+    b = _brute_atlas(raw, 5)
+    assert a["token_rows"] == b["seen"]
+    for j in range(L):
+        tot = sum(b["load"][j, e] for e in range(E))
+        ftot = sum(b["first"][j, e] for e in range(E))
+        for e in range(E):
+            assert a["load"][j][e] == pytest.approx(b["load"][j, e] / tot, abs=1e-5)
+            assert a["per_token"][j][e] == pytest.approx(b["load"][j, e] / b["lay_tok"][j], abs=1e-5)
+            assert a["first"][j][e] == pytest.approx(b["first"][j, e] / ftot, abs=1e-5)
+            for key, cnt in (("same", b["same"]), ("next", b["nxt"])):
+                if key == "next" and j == L - 1:
+                    continue
+                p = {f: cnt[j, e, f] / max(b["sub_load"][j, e], 1) for f in range(E) if cnt[j, e, f]}
+                want = [[f, round(p[f], 4)] for f in _top(p)]
+                assert a[key][j][e] == want, (key, j, e)
+            base = b["load"][j, e] / b["lay_tok"][j]
+            lift = {d: b["dom"][d, j, e] / b["dom_tok"][d, j] / base for d in ("x", "y", "z")}
+            got = a["domains"][j][e]
+            assert [g[0] for g in got] == _top(lift)
+            for d, li, c in got:
+                assert li == pytest.approx(lift[d], abs=1e-3) and c == b["dom"][d, j, e]
+            sbase = b["sub_load"][j, e] / b["seen"]
+            toks = {}
+            for t in range(7):
+                c, n = b["tok_e"][j, e, t], b["tok_n"][t]
+                if n >= 3 and c and c / n / sbase > 1:
+                    toks[t] = (c * np.log(c / n / sbase), c)
+            want = sorted(toks, key=lambda t: (-toks[t][0], -toks[t][1], t))[:5]
+            assert [int(x[0].strip("# ")) for x in a["tokens"][j][e]] == want, (j, e)
+            for text, li, c in a["tokens"][j][e]:
+                t = int(text.strip("# "))
+                assert c == b["tok_e"][j, e, t]
+                assert li == pytest.approx(c / b["tok_n"][t] / sbase, abs=0.006)
+
+
+def test_atlas_reuses_the_analysis_folders_counts(tmp_path):
+    from moescope.analysis.run import AnalyzeOptions, run_analyses
+
+    tr, _raw = build_trace(
+        tmp_path / "t", docs=8, doc_len=25, E=6, k=3, L=3, labels=("x", "y"), missing_frac=0.1
+    )
+    ana = tmp_path / "ana"
+    names = ["load", "specialisation", "cooccurrence"]
+    run_analyses(tr.path, ana, AnalyzeOptions(analyses=names, permutations=10, progress=False))
+    counted = expert_atlas(tr)  # every row sampled (stride 1): same-layer partners over all tokens too
+    reused = expert_atlas(tr, analysis=ana)
+    assert reused["reused"] == ["load_per_expert.csv", "domain_share.csv", "coactivation.csv"]
+    assert counted["reused"] == []
+    for key in ("load", "per_token", "first", "same", "next", "domains", "tokens"):
+        assert reused[key] == counted[key], key
+    # counts of another token count (a subset, another trace) are not taken
+    s = json.loads((ana / "summary.json").read_text())
+    s["tokens"] += 1
+    (ana / "summary.json").write_text(json.dumps(s))
+    assert expert_atlas(tr, analysis=ana)["reused"] == []
+
+
 def test_changed_sets_against_python_sets():
     rng = np.random.default_rng(3)
     a = rng.integers(0, 5, (40, 3, 2))
@@ -144,6 +251,28 @@ def test_report_computes_the_analyses_when_no_folder_is_given(tmp_path):
     page, info = build_report(tr.path, analyses=["load", "entropy"])
     assert info["analysis"] == "computed in-process"
     assert [a["name"] for a in _payload(page)["analyses"]] == ["load", "entropy"]
+
+
+def test_progress_bar_on_a_terminal_never_in_json_output(tmp_path, monkeypatch):
+    import moescope.report.commands as cmd
+
+    tr, _ = build_trace(tmp_path / "t", docs=3, doc_len=15)
+    ana = tmp_path / "ana"
+    assert invoke(["analyze", str(tr.path), "-o", str(ana), "--analyses", "load"]).exit_code == 0
+    monkeypatch.setattr(cmd, "progress_enabled", lambda: True)  # as if stderr were a terminal
+    res = invoke(["report", str(tr.path), "--analysis", str(ana), "-o", str(tmp_path / "a.html")])
+    assert res.exit_code == 0
+    bar = res.output[len(res.stdout) :]
+    assert "report: expert atlas" in bar and f"{tr.num_tokens}/{tr.num_tokens} tokens" in bar
+    # --json: stdout is one JSON document and stderr carries no bar
+    res = invoke(["report", str(tr.path), "--analysis", str(ana), "-o", str(tmp_path / "b.html"), "--json"])
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["bytes"] > 0
+    assert "expert atlas" not in res.output
+    # not a terminal (scripts, CI logs): no bar either
+    monkeypatch.setattr(cmd, "progress_enabled", lambda: False)
+    res = invoke(["report", str(tr.path), "--analysis", str(ana), "-o", str(tmp_path / "c.html")])
+    assert res.exit_code == 0 and "expert atlas" not in res.output
 
 
 def test_analysis_folder_of_another_trace_shape_is_refused(tmp_path):

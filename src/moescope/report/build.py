@@ -11,6 +11,7 @@ import datetime as _dt
 import html
 import json
 import re
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -50,13 +51,48 @@ def check_analysis(trace: Trace, folder: Path, summary: dict[str, Any]) -> None:
         )
 
 
-def run_analyses_into(trace_path: Path, out: Path, analyses: list[str] | None) -> None:
+class _Bar:
+    """A rich progress bar over the trace's tokens on stderr, or nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled, total, label
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn(self.label),
+                BarColumn(),
+                TextColumn("{task.completed:,}/{task.total:,} tokens"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.total)
+        return self
+
+    def update(self, tokens: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=tokens)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def run_analyses_into(
+    trace_path: Path, out: Path, analyses: list[str] | None, progress: bool = False
+) -> None:
     """Run ``moescope analyze``'s suite in-process into ``out`` (used when no --analysis is given)."""
     from moescope.analysis.run import AnalyzeOptions, run_analyses
     from moescope.analysis.suite import ANALYSIS_NAMES
 
     opts = AnalyzeOptions(
-        analyses=list(analyses or ANALYSIS_NAMES), tsne_points=300, permutations=100, progress=False
+        analyses=list(analyses or ANALYSIS_NAMES), tsne_points=300, permutations=100, progress=progress
     )
     run_analyses(trace_path, out, opts)
 
@@ -329,24 +365,27 @@ def build_report(
     ablation: str | Path | None = None,
     max_tokens: int = MAX_TOKENS,
     analyses: list[str] | None = None,
+    progress: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Build the page for ``trace_path``; returns its HTML and a summary of what it holds.
 
     Without ``analysis`` the analysis suite (or the named ``analyses``) runs in a temporary folder.
+    ``progress`` shows a bar on stderr for the passes over the trace (the analyses, the atlas).
     """
     trace = Trace.open(trace_path)
     with tempfile.TemporaryDirectory(prefix="moescope-report-") as tmp:
         if analysis is None:
             folder = Path(tmp)
-            run_analyses_into(trace.path, folder, analyses)
+            run_analyses_into(trace.path, folder, analyses, progress=progress)
         else:
             folder = Path(analysis)
         summary = read_summary(folder)
         if analysis is not None:
             check_analysis(trace, folder, summary)
         sections_html, heads = analysis_sections(folder, summary)
+        with _Bar(progress, trace.num_tokens, "report: expert atlas") as bar:
+            atlas = expert_atlas(trace, analysis=folder, progress=bar.update)
     sample = read_sample(trace, max_tokens=max_tokens)
-    atlas = expert_atlas(trace)
     pred = predictor_hits(trace, Path(predict), sample) if predict is not None else None
     cmp = compare_data(trace, Path(compare), sample) if compare is not None else None
     abl = ablation_impacts(trace, Path(ablation)) if ablation is not None else None

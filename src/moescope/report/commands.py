@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moescope.cli_utils import AllowIncompleteOpt, JsonOpt, OverwriteOpt, TraceArg, emit
+from moescope.cli_utils import AllowIncompleteOpt, JsonOpt, OverwriteOpt, TraceArg, emit, progress_enabled
 
 
 def register(app: typer.Typer) -> None:
@@ -81,6 +81,7 @@ def report(
                 compare=compare,
                 ablation=ablation,
                 max_tokens=max_tokens,
+                progress=progress_enabled() and not json_out,
             )
             output.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(output, lambda tmp: tmp.write_text(page, encoding="utf-8"))

@@ -157,13 +157,18 @@ def read_sample(trace: Trace, max_tokens: int = MAX_TOKENS) -> Sample:
     sub = trace.filter(documents=chosen)
     parts: dict[str, list[Any]] = defaultdict(list)
     seen: dict[int, int] = defaultdict(int)
-    for b in sub.iter_batches(cols, batch_size=16384):
+    left = sum(take.values())
+    # no read-ahead thread: it would go on decoding the rest of the trace (batches the document filter
+    # empties) after the last chosen token is read; here the loop stops there
+    for rb in sub.iter_arrow(cols, batch_size=16384, read_ahead=0):
+        b = sub._to_batch(rb)
         keep = np.zeros(len(b), bool)
         for i, d in enumerate(b.doc_id.tolist()):
             if seen[d] < take[d]:
                 keep[i] = True
                 seen[d] += 1
         idx = np.nonzero(keep)[0]
+        left -= len(idx)
         parts["doc"].append(b.doc_id[idx])
         parts["pos"].append(b.position[idx])
         parts["tok"].append(b.token_id[idx])
@@ -176,6 +181,8 @@ def read_sample(trace: Trace, max_tokens: int = MAX_TOKENS) -> Sample:
             parts["h"].append(_entropy_bits(b.logits[idx], trace.routing.router_kind))
         pieces = b.token if b.token is not None else [None] * len(b)
         parts["text"].extend(display_piece(pieces[i], int(b.token_id[i])) for i in idx.tolist())
+        if left <= 0:
+            break  # asking for one more batch would decode the rest of the trace
     doc = np.concatenate(parts["doc"])
     ex = np.concatenate(parts["ex"])
     weights = np.concatenate(parts["w"]) if parts["w"] else None
