@@ -203,6 +203,62 @@ def test_atlas_load_shares_search_and_link_to_the_viewer(demo_page):
     assert loads == sorted(loads, reverse=True)
 
 
+def test_trajectory_scatters_zoom_pan_and_hover_with_the_csvs_points(demo_page, tmp_path):
+    import csv
+    import re
+
+    page, out = demo_page
+    p = page.page
+    ana = out / "analysis-tiny-finegrained"
+    for stem, (xc, yc) in (("trajectory_pca", ("pc1", "pc2")), ("trajectory_tsne", ("tsne1", "tsne2"))):
+        if not (ana / f"{stem}.csv").is_file():
+            assert stem == "trajectory_tsne", stem
+            continue
+        with (ana / f"{stem}.csv").open(encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r[xc] not in ("", "nan")]
+        plot = p.locator(f".zoom-plot[data-plot='{stem}']")
+        assert plot.count() == 1, stem
+        fig = p.locator(f"figure[data-figure='{stem}']")
+        assert fig.locator("img").count() == 1  # the PNG stays, for papers
+        svg = plot.locator("svg")
+        assert svg.locator("circle").count() == min(len(rows), 5000)
+        svg.scroll_into_view_if_needed()
+        w0 = float(svg.get_attribute("viewBox").split()[2])
+        box = svg.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        p.mouse.move(cx, cy)
+        p.mouse.wheel(0, -240)
+        p.wait_for_function(
+            f"() => +document.querySelector(\".zoom-plot[data-plot='{stem}']\").dataset.zoom > 1"
+        )
+        vb = [float(v) for v in svg.get_attribute("viewBox").split()]
+        assert vb[2] < w0 and float(plot.get_attribute("data-zoom")) > 1
+        # drag pans: the viewBox moves, its size stays
+        p.mouse.down()
+        p.mouse.move(cx - 60, cy - 30, steps=4)
+        p.mouse.up()
+        vb2 = [float(v) for v in svg.get_attribute("viewBox").split()]
+        assert vb2[0] > vb[0] and vb2[1] > vb[1] and vb2[2:] == vb[2:]
+        if stem == "trajectory_pca":
+            shot = tmp_path / "report-trajectory-zoom.png"
+            plot.screenshot(path=str(shot))
+            artifact(shot)
+        svg.dblclick()
+        assert float(svg.get_attribute("viewBox").split()[2]) == w0
+        # hover: the tip names the point's token id and coordinates, as the CSV holds them
+        for i in (0, len(rows) // 2, len(rows) - 1):
+            svg.locator(f"circle[data-i='{i}']").hover(force=True)
+            tip = plot.locator(".zoom-tip")
+            assert tip.is_visible()
+            hit = int(tip.get_attribute("data-i"))  # the topmost circle under the cursor
+            row, text = rows[hit], tip.inner_text()
+            assert f"token id {int(row['token_id'])}" in text
+            m = re.search(rf"{xc} (\S+), {yc} (\S+)", text)
+            assert float(m.group(1)) == pytest.approx(float(row[xc]), rel=1e-3, abs=1e-9)
+            assert float(m.group(2)) == pytest.approx(float(row[yc]), rel=1e-3, abs=1e-9)
+    assert page.errors == []
+
+
 def _edited_copy(src: Path, dst: Path, seed: int = 1) -> None:
     """A copy of trace ``src`` whose expert ids are changed at random (token, layer) cells; some cells
     only swap two slots (same set, must not be marked)."""

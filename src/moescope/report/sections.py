@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,58 @@ def _table_html(csv_path: Path, tid: str) -> str:
     )
 
 
+#: Figures drawn again as an inline zoomable scatter (SVG, the page's own script), from their CSV:
+#: figure stem -> the x and y columns.
+ZOOM_PLOTS = {"trajectory_pca": ("pc1", "pc2"), "trajectory_tsne": ("tsne1", "tsne2")}
+#: Points a zoomable scatter embeds at most (the first ones of the CSV; the page says when it cuts).
+ZOOM_POINTS = 5000
+
+
+def zoom_plot_html(csv_path: Path, stem: str) -> str:
+    """A ``<div class="zoom-plot">`` holding the scatter's points as JSON for the page's script.
+
+    Points: x, y (rounded to 4 significant digits), the group (the CSV's ``domain`` or ``token_class``
+    column, as an index into ``groups``), the token id and the sample index, for the hover.
+    """
+    xcol, ycol = ZOOM_PLOTS[stem]
+    with csv_path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    gcol = next((c for c in ("domain", "token_class") if rows and c in rows[0]), None)
+    groups: dict[str, int] = {}
+    pts = []
+    for r in rows:
+        try:
+            x, y = float(r[xcol]), float(r[ycol])
+        except (KeyError, ValueError):
+            continue  # an empty cell (t-SNE not computed for this point)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        g = groups.setdefault(r.get(gcol, "") if gcol else "", len(groups))
+        pts.append(
+            [
+                float(f"{x:.4g}"),
+                float(f"{y:.4g}"),
+                g,
+                int(r.get("token_id") or -1),
+                int(r.get("sample_index") or -1),
+            ]
+        )
+    shown = pts[:ZOOM_POINTS]
+    data = {
+        "x": xcol,
+        "y": ycol,
+        "group_by": gcol or "",
+        "groups": list(groups),
+        "points": shown,
+        "of": len(pts),
+    }
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return (
+        f'<div class="zoom-plot" data-plot="{html.escape(stem)}" data-points="{len(shown)}">'
+        f'<script type="application/json" class="zoom-data">{payload}</script></div>'
+    )
+
+
 def analysis_sections(folder: Path, summary: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """HTML of one ``<section>`` per analysis in the folder, and the summary's headline rows."""
     folder = Path(folder)
@@ -184,9 +237,11 @@ def analysis_sections(folder: Path, summary: dict[str, Any]) -> tuple[str, list[
             b64 = base64.b64encode(p.read_bytes()).decode("ascii")
             csv_path = p.with_suffix(".csv")
             table = _table_html(csv_path, f"table-{name}-{i}") if csv_path.is_file() else ""
+            plot = zoom_plot_html(csv_path, p.stem) if p.stem in ZOOM_PLOTS and csv_path.is_file() else ""
             body.append(
-                f'<figure class="fig" data-figure="{html.escape(p.stem)}"><img alt="{html.escape(p.stem)}"'
+                f'<figure class="fig" data-figure="{html.escape(p.stem)}">{plot}<img alt="{html.escape(p.stem)}"'
                 f' loading="lazy" src="data:image/png;base64,{b64}"><figcaption>{html.escape(p.stem)}'
+                f"{' (the PNG for papers; above, the same points to zoom and hover)' if plot else ''}"
                 f"</figcaption>{table}</figure>"
             )
         nums = "".join(

@@ -324,10 +324,83 @@
     t.appendChild(tb); box.appendChild(t); sortable(t);
   }
 
+  // ---------------------------------------------------------------- zoomable scatter (trajectories)
+  // The PCA / t-SNE points of the analysis's CSV drawn in SVG; zoom changes the viewBox around the
+  // cursor (wheel), drag pans, double-click resets, hover names the point.
+  var PAL = ["#4a7fd4", "#e07b39", "#3aa655", "#c0392b", "#8e6cc2", "#8c564b", "#d66bb0", "#7f7f7f", "#bcbd22", "#17becf"];
+  function zoomPlot(div) {
+    var d = JSON.parse(div.querySelector("script.zoom-data").textContent), P = d.points;
+    var W = 640, H = 420, NS = "http://www.w3.org/2000/svg";
+    if (!P.length) { div.appendChild(el("p", { "class": "muted" }, "No points to draw.")); return; }
+    var x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    P.forEach(function (p) { x0 = Math.min(x0, p[0]); x1 = Math.max(x1, p[0]); y0 = Math.min(y0, p[1]); y1 = Math.max(y1, p[1]); });
+    var px = (x1 - x0) * 0.04 || 1, py = (y1 - y0) * 0.04 || 1;
+    x0 -= px; x1 += px; y0 -= py; y1 += py;
+    var sx = function (x) { return (x - x0) / (x1 - x0) * W; }, sy = function (y) { return H - (y - y0) / (y1 - y0) * H; };
+    var svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("class", "zoom-svg"); svg.setAttribute("width", W); svg.setAttribute("height", H);
+    var g = document.createElementNS(NS, "g");
+    P.forEach(function (p, i) {
+      var c = document.createElementNS(NS, "circle");
+      c.setAttribute("cx", sx(p[0]).toFixed(2)); c.setAttribute("cy", sy(p[1]).toFixed(2));
+      c.setAttribute("fill", PAL[p[2] % PAL.length]); c.setAttribute("data-i", i);
+      g.appendChild(c);
+    });
+    svg.appendChild(g);
+    var lg = el("div", { "class": "zoom-legend" });
+    d.groups.forEach(function (name, gi) { var c = el("span", { "class": "chip" }, (d.group_by ? d.group_by + " " : "") + (name || "(none)")); c.style.background = PAL[gi % PAL.length]; c.style.color = "#fff"; lg.appendChild(c); });
+    var info = el("div", { "class": "zoom-info muted" }), tip = el("div", { "class": "zoom-tip" });
+    tip.style.display = "none";
+    var vb = { x: 0, y: 0, w: W, h: H };
+    function fmt(v) { return (+v).toPrecision(3); }
+    function apply() {
+      svg.setAttribute("viewBox", [vb.x, vb.y, vb.w, vb.h].map(function (v) { return v.toFixed(3); }).join(" "));
+      svg.style.setProperty("--r", (3.2 * vb.w / W).toFixed(4) + "px");
+      var ax = x0 + vb.x / W * (x1 - x0), bx = x0 + (vb.x + vb.w) / W * (x1 - x0);
+      var by = y0 + (H - vb.y) / H * (y1 - y0), ay = y0 + (H - vb.y - vb.h) / H * (y1 - y0);
+      info.textContent = d.x + " " + fmt(ax) + " \u2026 " + fmt(bx) + ", " + d.y + " " + fmt(ay) + " \u2026 " + fmt(by) +
+        "; zoom " + (W / vb.w).toFixed(1) + "x; " + P.length + (d.of > P.length ? " of " + d.of : "") +
+        " points (wheel: zoom, drag: pan, double-click: reset)";
+      div.setAttribute("data-zoom", (W / vb.w).toFixed(3));
+    }
+    svg.addEventListener("wheel", function (ev) {
+      ev.preventDefault();
+      var r = svg.getBoundingClientRect(), f = ev.deltaY < 0 ? 0.8 : 1.25;
+      var mx = vb.x + (ev.clientX - r.left) / r.width * vb.w, my = vb.y + (ev.clientY - r.top) / r.height * vb.h;
+      if (vb.w * f > W) { vb = { x: 0, y: 0, w: W, h: H }; apply(); return; }
+      vb = { x: mx - (mx - vb.x) * f, y: my - (my - vb.y) * f, w: vb.w * f, h: vb.h * f };
+      apply();
+    }, { passive: false });
+    var drag = null;
+    svg.addEventListener("mousedown", function (ev) { drag = { x: ev.clientX, y: ev.clientY, vb: vb }; ev.preventDefault(); });
+    window.addEventListener("mouseup", function () { drag = null; });
+    svg.addEventListener("mousemove", function (ev) {
+      if (!drag) return;
+      var r = svg.getBoundingClientRect();
+      vb = { x: drag.vb.x - (ev.clientX - drag.x) / r.width * drag.vb.w, y: drag.vb.y - (ev.clientY - drag.y) / r.height * drag.vb.h, w: drag.vb.w, h: drag.vb.h };
+      apply();
+    });
+    svg.addEventListener("dblclick", function () { vb = { x: 0, y: 0, w: W, h: H }; apply(); });
+    svg.addEventListener("mouseover", function (ev) {
+      var i = ev.target.getAttribute && ev.target.getAttribute("data-i");
+      if (i === null || i === undefined) return;
+      var p = P[+i];
+      tip.textContent = (d.group_by ? d.group_by + " " + (d.groups[p[2]] || "(none)") + " \u00b7 " : "") + "token id " + p[3] +
+        " \u00b7 sample " + p[4] + " \u00b7 " + d.x + " " + p[0] + ", " + d.y + " " + p[1];
+      tip.setAttribute("data-i", i);
+      tip.style.display = "block";
+      tip.style.left = (ev.clientX + 12) + "px"; tip.style.top = (ev.clientY + 12) + "px";
+    });
+    svg.addEventListener("mouseout", function (ev) { if (ev.target.tagName === "circle") tip.style.display = "none"; });
+    div.appendChild(lg); div.appendChild(svg); div.appendChild(info); div.appendChild(tip);
+    apply();
+  }
+
   summary();
   viewer();
   atlas();
   compare();
+  document.querySelectorAll(".zoom-plot").forEach(zoomPlot);
   document.querySelectorAll("table.sortable").forEach(function (t) { if (t.id !== "compare-table") sortable(t); });
   window.moescope = { data: D, state: state, colour: colour, first: first, ready: true };
   window.moescopeReadyMs = performance.now(); // milliseconds from navigation start to a drawn page
