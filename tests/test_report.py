@@ -134,7 +134,12 @@ def _top(scores: dict, n: int = 5) -> list:
     return sorted(scores, key=lambda x: (-scores[x], x))[:n]
 
 
-def test_atlas_matches_a_brute_force_loop_over_rows_and_slots(tmp_path):
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-token-table", "sorted-token-keys"])
+def test_atlas_matches_a_brute_force_loop_over_rows_and_slots(tmp_path, monkeypatch, dense):
+    import moescope.report.atlas as atlas_mod
+
+    if not dense:
+        monkeypatch.setattr(atlas_mod, "DENSE_CELLS", 0)
     tr, raw = build_trace(tmp_path / "t", docs=9, doc_len=31, E=6, k=3, L=4, labels=("x", "y", "z"), vocab=7)
     E, L = raw["E"], raw["L"]
     # stride 5 and batches of 50 rows over shards of 40: the sample crosses batch and shard edges

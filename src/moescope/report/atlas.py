@@ -25,6 +25,8 @@ from moescope.trace.reader import Trace
 from moescope.trace.schema import nested_to_numpy
 
 TOP = 5
+#: Largest (layer x expert) x token table the token lifts count densely (else a sort groups them).
+DENSE_CELLS = 1 << 23
 
 
 def _table(path: Path, columns: list[str]) -> dict[str, np.ndarray] | None:
@@ -275,11 +277,32 @@ def _tokens(
     if not keys:
         return empty
     tt, tc = np.unique(np.concatenate(totals), return_counts=True)
-    u, c = np.unique(np.concatenate(keys), return_counts=True)
-    grp, tok = u >> 32, u & 0xFFFFFFFF
-    nt = tc[np.searchsorted(tt, tok)]  # every key's token is among the totals
+    tt, tc = tt[tc >= 3], tc[tc >= 3]  # only tokens seen at least 3 times are listed
+    if not len(tt):
+        return empty
+    kk = np.concatenate(keys)
+    grp, tok = kk >> 32, kk & 0xFFFFFFFF
+    T, G = len(tt), L * E
+    if tt[-1] < 1 << 26:  # dense index of each kept token by table look-up (else a binary search)
+        lut = np.full(int(tt[-1]) + 1, -1, np.int64)
+        lut[tt] = np.arange(T)
+        d = lut[np.minimum(tok, len(lut) - 1)]
+        d[tok >= len(lut)] = -1
+    else:
+        d = np.searchsorted(tt, tok)
+        d[(d >= T) | (tt[np.minimum(d, T - 1)] != tok)] = -1
+    m = d >= 0
+    grp, d = grp[m], d[m]
+    if G * T <= DENSE_CELLS:  # (group, token) counts as one bincount
+        cells = np.bincount(grp * T + d, minlength=G * T)
+        nz = np.flatnonzero(cells)
+        c, grp, d = cells[nz], nz // T, nz % T
+    else:
+        u, c = np.unique(grp * T + d, return_counts=True)
+        grp, d = u // T, u % T
+    tok, nt = tt[d], tc[d]  # in (group, token) order, as the stable sort below expects
     lift = c / nt / np.maximum(base.reshape(-1)[grp], 1e-12)
-    keep = (nt >= 3) & (lift > 1.0)
+    keep = lift > 1.0
     grp, tok, c, lift = grp[keep], tok[keep], c[keep], lift[keep]
     # most taken against the baseline: count weighted by log-lift (a PMI-weighted count), so a
     # frequent, specific token ranks above a rare one seen once with this expert
