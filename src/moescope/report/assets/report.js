@@ -250,9 +250,12 @@
   function atlas() {
     var A = D.atlas, box = $("atlas-cards"), frag = document.createDocumentFragment(), abl = {};
     if (D.ablation) D.ablation.rows.forEach(function (r) { abl[r[0] + ":" + r[1]] = r; });
-    $("atlas-note").textContent = "One card per (layer, expert). Load, first-choice share and domain lifts count every token of the trace; " +
-      "partners and the tokens an expert takes most against its baseline (P(expert | token) / P(expert), tokens seen at least 3 times) count " +
-      (A.stride > 1 ? "every " + A.stride + "th token (" + A.token_rows.toLocaleString() + " tokens)." : "every token.");
+    var same = (A.reused || []).indexOf("coactivation.csv") >= 0;
+    $("atlas-note").textContent = "One card per (layer, expert). Load, first-choice share and domain lifts count every token of the trace" +
+      (same ? ", so do partners in the same layer" : "") + "; " + (same ? "next-layer partners" : "partners") +
+      " and the tokens an expert takes most against its baseline (P(expert | token) / P(expert), tokens seen at least 3 times) count " +
+      (A.stride > 1 ? "every " + A.stride + "th token (" + A.token_rows.toLocaleString() + " tokens)." : "every token.") +
+      ((A.reused || []).length ? " Counts over every token read from the analysis folder: " + A.reused.join(", ") + "." : "");
     for (var j = 0; j < L; j++) for (var e = 0; e < E; e++) {
       var card = el("div", { "class": "card", "data-layer": LAYERS[j], "data-expert": e, "data-load": A.load[j][e], "data-first": A.first[j][e], id: "card-" + LAYERS[j] + "-" + e });
       var h = el("h4"); var chip = el("span", { "class": "chip" }, String(e)); chip.style.background = colour(e);
