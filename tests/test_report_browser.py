@@ -203,6 +203,17 @@ def test_atlas_load_shares_search_and_link_to_the_viewer(demo_page):
     assert loads == sorted(loads, reverse=True)
 
 
+def _in_view(p, loc) -> dict:
+    """Scroll ``loc`` into the viewport until it stays there (lazy PNGs above it load and shift it)."""
+    for _ in range(20):
+        loc.scroll_into_view_if_needed()
+        p.wait_for_timeout(150)
+        box = loc.bounding_box()
+        if box and box["y"] >= 0 and box["y"] + box["height"] <= p.viewport_size["height"]:
+            return box
+    raise AssertionError("the element does not stay in view")
+
+
 def test_trajectory_scatters_zoom_pan_and_hover_with_the_csvs_points(demo_page, tmp_path):
     import csv
     import re
@@ -222,9 +233,8 @@ def test_trajectory_scatters_zoom_pan_and_hover_with_the_csvs_points(demo_page, 
         assert fig.locator("img").count() == 1  # the PNG stays, for papers
         svg = plot.locator("svg")
         assert svg.locator("circle").count() == min(len(rows), 5000)
-        svg.scroll_into_view_if_needed()
         w0 = float(svg.get_attribute("viewBox").split()[2])
-        box = svg.bounding_box()
+        box = _in_view(p, svg)
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         p.mouse.move(cx, cy)
         p.mouse.wheel(0, -240)
