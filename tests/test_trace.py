@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import duckdb
 import numpy as np
@@ -226,6 +227,30 @@ def test_read_ahead_matches_plain_reading_and_stops_early(tmp_path):
     it = tr.iter_arrow(["doc_id"], batch_size=1, read_ahead=1)
     next(it)
     it.close()  # the producer thread stops instead of blocking on a full queue
+
+
+def test_closing_a_filtered_read_ahead_stops_before_the_end_of_the_trace(tmp_path, monkeypatch):
+    import moescope.trace.integrity as integrity
+
+    with TraceWriter.create(tmp_path / "t", SPEC, columns=default_columns(), shard_rows=2) as w:
+        for d in range(40):
+            w.append(label="code" if d == 0 else "prose", **make_rows(d, 2))
+            w.commit(d)
+    tr = Trace.open(tmp_path / "t").filter(domain="code")
+    n_shards = len(tr.manifest["shards"])
+    assert n_shards >= 20
+    opened = []
+    real_open = integrity.open_shard
+    monkeypatch.setattr(
+        integrity, "open_shard", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k)
+    )
+    it = tr.iter_arrow(["doc_id"], batch_size=1, read_ahead=1)
+    assert next(it).column("doc_id").to_pylist() == [0]
+    time.sleep(0.5)  # the consumer works; the producer waits with its read-ahead full
+    it.close()
+    # batches the filter empties count against the read-ahead too: the producer did not decode on
+    # through the rest of the trace (and close() did not wait for it to)
+    assert len(opened) < n_shards // 2
 
 
 def test_read_ahead_reraises_reader_errors(tmp_path):

@@ -141,7 +141,7 @@ def expert_atlas(
             tokens += n
             ex = nested_to_numpy(rb.column("experts"))  # (n, L, k) stored ids, zero-copy
             if full:
-                lab = trace._label_codes(rb.column("label")) if D else np.full(n, -1, np.int32)
+                lab = trace.label_codes(rb.column("label")) if D else np.full(n, -1, np.int32)
                 lab = np.where(lab >= 0, lab, D).astype(np.intp)  # unlabelled rows: an extra bin, dropped
                 ids = ex if M == missing + 1 else np.where(ex == missing, E, ex)
                 key = np.add(ids, ((lab[:, None] * L + lay[..., 0]) * M)[:, :, None], dtype=np.intp)

@@ -161,7 +161,7 @@ def read_sample(trace: Trace, max_tokens: int = MAX_TOKENS) -> Sample:
     # no read-ahead thread: it would go on decoding the rest of the trace (batches the document filter
     # empties) after the last chosen token is read; here the loop stops there
     for rb in sub.iter_arrow(cols, batch_size=16384, read_ahead=0):
-        b = sub._to_batch(rb)
+        b = sub.to_batch(rb)
         keep = np.zeros(len(b), bool)
         for i, d in enumerate(b.doc_id.tolist()):
             if seen[d] < take[d]:

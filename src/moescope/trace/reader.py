@@ -291,10 +291,15 @@ class Trace:
         current one (Parquet decoding releases the GIL), so reading overlaps computing; 0 reads
         in the caller's thread. Memory grows by at most ``read_ahead`` batches.
         """
-        batches = self._read_arrow(columns, batch_size)
-        return read_ahead_iter(batches, read_ahead) if read_ahead > 0 else batches
+        if read_ahead <= 0:
+            return self._read_arrow(columns, batch_size)
+        # The producer hands over emptied batches too, so that it sees a close between any two
+        # batches instead of decoding on to the next row a filter keeps (or the end of the trace).
+        return _non_empty(read_ahead_iter(self._read_arrow(columns, batch_size, keep_empty=True), read_ahead))
 
-    def _read_arrow(self, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def _read_arrow(
+        self, columns: list[str] | None, batch_size: int, keep_empty: bool = False
+    ) -> Iterator[pa.RecordBatch]:
         columns = list(columns) if columns is not None else self._available_columns()
         self._check_columns(columns)
         need = list(columns)
@@ -311,10 +316,10 @@ class Trace:
                 for rb in pf.iter_batches(batch_size=batch_size, columns=need):
                     if self._verify:
                         check_batch(rb, path, self.num_experts)
-                    yield from self._filtered(rb, columns, doc_set)
+                    yield from self._filtered(rb, columns, doc_set, keep_empty)
 
     def _filtered(
-        self, rb: pa.RecordBatch, columns: list[str], doc_set: pa.Array | None
+        self, rb: pa.RecordBatch, columns: list[str], doc_set: pa.Array | None, keep_empty: bool
     ) -> Iterator[pa.RecordBatch]:
         mask = None
         if doc_set is not None:
@@ -324,23 +329,24 @@ class Trace:
             mask = lab if mask is None else pc.and_(mask, lab)
         if mask is not None:
             rb = rb.filter(mask)
-            if rb.num_rows == 0:
+            if rb.num_rows == 0 and not keep_empty:
                 return
         yield rb.select(columns)
 
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[Batch]:
         """Stream :class:`Batch` objects so memory stays flat whatever the trace length."""
         for rb in self.iter_arrow(columns, batch_size):
-            yield self._to_batch(rb)
+            yield self.to_batch(rb)
 
-    def _to_batch(self, rb: pa.RecordBatch | pa.Table) -> Batch:
+    def to_batch(self, rb: pa.RecordBatch | pa.Table) -> Batch:
+        """Turn Arrow rows read from this trace (e.g. by :meth:`iter_arrow`) into a :class:`Batch`."""
         b = Batch()
         names = rb.schema.names
         for name in ("doc_id", "position", "token_id"):
             if name in names:
                 setattr(b, name, rb.column(name).to_numpy())
         if "label" in names:
-            b.label = self._label_codes(rb.column("label"))
+            b.label = self.label_codes(rb.column("label"))
         if "token" in names:
             b.token = rb.column("token").to_pylist()
         for name in ROUTING_COLUMNS:
@@ -353,7 +359,8 @@ class Trace:
             b.doc_loss = rb.column("doc_loss").to_numpy(zero_copy_only=False).astype(np.float32)
         return b
 
-    def _label_codes(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    def label_codes(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Codes into :attr:`labels` for a ``label`` column, -1 where a row has no known label."""
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         col = col.unify_dictionaries() if isinstance(col, pa.ChunkedArray) else col
@@ -369,7 +376,7 @@ class Trace:
         """Every row (after filters) in memory at once; prefer :meth:`iter_batches` for large traces."""
         columns = list(columns) if columns is not None else self._available_columns()
         table = self.to_arrow(columns)
-        return self._to_batch(table.combine_chunks())
+        return self.to_batch(table.combine_chunks())
 
     def experts(self) -> np.ndarray:
         """All expert ids, ``(N, L, k)``."""
@@ -408,3 +415,13 @@ class Trace:
             lf = pl.scan_parquet([str(p) for p in self.shard_paths])
             return lf.select(columns) if columns else lf
         return pl.from_arrow(self.to_arrow(columns))
+
+
+def _non_empty(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Drop empty batches; closing this closes ``batches`` (and so stops its read-ahead thread)."""
+    try:
+        for rb in batches:
+            if rb.num_rows:
+                yield rb
+    finally:
+        batches.close()
