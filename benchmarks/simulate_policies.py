@@ -3,9 +3,10 @@
 Cells: cache fraction 1/8, 1/4, 1/2 x preset (rtx4090-pcie4 = PCIe 4.0, h100-pcie5 = PCIe 5.0,
 rtx4090-nvme = NVMe) x expert width (bf16, int4) x batch (1: decode, one token per step; 8: the union
 of 8 consecutive tokens of a document per step, ``prepare(mode="prefill", batch_size=8)``). Every
-learned policy is fitted once on TRAIN (other documents) and replayed on TEST. Prints one markdown
-row per cell (best predictor-free policy, best predictor-guided policy, their tokens/s and the gain,
-Belady) and writes every row to ``--csv``.
+learned policy is fitted on TRAIN (other documents) and replayed on TEST; the predictor-guided ones
+once per batch size, on TRAIN cut into the same steps as the replay (``batch_size``). Prints one
+markdown row per cell (best predictor-free policy, best predictor-guided policy, their tokens/s and
+the gain, Belady) and writes every row to ``--csv``.
 
     python benchmarks/simulate_policies.py TEST TRAIN --model deepseek-v2-lite --csv out.csv
 """
@@ -24,7 +25,7 @@ from moescope.simulate.policies import make_policy
 from moescope.trace.reader import Trace
 
 FREE = ("lru", "lfu", "lrfu", "static")
-GUIDED = ("learned-reuse", "learned-reuse-admit", "next-use", "next-use-evict")
+GUIDED = ("learned-reuse", "learned-reuse-admit")
 PRESETS = {"PCIe 4.0": "rtx4090-pcie4", "PCIe 5.0": "h100-pcie5", "NVMe": "rtx4090-nvme"}
 
 
@@ -37,26 +38,34 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.125,0.25,0.5")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--guided", default=",".join(GUIDED))
+    ap.add_argument("--label", default=None, help="trace name in the table (default: TEST's parent folder)")
     args = ap.parse_args()
+    label = args.label or Path(args.test).parent.name
     te, tr = Trace.open(args.test), Trace.open(args.train)
     name = args.model or te.manifest.get("model", {}).get("id")
     guided = [g for g in args.guided.split(",") if g]
     t0 = time.perf_counter()
-    fitted = {n: make_policy(n).fit(tr) for n in (*FREE, *guided)}
-    fitted["belady"] = make_policy("belady").fit()
-    print(f"fitted {len(fitted)} policies on {args.train} in {time.perf_counter() - t0:.0f} s")
-    for n in guided:
-        print(f"  {n}: predictor cost charged per layer {fitted[n].critical_path_s() * 1e6:.1f} us")
+    free = {n: make_policy(n).fit(tr) for n in FREE}
+    free["belady"] = make_policy("belady").fit()
+    batches = [int(b) for b in args.batches.split(",")]
+    fitted_of = {}
+    for b in batches:  # the guided policies learn on TRAIN cut into the replay's steps
+        fitted_of[b] = dict(free)
+        for n in guided:
+            pol = make_policy(n)
+            if "batch_size" in pol.get_params(deep=False):
+                pol.set_params(batch_size=None if b == 1 else b)
+            fitted_of[b][n] = pol.fit(tr)
+            print(f"  {n} (batch {b}): predictor cost charged per layer {pol.critical_path_s() * 1e6:.1f} us")
+    print(f"fitted the policies on {args.train} in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    steps_of = {
-        b: prepare(te) if b == 1 else prepare(te, mode="prefill", batch_size=b)
-        for b in map(int, args.batches.split(","))
-    }
+    steps_of = {b: prepare(te) if b == 1 else prepare(te, mode="prefill", batch_size=b) for b in batches}
     print(
         "| trace | cache | link | dtype | batch | best predictor-free | tok/s | best predictor-guided | tok/s | gain | Belady tok/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, steps in steps_of.items():
+        fitted = fitted_of[batch]
         for dtype in ("bf16", "int4"):
             cost: ModelCost = model_cost(name, dtype)
             for link, preset in PRESETS.items():
@@ -69,7 +78,7 @@ def main() -> None:
                         res[n] = s
                         rows.append(
                             {
-                                "trace": str(args.test),
+                                "trace": label,
                                 "cache_fraction": frac,
                                 "link": link,
                                 "preset": preset,
@@ -85,7 +94,7 @@ def main() -> None:
                     best = max(guided, key=lambda n: res[n]["tokens_per_s"])
                     f, g = res[free]["tokens_per_s"], res[best]["tokens_per_s"]
                     print(
-                        f"| {Path(args.test).parent.name} | {frac:g} | {link} | {dtype} | {batch} | {free} | {f:.4g} | "
+                        f"| {label} | {frac:g} | {link} | {dtype} | {batch} | {free} | {f:.4g} | "
                         f"{best} | {g:.4g} | {100 * (g / f - 1):+.1f}% | {res['belady']['tokens_per_s']:.4g} |",
                         flush=True,
                     )

@@ -1218,3 +1218,41 @@ def test_reuse_predictor_batch_unions_equal_prepare(small_train):
     assert pol.predictor_.batch_size == 2 and pol.predictor.batch_size is None
     one = LearnedReuse(predictor=ReusePredictor(max_rows=20_000)).fit(small_train)
     assert not np.allclose(pol.predictor_.coef_, one.predictor_.coef_)
+
+
+def test_allocate_slots_against_brute_force():
+    """Greedy marginal allocation on convex miss curves equals the best allocation found by brute force."""
+    from moescope.simulate.sweep import allocate_slots
+
+    rng = np.random.default_rng(3)
+    caps = list(range(1, 7))
+    for _ in range(5):
+        L = 3
+        drops = -np.sort(-rng.integers(0, 50, (len(caps) - 1, L)), axis=0)  # decreasing gains: convex
+        curves = np.vstack([np.full(L, 400), 400 - np.cumsum(drops, axis=0)])
+        for total in (3, 7, 12, 18):
+            got = allocate_slots(curves, caps, total)
+            assert got.sum() == total
+            best = min(
+                sum(curves[c - 1, layer] for layer, c in enumerate(combo))
+                for combo in itertools.product(caps, repeat=L)
+                if sum(combo) == total
+            )
+            assert sum(curves[c - 1, layer] for layer, c in enumerate(got)) == best
+    with pytest.raises(ValueError, match="outside"):
+        allocate_slots(curves, caps, 100)
+
+
+def test_layer_miss_curves_match_separate_replays(small):
+    """One replay at c slots per layer gives each layer's misses at c (per-layer caches are independent)."""
+    from moescope.simulate import kernel as K
+    from moescope.simulate.sweep import layer_miss_curves
+
+    steps = prepare(small)
+    curves = layer_miss_curves(steps, LRFU().fit(), DEP, COST, [1, 2, 3])
+    for i, c in enumerate([1, 2, 3]):
+        for layer in range(steps.num_layers):
+            cap = np.full(steps.num_layers, 8)
+            cap[layer] = c
+            res = run(steps, LRFU().fit(), cap, DEP, COST)
+            assert res.counts[K.C_MISS, layer] == curves[i, layer]
