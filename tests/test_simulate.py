@@ -461,6 +461,11 @@ def test_timing_single_miss_by_hand():
     res = run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep, cost)
     assert res.total_s == pytest.approx(5e-6 + 2000 / 1e9 + 0.5e-3)
     assert res.stall_s.sum() == pytest.approx(5e-6 + 2000 / 1e9)
+    # a swapping system (evicted expert copied back first, same stream) pays every transfer twice
+    swap = run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep.replace(copies_per_load=2.0), cost)
+    assert swap.total_s == pytest.approx(2 * (5e-6 + 2000 / 1e9) + 0.5e-3)
+    with pytest.raises(ConfigError, match="copies_per_load"):
+        run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep.replace(copies_per_load=0.5), cost)
 
 
 def test_capacity_forms_and_errors():
