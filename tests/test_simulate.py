@@ -1261,3 +1261,14 @@ def test_layer_miss_curves_match_separate_replays(small):
             cap[layer] = c
             res = run(steps, LRFU().fit(), cap, DEP, COST)
             assert res.counts[K.C_MISS, layer] == curves[i, layer]
+
+
+def test_fit_on_replay_steps_matches_the_batch():
+    """A learned reuse policy named for a prefill replay learns on that replay's unions; others are untouched."""
+    from moescope.simulate.policies import fit_on_replay_steps, make_policy
+
+    assert fit_on_replay_steps(make_policy("learned-reuse"), "prefill", 8).batch_size == 8
+    assert fit_on_replay_steps(make_policy("learned-reuse-admit"), "decode", None).batch_size is None
+    assert fit_on_replay_steps(make_policy("learned-reuse"), "prefill", None).batch_size is None
+    assert fit_on_replay_steps(make_policy("learned-reuse", batch_size=4), "prefill", 8).batch_size == 4
+    assert fit_on_replay_steps(make_policy("lrfu"), "prefill", 8).get_params() == {"decay": 0.05}

@@ -567,6 +567,15 @@ POLICIES: dict[str, type[CachePolicy]] = {
 }
 
 
+def fit_on_replay_steps(policy: CachePolicy, mode: str, batch_size: int | None) -> CachePolicy:
+    """``policy`` set to learn on the steps it will replay: a prefill replay in batches of ``b``
+    tokens gives a learned reuse policy ``batch_size=b`` (its model then sees the same unions)."""
+    params = policy.get_params(deep=False)
+    if mode == "prefill" and batch_size and "batch_size" in params and params["batch_size"] is None:
+        policy.set_params(batch_size=int(batch_size))
+    return policy
+
+
 def make_policy(name: str, **params: Any) -> CachePolicy:
     """A new policy by name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``, ``belady``,
     ``next-use``, ``next-use-evict``, ``oracle-next-use``, ``horizon-oracle``, ``learned-reuse``,

@@ -11,7 +11,7 @@ import numpy as np
 
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
-from moescope.simulate.policies import make_policy
+from moescope.simulate.policies import fit_on_replay_steps, make_policy
 from moescope.trace.atomic import atomic_write_json
 
 
@@ -51,7 +51,7 @@ def sweep(
 
     from moescope.simulate.fitting import fit_source
 
-    made = {name: make_policy(name) for name in policies}
+    made = {name: fit_on_replay_steps(make_policy(name), mode, batch_size) for name in policies}
     fit_on = fit_source(trace, fit_trace, *made.values(), *prefetchers)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
     fitted = {name: pol.fit(fit_on) for name, pol in made.items()}
