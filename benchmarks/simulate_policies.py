@@ -3,9 +3,17 @@
 Cells: cache fraction 1/8, 1/4, 1/2 x preset (rtx4090-pcie4 = PCIe 4.0, h100-pcie5 = PCIe 5.0,
 rtx4090-nvme = NVMe) x expert width (bf16, int4) x batch (1: decode, one token per step; 8: the union
 of 8 consecutive tokens of a document per step, ``prepare(mode="prefill", batch_size=8)``). Every
-learned policy is fitted once on TRAIN (other documents) and replayed on TEST. Prints one markdown
-row per cell (best predictor-free policy, best predictor-guided policy, their tokens/s and the gain,
-Belady) and writes every row to ``--csv``.
+learned policy is fitted on TRAIN (other documents) and replayed on TEST; the predictor-guided ones
+once per batch size, on TRAIN cut into the same steps as the replay (``batch_size``). Prints one
+markdown row per cell (best predictor-free policy, best predictor-guided policy, their tokens/s and
+the gain, Belady) and writes every row to ``--csv``.
+
+``--guard``: the guided policy is used only where it earns its place. TRAIN is split again by
+document (80/20, seed 1); the guided policies are refitted on the 80% and, in every cell, replayed
+on the 20% beside the predictor-free ones. Where no guided policy beats the best predictor-free one
+there (its predictor's cost included), the cell's "guarded" choice is that predictor-free policy;
+otherwise it is the guided policy fitted on all of TRAIN. Only TRAIN decides; TEST is replayed
+after. The row then also shows the guarded choice and its gain.
 
     python benchmarks/simulate_policies.py TEST TRAIN --model deepseek-v2-lite --csv out.csv
 """
@@ -24,7 +32,7 @@ from moescope.simulate.policies import make_policy
 from moescope.trace.reader import Trace
 
 FREE = ("lru", "lfu", "lrfu", "static")
-GUIDED = ("learned-reuse", "learned-reuse-admit", "next-use", "next-use-evict")
+GUIDED = ("learned-reuse", "learned-reuse-admit")
 PRESETS = {"PCIe 4.0": "rtx4090-pcie4", "PCIe 5.0": "h100-pcie5", "NVMe": "rtx4090-nvme"}
 
 
@@ -37,26 +45,48 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.125,0.25,0.5")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--guided", default=",".join(GUIDED))
+    ap.add_argument("--label", default=None, help="trace name in the table (default: TEST's parent folder)")
+    ap.add_argument("--guard", action="store_true", help="choose per cell on a held-out part of TRAIN")
     args = ap.parse_args()
+    label = args.label or Path(args.test).parent.name
     te, tr = Trace.open(args.test), Trace.open(args.train)
     name = args.model or te.manifest.get("model", {}).get("id")
     guided = [g for g in args.guided.split(",") if g]
     t0 = time.perf_counter()
-    fitted = {n: make_policy(n).fit(tr) for n in (*FREE, *guided)}
-    fitted["belady"] = make_policy("belady").fit()
-    print(f"fitted {len(fitted)} policies on {args.train} in {time.perf_counter() - t0:.0f} s")
-    for n in guided:
-        print(f"  {n}: predictor cost charged per layer {fitted[n].critical_path_s() * 1e6:.1f} us")
+    free = {n: make_policy(n).fit(tr) for n in FREE}
+    free["belady"] = make_policy("belady").fit()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    def fit_guided(trace: Trace, b: int) -> dict:
+        out = {}
+        for n in guided:  # the guided policies learn on the trace cut into the replay's steps
+            pol = make_policy(n)
+            if "batch_size" in pol.get_params(deep=False):
+                pol.set_params(batch_size=None if b == 1 else b)
+            out[n] = pol.fit(trace)
+        return out
+
+    fitted_of, val_of = {}, {}
+    if args.guard:
+        part, val = tr.split(0.2, seed=1)
+        val_free = {n: make_policy(n).fit(part) for n in FREE}
+    for b in batches:
+        fitted_of[b] = {**free, **fit_guided(tr, b)}
+        for n in guided:
+            cost_us = fitted_of[b][n].critical_path_s() * 1e6
+            print(f"  {n} (batch {b}): predictor cost charged per layer {cost_us:.1f} us")
+        if args.guard:
+            steps_v = prepare(val) if b == 1 else prepare(val, mode="prefill", batch_size=b)
+            val_of[b] = (steps_v, {**val_free, **fit_guided(part, b)})
+    print(f"fitted the policies on {args.train} in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    steps_of = {
-        b: prepare(te) if b == 1 else prepare(te, mode="prefill", batch_size=b)
-        for b in map(int, args.batches.split(","))
-    }
-    print(
-        "| trace | cache | link | dtype | batch | best predictor-free | tok/s | best predictor-guided | tok/s | gain | Belady tok/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    steps_of = {b: prepare(te) if b == 1 else prepare(te, mode="prefill", batch_size=b) for b in batches}
+    head = "| trace | cache | link | dtype | batch | best predictor-free | tok/s | best predictor-guided | tok/s | gain |"
+    head += " guarded choice | tok/s | gain |" if args.guard else ""
+    print(head + " Belady tok/s |")
+    print("|---" * (14 if args.guard else 11) + "|")
     for batch, steps in steps_of.items():
+        fitted = fitted_of[batch]
         for dtype in ("bf16", "int4"):
             cost: ModelCost = model_cost(name, dtype)
             for link, preset in PRESETS.items():
@@ -69,7 +99,7 @@ def main() -> None:
                         res[n] = s
                         rows.append(
                             {
-                                "trace": str(args.test),
+                                "trace": label,
                                 "cache_fraction": frac,
                                 "link": link,
                                 "preset": preset,
@@ -81,14 +111,35 @@ def main() -> None:
                                 "bytes_moved": s["bytes_moved"],
                             }
                         )
-                    free = max(FREE, key=lambda n: res[n]["tokens_per_s"])
+                    free_best = max(FREE, key=lambda n: res[n]["tokens_per_s"])
                     best = max(guided, key=lambda n: res[n]["tokens_per_s"])
-                    f, g = res[free]["tokens_per_s"], res[best]["tokens_per_s"]
-                    print(
-                        f"| {Path(args.test).parent.name} | {frac:g} | {link} | {dtype} | {batch} | {free} | {f:.4g} | "
-                        f"{best} | {g:.4g} | {100 * (g / f - 1):+.1f}% | {res['belady']['tokens_per_s']:.4g} |",
-                        flush=True,
+                    f, g = res[free_best]["tokens_per_s"], res[best]["tokens_per_s"]
+                    line = (
+                        f"| {label} | {frac:g} | {link} | {dtype} | {batch} | {free_best} | {f:.4g} | "
+                        f"{best} | {g:.4g} | {100 * (g / f - 1):+.1f}% |"
                     )
+                    if args.guard:
+                        steps_v, pols_v = val_of[batch]
+                        cap_v = cache_capacity(dep, cost, val.num_layers, val.num_experts, fraction=frac)
+                        tps_v = {
+                            n: run(steps_v, p, cap_v, dep, cost).summary()["tokens_per_s"]
+                            for n, p in pols_v.items()
+                        }
+                        free_v = max(FREE, key=tps_v.get)
+                        guided_v = max(guided, key=tps_v.get)
+                        choice = guided_v if tps_v[guided_v] > tps_v[free_v] else free_v
+                        c = res[choice]["tokens_per_s"]
+                        line += f" {choice} | {c:.4g} | {100 * (c / f - 1):+.1f}% |"
+                        rows.append(
+                            {
+                                **rows[-1],
+                                "policy": "guarded:" + choice,
+                                "hit_rate": res[choice]["hit_rate"],
+                                "tokens_per_s": c,
+                                "bytes_moved": res[choice]["bytes_moved"],
+                            }
+                        )
+                    print(line + f" {res['belady']['tokens_per_s']:.4g} |", flush=True)
                     pl.DataFrame(rows).write_csv(args.csv)
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -60,6 +60,7 @@ def reference(
     nextpred=None,
     stale=0.0,
     reuse=None,
+    horizon=None,
 ):
     """Counts and final time of a replay, by the rules stated in moescope.simulate.kernel.
 
@@ -71,7 +72,11 @@ def reference(
     pred = policy in PRED_POLICIES
     learned = policy in ("learned-reuse", "learned-reuse-admit")
     bypassing = policy in ("belady", "next-use", "oracle-next-use", "learned-reuse-admit")
+    by_horizon = policy == "horizon-oracle"
+    if by_horizon:
+        bypassing = horizon[1]
     lastset = {}  # layer -> the experts of its latest event
+    current = set()  # keys of the current event's demand
     future = {}  # key -> list of demand events
     for s in range(S):
         for layer in range(L):
@@ -107,6 +112,11 @@ def reference(
             return d["freq"]
         if policy == "lrfu":
             return d["aux"]
+        if by_horizon:  # known within the horizon: by that use, above every other key (LRFU)
+            nx = next_use(key, event, s)
+            if nx < (s + horizon[0] + 1) * L:
+                return 1e12 - nx
+            return 5e10 if key in current else d["aux"]
         if policy == "belady":
             return -next_use(key, event, s)
         if learned:
@@ -127,6 +137,11 @@ def reference(
             return -nxt
         return d["last"]
 
+    def miss_prio(key, event, s):
+        """The horizon oracle's rank of a miss: by its use when known, else below every known key."""
+        nx = next_use(key, event, s)
+        return 1e12 - nx if nx < (s + horizon[0] + 1) * L else 1e11
+
     def victim(p, locked, event, s):
         best = None
         for key in cache[p]:
@@ -145,7 +160,7 @@ def reference(
             decay = reuse[3]
             info[key]["aux"] = math.log2(1 + 2 ** (info[key]["aux"] - decay * s)) + decay * s
             info[key]["step"] = s
-        if policy == "lrfu":
+        if policy == "lrfu" or by_horizon:
             info[key]["aux"] = math.log2(1 + 2 ** (info[key]["aux"] - 0.05 * s)) + 0.05 * s
 
     def fresh(key):
@@ -176,6 +191,8 @@ def reference(
             start = now
             ready = now
             keys = [layer * E + int(e) for e in demand[s][layer] if e >= 0]
+            current.clear()
+            current.update(keys)
             lastset[layer] = [int(e) for e in demand[s][layer]]
             if pred:  # every key of the event ranks by its use after it, before any eviction
                 for j, e in enumerate(demand[s][layer]):
@@ -205,6 +222,8 @@ def reference(
                         elif policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
                             keep = False
                         elif bypassing and (pred or learned) and prio(key, event, s) <= prio(v, event, s):
+                            keep = False
+                        elif by_horizon and bypassing and miss_prio(key, event, s) <= prio(v, event, s):
                             keep = False
                         else:
                             if info[v]["unused"]:
@@ -245,6 +264,8 @@ def reference(
                     if policy == "belady" and -next_use(key, event, s) <= -next_use(v, event, s):
                         continue
                     if bypassing and (pred or learned) and prio(key, event, s) <= prio(v, event, s):
+                        continue
+                    if by_horizon and bypassing and miss_prio(key, event, s) <= prio(v, event, s):
                         continue
                     if info[v]["unused"]:
                         out["pf_waste"][v // E] += 1
@@ -440,6 +461,11 @@ def test_timing_single_miss_by_hand():
     res = run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep, cost)
     assert res.total_s == pytest.approx(5e-6 + 2000 / 1e9 + 0.5e-3)
     assert res.stall_s.sum() == pytest.approx(5e-6 + 2000 / 1e9)
+    # a swapping system (evicted expert copied back first, same stream) pays every transfer twice
+    swap = run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep.replace(copies_per_load=2.0), cost)
+    assert swap.total_s == pytest.approx(2 * (5e-6 + 2000 / 1e9) + 0.5e-3)
+    with pytest.raises(ConfigError, match="copies_per_load"):
+        run(_steps_of(demand, 4), LRU().fit(), np.array([2]), dep.replace(copies_per_load=0.5), cost)
 
 
 def test_capacity_forms_and_errors():
@@ -1040,13 +1066,23 @@ def test_temporal_predictor_trees_and_causality(small_train, small):
         p.predict_distance(np.zeros((2, 5, 2), np.int16), np.ones(2, bool), 8)
 
 
+# half the experts in a fast host tier, the rest behind it on a slow one (unequal load times)
+DEP_TIERED = Deployment(
+    "tiered", 1.0, 100.0, 1.0, [Tier("host", 12 * 12288 / 1e9, 20.0, 3.0), Tier("ssd", None, 2.0, 50.0)]
+)
+
+
 @pytest.mark.parametrize("cls", [LearnedReuse, LearnedReuseAdmit])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("pf", ["none", "table"])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_learned_reuse_matches_reference(small, small_train, cls, shared, pf, mode):
-    """The learned reuse policy (fitted on other documents) through engine and reference alike."""
+@pytest.mark.parametrize("tiered", [False, True])
+def test_learned_reuse_matches_reference(small, small_train, cls, shared, pf, mode, tiered):
+    """The learned reuse policy (fitted on other documents) through engine and reference alike; on a
+    tiered deployment its prior carries ``log(load time / fastest)`` (cost-aware ranking)."""
     from moescope.simulate.deployment import compute_times, load_times
+
+    dep = DEP_TIERED if tiered else DEP
 
     steps = prepare(small, mode=mode, batch_size=8)
     L, E = steps.num_layers, steps.num_experts
@@ -1060,13 +1096,21 @@ def test_learned_reuse_matches_reference(small, small_train, cls, shared, pf, mo
             2,
         )
     reset = "document" if mode == "prefill" else "none"
-    res = run(steps, pol, cap, DEP, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
-    load_t, _ = load_times(DEP, COST, steps.popularity)
-    compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2)) + 2e-5
+    res = run(steps, pol, cap, dep, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
+    load_t, _ = load_times(dep, COST, steps.popularity)
+    compute = compute_times(dep, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2)) + 2e-5
     rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
     rmask[0] = True
     p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
-    coef, trans, prior = pol.reuse_model(L, E)
+    coef, trans, prior = pol.reuse_model(L, E, load_t)
+    plain = pol.predictor_
+    if tiered:
+        assert np.ptp(load_t) > 0 and coef[2] == 1.0
+        np.testing.assert_allclose(
+            prior, plain.coef_[2] * plain.log_popularity_ + np.log(load_t / load_t.min()), rtol=1e-12
+        )
+    else:
+        assert np.ptp(load_t) == 0 and np.array_equal(prior, plain.log_popularity_)
     ref, t_end = reference(
         steps.demand,
         p,
@@ -1097,3 +1141,134 @@ def test_belady_never_beaten_by_learned_reuse(small_train):
         for cls in (LearnedReuse, LearnedReuseAdmit):
             pol = cls(predictor=pred, latency_ms=0.0).fit()
             assert run(steps, pol, cap, DEP, COST).counts[1].sum() <= best
+
+
+@pytest.mark.parametrize("horizon", [0, 2])
+@pytest.mark.parametrize("admission", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pf", ["none", "table"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_horizon_oracle_matches_reference(small, horizon, admission, shared, pf, mode):
+    """The horizon-H oracle (exact next uses within H steps, LRFU beyond): engine == reference."""
+    from moescope.simulate import HorizonOracle
+    from moescope.simulate.deployment import compute_times, load_times
+
+    steps = prepare(small, mode=mode, batch_size=8)
+    L, E = steps.num_layers, steps.num_experts
+    pol = HorizonOracle(horizon=horizon, admission=admission).fit()
+    cap = np.array([7]) if shared else np.array([3, 2, 4])
+    pref, dist = None, 1
+    if pf == "table":
+        pref, dist = step_prefetch(steps, TablePrefetcher(distance=2, budget=3).fit(small).ranked(small)), 2
+    reset = "document" if mode == "prefill" else "none"
+    res = run(steps, pol, cap, DEP, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
+    load_t, _ = load_times(DEP, COST, steps.popularity)
+    compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2))
+    rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
+    rmask[0] = True
+    p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
+    ref, t_end = reference(
+        steps.demand,
+        p,
+        dist,
+        E,
+        cap,
+        shared,
+        "horizon-oracle",
+        set(),
+        load_t,
+        compute,
+        rmask,
+        horizon=(horizon, admission),
+    )
+    assert _engine_counts(res) == ref
+    assert res.total_s == pytest.approx(t_end, rel=1e-9)
+
+
+def test_horizon_oracle_bounded_by_belady_and_reaches_it():
+    """Never more hits than Belady; knowing the whole future (horizon >= steps) gives Belady's hits."""
+    from moescope.simulate import HorizonOracle
+
+    rng = np.random.default_rng(12)
+    for trial in range(6):
+        E, k, L, S = 10, 3, 3, 120
+        demand = _random_demand(rng, S, L, E, k)
+        steps = _steps_of(demand, E)
+        cap = np.array([2 + trial % 5] * L) if trial % 2 else np.array([4 + trial])
+        shared = not trial % 2
+        best = run(steps, Belady().fit(), cap, DEP, COST, shared=shared).counts[1].sum()
+        for h in (0, 1, 4):
+            got = run(steps, HorizonOracle(horizon=h).fit(), cap, DEP, COST, shared=shared).counts[1].sum()
+            assert got <= best
+        full = run(steps, HorizonOracle(horizon=S).fit(), cap, DEP, COST, shared=shared)
+        assert full.counts[1].sum() == best
+
+
+def test_reuse_predictor_batch_unions_equal_prepare(small_train):
+    """The reuse model's batch-b steps are the sets of ``prepare(mode="prefill", batch_size=b)``."""
+    from moescope.predict.temporal import _demand_of, batch_unions
+
+    demand, doc_start = _demand_of(small_train)
+    for b in (1, 3, 8):
+        got, starts = batch_unions(demand, doc_start, small_train.num_experts, b)
+        steps = prepare(small_train, mode="prefill", batch_size=b)
+        assert np.array_equal(starts, steps.doc_start)
+        assert got.shape[0] == steps.num_steps
+        for g in range(got.shape[0]):
+            for layer in range(got.shape[1]):
+                assert set(got[g, layer][got[g, layer] >= 0].tolist()) == set(
+                    steps.demand[g, layer][steps.demand[g, layer] >= 0].tolist()
+                )
+    pol = LearnedReuse(batch_size=2, predictor=ReusePredictor(max_rows=20_000)).fit(small_train)
+    assert pol.predictor_.batch_size == 2 and pol.predictor.batch_size is None
+    one = LearnedReuse(predictor=ReusePredictor(max_rows=20_000)).fit(small_train)
+    assert not np.allclose(pol.predictor_.coef_, one.predictor_.coef_)
+
+
+def test_allocate_slots_against_brute_force():
+    """Greedy marginal allocation on convex miss curves equals the best allocation found by brute force."""
+    from moescope.simulate.sweep import allocate_slots
+
+    rng = np.random.default_rng(3)
+    caps = list(range(1, 7))
+    for _ in range(5):
+        L = 3
+        drops = -np.sort(-rng.integers(0, 50, (len(caps) - 1, L)), axis=0)  # decreasing gains: convex
+        curves = np.vstack([np.full(L, 400), 400 - np.cumsum(drops, axis=0)])
+        for total in (3, 7, 12, 18):
+            got = allocate_slots(curves, caps, total)
+            assert got.sum() == total
+            best = min(
+                sum(curves[c - 1, layer] for layer, c in enumerate(combo))
+                for combo in itertools.product(caps, repeat=L)
+                if sum(combo) == total
+            )
+            assert sum(curves[c - 1, layer] for layer, c in enumerate(got)) == best
+    with pytest.raises(ValueError, match="outside"):
+        allocate_slots(curves, caps, 100)
+
+
+def test_layer_miss_curves_match_separate_replays(small):
+    """One replay at c slots per layer gives each layer's misses at c (per-layer caches are independent)."""
+    from moescope.simulate import kernel as K
+    from moescope.simulate.sweep import layer_miss_curves
+
+    steps = prepare(small)
+    curves = layer_miss_curves(steps, LRFU().fit(), DEP, COST, [1, 2, 3])
+    for i, c in enumerate([1, 2, 3]):
+        for layer in range(steps.num_layers):
+            cap = np.full(steps.num_layers, 8)
+            cap[layer] = c
+            res = run(steps, LRFU().fit(), cap, DEP, COST)
+            assert res.counts[K.C_MISS, layer] == curves[i, layer]
+
+
+def test_fit_on_replay_steps_matches_the_batch():
+    """A learned reuse policy named for a prefill replay learns on that replay's unions; others are untouched."""
+    from moescope.simulate.policies import fit_on_replay_steps, make_policy
+
+    assert fit_on_replay_steps(make_policy("learned-reuse"), "prefill", 8).batch_size == 8
+    assert fit_on_replay_steps(make_policy("learned-reuse-admit"), "decode", None).batch_size is None
+    assert fit_on_replay_steps(make_policy("learned-reuse"), "prefill", None).batch_size is None
+    assert fit_on_replay_steps(make_policy("learned-reuse", batch_size=4), "prefill", 8).batch_size == 4
+    assert fit_on_replay_steps(make_policy("lrfu"), "prefill", 8).get_params() == {"decay": 0.05}

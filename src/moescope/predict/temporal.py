@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numba import njit
 
-from moescope.core.estimator import Estimator, Interval, RandomState
+from moescope.core.estimator import Estimator, Interval, OrNone, RandomState
 from moescope.errors import ConfigError
 
 CAP_LOG2 = 12.0  # distances are capped at 2^12 steps (no use before the end counts as the cap)
@@ -148,6 +148,35 @@ def _demand_of(trace: Any) -> tuple[np.ndarray, np.ndarray]:
     new_doc = np.ones(N, bool)
     new_doc[1:] = doc[1:] != doc[:-1]
     return ids, new_doc
+
+
+def batch_unions(
+    demand: np.ndarray, doc_start: np.ndarray, num_experts: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's tokens in consecutive batches of ``batch_size``: ``(G, L, W)`` int16 union of
+    a batch's experts per layer (ascending ids, -1 padded) and the ``(G,)`` document-start mask.
+
+    The steps of ``moescope.simulate.prepare(trace, mode="prefill", batch_size=b)`` as sets (that
+    one orders each union by count; a reuse model reads sets only).
+    """
+    N, L, _k = demand.shape
+    E = int(num_experts)
+    doc_index = np.cumsum(doc_start) - 1
+    first = np.flatnonzero(doc_start)
+    chunk = (np.arange(N) - first[doc_index]) // batch_size
+    new_step = doc_start.copy()
+    new_step[1:] |= chunk[1:] != chunk[:-1]
+    group = np.cumsum(new_step) - 1
+    G = int(group[-1]) + 1
+    valid = demand >= 0
+    flat = ((group[:, None, None] * L + np.arange(L)[None, :, None]) * E + np.where(valid, demand, 0))[valid]
+    used = np.zeros(G * L * E, bool)
+    used[flat] = True
+    used = used.reshape(G, L, E)
+    W = int(used.sum(axis=2).max())
+    order = np.argsort(~used, axis=2, kind="stable")[:, :, :W]  # used ids first, ascending
+    out = np.where(np.take_along_axis(used, order, axis=2), order, -1).astype(np.int16)
+    return out, doc_start[new_step]
 
 
 class NextUsePredictor(Estimator):
@@ -446,6 +475,10 @@ class ReusePredictor(Estimator):
     decay : LRFU decay of the recency-frequency feature.
     window : experts unused for this many steps are not sampled (they would not be resident).
     max_rows : about this many training rows (every ``stride``-th (step, layer) is sampled).
+    batch_size : the steps the model learns on: None, one token per step (decode); ``b``, the union
+        of ``b`` consecutive tokens of a document per step (what a batch-``b`` replay's cache sees:
+        ``prepare(mode="prefill", batch_size=b)``). Fit on the steps you replay: a model fitted on
+        single tokens misranks experts under 8-token unions (see BENCHMARKS.md, decision table).
 
     Attributes
     ----------
@@ -460,15 +493,23 @@ class ReusePredictor(Estimator):
         "decay": Interval(float, 0, 64),
         "window": Interval(int, 1, None),
         "max_rows": Interval(int, 1, None),
+        "batch_size": OrNone(Interval(int, 1, None)),
     }
 
     def __init__(
-        self, *, horizon: int = 4, decay: float = 0.05, window: int = 64, max_rows: int = 500_000
+        self,
+        *,
+        horizon: int = 4,
+        decay: float = 0.05,
+        window: int = 64,
+        max_rows: int = 500_000,
+        batch_size: int | None = None,
     ) -> None:
         self.horizon = horizon
         self.decay = decay
         self.window = window
         self.max_rows = max_rows
+        self.batch_size = batch_size
 
     def fit(self, trace: Any) -> ReusePredictor:
         """Learn transitions, popularity and the logistic coefficients from ``trace`` (decode order)."""
@@ -477,8 +518,10 @@ class ReusePredictor(Estimator):
         self._validate_params()
         self._reset()
         demand, doc_start = _demand_of(trace)
-        S, L, _W = demand.shape
         E = int(trace.num_experts)
+        if self.batch_size is not None and self.batch_size > 1:
+            demand, doc_start = batch_unions(demand, doc_start, E, int(self.batch_size))
+        S, L, _W = demand.shape
         valid = demand >= 0
         keys = (np.arange(L)[None, :, None] * E + np.where(valid, demand, 0))[valid]
         counts = np.bincount(keys, minlength=L * E).astype(np.float64)

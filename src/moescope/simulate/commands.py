@@ -50,7 +50,8 @@ def simulate_cmd(
         "lru",
         "--policy",
         help="Eviction: lru, lfu, lrfu, lru-protect, static, belady, or predictor-guided (fitted on --train): "
-        "learned-reuse, learned-reuse-admit, next-use, next-use-evict, oracle-next-use.",
+        "learned-reuse, learned-reuse-admit, next-use, next-use-evict; oracles: oracle-next-use, "
+        "horizon-oracle (knows the next token's routing).",
     ),
     prefetch: str = typer.Option(
         "none", "--prefetch", help="none, table, previous, oracle, or a saved predictor file."

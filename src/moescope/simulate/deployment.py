@@ -54,6 +54,9 @@ class Deployment:
     compute_ms_per_layer : a fixed per-layer compute time, overriding the derived one.
     overhead_us_per_layer : added to every layer's compute (kernel launches, attention over the
         KV cache).
+    copies_per_load : link transfers per expert load: 1, or 2 when the system first copies the
+        evicted expert back to the host on the same stream (Mixtral-offloading's ``_swap``), so
+        every miss moves its bytes twice, one copy after the other.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Deployment:
     link_efficiency: float = 1.0
     compute_ms_per_layer: float | None = None
     overhead_us_per_layer: float = 0.0
+    copies_per_load: float = 1.0
 
     def replace(self, **changes: Any) -> Deployment:
         """A copy with some fields changed; unknown fields raise :class:`ConfigError`."""
@@ -81,6 +85,10 @@ class Deployment:
         if not 0 < self.link_efficiency <= 1:
             raise ConfigError(
                 f"deployment {self.name!r}: link_efficiency must be in (0, 1], got {self.link_efficiency}"
+            )
+        if not self.copies_per_load >= 1:
+            raise ConfigError(
+                f"deployment {self.name!r}: copies_per_load must be >= 1, got {self.copies_per_load}"
             )
         if not self.tiers:
             raise ConfigError(f"deployment {self.name!r}: at least one offload tier is needed")
@@ -233,7 +241,8 @@ def load_times(
             else min(flat.size - pos, int(tier.capacity_gb * GB // eb))
         )
         keys = order[pos : pos + n]
-        times[keys] = tier.latency_us * 1e-6 + eb / (tier.bandwidth_gbs * GB * deployment.link_efficiency)
+        one = tier.latency_us * 1e-6 + eb / (tier.bandwidth_gbs * GB * deployment.link_efficiency)
+        times[keys] = deployment.copies_per_load * one
         tier_of[keys] = tier.name
         pos += n
     return times, list(tier_of)

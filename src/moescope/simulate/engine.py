@@ -460,8 +460,9 @@ def run(
             bool(policy.protect),
             bool(policy.needs_future),
             bool(policy.pred_next),
+            int(policy.horizon_steps()),
         )
-        coef, trans, prior = policy.reuse_model(L, E)
+        coef, trans, prior = policy.reuse_model(L, E, load_t)
         tab = K.Tables(capacity, pinned, occ_start, occ_ev, load_t, ctab, coef, trans, prior)
         sta = K.State(
             slots=np.full((P, int(capacity.max())), -1, np.int64),

@@ -55,6 +55,14 @@ PRIO_AUX = 2  # lowest AUX first (LRFU)
 PRIO_NEXT = 3  # furthest next use first (Belady)
 PRIO_PRED = 4  # furthest predicted next use first (NEXT from the per-access predictions; AUX = last use)
 PRIO_REUSE = 5  # lowest learned reuse score first (:func:`reuse_score`)
+# horizon-H oracle: a key whose next use (NEXT, exact) falls within the next ``horizon`` steps ranks
+# by it (sooner = kept), above every other key; the rest rank by LRFU (AUX), the current event's
+# keys first (their AUX is updated only at their touch); a miss not known to return within the
+# horizon is streamed only when the victim is known to return (an upper-bound study)
+PRIO_HORIZON = 6
+HORIZON_KNOWN = 1e12  # priority of a key known to return = HORIZON_KNOWN - its next event
+HORIZON_MISS = 1e11  # priority of a miss not known to return (above every LRFU value, below known keys)
+HORIZON_USED = 5e10  # a key of the current event not known to return: above every LRFU value
 # update rules on a use or a prefetch insertion
 USE_NONE = 0
 USE_LRFU = 1
@@ -130,7 +138,7 @@ def reuse_score(aux, last_step, prior, trans_sum, step, param, coef):
 # a replay's configuration, read-only arrays, carried state and block of steps, packed so that
 # :func:`replay_chunk` takes four arguments (Numba compiles each as one typed tuple)
 Config = namedtuple(
-    "Config", "dist E per_layer prio_rule use_rule param bypass use_protect need_next pred_next"
+    "Config", "dist E per_layer prio_rule use_rule param bypass use_protect need_next pred_next horizon"
 )
 Tables = namedtuple("Tables", "cap pinned occ_start occ_ev load_time ctab coef trans prior")
 State = namedtuple(
@@ -163,6 +171,8 @@ def replay_chunk(blk, cfg, tab, sta):
     st, ptr, lastset, occ_start, occ_ev = sta.st, sta.ptr, sta.lastset, tab.occ_start, tab.occ_ev
     coef, trans, prior = tab.coef, tab.trans, tab.prior
     reuse = prio_rule == PRIO_REUSE
+    by_horizon = prio_rule == PRIO_HORIZON
+    horizon = cfg.horizon
     cf = (coef[0], coef[1], coef[2], coef[3], coef[4])
     S, L, W = demand.shape
     M = pref.shape[2]
@@ -194,6 +204,7 @@ def replay_chunk(blk, cfg, tab, sta):
                     where[key] = nres[p]
                     nres[p] += 1
         seg_end = seg_ends[s]
+        known_before = float((gs + horizon + 1) * L)  # PRIO_HORIZON: the routing of steps <= gs + horizon
         for layer in range(L):
             event = gs * L + layer
             part = layer if per_layer else 0
@@ -298,7 +309,17 @@ def replay_chunk(blk, cfg, tab, sta):
                                 st[cand, NEXT] = (
                                     float(occ_ev[q]) if q < q_end and occ_ev[q] < seg_end else INF
                                 )
-                            if reuse:
+                            if by_horizon:
+                                nx = st[cand, NEXT]
+                                if nx < known_before:
+                                    pri = HORIZON_KNOWN - nx
+                                elif i < 0:
+                                    pri = HORIZON_MISS
+                                elif lock[cand] == event:  # used by this event: LRFU would rank it first
+                                    pri = HORIZON_USED
+                                else:
+                                    pri = st[cand, AUX]
+                            elif reuse:
                                 c_layer = cand // E
                                 c_e = cand - c_layer * E
                                 tsum = 0.0

@@ -65,8 +65,15 @@ class CachePolicy(Estimator):
         """Seconds the policy's own computation adds to every layer on the critical path (a predictor)."""
         return 0.0
 
-    def reuse_model(self, num_layers: int, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(coef, transition, log popularity)`` of the learned reuse score (``PRIO_REUSE`` only)."""
+    def horizon_steps(self) -> int:
+        """Steps ahead whose routing the policy knows exactly (``PRIO_HORIZON`` only)."""
+        return 0
+
+    def reuse_model(
+        self, num_layers: int, num_experts: int, load_time: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(coef, transition, per-key prior)`` of the learned reuse score (``PRIO_REUSE`` only);
+        ``load_time`` ``(L * E,)`` is each key's transfer time on the replayed deployment."""
         return np.zeros(5), np.zeros((1, 1, 1)), np.zeros(1)
 
     def next_use(self, steps: Any) -> np.ndarray:
@@ -234,6 +241,50 @@ class OracleNextUse(CachePolicy):
         return out
 
 
+class HorizonOracle(CachePolicy):
+    """Upper-bound study: an oracle that knows the exact routing of the next ``horizon`` tokens only.
+
+    At an eviction, a resident whose next use falls within the next ``horizon`` steps is ranked by
+    that use (Belady within the horizon) and kept before every other resident; the others are ranked
+    by LRFU (what is known without prediction). With ``admission`` a miss not used again within the
+    horizon is streamed when every candidate victim is known to return. ``horizon=0`` knows nothing
+    beyond the current token; a horizon past the end of the trace makes Belady's hits. What perfect
+    prediction of the next ``H`` tokens could buy, before any predictor is fitted.
+
+    Parameters
+    ----------
+    horizon : tokens (steps) ahead known exactly.
+    decay : LRFU decay of the fallback ranking.
+    admission : stream a miss not known to return when the victim is.
+    """
+
+    name = "horizon-oracle"
+    predictor_guided = True
+    needs_future = True
+    priority_rule = K.PRIO_HORIZON
+    use_rule = K.USE_LRFU
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "horizon": Interval(int, 0, None),
+        "decay": Interval(float, 0, 64),
+        "admission": Boolean(),
+    }
+
+    def __init__(self, *, horizon: int = 1, decay: float = 0.05, admission: bool = True) -> None:
+        self.horizon = horizon
+        self.decay = decay
+        self.admission = admission
+
+    @property
+    def bypass(self) -> bool:  # type: ignore[override]
+        return bool(self.admission)
+
+    def param(self) -> float:
+        return float(self.decay)
+
+    def horizon_steps(self) -> int:
+        return int(self.horizon)
+
+
 class NextUse(CachePolicy):
     """Approximate Belady: evict the resident whose *predicted* next use is furthest, bypass a miss
     predicted to return later than that victim (admission), from a temporal predictor fitted on a
@@ -345,6 +396,12 @@ class LearnedReuse(CachePolicy):
     ----------
     admission : bypass low-scoring misses.
     predictor : an unfitted or fitted ``ReusePredictor`` (None: the default one).
+    batch_size : the steps an unfitted predictor learns on (its ``batch_size``; None keeps the
+        predictor's own): set it to the replay's batch (``prepare(mode="prefill", batch_size=b)``).
+    cost_weight : weight of ``log(load time / fastest load)`` in the score, so that on a tiered
+        deployment (NVMe behind a host staging tier) an expert slow to reload is kept before a fast
+        one of the same reuse probability (0: rank by reuse alone). No effect when every expert
+        loads equally fast.
     latency_ms : cost per layer charged on the critical path (None: measured in :meth:`fit`: one
         layer's scores for 16 candidates at batch 1, median of 200 calls).
 
@@ -361,14 +418,24 @@ class LearnedReuse(CachePolicy):
     _parameter_constraints: ClassVar[dict[str, Any]] = {
         "admission": Boolean(),
         "latency_ms": OrNone(Interval(float, 0, None)),
+        "batch_size": OrNone(Interval(int, 1, None)),
+        "cost_weight": Interval(float, 0, None),
     }
 
     def __init__(
-        self, *, admission: bool = False, predictor: Any = None, latency_ms: float | None = None
+        self,
+        *,
+        admission: bool = False,
+        predictor: Any = None,
+        latency_ms: float | None = None,
+        batch_size: int | None = None,
+        cost_weight: float = 1.0,
     ) -> None:
         self.admission = admission
         self.predictor = predictor
         self.latency_ms = latency_ms
+        self.batch_size = batch_size
+        self.cost_weight = cost_weight
 
     @property
     def bypass(self) -> bool:  # type: ignore[override]
@@ -377,7 +444,10 @@ class LearnedReuse(CachePolicy):
     def _fit(self, trace: Any) -> None:
         from moescope.predict import ReusePredictor
 
-        self.predictor_ = _fitted_predictor(self, trace, ReusePredictor, "coef_")
+        pred = self.predictor
+        if self.batch_size is not None and not hasattr(pred, "coef_"):
+            pred = (ReusePredictor() if pred is None else clone(pred)).set_params(batch_size=self.batch_size)
+        self.predictor_ = _fitted_predictor(self, trace, ReusePredictor, "coef_", pred)
         if self.latency_ms is None:
             self.latency_s_ = _reuse_latency(self.predictor_)
         else:
@@ -391,7 +461,13 @@ class LearnedReuse(CachePolicy):
         self.check_is_fitted()
         return float(self.latency_s_)
 
-    def reuse_model(self, num_layers: int, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def reuse_model(
+        self, num_layers: int, num_experts: int, load_time: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fitted logistic model; with ``cost_weight`` and unequal ``load_time`` the per-key prior
+        becomes ``coef[2] * log popularity + cost_weight * log(load time / fastest)`` (and ``coef[2]``
+        1): the score then ranks by expected transfer time saved (``log p + log cost``, GreedyDual's
+        idea), so a tiered deployment keeps the experts that are slow to bring back."""
         self.check_is_fitted()
         p = self.predictor_
         if (p.num_layers_, p.num_experts_) != (num_layers, num_experts):
@@ -399,7 +475,13 @@ class LearnedReuse(CachePolicy):
                 f"{self.describe()} was fitted on {p.num_layers_} layers x {p.num_experts_} experts; "
                 f"the replayed steps have {num_layers} x {num_experts}"
             )
-        return p.coef_, p.transition_, p.log_popularity_
+        coef, prior = p.coef_, p.log_popularity_
+        if load_time is not None and self.cost_weight > 0 and np.ptp(load_time) > 0:
+            lt = np.asarray(load_time, np.float64)
+            prior = coef[2] * prior + self.cost_weight * np.log(lt / lt.min())
+            coef = coef.copy()
+            coef[2] = 1.0
+        return coef, p.transition_, prior
 
 
 class LearnedReuseAdmit(LearnedReuse):
@@ -408,15 +490,27 @@ class LearnedReuseAdmit(LearnedReuse):
     name = "learned-reuse-admit"
 
     def __init__(
-        self, *, admission: bool = True, predictor: Any = None, latency_ms: float | None = None
+        self,
+        *,
+        admission: bool = True,
+        predictor: Any = None,
+        latency_ms: float | None = None,
+        batch_size: int | None = None,
+        cost_weight: float = 1.0,
     ) -> None:
-        super().__init__(admission=admission, predictor=predictor, latency_ms=latency_ms)
+        super().__init__(
+            admission=admission,
+            predictor=predictor,
+            latency_ms=latency_ms,
+            batch_size=batch_size,
+            cost_weight=cost_weight,
+        )
 
 
-def _fitted_predictor(policy: Any, trace: Any, default: type, fitted_attr: str) -> Any:
-    """The policy's ``predictor`` when it is already fitted (has ``fitted_attr``), else a fresh copy of
-    it (or of ``default``) fitted on ``trace``."""
-    pred = policy.predictor
+def _fitted_predictor(policy: Any, trace: Any, default: type, fitted_attr: str, pred: Any = None) -> Any:
+    """The policy's ``predictor`` (or ``pred``) when it is already fitted (has ``fitted_attr``), else a
+    fresh copy of it (or of ``default``) fitted on ``trace``."""
+    pred = policy.predictor if pred is None else pred
     if pred is not None and hasattr(pred, fitted_attr):
         return pred
     if trace is None:
@@ -463,6 +557,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
         ProtectedLRU,
         StaticPin,
         Belady,
+        HorizonOracle,
         LearnedReuse,
         LearnedReuseAdmit,
         NextUse,
@@ -472,9 +567,19 @@ POLICIES: dict[str, type[CachePolicy]] = {
 }
 
 
+def fit_on_replay_steps(policy: CachePolicy, mode: str, batch_size: int | None) -> CachePolicy:
+    """``policy`` set to learn on the steps it will replay: a prefill replay in batches of ``b``
+    tokens gives a learned reuse policy ``batch_size=b`` (its model then sees the same unions)."""
+    params = policy.get_params(deep=False)
+    if mode == "prefill" and batch_size and "batch_size" in params and params["batch_size"] is None:
+        policy.set_params(batch_size=int(batch_size))
+    return policy
+
+
 def make_policy(name: str, **params: Any) -> CachePolicy:
     """A new policy by name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``, ``belady``,
-    ``next-use``, ``next-use-evict``, ``oracle-next-use``)."""
+    ``next-use``, ``next-use-evict``, ``oracle-next-use``, ``horizon-oracle``, ``learned-reuse``,
+    ``learned-reuse-admit``)."""
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
     return POLICIES[name](**params)

@@ -14,7 +14,7 @@ from typing import Any
 from moescope.errors import ConfigError
 from moescope.simulate.deployment import BYTES_PER_PARAM, ModelCost, cache_capacity, get_preset, model_cost
 from moescope.simulate.engine import SimResult, simulate
-from moescope.simulate.policies import CachePolicy, make_policy
+from moescope.simulate.policies import CachePolicy, fit_on_replay_steps, make_policy
 from moescope.simulate.prefetch import PredictorPrefetcher, Prefetcher, make_prefetcher
 
 
@@ -88,7 +88,7 @@ def replay(
         gb=cache_gb,
         shared=shared,
     )
-    pol = make_policy(policy) if isinstance(policy, str) else policy
+    pol = fit_on_replay_steps(make_policy(policy), mode, batch_size) if isinstance(policy, str) else policy
     if prefetch is None or isinstance(prefetch, Prefetcher):
         pf = prefetch
     elif isinstance(prefetch, BasePredictor):

@@ -11,7 +11,7 @@ import numpy as np
 
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
-from moescope.simulate.policies import make_policy
+from moescope.simulate.policies import fit_on_replay_steps, make_policy
 from moescope.trace.atomic import atomic_write_json
 
 
@@ -51,7 +51,7 @@ def sweep(
 
     from moescope.simulate.fitting import fit_source
 
-    made = {name: make_policy(name) for name in policies}
+    made = {name: fit_on_replay_steps(make_policy(name), mode, batch_size) for name in policies}
     fit_on = fit_source(trace, fit_trace, *made.values(), *prefetchers)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
     fitted = {name: pol.fit(fit_on) for name, pol in made.items()}
@@ -87,6 +87,53 @@ def sweep(
                     }
                 )
     return pl.DataFrame(rows)
+
+
+def layer_miss_curves(
+    steps: Any,
+    policy: Any,
+    deployment: Deployment,
+    cost: ModelCost,
+    capacities: Sequence[int],
+) -> np.ndarray:
+    """``(len(capacities), L)`` demand misses of every layer when each layer has ``c`` slots.
+
+    Per-layer caches are independent, so one replay at ``c`` slots everywhere gives every layer's
+    miss count at ``c``: the per-layer miss-ratio curves of ``policy`` (fitted) on ``steps``.
+    """
+    from moescope.simulate import kernel as K
+
+    L = steps.num_layers
+    out = np.zeros((len(capacities), L), np.int64)
+    for i, c in enumerate(capacities):
+        res = run(steps, policy, np.full(L, int(c), np.int64), deployment, cost)
+        out[i] = res.counts[K.C_MISS]
+    return out
+
+
+def allocate_slots(curves: np.ndarray, capacities: Sequence[int], total: int) -> np.ndarray:
+    """``(L,)`` slots per layer summing to ``total``: greedy marginal allocation on miss curves.
+
+    Every layer starts at the smallest capacity of ``capacities`` (ascending, consecutive integers);
+    each further slot goes to the layer whose misses drop most from it (ties: the lower layer). Fitted
+    on a training trace's :func:`layer_miss_curves`, it moves slots from layers whose experts are
+    reused little to layers where one more slot saves many loads (equal expert sizes assumed).
+    """
+    caps = np.asarray(capacities, np.int64)
+    if caps.ndim != 1 or caps.size < 2 or (np.diff(caps) != 1).any():
+        raise ValueError("capacities must be consecutive integers, ascending")
+    n, L = curves.shape
+    if n != caps.size:
+        raise ValueError(f"curves have {n} rows for {caps.size} capacities")
+    if not caps[0] * L <= total <= caps[-1] * L:
+        raise ValueError(f"total {total} slots is outside [{caps[0] * L}, {caps[-1] * L}]")
+    idx = np.zeros(L, np.int64)
+    for _ in range(int(total - caps[0] * L)):
+        gain = np.full(L, -np.inf)
+        room = idx < n - 1
+        gain[room] = curves[idx[room], np.flatnonzero(room)] - curves[idx[room] + 1, np.flatnonzero(room)]
+        idx[int(np.argmax(gain))] += 1
+    return caps[idx]
 
 
 def plot_sweep(df: Any, stem: str | Path, params: dict[str, Any] | None = None) -> list[Path]:
