@@ -53,7 +53,7 @@ def _number(strategy: str, key: str, value: Any, kind: type) -> Any:
 
 
 def _argmax_mask(r: Routing) -> torch.Tensor:
-    return torch.zeros_like(r.model_mask).scatter(1, r.probs.argmax(1, keepdim=True), True)
+    return torch.zeros_like(r.model_mask).scatter(1, r.top1, True)
 
 
 class TopK(BaseStrategy):
@@ -66,6 +66,7 @@ class TopK(BaseStrategy):
     """
 
     name = "topk"
+    nonempty = True
 
     def __init__(self, k: int | None = None) -> None:
         self.k = k
@@ -88,6 +89,7 @@ class TopP(BaseStrategy):
     """The smallest set of most probable experts whose probability reaches ``p``, ``min..max`` experts."""
 
     name = "topp"
+    nonempty = True
 
     def __init__(self, p: float = 0.9, min: int = 1, max: int | None = None) -> None:
         self.p = p
@@ -107,7 +109,7 @@ class TopP(BaseStrategy):
 
     def select(self, r: Routing) -> torch.Tensor:
         self._check_fitted()
-        probs, order = r.probs.sort(dim=1, descending=True, stable=True)
+        probs, order = r.prob_sort
         before = probs.cumsum(1) - probs  # mass of the better experts
         keep = before < self.p_ if self.p_ < 1 else torch.ones_like(before, dtype=torch.bool)
         count = keep.sum(1).clamp(self.min_, self.max_)
@@ -119,6 +121,7 @@ class Threshold(BaseStrategy):
     """Experts whose routing probability reaches ``w`` (at least the most probable one)."""
 
     name = "threshold"
+    nonempty = True
 
     def __init__(self, w: float = 0.1) -> None:
         self.w = w
@@ -197,6 +200,7 @@ class PValue(BaseStrategy):
     """
 
     name = "pvalue"
+    nonempty = True
 
     def __init__(self, alpha: float = 0.05, correction: str = "bh", density: str | None = None) -> None:
         self.alpha = alpha
@@ -258,6 +262,7 @@ class Skip(BaseStrategy):
     """NAEE dynamic skipping: drop ranked expert i > 0 of the model's choice if ``w_i < beta * w_0``."""
 
     name = "skip"
+    nonempty = True
     reweight = False
 
     def __init__(self, beta: float = 0.5) -> None:
@@ -282,6 +287,7 @@ class Entropy(BaseStrategy):
     """Entropy-guided k: ``low + round((high - low) * H / log E)`` ranked experts per token."""
 
     name = "entropy"
+    nonempty = True
 
     def __init__(self, low: int = 1, high: int | None = None) -> None:
         self.low = low
@@ -334,6 +340,7 @@ class Random(BaseStrategy):
     """``k`` experts per token drawn uniformly (default: the model's k); a control for the others."""
 
     name = "random"
+    nonempty = True
 
     def __init__(self, k: int | None = None, seed: int = 0) -> None:
         self.k = k
