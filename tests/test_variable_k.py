@@ -304,3 +304,91 @@ def test_predictor_evaluation_on_a_variable_k_trace(vk):
     counts = np.bincount([len(_sets(a, t, li)) for t in range(n) for li in range(L)], minlength=K + 1)
     want_rand = sum(counts[c] * c / E for c in range(K + 1)) / counts.sum()
     assert res.summary["random"]["slot_recall"] == pytest.approx(want_rand)
+
+
+def test_simulator_demand_requests_only_used_slots(vk):
+    from moescope.simulate import LRU, ModelCost, get_preset, simulate
+    from moescope.simulate.engine import prepare
+
+    trace, a = vk
+    n = len(a["doc"])
+    steps = prepare(trace, mode="decode")
+    for t in range(0, n, 37):
+        for li in range(L):
+            got = [int(e) for e in steps.demand[t, li] if e >= 0]
+            assert got == _sets(a, t, li)
+    pre = prepare(trace, mode="prefill")  # one step per document: the union, by count then id
+    for d in np.unique(a["doc"]):
+        rows = np.flatnonzero(a["doc"] == d)
+        for li in range(L):
+            c = np.zeros(E)
+            for t in rows:
+                for e in _sets(a, t, li):
+                    c[e] += 1
+            want = [e for e in sorted(range(E), key=lambda e: (-c[e], e)) if c[e] > 0]
+            assert [int(e) for e in pre.demand[d, li] if e >= 0] == want
+    # every expert fits: each used slot is one access, each layer's distinct experts one cold miss
+    res = simulate(
+        trace, LRU(), np.full(L, E), get_preset("rtx4090-pcie4"), ModelCost(expert_params=6144, top_k=2)
+    )
+    per = res.per_layer()
+    for li in range(L):
+        used = [e for t in range(n) for e in _sets(a, t, li)]
+        assert per["accesses"][li] == len(used)
+        assert per["demand_misses"][li] == len(set(used))
+
+
+@pytest.mark.slow
+def test_cli_analyze_predict_simulate_on_a_top_p_capture(tmp_path):
+    """The commands a user runs next, on a trace captured under topp:p=0.7, end to end."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moescope.capture.runner import CaptureOptions, capture
+    from moescope.cli import app
+
+    data = tmp_path / "d.txt"
+    data.write_text(
+        "In the beginning God created the heaven and the earth.\n\nAnd the earth was without form, and void.\n\n"
+        "And God said, Let there be light: and there was light.\n\nAnd God saw the light, that it was good.\n"
+    )
+    trace = tmp_path / "p"
+    capture("tiny:mixtral", [str(data)], trace, CaptureOptions(strategy="topp:p=0.7"), device="cpu")
+    t = Trace.open(trace)
+    b = next(t.iter_batches(["experts"]))
+    used = (b.experts != t.missing_id).sum(-1)
+    assert t.manifest["capture"]["variable_k"] and used.min() >= 1 and (used < t.top_k).any()
+    runner = CliRunner()
+    r = runner.invoke(app, ["analyze", str(trace), "-o", str(tmp_path / "a"), "--json"])
+    assert r.exit_code == 0, r.output
+    load = pl.read_csv(next((tmp_path / "a").rglob("load_per_expert.csv")))
+    for li, layer in enumerate(t.moe_layers):
+        counts = np.bincount(b.experts[:, li][b.experts[:, li] != t.missing_id], minlength=t.num_experts)
+        got = load.filter(pl.col("layer") == layer).sort("expert")["assignments"].to_numpy()
+        assert np.array_equal(got, counts)
+    model = tmp_path / "m.npz"
+    r = runner.invoke(app, ["predict", "fit", str(trace), "-p", "popularity", "-o", str(model)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["predict", "eval", str(model), str(trace), "--n-boot", "20", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    mode = next(iter(doc["modes"].values()))
+    assert 0 < mode["queries"] <= len(b.experts) * t.num_layers and mode["queries"] % t.num_layers == 0
+    mean_k = used.mean()  # the random ranking's slot recall is each query's own k over E
+    assert mode["overall"]["slot_recall"]["random"] == pytest.approx(mean_k / t.num_experts, rel=0.25)
+    r = runner.invoke(
+        app,
+        [
+            "simulate",
+            str(trace),
+            "--expert-params",
+            "6144",
+            "--cache-fraction",
+            "0.5",
+            "-o",
+            str(tmp_path / "s"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
