@@ -81,7 +81,15 @@ def materialise(
 
     Padding slots (beyond each token's ``count``) repeat the token's first expert with weight 0.
     """
-    keep = strategy.select(routing)
+    if strategy.has_prefix():
+        order, count = strategy.select_prefix(routing)
+        if order is None:  # the model's own choice
+            return Applied(ids, weights, count)
+        if order is routing.ranking:  # the set is a prefix of the ranking: ids straight from it
+            return _from_ranking(strategy, rule, routing, ids, weights, count)
+        keep = routing.prefix_mask(order, count)
+    else:
+        keep = strategy.select(routing)
     if strategy.min_experts > 0 and not strategy.nonempty:
         empty = ~keep.any(1, keepdim=True)
         keep = keep | (torch.zeros_like(keep).scatter(1, routing.top1, True) & empty)
@@ -101,6 +109,39 @@ def materialise(
     sel = ranking[:, :1].expand(-1, K + 1).clone().scatter_(1, slot, ranking)[:, :K]  # kept first, ranked
     valid = torch.arange(K, device=sel.device).reshape(1, K) < count.reshape(-1, 1)
     sel = torch.where(valid, sel, sel[:, :1])
+    return _weigh(strategy, rule, routing, ids, weights, count, same, sel, valid)
+
+
+def _from_ranking(
+    strategy: Any, rule: Any, routing: Routing, ids: torch.Tensor, weights: torch.Tensor, count: torch.Tensor
+) -> Applied:
+    """:func:`materialise` for a set that is the first ``count`` experts of the ranking (no mask)."""
+    k = ids.shape[1]
+    ranking = routing.ranking
+    # the ranking starts with the model's own k experts, so count == k is the model's own set
+    same = count == k
+    if bool(same.all()):
+        return Applied(ids, weights, count)
+    K = max(int(count.max()), 1)
+    sel = ranking[:, :K]
+    valid = torch.arange(K, device=sel.device).reshape(1, K) < count.reshape(-1, 1)
+    sel = torch.where(valid, sel, sel[:, :1])
+    return _weigh(strategy, rule, routing, ids, weights, count, same, sel, valid)
+
+
+def _weigh(
+    strategy: Any,
+    rule: Any,
+    routing: Routing,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    count: torch.Tensor,
+    same: torch.Tensor,
+    sel: torch.Tensor,
+    valid: torch.Tensor,
+) -> Applied:
+    """The :class:`Applied` of kept ids ``sel`` (N, K): weights by the family's rule (or the model's)."""
+    k, K = ids.shape[1], sel.shape[1]
     w = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
     if strategy.reweight and rule.score != "sparsemixer":  # one masked call for every count
         w = rule_weights(rule, routing.logits, sel, valid=valid)
@@ -115,7 +156,6 @@ def materialise(
         w = dense.gather(1, sel)
     new_ids = sel.to(ids.dtype)
     new_w = torch.where(valid, w, 0.0).to(weights.dtype)
-    # unchanged tokens keep their exact ids, weights and slot order (padding: first id, weight 0)
     if K >= k:  # (a token keeping the model's k experts needs K >= k)
         row = same.reshape(-1, 1)
         new_ids[:, :k] = torch.where(row, ids, new_ids[:, :k])

@@ -128,10 +128,14 @@ class Routing:
 
     def top_ranked(self, k: torch.Tensor | int) -> torch.Tensor:
         """``(N, E)`` bool mask of the first ``k`` experts of :attr:`ranking` (``k`` per token or one int)."""
+        return self.prefix_mask(self.ranking, k)
+
+    def prefix_mask(self, order: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+        """``(N, E)`` bool mask of the first ``count`` experts of ``order`` (per token or one int)."""
         E = self.num_experts
-        k_t = torch.as_tensor(k, device=self.logits.device).reshape(-1, 1)
+        k_t = torch.as_tensor(count, device=self.logits.device).reshape(-1, 1)
         keep = torch.arange(E, device=self.logits.device).reshape(1, E) < k_t
-        return torch.zeros_like(keep.expand(self.n, E)).scatter(1, self.ranking, keep.expand(self.n, E))
+        return torch.zeros_like(keep.expand(self.n, E)).scatter(1, order, keep.expand(self.n, E))
 
 
 class BaseStrategy:
@@ -180,7 +184,23 @@ class BaseStrategy:
 
     def select(self, routing: Routing) -> torch.Tensor:
         """``(N, E)`` bool: the experts each token uses."""
-        raise NotImplementedError
+        order, count = self.select_prefix(routing)
+        return routing.model_mask if order is None else routing.prefix_mask(order, count)
+
+    def select_prefix(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order (N, E), count (N,))``: the experts each token uses are the first ``count`` of ``order``.
+
+        Optional: a strategy whose set is a prefix of an ordering (top-k, top-p, threshold,
+        entropy) defines this and :meth:`select` follows; when ``order`` is the routing's
+        :attr:`~Routing.ranking` the applier takes the ids straight from it, with no mask;
+        ``order`` ``None`` means the model's own choice, unchanged.
+        """
+        raise NotImplementedError(f"strategy {self.name} defines neither select nor select_prefix")
+
+    @classmethod
+    def has_prefix(cls) -> bool:
+        """Whether the strategy defines :meth:`select_prefix`."""
+        return cls.select_prefix is not BaseStrategy.select_prefix
 
     def spec(self) -> str:
         """The ``name:key=val,...`` text that rebuilds this strategy (defaults left out)."""

@@ -84,6 +84,11 @@ class TopK(BaseStrategy):
             return r.model_mask
         return r.top_ranked(self.k_)
 
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self._check_fitted()
+        count = torch.full((r.n,), self.k_, dtype=torch.long, device=r.logits.device)
+        return (None if self.k_ == r.ids.shape[1] else r.ranking), count  # None: the model's own
+
 
 class TopP(BaseStrategy):
     """The smallest set of most probable experts whose probability reaches ``p``, ``min..max`` experts."""
@@ -107,14 +112,15 @@ class TopP(BaseStrategy):
         self.p_, self.min_, self.max_ = p, lo, hi
         return super().fit(facts)
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
         probs, order = r.prob_sort
-        before = probs.cumsum(1) - probs  # mass of the better experts
-        keep = before < self.p_ if self.p_ < 1 else torch.ones_like(before, dtype=torch.bool)
-        count = keep.sum(1).clamp(self.min_, self.max_)
-        ranks = torch.arange(r.num_experts, device=probs.device).reshape(1, -1) < count.reshape(-1, 1)
-        return torch.zeros_like(ranks).scatter(1, order, ranks)
+        if self.p_ < 1:
+            before = probs.cumsum(1) - probs  # mass of the better experts
+            count = (before < self.p_).sum(1)
+        else:
+            count = torch.full((r.n,), r.num_experts, device=probs.device)
+        return order, count.clamp(self.min_, self.max_)
 
 
 class Threshold(BaseStrategy):
@@ -133,9 +139,11 @@ class Threshold(BaseStrategy):
         self.w_ = w
         return super().fit(facts)
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities rise with the logits, so the experts reaching ``w`` lead the logit order."""
         self._check_fitted()
-        return (r.probs >= self.w_) | _argmax_mask(r)
+        order = r.logit_sort[1]
+        return order, (r.probs >= self.w_).sum(1).clamp(min=1)
 
 
 class ExpertNull:
@@ -307,9 +315,9 @@ class Entropy(BaseStrategy):
         h = -(p * p.clamp_min(1e-30).log()).sum(1) / math.log(r.num_experts)
         return (self.low_ + torch.round((self.high_ - self.low_) * h.clamp(0, 1))).long()
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
-        return r.top_ranked(self.k_of(r))
+        return r.ranking, self.k_of(r)
 
 
 class Mask(BaseStrategy):
