@@ -112,6 +112,10 @@ def test_coactivation_and_transitions_mask_padding(vk):
     co = coactivation(trace)
     tr = layer_transitions(trace, distances=[1])
     assert set(tr["summary"]["alphabet"]) == {"expert"}  # k-subsets are undefined for variable k
+    from moescope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="alphabet subset: a variable-k strategy trace"):
+        layer_transitions(trace, alphabet="subset")
     n = len(a["doc"])
     for li in range(L):
         pair = np.zeros((E, E))
