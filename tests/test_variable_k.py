@@ -250,7 +250,8 @@ def test_analyze_runs_every_analysis_on_a_variable_k_trace(vk, tmp_path):
 
     trace, _ = vk
     summary = analyze(trace, tmp_path / "a")
-    assert "load" in summary["analyses"] or "load" in summary
+    assert set(summary["analyses"]) >= {"load", "cooccurrence", "repetition", "specialisation"}
+    assert any("variable-k strategy trace (topp:p=0.7)" in n for n in summary["notes"])
 
 
 def _brute_metrics(scores: np.ndarray, sets: list[list[int]], budgets: list[int]) -> np.ndarray:
