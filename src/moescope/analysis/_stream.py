@@ -81,7 +81,9 @@ class View:
     """A batch restricted to the selected MoE layers (``Ls`` of them), ready for counting.
 
     ``experts`` is ``(n, Ls, k)`` int64 with missing slots set to 0 and ``valid`` ``(n, Ls)`` False
-    there, so that indices stay in range and every counter masks with ``valid``.
+    there, so that indices stay in range and every counter masks with ``valid``. In a variable-k
+    strategy trace (``capture.variable_k``), ``slots`` ``(n, Ls, k)`` marks the slots a token used
+    (padding is False) and ``valid`` is "at least one slot used"; elsewhere ``slots`` is ``None``.
     """
 
     n: int
@@ -91,7 +93,14 @@ class View:
     weights: np.ndarray | None = None  # (n, Ls, k) float32
     logits: np.ndarray | None = None  # (n, Ls, E) float32
     logit_valid: np.ndarray | None = None  # (n, Ls) bool: valid routing and finite logits
+    slots: np.ndarray | None = None  # (n, Ls, k) bool, variable-k traces only
     _softmax: np.ndarray | None = None
+
+    def slot_mask(self) -> np.ndarray:
+        """``(n, Ls, k)`` bool: the slots to count (padding and missing routing excluded)."""
+        if self.slots is not None:
+            return self.slots
+        return np.broadcast_to(self.valid[..., None], self.experts.shape)
 
     def softmax(self) -> np.ndarray:
         """Softmax of the logits over experts, computed once per batch and shared; ``(n, Ls, E)``."""
@@ -116,6 +125,7 @@ class PassContext:
     ordered: bool
     labels: list[str]
     notes: list[str] = field(default_factory=list)
+    variable_k: bool = False  # a strategy trace: tokens use 0..k experts, the rest of a row is padding
 
     @property
     def layer_ids(self) -> list[int]:
@@ -135,7 +145,13 @@ def make_context(trace: Trace, layers: Iterable[int] | None = None) -> PassConte
         k=trace.top_k,
         ordered=trace.ranked,
         labels=trace.labels,
+        variable_k=is_variable_k(trace),
     )
+
+
+def is_variable_k(trace: Trace) -> bool:
+    """Whether the trace records a variable number of experts per token (``capture.variable_k``)."""
+    return bool(trace.manifest.get("capture", {}).get("variable_k"))
 
 
 def require(trace: Trace, column: str, analysis: str) -> None:
@@ -164,20 +180,16 @@ def iter_views(
     sel = np.asarray(ctx.cols)
     all_layers = ctx.Ls == trace.num_layers
     missing = trace.missing_id
-    variable_k = bool(trace.manifest.get("capture", {}).get("variable_k"))
+    variable_k = is_variable_k(trace)
     for batch in trace.iter_batches(order, batch_size=batch_size):
         ex = batch.experts if all_layers else batch.experts[:, sel]
         bad = ex == missing  # (n, Ls, k)
-        if variable_k and bool((bad.any(-1) & ~bad.all(-1)).any()):
-            raise ConfigError(
-                f"{trace.path}: a variable-k strategy trace: tokens use fewer experts than its width"
-                f" {ex.shape[-1]}, and the analyses count fixed-size expert sets; capture without --strategy"
-            )
-        valid = ~bad.any(-1)
+        slots = ~bad if variable_k else None  # padding is masked slot by slot
+        valid = slots.any(-1) if variable_k else ~bad.any(-1)
         ex = ex.astype(np.int64)
         if bad.any():
             ex[bad] = 0
-        view = View(n=len(ex), experts=ex, valid=valid, batch=batch)
+        view = View(n=len(ex), experts=ex, valid=valid, batch=batch, slots=slots)
         if batch.weights is not None:
             view.weights = batch.weights if all_layers else batch.weights[:, sel]
         if batch.logits is not None:

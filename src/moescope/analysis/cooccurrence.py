@@ -41,10 +41,22 @@ from moescope.trace.reader import Trace
 MAX_ALPHABET = 300
 
 
-def choose_alphabet(E: int, k: int, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> str:
-    """``subset`` when C(E,k) <= ``max_alphabet`` (or asked), else ``expert``."""
+def choose_alphabet(
+    E: int, k: int, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET, variable_k: bool = False
+) -> str:
+    """``subset`` when C(E,k) <= ``max_alphabet`` (or asked), else ``expert``.
+
+    A variable-k strategy trace has expert sets of different sizes, so the k-subset alphabet is
+    undefined: ``auto`` gives ``expert`` there, and asking for ``subset`` is an error.
+    """
     if alphabet not in ("auto", "subset", "expert"):
         raise ConfigError(f"alphabet must be auto, subset or expert, got {alphabet!r}")
+    if variable_k:
+        if alphabet == "subset":
+            raise ConfigError(
+                "alphabet subset: a variable-k strategy trace has expert sets of different sizes; use expert"
+            )
+        return "expert"
     if alphabet == "auto":
         return "subset" if comb(E, k) <= max_alphabet else "expert"
     if alphabet == "subset" and comb(E, k) > 4096:
@@ -64,7 +76,7 @@ class TransitionAccumulator:
     ) -> None:
         self.ctx = ctx
         self.columns = {"experts"}
-        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet)
+        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet, ctx.variable_k)
         self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
         self.table = subset_rank_table(ctx.E, ctx.k)
         bad = [d for d in distances if d < 1]
@@ -88,6 +100,8 @@ class TransitionAccumulator:
                 a = v.experts[:, :-d, :, None]  # (n, npair, k, 1)
                 b = v.experts[:, d:, None, :]  # (n, npair, 1, k)
                 key = base[None, :, None, None] + a * A + b  # (n, npair, k, k)
+                if v.slots is not None:  # variable k: only slots both tokens used
+                    ok = v.slots[:, :-d, :, None] & v.slots[:, d:, None, :]
                 self.counts += bincount(key[ok], len(self.counts))
             off += npair
 
@@ -222,6 +236,9 @@ class CoactivationAccumulator:
         self.pair = np.zeros(ctx.Ls * ctx.E * ctx.E, np.int64)
         self.single = np.zeros(ctx.Ls * ctx.E, np.int64)
         self.tokens = np.zeros(ctx.Ls, np.int64)
+        # per layer, sum over tokens of c and of c(c - 1), c the token's expert count (the null's parts)
+        self.slots = np.zeros(ctx.Ls, np.int64)
+        self.ordered_pairs = np.zeros(ctx.Ls, np.int64)
 
     def update(self, v: View) -> None:
         E, Ls = self.ctx.E, self.ctx.Ls
@@ -229,14 +246,25 @@ class CoactivationAccumulator:
         ex = v.experts
         ok = v.valid
         self.tokens += ok.sum(0)
-        self.single += bincount((lay * E + ex)[ok], Ls * E)
+        if v.slots is None:
+            self.single += bincount((lay * E + ex)[ok], Ls * E)
+            if len(self.s):
+                key = (lay * E + ex[..., self.s]) * E + ex[..., self.t]  # (n, Ls, k(k-1))
+                self.pair += bincount(key[ok], Ls * E * E)
+            return
+        m = v.slots  # variable k: padding slots take part in no pair
+        c = m.sum(-1)  # (n, Ls)
+        self.slots += c.sum(0)
+        self.ordered_pairs += (c * (c - 1)).sum(0)
+        self.single += bincount(np.broadcast_to(lay * E, ex.shape)[m] + ex[m], Ls * E)
         if len(self.s):
-            key = (lay * E + ex[..., self.s]) * E + ex[..., self.t]  # (n, Ls, k(k-1))
-            self.pair += bincount(key[ok], Ls * E * E)
+            key = (lay * E + ex[..., self.s]) * E + ex[..., self.t]
+            self.pair += bincount(key[m[..., self.s] & m[..., self.t]], Ls * E * E)
 
     def merge(self, other: CoactivationAccumulator) -> None:
         self.pair, self.single = self.pair + other.pair, self.single + other.single
         self.tokens = self.tokens + other.tokens
+        self.slots, self.ordered_pairs = self.slots + other.slots, self.ordered_pairs + other.ordered_pairs
 
     def result(self) -> pl.DataFrame:
         ctx = self.ctx
@@ -245,6 +273,8 @@ class CoactivationAccumulator:
         single = self.single.reshape(Ls, E)
         null = (k - 1) / (E - 1) if E > 1 else np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
+            if ctx.variable_k:  # random sets of each token's own size: sum c(c-1) / (sum c * (E - 1))
+                null = (self.ordered_pairs / (self.slots * (E - 1)))[:, None, None] if E > 1 else null
             cond = pair / single[:, :, None]
             lift = cond / null
         lay, a, b = np.meshgrid(np.arange(Ls), np.arange(E), np.arange(E), indexing="ij")
@@ -257,7 +287,7 @@ class CoactivationAccumulator:
                 "count_ab": pair[off],
                 "count_a": single[lay[off], a[off]],
                 "p_b_given_a": cond[off],
-                "null_p_b_given_a": np.full(off.sum(), null),
+                "null_p_b_given_a": np.broadcast_to(np.asarray(null, np.float64), (Ls, E, E))[off],
                 "ratio_to_null": lift[off],
             }
         ).with_columns(pl.col("p_b_given_a", "ratio_to_null").fill_nan(None))
@@ -487,7 +517,7 @@ class TokenTransitionAccumulator:
     def __init__(self, ctx: PassContext, alphabet: str = "auto", max_alphabet: int = MAX_ALPHABET) -> None:
         self.ctx = ctx
         self.columns = {"experts", "doc_id", "position"}
-        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet)
+        self.mode = choose_alphabet(ctx.E, ctx.k, alphabet, max_alphabet, ctx.variable_k)
         self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
         self.table = subset_rank_table(ctx.E, ctx.k)
         self.counts = np.zeros(ctx.Ls * self.A * self.A, np.int64)

@@ -68,7 +68,10 @@ class DependenceAccumulator:
             return
         dtype = np.uint8 if self.ctx.E <= 255 else np.uint16
         w = v.weights[keep].astype(np.float32) if self.with_weights and v.weights is not None else None
-        self.parts.append((v.experts[keep].astype(dtype), v.valid[keep], w))
+        ex = v.experts[keep]
+        if v.slots is not None:  # variable k: padding stored as E, which no statistic counts
+            ex = np.where(v.slots[keep], ex, self.ctx.E)
+        self.parts.append((ex.astype(dtype), v.valid[keep], w))
 
     def merge(self, other: DependenceAccumulator) -> None:
         self.parts = self.parts + other.parts
@@ -85,13 +88,14 @@ class DependenceAccumulator:
 def expert_matrix(experts: np.ndarray, num_experts: int, weights: np.ndarray | None = None) -> np.ndarray:
     """``(n, E)`` per-token values of one layer: 1 (or the routing weight) for chosen experts, else 0.
 
-    ``experts`` is ``(n, k)``; ``weights`` ``(n, k)`` or None (indicators).
+    ``experts`` is ``(n, k)``; ``weights`` ``(n, k)`` or None (indicators). An id equal to
+    ``num_experts`` (a variable-k trace's padding) sets nothing.
     """
     n, k = experts.shape
-    out = np.zeros((n, num_experts), np.float64)
+    out = np.zeros((n, num_experts + 1), np.float64)
     vals = np.ones((n, k)) if weights is None else np.nan_to_num(np.asarray(weights, np.float64))
     out[np.arange(n)[:, None], experts] = vals
-    return out
+    return out[:, :num_experts]
 
 
 def _pearson_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -242,7 +246,7 @@ class DependenceSample:
         self.valid = valid  # (n, Ls)
         self.weights = weights  # (n, Ls, k) or None
         self.rate = rate
-        self.mode = choose_alphabet(ctx.E, ctx.k)
+        self.mode = choose_alphabet(ctx.E, ctx.k, variable_k=ctx.variable_k)
         self.A = comb(ctx.E, ctx.k) if self.mode == "subset" else ctx.E
         self.pairs = [(i, i + 1) for i in range(ctx.Ls - 1)]
 
@@ -266,7 +270,7 @@ class DependenceSample:
             key = self.symbols(i)[ok] * A + self.symbols(j)[ok]
         else:  # every slot pair of a token, as the co-occurrence analysis does for large E
             a, b = self.experts[ok, i][:, :, None], self.experts[ok, j][:, None, :]
-            key = (a * A + b).ravel()
+            key = (a * A + b)[(a < self.ctx.E) & (b < self.ctx.E)]  # variable k: padding (E) out
         return np.bincount(key, minlength=A * A).reshape(A, A)
 
     def correlation_frame(self) -> pl.DataFrame:

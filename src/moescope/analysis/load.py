@@ -51,7 +51,7 @@ class LoadAccumulator:
     def update(self, v: View) -> None:
         E, Ls = self.ctx.E, self.ctx.Ls
         key = v.experts + (np.arange(Ls) * E)[None, :, None]  # (n, Ls, k)
-        valid3 = np.broadcast_to(v.valid[..., None], key.shape)
+        valid3 = v.slot_mask()  # padding of a variable-k trace is no assignment
         sel = key[valid3]
         self.tokens += v.valid.sum(0)
         self.counts += bincount(sel, Ls * E)
@@ -76,7 +76,8 @@ class LoadAccumulator:
         first = self.first.reshape(Ls, E)
         tok = self.tokens[:, None].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            share = counts / (k * tok)
+            # variable k: a share of the layer's assignments (k * tokens when every token uses k)
+            share = counts / (counts.sum(1, keepdims=True) if ctx.variable_k else k * tok)
             first_share = first / tok
             mean_w = self.wsum.value().reshape(Ls, E) / counts
             mean_p = self.psum.value() / self.prob_tokens[:, None]
@@ -110,7 +111,8 @@ def load_balance(
     """Per (layer, expert) load: counts over all k slots, shares, first choices, mean weight and probability.
 
     ``assignment_share`` = assignments / (k * tokens) sums to 1 over a layer's experts (perfect
-    balance: 1/E). ``first_choice_share`` is null when the trace's slots form a set;
+    balance: 1/E); in a variable-k strategy trace the denominator is the layer's assignments
+    (padding slots are not counted). ``first_choice_share`` is null when the trace's slots form a set;
     ``mean_router_weight`` (mean weight of the assignments) needs weights, ``mean_router_prob``
     (mean softmax probability over all tokens, the ``P_e`` of the aux loss) needs logits.
     (token, layer) entries without recorded routing are excluded.

@@ -19,9 +19,13 @@ from moescope.analysis._stream import PassContext, View, bincount, consecutive_p
 from moescope.trace.reader import Trace
 
 
-def null_any_shared(E: int, k: int) -> float:
-    """P(two independent uniform k-subsets of E share an expert) = 1 - C(E-k, k) / C(E, k)."""
-    return 1.0 - comb(E - k, k) / comb(E, k)
+def null_any_shared(E: int, k: int, k2: int | None = None) -> float:
+    """P(two independent uniform subsets of E, of sizes k and k2 (default k), share an expert).
+
+    ``1 - C(E-k, k2) / C(E, k2)``.
+    """
+    k2 = k if k2 is None else k2
+    return 1.0 - comb(E - k, k2) / comb(E, k2)
 
 
 class RepetitionAccumulator:
@@ -36,6 +40,8 @@ class RepetitionAccumulator:
         self.pairs = np.zeros(size, np.int64)
         self.first = np.zeros(size, np.int64)
         self.anys = np.zeros(size, np.int64)
+        K = ctx.k + 1  # variable k: pairs by (experts of token i, experts of token i+1), for the null
+        self.sizes = np.zeros(size * K * K, np.int64) if ctx.variable_k else None
         # (doc, position, experts, valid, label) of the last row seen, and of the first (joined at a merge)
         self.carry: tuple[int, int, np.ndarray, np.ndarray] | None = None
         self.head: tuple[int, int, np.ndarray, np.ndarray, int] | None = None
@@ -46,6 +52,8 @@ class RepetitionAccumulator:
             self._fold(a[2][None], b[2][None], (a[3] & b[3])[None], np.asarray([b[4]]))
         self.pairs, self.first = self.pairs + other.pairs, self.first + other.first
         self.anys = self.anys + other.anys
+        if self.sizes is not None:
+            self.sizes = self.sizes + other.sizes
         self.head = self.head if self.head is not None else other.head
         self.carry = other.carry if other.carry is not None else self.carry
 
@@ -57,7 +65,13 @@ class RepetitionAccumulator:
         self.pairs += bincount(kk, len(self.pairs))
         same_first = a[..., 0] == b[..., 0]  # (m, Ls)
         self.first += bincount(key[ok & same_first], len(self.first))
-        shared = (a[..., :, None] == b[..., None, :]).any((-1, -2))  # (m, Ls)
+        eq = a[..., :, None] == b[..., None, :]
+        if self.sizes is not None:  # variable k: padding (-1) matches nothing
+            eq &= a[..., :, None] >= 0
+            K = self.ctx.k + 1
+            ca, cb = (a >= 0).sum(-1), (b >= 0).sum(-1)  # (m, Ls)
+            self.sizes += bincount(((key * K + ca) * K + cb)[ok], len(self.sizes))
+        shared = eq.any((-1, -2))  # (m, Ls)
         self.anys += bincount(key[ok & shared], len(self.anys))
 
     def update(self, v: View) -> None:
@@ -66,16 +80,17 @@ class RepetitionAccumulator:
             return
         doc, pos = b.doc_id, b.position
         prev = None if self.carry is None else (self.carry[0], self.carry[1])
+        ex = v.experts if v.slots is None else np.where(v.slots, v.experts, -1)  # variable k: pad = -1
         within, first_pairs = consecutive_pairs(doc, pos, prev)
         if first_pairs:
             a0, ok0 = self.carry[2], self.carry[3]
-            self._fold(a0[None], v.experts[:1], (ok0 & v.valid[0])[None], b.label[:1])
+            self._fold(a0[None], ex[:1], (ok0 & v.valid[0])[None], b.label[:1])
         if v.n > 1:
             ok = within[:, None] & v.valid[:-1] & v.valid[1:]
-            self._fold(v.experts[:-1], v.experts[1:], ok, b.label[1:])
+            self._fold(ex[:-1], ex[1:], ok, b.label[1:])
         if self.head is None:
-            self.head = (int(doc[0]), int(pos[0]), v.experts[0].copy(), v.valid[0].copy(), int(b.label[0]))
-        self.carry = (int(doc[-1]), int(pos[-1]), v.experts[-1].copy(), v.valid[-1].copy())
+            self.head = (int(doc[0]), int(pos[0]), ex[0].copy(), v.valid[0].copy(), int(b.label[0]))
+        self.carry = (int(doc[-1]), int(pos[-1]), ex[-1].copy(), v.valid[-1].copy())
 
     def result(self) -> pl.DataFrame:
         ctx = self.ctx
@@ -85,10 +100,18 @@ class RepetitionAccumulator:
         anys = self.anys.reshape(D, Ls)
         names = [*ctx.labels, ""]
         rows = []
-        groups = [("all", pairs.sum(0), first.sum(0), anys.sum(0))]
+        null = np.full((D, Ls), null_any_shared(E, k))
+        if self.sizes is not None:  # variable k: the null of each pair's two set sizes, averaged
+            K = k + 1
+            table = np.array([[null_any_shared(E, i, j) for j in range(K)] for i in range(K)])
+            sizes = self.sizes.reshape(D, Ls, K, K)
+            null = (sizes * table).sum((-1, -2))  # (D, Ls) summed nulls
+        groups = [("all", pairs.sum(0), first.sum(0), anys.sum(0), null.sum(0))]
         if len(ctx.labels) > 1:
-            groups += [(names[d], pairs[d], first[d], anys[d]) for d in range(D - 1) if pairs[d].sum()]
-        for name, p, f, a in groups:
+            groups += [
+                (names[d], pairs[d], first[d], anys[d], null[d]) for d in range(D - 1) if pairs[d].sum()
+            ]
+        for name, p, f, a, nl in groups:
             for i, layer in enumerate(ctx.layer_ids):
                 n = int(p[i])
                 rows.append(
@@ -99,7 +122,9 @@ class RepetitionAccumulator:
                         "first_choice_same": (f[i] / n if ctx.ordered else None) if n else None,
                         "first_choice_null": 1.0 / E,
                         "any_shared": a[i] / n if n else None,
-                        "any_shared_null": null_any_shared(E, k),
+                        "any_shared_null": (nl[i] / n if n else None)
+                        if self.sizes is not None
+                        else null_any_shared(E, k),
                     }
                 )
         return pl.DataFrame(

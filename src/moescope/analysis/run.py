@@ -108,6 +108,12 @@ def run_analyses(trace_path: Any, out: str | Path, opts: AnalyzeOptions | None =
     }
     if not ctx.ordered:
         run.notes.append("slots are unordered in this trace: first-choice measures are null")
+    if ctx.variable_k:
+        run.notes.append(
+            f"variable-k strategy trace ({tr.manifest.get('capture', {}).get('strategy')}): padding slots"
+            " are masked; shares, nulls and uniform fractions use each token's own number of experts,"
+            " and the k-subset alphabet is undefined (co-occurrence and dependence use the expert alphabet)"
+        )
     chosen = []
     for name, cls in ANALYSES.items():
         if cls.selectable and name not in opts.analyses:

@@ -13,6 +13,7 @@ labels shuffled between *documents* (tokens of a document are not independent).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
@@ -81,6 +82,11 @@ class VocabAccumulator:
         self.dense: np.ndarray | None = np.zeros((ctx.Ls, 0, ctx.E), np.int64)
         self.sparse: _SparseCounter | None = None
         self.text: dict[int, str] = {}
+        # variable k: occurrences are not assignments / k; the first slots count them (one per row)
+        self.occ: VocabAccumulator | None = None
+        if ctx.variable_k:
+            self.occ = VocabAccumulator(dataclasses.replace(ctx, variable_k=False))
+            self.occ.with_text = False
 
     def _sparsify(self) -> None:
         """Move the dense counts to a sparse counter (token ids too large for a dense array)."""
@@ -111,6 +117,10 @@ class VocabAccumulator:
         Ls, E = self.ctx.Ls, self.ctx.E
         ok = v.valid & keep[:, None]  # (n, Ls)
         lay = np.arange(Ls)[None, :, None]
+        if v.slots is not None:  # variable k: count the slots used; occurrences from the first slots
+            first = dataclasses.replace(v, experts=v.experts[..., :1], slots=None)
+            self.occ.update(first)
+            ok = v.slots & keep[:, None, None]
         if self.dense is not None:
             key = (lay * self.V + tok[:, None, None]) * E + v.experts  # (n, Ls, k)
             self.dense += bincount(key[ok], Ls * self.V * E).reshape(Ls, self.V, E)
@@ -125,6 +135,8 @@ class VocabAccumulator:
                     self.text[t] = toks[i]
 
     def merge(self, other: VocabAccumulator) -> None:
+        if self.occ is not None and other.occ is not None:
+            self.occ.merge(other.occ)
         for t, text in other.text.items():
             self.text.setdefault(t, text)
         if other.dense is not None and self.dense is not None:
@@ -161,7 +173,19 @@ def vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, p
             "count": c.astype(np.int64),
         }
     )
-    occ = cells.group_by("col", "token_id").agg((pl.col("count").sum() // k).alias("occurrences"))
+    uniform = k / E
+    if acc.occ is not None:  # variable k: one first slot per occurrence; uniform = mean experts / E
+        ols, ot, _, oc = acc.occ.cells()
+        uniform = float(c.sum() / oc.sum() / E) if oc.sum() else float("nan")
+        occ = (
+            pl.DataFrame(
+                {"col": ols.astype(np.int32), "token_id": ot.astype(np.int64), "n": oc.astype(np.int64)}
+            )
+            .group_by("col", "token_id")
+            .agg(pl.col("n").sum().alias("occurrences"))
+        )
+    else:
+        occ = cells.group_by("col", "token_id").agg((pl.col("count").sum() // k).alias("occurrences"))
     cells = cells.join(occ, on=["col", "token_id"]).filter(pl.col("occurrences") >= min_count)
     cells = cells.with_columns((pl.col("count") / pl.col("occurrences")).alias("token_fraction"))
     layer_map = pl.DataFrame(
@@ -193,7 +217,7 @@ def vocab_frames(acc: VocabAccumulator, min_count: int, top: int) -> dict[str, p
             ).alias("specialisation_weighted"),
             pl.col("top_expert_fraction").mean().alias("specialisation_mean"),
         )
-        .with_columns(pl.lit(k / E).alias("uniform_fraction"), pl.lit(min_count).alias("min_count"))
+        .with_columns(pl.lit(uniform).alias("uniform_fraction"), pl.lit(min_count).alias("min_count"))
         .sort("layer")
     )
     tops = (
@@ -269,7 +293,8 @@ class DomainAccumulator:
         lay = np.arange(Ls)[None, :, None]
         ok = v.valid & has[:, None]
         key = (lab[:, None, None] * Ls + lay) * E + v.experts  # (n, Ls, k)
-        self.counts += bincount(key[ok], self.counts.size).reshape(self.counts.shape)
+        slot_ok = ok if v.slots is None else v.slots & has[:, None, None]  # variable k: padding out
+        self.counts += bincount(key[slot_ok], self.counts.size).reshape(self.counts.shape)
         self.tokens += bincount((lab[:, None] * Ls + np.arange(Ls)[None, :])[ok], self.tokens.size).reshape(
             self.tokens.shape
         )
@@ -286,7 +311,8 @@ class DomainAccumulator:
             local = np.cumsum(new) - 1 + (0 if new[0] else 1)  # row 0 continues the previous doc when not new
             nd = int(local[-1]) + 1
             key = (local[:, None, None] * Ls + lay) * E + v.experts
-            dc = bincount(key[v.valid], nd * Ls * E).reshape(nd, Ls, E).astype(np.int32)
+            dc = bincount(key[v.valid if v.slots is None else v.slots], nd * Ls * E)
+            dc = dc.reshape(nd, Ls, E).astype(np.int32)
             start = 0
             if not new[0]:
                 self.doc_counts[-1] = self.doc_counts[-1] + dc[0]
@@ -356,6 +382,9 @@ def domain_frames(
     k, E = ctx.k, ctx.E
     ids = ctx.layer_ids
     D = len(names)
+    uniform = k / E  # variable k: the mean experts per token over E
+    if ctx.variable_k:
+        uniform = float(counts.sum() / tokens.sum() / E) if tokens.sum() else float("nan")
     rows = []
     for d in range(D):
         for i, layer in enumerate(ids):
@@ -366,7 +395,7 @@ def domain_frames(
         pl.DataFrame(rows, schema=["domain", "layer", "expert", "tokens", "count"], orient="row")
         .with_columns(
             (pl.col("count") / pl.col("tokens")).alias("token_fraction"),
-            pl.lit(k / E).alias("uniform_fraction"),
+            pl.lit(uniform).alias("uniform_fraction"),
         )
         .with_columns((pl.col("token_fraction") / pl.col("uniform_fraction")).alias("ratio_to_uniform"))
     )

@@ -57,7 +57,7 @@ class LoadAnalysis(Analysis):
             "worst_top_expert_share": worst["top_expert_share"],
             "dead_experts": int(summ["dead_experts"].sum()),
             "aux_loss_pooled": load.aux_loss(per),
-            "perfect_aux_loss": run.ctx.k,
+            "perfect_aux_loss": _mean_k(per) if run.ctx.variable_k else run.ctx.k,
         }
 
     @staticmethod
@@ -67,6 +67,13 @@ class LoadAnalysis(Analysis):
             f"{x['worst_layer']} (expert {x['worst_top_expert']} takes {fmt(x['worst_top_expert_share'], '.1%')}),"
             f" {x['dead_experts']} dead; aux loss {fmt(x['aux_loss_pooled'])} (balanced = {x['perfect_aux_loss']})"
         )
+
+
+def _mean_k(per: pl.DataFrame) -> float:
+    """Mean experts per token of a variable-k trace (pooled over layers): a balanced router's aux loss."""
+    layers = per.group_by("layer").agg(pl.col("tokens").first(), pl.col("assignments").sum())
+    tokens = int(layers["tokens"].sum())
+    return round(float(layers["assignments"].sum() / tokens), 4) if tokens else float("nan")
 
 
 class EntropyAnalysis(Analysis):
@@ -249,7 +256,9 @@ class SpecialisationAnalysis(Analysis):
             "vocab_specialisation_weighted_mean": float(vs["specialisation_weighted"].mean())
             if vs.height
             else None,
-            "uniform_fraction": run.ctx.k / run.ctx.E,
+            "uniform_fraction": float(vs["uniform_fraction"][0])
+            if run.ctx.variable_k and vs.height
+            else run.ctx.k / run.ctx.E,
             "domain_mi_bits_mean": t["mi_bits_mean"],
             "domain_p_value": t["p_value"],
             "domain_test_note": t["note"],

@@ -70,9 +70,10 @@ class TrajectoryAccumulator:
         idx = np.flatnonzero(keep)
         dtype = np.uint8 if self.ctx.E <= 255 else np.uint16
         text = [v.batch.token[i] for i in idx] if self.with_text else [None] * len(idx)
-        self.parts.append(
-            (v.experts[idx].astype(dtype), v.valid[idx], v.batch.label[idx], v.batch.token_id[idx], text)
-        )
+        ex = v.experts[idx]
+        if v.slots is not None:  # variable k: padding is stored as E (sorts after every expert)
+            ex = np.where(v.slots[idx], ex, self.ctx.E)
+        self.parts.append((ex.astype(dtype), v.valid[idx], v.batch.label[idx], v.batch.token_id[idx], text))
 
     def merge(self, other: TrajectoryAccumulator) -> None:
         self.parts = self.parts + other.parts
@@ -109,8 +110,9 @@ class TrajectorySample:
         u, counts = np.unique(flat, axis=0, return_counts=True)
         order = np.argsort(-counts, kind="stable")[:top]
         ids = self.ctx.layer_ids[start : start + width]
+        E = self.ctx.E  # a variable-k trace's padding (E) is not named
         names = [
-            " > ".join("-".join(str(e) for e in r.reshape(width, -1)[i]) for i in range(width))
+            " > ".join("-".join(str(e) for e in r.reshape(width, -1)[i] if e < E) for i in range(width))
             for r in u[order]
         ]
         return pl.DataFrame(
@@ -144,7 +146,7 @@ class TrajectorySample:
         X = np.zeros((n, Ls * E), np.float32)
         cols = (np.arange(Ls) * E)[None, :, None] + self.experts.astype(np.int64)  # (n, Ls, k)
         rows = np.broadcast_to(np.arange(n)[:, None, None], cols.shape)
-        ok = np.broadcast_to(self.valid[..., None], cols.shape)
+        ok = np.broadcast_to(self.valid[..., None], cols.shape) & (self.experts < E)  # padding: none
         X[rows[ok], cols[ok]] = 1.0
         return X
 
@@ -202,6 +204,7 @@ class TrajectorySample:
             ex = np.sort(ex, axis=-1)
         Ls = self.ctx.Ls
         e2 = ex[..., 1] if self.ctx.k > 1 else ex[..., 0]
+        e2 = np.where(e2 < self.ctx.E, e2, ex[..., 0])  # variable k: one expert, E2 = E1
         return pl.DataFrame(
             {
                 "curve": np.repeat(np.arange(len(pick)), Ls),
@@ -230,10 +233,15 @@ class TrajectorySample:
         inv = inv.ravel()
         # typicality: how many tokens take each of the path's steps (set at l -> set at l+1)
         E = self.ctx.E
-        code = (seg * (E ** np.arange(k))).sum(-1)  # (m, Ls) one integer per set
+        if self.ctx.variable_k:  # sets of several sizes (padding E): number the distinct sets
+            code = np.unique(seg.reshape(m * Ls, k), axis=0, return_inverse=True)[1].reshape(m, Ls)
+            base = int(code.max()) + 1 if code.size else 1
+        else:
+            code = (seg * (E ** np.arange(k))).sum(-1)  # (m, Ls) one integer per set
+            base = E**k
         typ = np.zeros(len(u))
         if Ls > 1:
-            step = code[:, :-1] * (E**k) + code[:, 1:]  # (m, Ls-1)
+            step = code[:, :-1] * base + code[:, 1:]  # (m, Ls-1)
             share = np.zeros(step.shape)
             for li in range(Ls - 1):
                 _, si, sc = np.unique(step[:, li], return_inverse=True, return_counts=True)
@@ -250,7 +258,7 @@ class TrajectorySample:
                         "path_rank": rank,
                         "layer": layer,
                         "e1": int(sets[li, 0]),
-                        "e2": int(sets[li, -1]),
+                        "e2": int(sets[li][sets[li] < E][-1]),  # the highest id (padding E excluded)
                         "count": int(counts[p]),
                         "share": counts[p] / m,
                         "typicality": float(typ[p]),

@@ -17,8 +17,14 @@ import numpy as np
 from moescope.core.estimator import plain_params
 from moescope.errors import ConfigError, DataError
 from moescope.predict.base import BasePredictor
-from moescope.predict.metrics import bootstrap_ratio_ci, metric_names, random_baselines, score_metrics
-from moescope.predict.queries import iter_contexts, mode_name, refuse_padded_rows
+from moescope.predict.metrics import (
+    bootstrap_ratio_ci,
+    metric_names,
+    random_baselines,
+    random_baselines_by_count,
+    score_metrics,
+)
+from moescope.predict.queries import iter_contexts, mode_name
 from moescope.trace.reader import Trace
 from moescope.trace.split import split_documents as split_documents  # re-exported: predict.split_documents
 
@@ -100,9 +106,18 @@ def evaluate_many(
                 f"it answers {[mode_name(m) for m in pm]}"
             )
     k, E, L = trace.top_k, trace.num_experts, trace.num_layers
-    budgets = sorted(set(budgets or [k, min(2 * k, E)]))
-    if budgets[0] < k or budgets[-1] > E:
-        raise ConfigError(f"budget values must be in [k={k}, E={E}], got {budgets}")
+    capture = trace.manifest.get("capture", {})
+    variable = bool(capture.get("variable_k"))  # a strategy trace: each query scored at its own k
+    if variable:  # budgets start from the model's own k, not the storage width
+        mk = min(int(capture.get("model_top_k") or k), k)
+        budgets = sorted(set(budgets or [mk, min(2 * mk, E)]))
+        if budgets[0] < 1 or budgets[-1] > E:
+            raise ConfigError(f"budget values must be in [1, E={E}] for a variable-k trace, got {budgets}")
+    else:
+        budgets = sorted(set(budgets or [k, min(2 * k, E)]))
+        if budgets[0] < k or budgets[-1] > E:
+            raise ConfigError(f"budget values must be in [k={k}, E={E}], got {budgets}")
+    sizes = np.zeros(k + 1, np.int64)  # variable k: queries by their number of experts
     names = metric_names(budgets)
     X = len(names)
     window = max(p.history_window() for p in predictors.values())
@@ -121,12 +136,14 @@ def evaluate_many(
         ndocs_seen.update(np.unique(ctx.doc_id).tolist())
         for layer in range(L):
             actual = ctx.actual[:, layer]
-            refuse_padded_rows(trace, actual, ctx.missing, "prediction")
-            valid = ~(actual == ctx.missing).any(axis=1)
+            pad = actual == ctx.missing
+            valid = ~pad.all(axis=1) if variable else ~pad.any(axis=1)  # variable k: padding masked
             if not valid.any():
                 continue
             rows = np.nonzero(valid)[0]
             act = actual[rows]
+            if variable:
+                sizes += np.bincount((~pad[rows]).sum(1), minlength=k + 1)
             uniq, inv = np.unique(unit[rows], return_inverse=True)
             cnt = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
             codes = (inv[:, None] * X + np.arange(X)).reshape(-1)  # (unit, metric) per value
@@ -140,10 +157,11 @@ def evaluate_many(
                         E,
                         ctx.missing,
                         budgets,
+                        variable,
                     )
                 for name, p in predictors.items():
                     t0 = time.perf_counter()
-                    vals = score_metrics(p.predict_scores(q), act, E, ctx.missing, budgets)  # (n, X)
+                    vals = score_metrics(p.predict_scores(q), act, E, ctx.missing, budgets, variable)
                     timing[name] += time.perf_counter() - t0
                     count[name] += len(q)
                     sums = np.bincount(codes, weights=vals.reshape(-1), minlength=len(uniq) * X).reshape(
@@ -152,7 +170,7 @@ def evaluate_many(
                     acc[name].append((np.full(len(uniq), mi), np.full(len(uniq), layer), uniq, cnt, sums))
         first = False
     by_doc = len(ndocs_seen) >= min_docs
-    rand = random_baselines(E, k, budgets)
+    rand = random_baselines_by_count(E, sizes, budgets) if variable else random_baselines(E, k, budgets)
     results = {}
     for name, p in predictors.items():
         parts = acc[name]
@@ -173,6 +191,7 @@ def evaluate_many(
                 "trace": str(trace.path),
                 "num_experts": E,
                 "top_k": k,
+                "variable_k": variable,
                 "budgets": budgets,
                 "ci": {
                     "level": level,
@@ -193,11 +212,17 @@ def evaluate(predictor: BasePredictor, trace: Trace, **kwargs: Any) -> EvalResul
 
 
 def _warm_up(
-    predictors: dict[str, BasePredictor], q: Any, actual: np.ndarray, E: int, missing: int, budgets: list[int]
+    predictors: dict[str, BasePredictor],
+    q: Any,
+    actual: np.ndarray,
+    E: int,
+    missing: int,
+    budgets: list[int],
+    variable: bool = False,
 ) -> None:
     """Score a few queries untimed, so the timed calls do not pay for compiling or loading kernels."""
     for p in predictors.values():
-        score_metrics(p.predict_scores(q), actual, E, missing, budgets)
+        score_metrics(p.predict_scores(q), actual, E, missing, budgets, variable)
 
 
 def _positions(ctx: Any) -> np.ndarray:

@@ -47,6 +47,20 @@ def random_baselines(num_experts: int, top_k: int, budgets: list[int]) -> dict[s
     return out
 
 
+def random_baselines_by_count(num_experts: int, counts: np.ndarray, budgets: list[int]) -> dict[str, float]:
+    """:func:`random_baselines` of a variable-k trace: each query's value at its own k, averaged.
+
+    ``counts`` is the histogram of the queries' expert counts (``counts[c]`` queries use c experts).
+    """
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()
+    out: dict[str, float] = {}
+    for c in np.flatnonzero(counts):
+        for key, value in random_baselines(num_experts, int(c), budgets).items():
+            out[key] = out.get(key, 0.0) + counts[c] / total * value
+    return out
+
+
 def bootstrap_ratio_ci(
     num: np.ndarray, den: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +87,12 @@ def bootstrap_ratio_ci(
 
 
 def score_metrics(
-    scores: np.ndarray, actual: np.ndarray, num_experts: int, missing: int, budgets: list[int]
+    scores: np.ndarray,
+    actual: np.ndarray,
+    num_experts: int,
+    missing: int,
+    budgets: list[int],
+    variable_k: bool = False,
 ) -> np.ndarray:
     """Per-query metric values (``(n, X)`` in :func:`metric_names` order) of ``rank(scores)``, without ranking ids.
 
@@ -84,6 +103,10 @@ def score_metrics(
     part of a table prediction; ``tests/predict_reference.py`` holds the plain-NumPy reference.
     Scores are compared in float32 (as predictors return them); actual ids other than ``missing``
     must lie in ``[0, num_experts)``, and each slot counts once (a repeated id twice).
+
+    ``variable_k`` (a strategy trace, whose rows are padded with ``missing``): each query's k is its
+    own number of experts c, so slot recall is ``|top-c ∩ actual| / c``, exact compares the top-c
+    set, recall@m divides by c; padding slots are no expert.
     """
     s = np.ascontiguousarray(scores, dtype=np.float32)
     a = np.ascontiguousarray(actual)
@@ -94,13 +117,19 @@ def score_metrics(
     js = np.array([min(j, E) for j in [k, *budgets]], np.int64)
     out = np.empty((n, 4 + 2 * len(budgets)), np.float64)
     if n:
-        _score_kernel(s, a, np.int64(missing), js, np.asarray(budgets, np.int64), out)
+        _score_kernel(s, a, np.int64(missing), js, np.asarray(budgets, np.int64), out, variable_k)
     return out
 
 
 @njit(cache=True, nogil=True)
 def _score_kernel(
-    s: np.ndarray, actual: np.ndarray, missing: int, js: np.ndarray, budgets: np.ndarray, out: np.ndarray
+    s: np.ndarray,
+    actual: np.ndarray,
+    missing: int,
+    js: np.ndarray,
+    budgets: np.ndarray,
+    out: np.ndarray,
+    variable_k: bool,
 ) -> None:
     """Fill ``out`` (:func:`metric_names` order) row by row; ``js`` = top-``j`` sizes for k and each budget.
 
@@ -144,18 +173,28 @@ def _score_kernel(
             for e in range(E):
                 r += key[e] > ka
             rank[j] = r
+        kk = k  # the query's own k: its used slots in a variable-k trace
+        j0 = js[0]
+        if variable_k:
+            kk = 0
+            for j in range(k):
+                kk += actual[i, j] != missing
+            if kk == 0:
+                out[i, :] = 0.0
+                continue
+            j0 = min(kk, E)
         h = 0
         top1 = 0.0
         for j in range(k):
-            h += rank[j] < js[0]
+            h += rank[j] < j0
             top1 = 1.0 if rank[j] == 0 else top1
-        out[i, 0] = h / k
+        out[i, 0] = h / kk
         out[i, 1] = top1
-        out[i, 2] = 1.0 if h == k else 0.0
+        out[i, 2] = 1.0 if h == kk else 0.0
         for t in range(nb):
             h = 0
             for j in range(k):
                 h += rank[j] < js[t + 1]
-            out[i, 3 + t] = h / k
+            out[i, 3 + t] = h / kk
             out[i, 3 + nb + t] = h / budgets[t]
         out[i, 3 + 2 * nb] = 1.0

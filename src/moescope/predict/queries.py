@@ -377,21 +377,17 @@ def scatter_counts(
     return out.astype(np.float32).reshape(*shape, num_experts)
 
 
-def refuse_padded_rows(trace: Trace, actual: np.ndarray, missing: int, reader: str) -> None:
-    """A clear error where a strategy trace (``capture.variable_k``) has rows padded with the sentinel.
+def routed_rows(trace: Trace, actual: np.ndarray, missing: int) -> np.ndarray:
+    """``(n,)`` bool: the queries whose target has recorded routing.
 
-    Such a row holds fewer experts than the storage width; this reader scores fixed-size sets and
-    would count the row as missing routing, so it refuses rather than drop it silently.
+    In a strategy trace (``capture.variable_k``) a row holds its experts and then padding (the
+    ``missing`` sentinel), so a row is routed when any slot is used and the padding is masked slot
+    by slot downstream; elsewhere a sentinel anywhere means the routing was not recorded.
     """
-    if not trace.manifest.get("capture", {}).get("variable_k"):
-        return
     pad = actual == missing
-    if bool((pad.any(-1) & ~pad.all(-1)).any()):
-        raise ConfigError(
-            f"{trace.path}: a variable-k strategy trace ({trace.manifest['capture'].get('strategy')}): tokens"
-            f" use fewer experts than its width {actual.shape[-1]}, and {reader} reads fixed-size expert sets;"
-            " capture without --strategy (or with topk at the model's k) for it"
-        )
+    if trace.manifest.get("capture", {}).get("variable_k"):
+        return ~pad.all(axis=-1)
+    return ~pad.any(axis=-1)
 
 
 def iter_labelled(
@@ -410,8 +406,7 @@ def iter_labelled(
     for ctx in iter_contexts(trace, window=window, lookahead=lookahead, batch_size=batch_size):
         for layer in range(ctx.num_layers):
             actual = ctx.actual[:, layer]  # (n, k)
-            refuse_padded_rows(trace, actual, ctx.missing, "prediction")
-            valid = ~(actual == ctx.missing).any(axis=1)
+            valid = routed_rows(trace, actual, ctx.missing)
             for d in modes:
                 yield ctx.queries(layer, d), actual, valid
 

@@ -81,26 +81,67 @@ def materialise(
 
     Padding slots (beyond each token's ``count``) repeat the token's first expert with weight 0.
     """
-    keep = strategy.select(routing)
-    if strategy.min_experts > 0:
-        keep = keep | torch.zeros_like(keep).scatter(1, routing.probs.argmax(1, keepdim=True), True) & (
-            keep.sum(1, keepdim=True) == 0
-        )
+    if strategy.has_prefix():
+        order, count = strategy.select_prefix(routing)
+        if order is None:  # the model's own choice
+            return Applied(ids, weights, count)
+        if order is routing.ranking:  # the set is a prefix of the ranking: ids straight from it
+            return _from_ranking(strategy, rule, routing, ids, weights, count)
+        keep = routing.prefix_mask(order, count)
+    else:
+        keep = strategy.select(routing)
+    if strategy.min_experts > 0 and not strategy.nonempty:
+        empty = ~keep.any(1, keepdim=True)
+        keep = keep | (torch.zeros_like(keep).scatter(1, routing.top1, True) & empty)
     if not strategy.reweight and bool((keep & ~routing.model_mask).any()):
         raise ConfigError(
             f"strategy {strategy.name} kept experts outside the model's choice but does not reweight"
         )
     count = keep.sum(1)  # (N,)
     k = ids.shape[1]
-    same = (count == k) & (keep == routing.model_mask).all(1)
+    same = (count == k) & keep.gather(1, ids.long()).all(1)  # exactly the model's own set
     if bool(same.all()):
         return Applied(ids, weights, count)
     K = max(int(count.max()), 1)
-    ranked_keep = keep.gather(1, routing.ranking)  # (N, E) in rank order
-    order = torch.argsort((~ranked_keep).to(torch.int8), dim=1, stable=True)
-    sel = routing.ranking.gather(1, order)[:, :K]  # kept first, in rank order
+    ranking = routing.ranking
+    ranked_keep = keep.gather(1, ranking)  # (N, E) in rank order
+    slot = torch.where(ranked_keep, ranked_keep.cumsum(1) - 1, K)  # kept: its slot; others: column K
+    sel = ranking[:, :1].expand(-1, K + 1).clone().scatter_(1, slot, ranking)[:, :K]  # kept first, ranked
     valid = torch.arange(K, device=sel.device).reshape(1, K) < count.reshape(-1, 1)
     sel = torch.where(valid, sel, sel[:, :1])
+    return _weigh(strategy, rule, routing, ids, weights, count, same, sel, valid)
+
+
+def _from_ranking(
+    strategy: Any, rule: Any, routing: Routing, ids: torch.Tensor, weights: torch.Tensor, count: torch.Tensor
+) -> Applied:
+    """:func:`materialise` for a set that is the first ``count`` experts of the ranking (no mask)."""
+    k = ids.shape[1]
+    ranking = routing.ranking
+    # the ranking starts with the model's own k experts, so count == k is the model's own set
+    same = count == k
+    if bool(same.all()):
+        return Applied(ids, weights, count)
+    K = max(int(count.max()), 1)
+    sel = ranking[:, :K]
+    valid = torch.arange(K, device=sel.device).reshape(1, K) < count.reshape(-1, 1)
+    sel = torch.where(valid, sel, sel[:, :1])
+    return _weigh(strategy, rule, routing, ids, weights, count, same, sel, valid)
+
+
+def _weigh(
+    strategy: Any,
+    rule: Any,
+    routing: Routing,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    count: torch.Tensor,
+    same: torch.Tensor,
+    sel: torch.Tensor,
+    valid: torch.Tensor,
+) -> Applied:
+    """The :class:`Applied` of kept ids ``sel`` (N, K): weights by the family's rule (or the model's)."""
+    k, K = ids.shape[1], sel.shape[1]
     w = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
     if strategy.reweight and rule.score != "sparsemixer":  # one masked call for every count
         w = rule_weights(rule, routing.logits, sel, valid=valid)
@@ -113,16 +154,14 @@ def materialise(
         dense = torch.zeros(routing.logits.shape, dtype=torch.float32, device=sel.device)
         dense.scatter_(1, ids.long(), weights.float())
         w = dense.gather(1, sel)
-    w = torch.where(valid, w, 0.0)
     new_ids = sel.to(ids.dtype)
-    new_w = w.to(weights.dtype)
-    if bool(same.any()):  # unchanged tokens keep their exact ids, weights and slot order
-        rows = same.nonzero().squeeze(1)
-        new_ids[rows, :k] = ids[rows]
-        new_w[rows, :k] = weights[rows]
+    new_w = torch.where(valid, w, 0.0).to(weights.dtype)
+    if K >= k:  # (a token keeping the model's k experts needs K >= k)
+        row = same.reshape(-1, 1)
+        new_ids[:, :k] = torch.where(row, ids, new_ids[:, :k])
+        new_w[:, :k] = torch.where(row, weights, new_w[:, :k])
         if K > k:
-            new_ids[rows, k:] = ids[rows, :1]
-            new_w[rows, k:] = 0
+            new_ids[:, k:] = torch.where(row, ids[:, :1], new_ids[:, k:])
     return Applied(new_ids, new_w, count)
 
 
@@ -177,6 +216,7 @@ class StrategyRouter(HookSet):
         self._last: list[Applied | None] = [None] * L  # the edit the experts call is about to use
         self._compact = [False] * L  # layers whose experts call is compacted (set on install)
         self._scatter: list[tuple[torch.Tensor, int] | None] = [None] * L  # (token of each row, N)
+        self._compaction_checked: dict[type, bool] = {}
         self._init_hooks()
 
     def __exit__(self, *exc: object) -> None:
@@ -187,7 +227,7 @@ class StrategyRouter(HookSet):
 
     def _install(self) -> None:
         fam = self.family
-        checked: dict[type, bool] = {}
+        checked = self._compaction_checked  # probed once per experts class, kept across `with` blocks
         for j, (block, router) in enumerate(zip(self._blocks, self._routers, strict=True)):
             if self._strategies[j] is None and not self.record:
                 continue

@@ -84,22 +84,58 @@ class Routing:
         )
 
     @cached_property
+    def logit_sort(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits sorted in descending order (stable) and the order, computed once per layer call."""
+        return self.logits.sort(dim=1, descending=True, stable=True)
+
+    @cached_property
+    def prob_sort(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`probs` in descending order and the order: that of the logits, as probs rise with them."""
+        order = self.logit_sort[1]
+        return self.probs.gather(1, order), order
+
+    @cached_property
+    def top1(self) -> torch.Tensor:
+        """``(N, 1)`` the most probable expert of each token."""
+        if "logit_sort" in self.__dict__:
+            return self.logit_sort[1][:, :1]
+        return self.probs.argmax(1, keepdim=True)
+
+    @cached_property
     def ranking(self) -> torch.Tensor:
-        """``(N, E)`` every expert id, the model's own choice first (by selection score), then by score."""
+        """``(N, E)`` every expert id, the model's own choice first (by selection score), then by score.
+
+        One stable sort of the scores suffices when the model chose exactly its first k experts
+        with no tie among them (plain top-k routers); it is :attr:`logit_sort` when the scores are
+        the logits. Otherwise the choice and the rest are sorted apart.
+        """
         chosen = self.ids
-        order = torch.argsort(self.scores.gather(1, chosen), dim=1, descending=True, stable=True)
-        first = chosen.gather(1, order)
-        rest = torch.argsort(
-            self.scores.scatter(1, chosen, float("-inf")), dim=1, descending=True, stable=True
-        )
-        return torch.cat([first, rest[:, : self.num_experts - chosen.shape[1]]], dim=1)
+        k = chosen.shape[1]
+        if torch.equal(self.scores, self.logits):
+            ss, order = self.logit_sort
+        else:
+            ss, order = self.scores.sort(dim=1, descending=True, stable=True)
+        ok = self.model_mask.gather(1, order[:, :k]).all()
+        if k > 1:
+            ok = ok & (ss[:, 1:k] < ss[:, : k - 1]).all()
+        if bool(ok):
+            return order
+        sub = torch.argsort(self.scores.gather(1, chosen), dim=1, descending=True, stable=True)
+        first = chosen.gather(1, sub)
+        chosen_last = torch.argsort(self.model_mask.gather(1, order).to(torch.int8), dim=1, stable=True)
+        rest = order.gather(1, chosen_last)[:, : self.num_experts - k]  # the others, by score
+        return torch.cat([first, rest], dim=1)
 
     def top_ranked(self, k: torch.Tensor | int) -> torch.Tensor:
         """``(N, E)`` bool mask of the first ``k`` experts of :attr:`ranking` (``k`` per token or one int)."""
+        return self.prefix_mask(self.ranking, k)
+
+    def prefix_mask(self, order: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+        """``(N, E)`` bool mask of the first ``count`` experts of ``order`` (per token or one int)."""
         E = self.num_experts
-        k_t = torch.as_tensor(k, device=self.logits.device).reshape(-1, 1)
+        k_t = torch.as_tensor(count, device=self.logits.device).reshape(-1, 1)
         keep = torch.arange(E, device=self.logits.device).reshape(1, E) < k_t
-        return torch.zeros_like(keep.expand(self.n, E)).scatter(1, self.ranking, keep.expand(self.n, E))
+        return torch.zeros_like(keep.expand(self.n, E)).scatter(1, order, keep.expand(self.n, E))
 
 
 class BaseStrategy:
@@ -112,11 +148,14 @@ class BaseStrategy:
         logits; ``False``: kept experts keep the model's weights and nothing is renormalised (the
         ablation's ``drop``), so the set must be a subset of the model's own choice.
     min_experts : the fewest experts a token may keep (``mask`` may drop them all, as ablation does).
+    nonempty : ``True`` when :meth:`select` always keeps at least ``min_experts`` experts itself, so
+        the applier need not add the most probable expert to empty rows.
     """
 
     name: ClassVar[str] = ""
     reweight: ClassVar[bool] = True
     min_experts: ClassVar[int] = 1
+    nonempty: ClassVar[bool] = False
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -145,7 +184,23 @@ class BaseStrategy:
 
     def select(self, routing: Routing) -> torch.Tensor:
         """``(N, E)`` bool: the experts each token uses."""
-        raise NotImplementedError
+        order, count = self.select_prefix(routing)
+        return routing.model_mask if order is None else routing.prefix_mask(order, count)
+
+    def select_prefix(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order (N, E), count (N,))``: the experts each token uses are the first ``count`` of ``order``.
+
+        Optional: a strategy whose set is a prefix of an ordering (top-k, top-p, threshold,
+        entropy) defines this and :meth:`select` follows; when ``order`` is the routing's
+        :attr:`~Routing.ranking` the applier takes the ids straight from it, with no mask;
+        ``order`` ``None`` means the model's own choice, unchanged.
+        """
+        raise NotImplementedError(f"strategy {self.name} defines neither select nor select_prefix")
+
+    @classmethod
+    def has_prefix(cls) -> bool:
+        """Whether the strategy defines :meth:`select_prefix`."""
+        return cls.select_prefix is not BaseStrategy.select_prefix
 
     def spec(self) -> str:
         """The ``name:key=val,...`` text that rebuilds this strategy (defaults left out)."""

@@ -53,7 +53,7 @@ def _number(strategy: str, key: str, value: Any, kind: type) -> Any:
 
 
 def _argmax_mask(r: Routing) -> torch.Tensor:
-    return torch.zeros_like(r.model_mask).scatter(1, r.probs.argmax(1, keepdim=True), True)
+    return torch.zeros_like(r.model_mask).scatter(1, r.top1, True)
 
 
 class TopK(BaseStrategy):
@@ -66,6 +66,7 @@ class TopK(BaseStrategy):
     """
 
     name = "topk"
+    nonempty = True
 
     def __init__(self, k: int | None = None) -> None:
         self.k = k
@@ -83,11 +84,17 @@ class TopK(BaseStrategy):
             return r.model_mask
         return r.top_ranked(self.k_)
 
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self._check_fitted()
+        count = torch.full((r.n,), self.k_, dtype=torch.long, device=r.logits.device)
+        return (None if self.k_ == r.ids.shape[1] else r.ranking), count  # None: the model's own
+
 
 class TopP(BaseStrategy):
     """The smallest set of most probable experts whose probability reaches ``p``, ``min..max`` experts."""
 
     name = "topp"
+    nonempty = True
 
     def __init__(self, p: float = 0.9, min: int = 1, max: int | None = None) -> None:
         self.p = p
@@ -105,20 +112,22 @@ class TopP(BaseStrategy):
         self.p_, self.min_, self.max_ = p, lo, hi
         return super().fit(facts)
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
-        probs, order = r.probs.sort(dim=1, descending=True, stable=True)
-        before = probs.cumsum(1) - probs  # mass of the better experts
-        keep = before < self.p_ if self.p_ < 1 else torch.ones_like(before, dtype=torch.bool)
-        count = keep.sum(1).clamp(self.min_, self.max_)
-        ranks = torch.arange(r.num_experts, device=probs.device).reshape(1, -1) < count.reshape(-1, 1)
-        return torch.zeros_like(ranks).scatter(1, order, ranks)
+        probs, order = r.prob_sort
+        if self.p_ < 1:
+            before = probs.cumsum(1) - probs  # mass of the better experts
+            count = (before < self.p_).sum(1)
+        else:
+            count = torch.full((r.n,), r.num_experts, device=probs.device)
+        return order, count.clamp(self.min_, self.max_)
 
 
 class Threshold(BaseStrategy):
     """Experts whose routing probability reaches ``w`` (at least the most probable one)."""
 
     name = "threshold"
+    nonempty = True
 
     def __init__(self, w: float = 0.1) -> None:
         self.w = w
@@ -130,9 +139,11 @@ class Threshold(BaseStrategy):
         self.w_ = w
         return super().fit(facts)
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities rise with the logits, so the experts reaching ``w`` lead the logit order."""
         self._check_fitted()
-        return (r.probs >= self.w_) | _argmax_mask(r)
+        order = r.logit_sort[1]
+        return order, (r.probs >= self.w_).sum(1).clamp(min=1)
 
 
 class ExpertNull:
@@ -197,6 +208,7 @@ class PValue(BaseStrategy):
     """
 
     name = "pvalue"
+    nonempty = True
 
     def __init__(self, alpha: float = 0.05, correction: str = "bh", density: str | None = None) -> None:
         self.alpha = alpha
@@ -258,6 +270,7 @@ class Skip(BaseStrategy):
     """NAEE dynamic skipping: drop ranked expert i > 0 of the model's choice if ``w_i < beta * w_0``."""
 
     name = "skip"
+    nonempty = True
     reweight = False
 
     def __init__(self, beta: float = 0.5) -> None:
@@ -282,6 +295,7 @@ class Entropy(BaseStrategy):
     """Entropy-guided k: ``low + round((high - low) * H / log E)`` ranked experts per token."""
 
     name = "entropy"
+    nonempty = True
 
     def __init__(self, low: int = 1, high: int | None = None) -> None:
         self.low = low
@@ -301,9 +315,9 @@ class Entropy(BaseStrategy):
         h = -(p * p.clamp_min(1e-30).log()).sum(1) / math.log(r.num_experts)
         return (self.low_ + torch.round((self.high_ - self.low_) * h.clamp(0, 1))).long()
 
-    def select(self, r: Routing) -> torch.Tensor:
+    def select_prefix(self, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
-        return r.top_ranked(self.k_of(r))
+        return r.ranking, self.k_of(r)
 
 
 class Mask(BaseStrategy):
@@ -334,6 +348,7 @@ class Random(BaseStrategy):
     """``k`` experts per token drawn uniformly (default: the model's k); a control for the others."""
 
     name = "random"
+    nonempty = True
 
     def __init__(self, k: int | None = None, seed: int = 0) -> None:
         self.k = k
