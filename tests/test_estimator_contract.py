@@ -91,7 +91,7 @@ def test_constraints_name_the_parameter() -> None:
 
 def test_combined_takes_its_learned_part_as_an_estimator() -> None:
     a, b = make_predictor("best"), make_predictor("best", learned__hidden=8, learned__epochs=1)
-    assert isinstance(a.learned, LearnedPredictor) and a.learned.epochs == 6
+    assert isinstance(a.learned, LearnedPredictor) and (a.learned.hidden, a.learned.epochs) == (128, 2)
     assert b.learned.hidden == 8 and b.learned.epochs == 1
     assert make_predictor("best").learned is not a.learned  # registry defaults are cloned per call
     part = LearnedPredictor(hidden=4)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,8 +57,9 @@ class CombinedPredictor(BasePredictor):
     history : own earlier layers used through co-occurrence tables (layers ``l-d, ..., l-d-history+1``).
     learned : a :class:`LearnedPredictor` whose logits become a feature (a clone of it is fitted, with
         this predictor's ``distances`` and ``use_same_token``, and lookahead input when the trace has
-        it), or None for none. ``make_predictor("best")`` gives ``LearnedPredictor(epochs=6)``; set its
-        settings as ``learned__hidden=64`` (``--param learned__hidden=64``).
+        it), or None for none. ``make_predictor("best")`` gives
+        ``LearnedPredictor(**registry.BEST_LEARNED)`` (width 128, two epochs, no dropout, 8192-cell
+        steps); set its settings as ``learned__hidden=64`` (``--param learned__hidden=64``).
     use_same_token : use the routing of the same token's earlier occurrence in the document.
     window : previous tokens whose expert sets are features.
     alpha : smoothing of the token and co-occurrence tables.
@@ -126,7 +128,8 @@ class CombinedPredictor(BasePredictor):
 
     def _log(self, msg: str) -> None:
         if self.verbose:
-            print(f"combined: {msg}", file=sys.stderr)
+            t = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+            print(f"combined: {msg} ({t:.0f}s)", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ fit
     def _fit_tables(self, trace: Any) -> None:
@@ -140,6 +143,7 @@ class CombinedPredictor(BasePredictor):
     def _fit(self, trace: Any) -> None:
         from moescope.predict.evaluate import split_documents
 
+        self._t0 = time.perf_counter()
         self.modes_ = np.asarray(sorted(set(int(d) for d in self.distances)), np.int64)
         variants = sorted({v for v, _ in map(split_lookahead_column, trace.lookahead_columns)})
         docs = trace.documents()
@@ -170,7 +174,9 @@ class CombinedPredictor(BasePredictor):
         self._log(f"stacking {len(self.features_)} features on held-out documents")
         self._fit_stack(val_trace)
         if val_trace is not trace:
+            self._log("refitting the tables on every training document")
             self._fit_tables(trace)
+        self._log("done")
 
     def _feature_names(self) -> list[str]:
         names = ["marginal", "token"] + [f"own_l-{j}" for j in range(self.history)]

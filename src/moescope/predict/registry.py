@@ -106,10 +106,15 @@ register_predictor(
     LearnedPredictor,
     "seed 000 method 2: residual MLP on token ids, every known layer and earlier tokens' full routing",
 )
+# The learned part of ``best``: sized to fit the 1,999 DeepSeek-V2-Lite prompts (172k tokens) in
+# minutes on one CPU thread (BENCHMARKS.md "Expert prediction", benchmarks/predict_fit.py): width 128
+# costs a quarter of width 256 per (token, layer) cell, dropout (30% of a step) is dropped, and
+# 8192-cell steps with a higher one-cycle peak replace 2048-cell steps.
+BEST_LEARNED = {"hidden": 128, "epochs": 2, "dropout": 0.0, "batch_size": 8192, "lr": 3e-3}
 register_predictor(
     "combined",
     CombinedPredictor,
     "everything the trace holds: learned model + tables + gate lookahead, stacked (the best)",
-    learned=LearnedPredictor(epochs=6),
+    learned=LearnedPredictor(**BEST_LEARNED),
 )
-register_predictor("best", CombinedPredictor, "alias of combined", learned=LearnedPredictor(epochs=6))
+register_predictor("best", CombinedPredictor, "alias of combined", learned=LearnedPredictor(**BEST_LEARNED))
