@@ -68,7 +68,7 @@ def clean_rows(
         raise DataError(
             f"{where(int(r))}: expert id {int(ids[r, j])} is out of range 0..{num_experts - 1} ({int(over.sum())}"
             " such ids); is `num_experts` / `model` right, or are shared experts logged as routed"
-            " (--shared-experts)?"
+            " (`n_shared_experts`)?"
         )
     keep_n = w - drop.sum(axis=1)
     out = np.zeros((R, top_k), np.int64)
