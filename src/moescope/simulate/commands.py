@@ -96,7 +96,6 @@ def simulate_cmd(
 
     Example: moescope simulate runs/ds-lite --cache-fraction 0.25 --policy lru --prefetch table --budget 8 -o sim/
     """
-    from moescope.simulate.engine import simulate
     from moescope.simulate.fitting import REPLAYED, learns_from_trace
     from moescope.simulate.prefetch import make_prefetcher
     from moescope.simulate.replay import replay_setup
@@ -130,19 +129,7 @@ def simulate_cmd(
                 "the prefetcher or cache policy (or the sweep's static pinning) learns from a trace: pass"
                 " --train TRAIN_TRACE (e.g. the train half of `moescope split`) or --fit-on-replayed"
             )
-        res = simulate(
-            tr,
-            r.policy,
-            r.capacity,
-            dep,
-            cost,
-            shared=shared,
-            prefetcher=r.prefetcher,
-            mode=mode,
-            batch_size=batch_size,
-            reset=reset,
-            fit_trace=fit_tr,
-        )
+        res = r.run(mode=mode, batch_size=batch_size, reset=reset)
         summary = {
             "trace": str(trace),
             "fit_on": str(train) if train is not None else ("replayed trace" if fit_on_replayed else None),

@@ -38,6 +38,23 @@ class ReplaySetup(NamedTuple):
     capacity: np.ndarray  # cache slots (per layer, or one shared cache)
     policy: CachePolicy
     prefetcher: Prefetcher | None
+    shared: bool  # one cache for all layers
+
+    def run(self, *, mode: str = "decode", batch_size: int | None = None, reset: str = "none") -> SimResult:
+        """Replay (:func:`moescope.simulate.engine.simulate`) with these parts."""
+        return simulate(
+            self.trace,
+            self.policy,
+            self.capacity,
+            self.deployment,
+            self.cost,
+            shared=self.shared,
+            prefetcher=self.prefetcher,
+            mode=mode,
+            batch_size=batch_size,
+            reset=reset,
+            fit_trace=self.fit_trace,
+        )
 
 
 def replay_setup(
@@ -104,7 +121,7 @@ def replay_setup(
         pf = make_prefetcher(prefetch, distance=distance, budget=budget)
     else:
         raise ConfigError(f"prefetch: expected None, a name, a predictor or a prefetcher, got {prefetch!r}")
-    return ReplaySetup(tr, fit_tr, dep, cost, capacity, pol, pf)
+    return ReplaySetup(tr, fit_tr, dep, cost, capacity, pol, pf, shared)
 
 
 def replay(
@@ -153,7 +170,7 @@ def replay(
             "fit_trace: name the trace the cache policy and prefetcher learn from (a training split), "
             "or 'replayed' to fit on the replayed trace itself"
         )
-    r = replay_setup(
+    setup = replay_setup(
         trace,
         fit_trace=fit_trace,
         policy=policy,
@@ -171,16 +188,4 @@ def replay(
         distance=distance,
         budget=budget,
     )
-    return simulate(
-        r.trace,
-        r.policy,
-        r.capacity,
-        r.deployment,
-        r.cost,
-        shared=shared,
-        prefetcher=r.prefetcher,
-        mode=mode,
-        batch_size=batch_size,
-        reset=reset,
-        fit_trace=r.fit_trace,
-    )
+    return setup.run(mode=mode, batch_size=batch_size, reset=reset)
