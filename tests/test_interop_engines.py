@@ -560,6 +560,21 @@ def test_llama_cpp_moe_trace_csv(tmp_path) -> None:
     assert rep["issues"] == {"duplicate": 1, "partial_row": 1} and rep["masked_cells"] == 1
 
 
+def test_cli_names_the_shared_experts_option(tmp_path, capsys) -> None:
+    """The library names the parameter `n_shared_experts`; the command line shows the import
+    command's option, --shared-experts (not --n-shared-experts), and that option fixes the import."""
+    from moescope.cli import run
+
+    ids = routing(np.random.default_rng(14), 3, 1, E=4, k=2)
+    ids[1, 0, 1] = 4  # the shared expert (id E) logged as a routed slot
+    _moe_trace_csv(tmp_path / "a.csv", ids, [0], n_prompt=2)
+    cmd = ["import", "llama-cpp-moe-trace", str(tmp_path / "a.csv"), "--num-experts", "4"]
+    assert run([*cmd, "-o", str(tmp_path / "t")]) == 1
+    err = capsys.readouterr().err
+    assert "is --num-experts / --model right" in err and "routed (--shared-experts)?" in err
+    assert run([*cmd, "--shared-experts", "1", "-o", str(tmp_path / "t2")]) == 0
+
+
 def test_llama_cpp_bad_csv_names_the_file(tmp_path) -> None:
     rng = np.random.default_rng(13)
     ids = routing(rng, 3, 1)
@@ -721,7 +736,7 @@ def test_clean_rows_sentinels_shared_experts_and_partial_rows() -> None:
     assert valid.tolist() == [True, True, True, False, False]
     assert ids[valid].tolist() == [[3, 1], [2, 0], [5, 6]]
     assert rep.counts == {"sentinel_-1": 6, "sentinel_255": 1, "shared_as_routed": 1, "partial_row": 1}
-    with pytest.raises(DataError, match=r"row 2: expert id 8 is out of range 0..7.*--shared-experts"):
+    with pytest.raises(DataError, match=r"row 2: expert id 8 is out of range 0..7.*`n_shared_experts`"):
         clean_rows(
             rows, num_experts=E, top_k=2, n_shared=0, report=ImportReport(), where=lambda i: f"row {i}"
         )

@@ -302,20 +302,24 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sim")
+def _markov(path, n_tokens, seed):
+    """A 3-layer, top-2 of 8 Markov trace of 40-token documents: the shape every replay test uses."""
     return write_synthetic_trace(
-        d / "t",
-        n_tokens=240,
+        path,
+        n_tokens=n_tokens,
         num_layers=3,
         num_experts=8,
         top_k=2,
         law="markov",
         noise=0.4,
         doc_len=40,
-        seed=3,
+        seed=seed,
     )
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _markov(tmp_path_factory.mktemp("sim") / "t", 240, seed=3)
 
 
 def _engine_counts(res):
@@ -349,18 +353,8 @@ def test_engine_matches_reference(small, policy, shared, pf, mode):
     elif pf == "previous":
         pref = step_prefetch(steps, PreviousTokenPrefetcher(distance=1, budget=2).fit(small).ranked(small))
     reset = "document" if mode == "prefill" else "none"
-    res = run(steps, pol, cap, DEP, COST, shared=shared, prefetch=pref, distance=dist, reset=reset)
-    from moescope.simulate.deployment import compute_times, load_times
-
-    load_t, _ = load_times(DEP, COST, steps.popularity)
-    compute = compute_times(DEP, COST, steps.tokens.astype(float), (steps.demand >= 0).sum(2))
-    pinned = set(np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist())
-    rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
-    rmask[0] = True
-    p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
-    ref, t_end = reference(steps.demand, p, dist, E, cap, shared, policy, pinned, load_t, compute, rmask)
-    assert _engine_counts(res) == ref
-    assert res.total_s == pytest.approx(t_end, rel=1e-9)
+    pinned = np.flatnonzero(pol.pinned(L, E, cap, not shared)).tolist()
+    _check_against_reference(steps, pol, cap, shared, pref, dist, reset, policy=policy, pinned=pinned)
 
 
 def _random_demand(rng, S, L, E, k):
@@ -823,17 +817,7 @@ def test_cli_train_trace(small, tmp_path):
 
     from moescope.cli import app
 
-    train = write_synthetic_trace(
-        tmp_path / "train",
-        n_tokens=300,
-        num_layers=3,
-        num_experts=8,
-        top_k=2,
-        law="markov",
-        noise=0.4,
-        doc_len=40,
-        seed=9,
-    )
+    train = _markov(tmp_path / "train", 300, seed=9)
     args = [
         "simulate",
         str(small.path),
@@ -924,7 +908,11 @@ def _ref_policy_name(pol):
     return "next-use" if pol.admission else "next-use-evict"
 
 
-def _check_against_reference(steps, pol, cap, shared, pref, dist, reset, dep=DEP):
+def _check_against_reference(
+    steps, pol, cap, shared, pref, dist, reset, dep=DEP, policy=None, pinned=(), **ref_kw
+):
+    """Replay with the engine and with :func:`reference` (under ``policy``, default the predicted
+    next-use policy of ``pol`` with its predictions), and check counts and end time agree exactly."""
     from moescope.simulate.deployment import compute_times, load_times
 
     L, E = steps.num_layers, steps.num_experts
@@ -935,20 +923,11 @@ def _check_against_reference(steps, pol, cap, shared, pref, dist, reset, dep=DEP
     rmask = steps.doc_start.copy() if reset == "document" else np.zeros(steps.num_steps, bool)
     rmask[0] = True
     p = pref if pref is not None else np.zeros((steps.num_steps, L, 0), np.int16)
+    if policy is None:
+        policy = _ref_policy_name(pol)
+        ref_kw = {"nextpred": pol.next_use(steps), "stale": float(pol.param()), **ref_kw}
     ref, t_end = reference(
-        steps.demand,
-        p,
-        dist,
-        E,
-        cap,
-        shared,
-        _ref_policy_name(pol),
-        set(),
-        load_t,
-        compute,
-        rmask,
-        nextpred=pol.next_use(steps),
-        stale=float(pol.param()),
+        steps.demand, p, dist, E, cap, shared, policy, set(pinned), load_t, compute, rmask, **ref_kw
     )
     assert _engine_counts(res) == ref
     assert res.total_s == pytest.approx(t_end, rel=1e-9)
@@ -979,18 +958,7 @@ def test_given_next_use_matches_reference(small, admission, staleness, shared, p
 
 @pytest.fixture(scope="module")
 def small_train(tmp_path_factory):
-    d = tmp_path_factory.mktemp("simtrain")
-    return write_synthetic_trace(
-        d / "t",
-        n_tokens=600,
-        num_layers=3,
-        num_experts=8,
-        top_k=2,
-        law="markov",
-        noise=0.4,
-        doc_len=40,
-        seed=11,
-    )
+    return _markov(tmp_path_factory.mktemp("simtrain") / "t", 600, seed=11)
 
 
 @pytest.mark.parametrize("cls", [NextUse, NextUseEvict])

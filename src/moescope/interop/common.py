@@ -611,6 +611,26 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
+def iter_json_responses(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, response)`` for each response an engine's client saved: one per line of a ``.jsonl``
+    file (``path:line``), else the one object or each item of the list of a ``.json`` file (``path[j]``)."""
+    import json
+
+    if path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            yield f"{path}:{lineno}", obj
+        return
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a JSON response ({exc})") from None
+    if isinstance(obj, list):
+        for j, o in enumerate(obj):
+            yield f"{path}[{j}]", o
+    else:
+        yield str(path), obj
+
+
 def require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     """``obj[key]`` checked for presence and type; the error names the place and the field."""
     if key not in obj:

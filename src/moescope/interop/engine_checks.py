@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import DataError
-from moescope.interop.common import ImportReport, check_ids
+from moescope.interop.common import Facts, ImportReport, check_ids
 
 #: Option ``expert_map``: a file with a ``(layers, physical)`` physical-to-logical map.
 EXPERT_MAP_SUFFIXES = (".npy", ".json", ".pt")
@@ -68,7 +68,7 @@ def clean_rows(
         raise DataError(
             f"{where(int(r))}: expert id {int(ids[r, j])} is out of range 0..{num_experts - 1} ({int(over.sum())}"
             " such ids); is `num_experts` / `model` right, or are shared experts logged as routed"
-            " (--shared-experts)?"
+            " (`n_shared_experts`)?"
         )
     keep_n = w - drop.sum(axis=1)
     out = np.zeros((R, top_k), np.int64)
@@ -93,6 +93,27 @@ def clean_rows(
     rows = np.flatnonzero(valid)
     check_ids(out[rows], num_experts, lambda i: where(int(rows[i])))
     return out, valid
+
+
+def clean_layers(arr: np.ndarray, facts: Facts, report: ImportReport, at: str) -> np.ndarray:
+    """:func:`clean_rows` over ``arr``, the ``(tokens, MoE layers, width)`` ids of one request: the
+    ``(tokens, MoE layers, top_k)`` ids in ``facts.id_dtype``, rows without routing set to
+    ``facts.sentinel``; errors name ``"{at} token t, MoE layer l"``."""
+    n, L, w = arr.shape
+
+    def where(i: int) -> str:
+        t, c = divmod(i, L)
+        return f"{at} token {t}, MoE layer {facts.moe_layers[c]}"
+
+    ids, valid = clean_rows(
+        arr.reshape(-1, w),
+        num_experts=facts.num_experts,
+        top_k=facts.top_k,
+        n_shared=facts.n_shared_experts,
+        report=report,
+        where=where,
+    )
+    return np.where(valid[:, None], ids, facts.sentinel).astype(facts.id_dtype).reshape(n, L, facts.top_k)
 
 
 def load_expert_map(path: str | Path, num_layers: int) -> np.ndarray:

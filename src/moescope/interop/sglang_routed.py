@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from moescope.interop.common import (
     RoutedDocument,
     default_label,
     expand_paths,
-    iter_jsonl,
+    iter_json_responses,
     resolve_facts,
 )
-from moescope.interop.engine_checks import clean_rows
+from moescope.interop.engine_checks import clean_layers
 
 NAME = "sglang-routed-experts"
 DESCRIPTION = (
@@ -52,19 +51,7 @@ OPTIONS = ROUTING_OPTIONS
 def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
     """Decode every response's array, keep the MoE layers' columns, clean sentinels, one document each."""
     files = expand_paths(paths, (".json", ".jsonl"), "SGLang response")
-    responses: list[tuple[Path, str, dict]] = []
-    for path in files:
-        if path.suffix == ".jsonl":
-            responses.extend((path, f"{path}:{ln}", o) for ln, o in iter_jsonl(path))
-        else:
-            try:
-                obj = json.loads(path.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(f"{path}: not a JSON response ({exc})") from None
-            objs = obj if isinstance(obj, list) else [obj]
-            responses.extend(
-                (path, f"{path}" + (f"[{j}]" if isinstance(obj, list) else ""), o) for j, o in enumerate(objs)
-            )
+    responses = [(path, where, obj) for path in files for where, obj in iter_json_responses(path)]
     facts = resolve_facts(opts, None, where=str(files[0]))
     L_all = facts.num_hidden_layers or len(facts.moe_layers)
     cols = np.asarray(facts.moe_layers) if facts.num_hidden_layers else np.arange(len(facts.moe_layers))
@@ -93,22 +80,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
             )
         arr = flat.reshape(-1, L_all, k)[:, cols]  # (n, L, k)
         n = len(arr)
-
-        def at(j: int, where: str = where) -> str:
-            t, c = divmod(j, len(cols))
-            return f"{where}: token {t}, MoE layer {facts.moe_layers[c]}"
-
-        ids, valid = clean_rows(
-            arr.reshape(-1, k),
-            num_experts=facts.num_experts,
-            top_k=k,
-            n_shared=facts.n_shared_experts,
-            report=report,
-            where=at,
-        )
-        experts = (
-            np.where(valid[:, None], ids, facts.sentinel).astype(facts.id_dtype).reshape(n, len(cols), k)
-        )
+        experts = clean_layers(arr, facts, report, f"{where}:")
         key = experts.tobytes()
         if key in seen:
             report.add("duplicate_request", 1, f"{where}: the same rows as {seen[key]}; counted once")

@@ -30,7 +30,6 @@ naming the file). The arrays carry no expert count: give ``--num-experts`` (or `
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,10 +46,10 @@ from moescope.interop.common import (
     RoutedDocument,
     default_label,
     expand_paths,
-    iter_jsonl,
+    iter_json_responses,
     resolve_facts,
 )
-from moescope.interop.engine_checks import clean_rows
+from moescope.interop.engine_checks import clean_layers
 
 NAME = "vllm-routed-experts"
 DESCRIPTION = (
@@ -155,16 +154,9 @@ def _requests(files: list[Path]) -> Iterator[_Req]:
                 raise DataError(
                     f"{path}: holds neither 'prompt_routed_experts' nor 'routed_experts' (keys: {sorted(arrays)[:6]})"
                 )
-        elif path.suffix == ".jsonl":
-            for lineno, obj in iter_jsonl(path):
-                yield from _from_response(obj, path, f"{path}:{lineno}")
         else:
-            try:
-                obj = json.loads(path.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(f"{path}: not a JSON response ({exc})") from None
-            for j, o in enumerate(obj if isinstance(obj, list) else [obj]):
-                yield from _from_response(o, path, f"{path}" + (f"[{j}]" if isinstance(obj, list) else ""))
+            for where, obj in iter_json_responses(path):
+                yield from _from_response(obj, path, where)
 
 
 def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
@@ -204,7 +196,6 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         "slot_order_note": "routed experts carry no weights: rank order cannot be checked, so ids are a set",
         "documents": mapping,
     }
-    k = facts.top_k
     seen: dict[bytes, str] = {}
     docs: list[RoutedDocument] = []
     for r in reqs:
@@ -213,23 +204,7 @@ def read(paths: Sequence[str | Path], opts: ImportOptions) -> Imported:
         for arr, ids, what in ((r.prompt, r.ptok, "prompt"), (r.completion, r.ctok, "completion")):
             if arr is None:
                 continue
-            flat = arr.reshape(-1, w)
-
-            def where(i: int, r: _Req = r, what: str = what) -> str:
-                t, c = divmod(i, L)
-                return f"{r.where}: {what} token {t}, MoE layer {facts.moe_layers[c]}"
-
-            clean, valid = clean_rows(
-                flat,
-                num_experts=facts.num_experts,
-                top_k=k,
-                n_shared=facts.n_shared_experts,
-                report=report,
-                where=where,
-            )
-            ex = (
-                np.where(valid[:, None], clean, facts.sentinel).astype(facts.id_dtype).reshape(len(arr), L, k)
-            )
+            ex = clean_layers(arr, facts, report, f"{r.where}: {what}")
             parts.append(ex)
             tid = np.full(len(arr), -1, np.int32)
             if ids is not None:

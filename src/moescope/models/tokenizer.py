@@ -7,8 +7,9 @@ from typing import Any
 from moescope.errors import ConfigError
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-to-character table: the alphabet of the ``tokenizers`` ByteLevel pre-tokenizer."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-character table: the alphabet of the ``tokenizers`` ByteLevel pre-tokenizer
+    (also how the report turns byte-level pieces back into text)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = list(bs)
     extra = 0
@@ -47,7 +48,7 @@ def byte_tokenizer(vocab_size: int = 260, *, pad: bool = True, eos: bool = True)
         raise ConfigError(
             f"byte_tokenizer: vocab_size must be >= {len(specials) + 95} (printable ASCII), got {vocab_size}"
         )
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     vocab = {t: i for i, t in enumerate(specials)}
     for b in _BYTE_PRIORITY[: vocab_size - len(specials)]:
         vocab[table[b]] = len(vocab)

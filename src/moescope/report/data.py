@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import ConfigError
+from moescope.models.tokenizer import bytes_to_unicode
 from moescope.trace.reader import Trace
 
 #: Default bound on the tokens the viewer embeds (the page states the sample it holds).
@@ -24,20 +25,8 @@ MAX_ENTRIES = 1_000_000
 ATLAS_TOKENS = 50_000
 
 
-def _byte_table() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_BYTE_OF = _byte_table()
+#: GPT-2's byte-level alphabet, reversed: the byte each printable character stands for.
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def display_piece(piece: str | None, token_id: int) -> str:

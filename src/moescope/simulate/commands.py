@@ -97,66 +97,40 @@ def simulate_cmd(
 
     Example: moescope simulate runs/ds-lite --cache-fraction 0.25 --policy lru --prefetch table --budget 8 -o sim/
     """
-    from moescope.simulate.deployment import ModelCost, cache_capacity, get_preset, model_cost
-    from moescope.simulate.engine import simulate
     from moescope.simulate.fitting import REPLAYED, learns_from_trace
-    from moescope.simulate.policies import make_policy
     from moescope.simulate.prefetch import make_prefetcher
+    from moescope.simulate.replay import replay_setup
     from moescope.simulate.sweep import plot_sweep, prediction_pays, sweep
     from moescope.trace.outputs import claim
-    from moescope.trace.reader import Trace
 
     if train is not None and fit_on_replayed:
         raise ConfigError("--train and --fit-on-replayed exclude each other: choose one")
     with claim(output, "simulation", overwrite=overwrite, inputs=[trace, train]):
-        tr = Trace.open(trace)
-        fit_tr = Trace.open(train) if train is not None else (REPLAYED if fit_on_replayed else None)
-        dep = get_preset(preset).replace(compute_ms_per_layer=compute_ms, link_efficiency=link_efficiency)
-        if expert_params is not None:
-            from moescope.simulate.deployment import BYTES_PER_PARAM
-
-            if dtype not in BYTES_PER_PARAM:
-                raise ConfigError(f"--dtype {dtype!r} is unknown; use one of {', '.join(BYTES_PER_PARAM)}")
-            cost = ModelCost(
-                expert_params=expert_params, bytes_per_param=BYTES_PER_PARAM[dtype], top_k=tr.top_k
-            )
-        else:
-            name = model or tr.manifest.get("model", {}).get("id")
-            if not name:
-                raise ConfigError(f"{trace}: the trace names no model: pass --model or --expert-params")
-            try:
-                cost = model_cost(name, dtype)
-            except ConfigError as exc:
-                raise ConfigError(f"--model {name!r}: {exc}; pass --model or --expert-params") from None
-        cap = cache_capacity(
-            dep,
-            cost,
-            tr.num_layers,
-            tr.num_experts,
-            experts=cache_experts,
-            fraction=cache_fraction,
-            gb=cache_gb,
+        r = replay_setup(
+            trace,
+            fit_trace=train if train is not None else (REPLAYED if fit_on_replayed else None),
+            policy=policy,
+            prefetch=None if prefetch == "none" else prefetch,
+            cache_fraction=cache_fraction,
+            cache_experts=cache_experts,
+            cache_gb=cache_gb,
+            preset=preset,
+            compute_ms=compute_ms,
+            link_efficiency=link_efficiency,
+            model=model,
+            expert_params=expert_params,
+            dtype=dtype,
             shared=shared,
+            distance=distance,
+            budget=budget,
         )
-        pf = None if prefetch == "none" else make_prefetcher(prefetch, distance=distance, budget=budget)
-        if fit_tr is None and (do_sweep or learns_from_trace(make_policy(policy)) or learns_from_trace(pf)):
+        tr, fit_tr, dep, cost = r.trace, r.fit_trace, r.deployment, r.cost
+        if fit_tr is None and (do_sweep or learns_from_trace(r.policy) or learns_from_trace(r.prefetcher)):
             raise ConfigError(
                 "the prefetcher or cache policy (or the sweep's static pinning) learns from a trace: pass"
                 " --train TRAIN_TRACE (e.g. the train half of `moescope split`) or --fit-on-replayed"
             )
-        res = simulate(
-            tr,
-            make_policy(policy),
-            cap,
-            dep,
-            cost,
-            shared=shared,
-            prefetcher=pf,
-            mode=mode,
-            batch_size=batch_size,
-            reset=reset,
-            fit_trace=fit_tr,
-        )
+        res = r.run(mode=mode, batch_size=batch_size, reset=reset)
         summary = {
             "trace": str(trace),
             "fit_on": str(train) if train is not None else ("replayed trace" if fit_on_replayed else None),

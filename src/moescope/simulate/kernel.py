@@ -446,8 +446,14 @@ def replay_lru(
     bypass, protection or look-ahead, which is all plain LRU and static pinning need: the unpinned
     residents of each partition form a recency list (least recent at ``head``) that holds exactly the
     order of their last touch, so the victim is the first unlocked entry from the head (at most ``W``
-    or ``M`` locked ones are skipped) instead of a scan over every resident. No per-event allocation
-    and no calls; all per-key state sits in one :data:`NODE` record, so a look-up touches one cache line.
+    or ``M`` locked ones are skipped) instead of a scan over every resident. No per-event allocation;
+    all per-key state sits in one :data:`NODE` record, so a look-up touches one cache line.
+
+    The list operations and the eviction (``unlink``, ``append``, ``admit``), shared by demand loads
+    and prefetches, are written once as closures, which Numba inlines: an array handed to a jitted
+    helper as an argument is reference-counted at every call, pairs Numba cannot prune across the
+    helper's branches (2-4x slower, seen in ``inspect_llvm()``), while a closure reads the arrays
+    of this function without a reference of its own.
 
     Replays ``demand[0:S]`` as global steps ``step0 + s`` and carries the cache in ``node`` and
     ``lists`` (:func:`lru_state`) and the times in ``clock`` (rows ``T_*``), so a trace can be replayed
@@ -465,6 +471,53 @@ def replay_lru(
     link = clock[T_LINK]
     compute_sum = clock[T_COMPUTE]
     nocache = clock[T_NOCACHE]
+
+    def unlink(part, key):
+        # take key out of the recency list of partition part
+        a = node[key].prv
+        b = node[key].nxt
+        if a >= 0:
+            node[a].nxt = b
+        else:
+            head[part] = b
+        if b >= 0:
+            node[b].prv = a
+        else:
+            tail[part] = a
+
+    def append(part, key):
+        # put key at the most recent end of partition part's list
+        t = tail[part]
+        node[key].prv = t
+        node[key].nxt = -1
+        if t >= 0:
+            node[t].nxt = key
+        else:
+            head[part] = key
+        tail[part] = key
+
+    def admit(part, key, stamp, lay):
+        # make key resident (most recent, locked with stamp) in partition part: in a free slot, else in
+        # place of the least recent resident not locked with stamp (an eviction counted for layer lay);
+        # False when every resident is locked (the key is not kept)
+        if nres[part] >= cap[part]:
+            v = head[part]
+            while v >= 0 and node[v].lock == stamp:
+                v = node[v].nxt
+            if v < 0:
+                return False
+            unlink(part, v)
+            node[v].state = 0
+            counts[C_PF_WASTE, node[v].layer] += node[v].unused
+            counts[C_EVICT, lay] += 1
+            node[v].unused = False
+        else:
+            nres[part] += 1
+        node[key].state = 1
+        node[key].lock = stamp
+        append(part, key)
+        return True
+
     for s in range(S):
         gs = step0 + s
         if reset[s]:
@@ -517,56 +570,16 @@ def replay_lru(
                     if node[key].arrival > ready:
                         ready = node[key].arrival
                     if node[key].state == 1 and tail[part] != key:  # move to the most recent end
-                        a = node[key].prv
-                        b = node[key].nxt
-                        if a >= 0:
-                            node[a].nxt = b
-                        else:
-                            head[part] = b
-                        node[b].prv = a  # b >= 0: key is not the tail
-                        t = tail[part]
-                        node[key].prv = t
-                        node[key].nxt = -1
-                        node[t].nxt = key
-                        tail[part] = key
+                        unlink(part, key)
+                        append(part, key)
                     continue
                 counts[C_MISS, layer] += 1
                 link = (link if link > t_start else t_start) + node[key].load
                 if link > ready:
                     ready = link
-                if nres[part] >= cap[part]:
-                    v = head[part]
-                    while v >= 0 and node[v].lock == event:
-                        v = node[v].nxt
-                    if v < 0:
-                        counts[C_STREAM, layer] += 1
-                        continue
-                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
-                    node[v].unused = False
-                    node[v].state = 0
-                    a = node[v].prv
-                    b = node[v].nxt
-                    if a >= 0:
-                        node[a].nxt = b
-                    else:
-                        head[part] = b
-                    if b >= 0:
-                        node[b].prv = a
-                    else:
-                        tail[part] = a
-                    counts[C_EVICT, layer] += 1
-                else:
-                    nres[part] += 1
-                node[key].state = 1
-                t = tail[part]
-                node[key].prv = t
-                node[key].nxt = -1
-                if t >= 0:
-                    node[t].nxt = key
-                else:
-                    head[part] = key
-                tail[part] = key
-                node[key].lock = event
+                if not admit(part, key, event, layer):
+                    counts[C_STREAM, layer] += 1
+                    continue
                 node[key].arrival = link
             counts[C_ACCESS, layer] += n_demand
             stall[layer] += ready - t_start
@@ -589,40 +602,10 @@ def replay_lru(
                     counts[C_PF_RESIDENT, target] += 1
                     node[key].lock = pf_stamp
                     continue
-                if nres[tpart] >= cap[tpart]:
-                    v = head[tpart]
-                    while v >= 0 and node[v].lock == pf_stamp:
-                        v = node[v].nxt
-                    if v < 0:
-                        continue
-                    counts[C_PF_WASTE, node[v].layer] += node[v].unused
-                    node[v].unused = False
-                    node[v].state = 0
-                    a = node[v].prv
-                    b = node[v].nxt
-                    if a >= 0:
-                        node[a].nxt = b
-                    else:
-                        head[tpart] = b
-                    if b >= 0:
-                        node[b].prv = a
-                    else:
-                        tail[tpart] = a
-                    counts[C_EVICT, target] += 1
-                else:
-                    nres[tpart] += 1
-                node[key].state = 1
-                t = tail[tpart]
-                node[key].prv = t
-                node[key].nxt = -1
-                if t >= 0:
-                    node[t].nxt = key
-                else:
-                    head[tpart] = key
-                tail[tpart] = key
+                if not admit(tpart, key, pf_stamp, target):
+                    continue
                 counts[C_PF_LOAD, target] += 1
                 node[key].unused = True
-                node[key].lock = pf_stamp
                 link = (link if link > t_start else t_start) + node[key].load
                 node[key].arrival = link
     clock[T_NOW] = now

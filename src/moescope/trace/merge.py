@@ -136,22 +136,10 @@ def merge_traces(
             base = 0
             for tr in traces:
                 docs = tr.documents()
-                labels = np.asarray([*tr.labels, ""], dtype=object)
                 rows = 0
                 for b in tr.iter_batches():
                     new_id = np.searchsorted(docs, b.doc_id) + base
-                    writer.append(
-                        doc_id=new_id,
-                        position=b.position,
-                        token_id=b.token_id,
-                        label=list(labels[b.label]),
-                        experts=b.experts,
-                        weights=b.weights,
-                        logits=b.logits,
-                        lookahead=b.lookahead or None,
-                        token=b.token,
-                        doc_loss=b.doc_loss,
-                    )
+                    writer.append_batch(b, tr.labels, doc_id=new_id)
                     writer.commit(int(new_id.max()))
                     rows += len(b)
                     if progress is not None:

@@ -48,20 +48,8 @@ def write_subset(
         source=source,
         overwrite=overwrite,
     ) as writer:
-        labels = np.asarray([*trace.labels, ""], dtype=object)
         for b in sub.iter_batches():
-            writer.append(
-                doc_id=b.doc_id,
-                position=b.position,
-                token_id=b.token_id,
-                label=list(labels[b.label]),
-                experts=b.experts,
-                weights=b.weights,
-                logits=b.logits,
-                lookahead=b.lookahead or None,
-                token=b.token,
-                doc_loss=b.doc_loss,
-            )
+            writer.append_batch(b, trace.labels)
             writer.commit(int(b.doc_id[-1]))
     return Trace.open(output)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +37,9 @@ from moescope.trace.schema import (
     id_dtype,
     numpy_to_nested,
 )
+
+if TYPE_CHECKING:
+    from moescope.trace.reader import Batch
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 
@@ -264,6 +268,24 @@ class TraceWriter:
         if values.shape != shape:
             raise TraceError(f"{name} has shape {values.shape}, expected {shape}")
         data[name] = numpy_to_nested(values.astype(dtype, copy=False))
+
+    def append_batch(self, batch: Batch, labels: Sequence[str], doc_id: np.ndarray | None = None) -> None:
+        """Buffer the rows of ``batch``, read from a trace whose label names are ``labels`` (its
+        :attr:`~moescope.trace.reader.Trace.labels`), with every column, under ``doc_id`` (default:
+        the batch's own): how split and merge copy rows from one trace to another."""
+        names = np.asarray([*labels, ""], dtype=object)  # code -1 (no label) -> ""
+        self.append(
+            doc_id=batch.doc_id if doc_id is None else doc_id,
+            position=batch.position,
+            token_id=batch.token_id,
+            label=list(names[batch.label]),
+            experts=batch.experts,
+            weights=batch.weights,
+            logits=batch.logits,
+            lookahead=batch.lookahead or None,
+            token=batch.token,
+            doc_loss=batch.doc_loss,
+        )
 
     def commit(self, through_doc: int) -> None:
         """Declare every row of documents ``<= through_doc`` appended; write a shard when enough are ready."""
