@@ -409,26 +409,11 @@ def run(
         # LRU and static pinning: the O(1) recency-list loop (same semantics, several times faster)
         node, lists = K.lru_state(load_t, E, capacity.shape[0])
 
+        lru_cfg = K.LruConfig(dist, int(E), per_layer, capacity, pinned, ctab)
+        lru_sta = K.LruState(node, lists, clock, counts, stall, wait_pf)
+
         def replay(a: int, b: int, pref: np.ndarray) -> None:
-            K.replay_lru(
-                demand[a:b],
-                pref,
-                dist,
-                int(E),
-                per_layer,
-                capacity,
-                pinned,
-                reset_mask[a:b],
-                ctab,
-                crow[a:b],
-                a,
-                node,
-                lists,
-                clock,
-                counts,
-                stall,
-                wait_pf,
-            )
+            K.replay_lru(K.LruBlock(demand[a:b], pref, reset_mask[a:b], crow[a:b], a), lru_cfg, lru_sta)
 
         unused = node["unused"]
     else:

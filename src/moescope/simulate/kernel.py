@@ -145,6 +145,10 @@ State = namedtuple(
     "State", "slots nres where st lock protect_until unused arrival ptr clock counts stall wait_pf lastset"
 )
 Block = namedtuple("Block", "demand pref nextpred seg_end reset crow step0")
+# the same for :func:`replay_lru`, which needs fewer of them (three arguments)
+LruConfig = namedtuple("LruConfig", "dist E per_layer cap pinned ctab")
+LruState = namedtuple("LruState", "node lists clock counts stall wait_pf")
+LruBlock = namedtuple("LruBlock", "demand pref reset crow step0")
 
 
 @njit(cache=True, nogil=True)
@@ -421,25 +425,7 @@ def lru_state(load_time: np.ndarray, num_experts: int, num_partitions: int) -> t
 
 
 @njit(cache=True, nogil=True)
-def replay_lru(
-    demand,
-    pref,
-    dist,
-    E,
-    per_layer,
-    cap,
-    pinned,
-    reset,
-    ctab,
-    crow,
-    step0,
-    node,
-    lists,
-    clock,
-    counts,
-    stall,
-    wait_pf,
-):
+def replay_lru(blk, cfg, sta):
     """:func:`replay_chunk` for LRU (optionally with pinned experts), with O(1) victims.
 
     Same semantics and outputs as :func:`replay_chunk` with ``PRIO_LAST``, ``USE_NONE`` and no
@@ -458,7 +444,11 @@ def replay_lru(
     Replays ``demand[0:S]`` as global steps ``step0 + s`` and carries the cache in ``node`` and
     ``lists`` (:func:`lru_state`) and the times in ``clock`` (rows ``T_*``), so a trace can be replayed
     in consecutive calls. The compute time of a layer is ``ctab[crow[s], n]`` for ``n`` demand experts.
+    Takes :data:`LruBlock`, :data:`LruConfig` and :data:`LruState`, each read once here.
     """
+    demand, pref, reset, crow, step0 = blk
+    dist, E, per_layer, cap, pinned, ctab = cfg
+    node, lists, clock, counts, stall, wait_pf = sta
     S, L, W = demand.shape
     M = pref.shape[2]
     K = L * E
@@ -608,7 +598,8 @@ def replay_lru(
                 node[key].unused = True
                 link = (link if link > t_start else t_start) + node[key].load
                 node[key].arrival = link
-    clock[T_NOW] = now
-    clock[T_LINK] = link
-    clock[T_COMPUTE] = compute_sum
-    clock[T_NOCACHE] = nocache
+    out = sta.clock  # stores to the unpacked name ``clock`` were lost here (Numba 0.68, with the closures)
+    out[T_NOW] = now
+    out[T_LINK] = link
+    out[T_COMPUTE] = compute_sum
+    out[T_NOCACHE] = nocache
