@@ -40,7 +40,21 @@ def _write(trace: Path, analysis: Path, out: Path) -> tuple[float, float, int, f
     page, info = build_report(trace, analysis=analysis)
     atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     secs, cpu_s = time.perf_counter() - t0, cpu() - c0
-    return secs, cpu_s, info["bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return secs, cpu_s, info["bytes"], _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` belongs to the process's own address space;
+    ``ru_maxrss`` would also carry the parent's peak over the fork and exec that start the child."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_seconds(trace: Path, analysis: Path, out: Path) -> tuple[float, float, int, float]:
