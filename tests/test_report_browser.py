@@ -269,6 +269,46 @@ def test_trajectory_scatters_zoom_pan_and_hover_with_the_csvs_points(demo_page, 
     assert page.errors == []
 
 
+def test_heatmaps_show_each_cells_value_from_the_csv_on_hover(demo_page):
+    import csv
+    import math
+    import re
+
+    from moescope.report.sections import HEAT_PLOTS
+
+    page, out = demo_page
+    p = page.page
+    ana = out / "analysis-tiny-finegrained"
+    seen = 0
+    for csv_path in sorted(ana.glob("*.csv")):
+        hit = next(((m, c) for pat, c in HEAT_PLOTS if (m := pat.match(csv_path.stem))), None)
+        if hit is None or not csv_path.with_suffix(".png").is_file():
+            continue
+        (m, (rc, cc, vc)) = hit
+        vc = vc or m.group(1)
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r[vc] not in ("", "nan") and math.isfinite(float(r[vc]))]
+        plot = p.locator(f".heat-plot[data-plot='{csv_path.stem}']")
+        assert plot.count() == 1, csv_path.stem
+        rects = plot.locator("svg rect")
+        assert rects.count() == len(rows)
+        seen += 1
+        # the cell under the cursor names its row, column and value as the CSV holds them
+        for i in sorted({0, len(rows) // 2, len(rows) - 1}):
+            rect = rects.nth(i)
+            rect.hover(force=True)
+            text = plot.locator(".heat-info").inner_text()
+            r, c = rect.get_attribute("data-r"), rect.get_attribute("data-c")
+            want = [
+                x for x in rows if (x.get("symbol_from") or x[rc]) == r and (x.get("symbol_to") or x[cc]) == c
+            ]
+            assert len(want) == 1, (csv_path.stem, r, c)
+            got = re.search(rf"{vc} = (\S+)$", text)
+            assert got and float(got.group(1)) == pytest.approx(float(want[0][vc]), rel=1e-3, abs=1e-12)
+    assert seen >= 2  # at least the load heatmap and one co-activation map
+    assert page.errors == []
+
+
 def _edited_copy(src: Path, dst: Path, seed: int = 1) -> None:
     """A copy of trace ``src`` whose expert ids are changed at random (token, layer) cells; some cells
     only swap two slots (same set, must not be marked)."""

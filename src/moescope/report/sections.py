@@ -12,6 +12,7 @@ import csv
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,63 @@ def zoom_plot_html(csv_path: Path, stem: str) -> str:
     )
 
 
+#: Heatmap figures whose CSV holds one cell per row: stem pattern -> (row column, column column, value
+#: column; ``None`` = the pattern's group), drawn again as an SVG heatmap whose cells show their value on hover.
+HEAT_PLOTS = (
+    (re.compile(r"load_heatmap$"), ("layer", "expert", "assignment_share")),
+    (re.compile(r"coactivation_layer\d+$"), ("a", "b", "p_b_given_a")),
+    (re.compile(r"cooccurrence_L\d+_L\d+_(lift|p_col|p_joint|p_row)$"), ("i", "j", None)),
+)
+#: Cells a hoverable heatmap embeds at most; a larger one keeps only its PNG (the page says so).
+HEAT_CELLS = 20000
+
+
+def heat_plot_html(csv_path: Path, stem: str) -> str:
+    """A ``<div class="heat-plot">`` with the heatmap's cells as JSON for the page's script, or ``""``
+    when ``stem`` is no long-form heatmap; rows and columns are labelled with the CSV's symbols."""
+    cols = next(((m, c) for pat, c in HEAT_PLOTS if (m := pat.match(stem))), None)
+    if cols is None:
+        return ""
+    m, (rcol, ccol, vcol) = cols
+    vcol = vcol or m.group(1)
+    with csv_path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {rcol, ccol, vcol} <= set(rows[0]):
+        return ""
+    if len(rows) > HEAT_CELLS:
+        return f'<p class="muted heat-cut">{len(rows):,} cells: too many to hover, the PNG only.</p>'
+    rlab = "symbol_from" if "symbol_from" in rows[0] else None
+    clab = "symbol_to" if "symbol_to" in rows[0] else None
+    rkeys: dict[int, str] = {}
+    ckeys: dict[int, str] = {}
+    cells = []
+    for r in rows:
+        try:
+            i, j, v = int(r[rcol]), int(r[ccol]), float(r[vcol])
+        except ValueError:
+            continue
+        if not math.isfinite(v):
+            continue
+        rkeys.setdefault(i, r[rlab] if rlab else str(i))
+        ckeys.setdefault(j, r[clab] if clab else str(j))
+        cells.append([i, j, float(f"{v:.4g}")])
+    ri = {k: n for n, k in enumerate(sorted(rkeys))}
+    ci = {k: n for n, k in enumerate(sorted(ckeys))}
+    data = {
+        "row": rcol,
+        "col": ccol,
+        "value": vcol,
+        "rows": [rkeys[k] for k in sorted(rkeys)],
+        "cols": [ckeys[k] for k in sorted(ckeys)],
+        "cells": [[ri[i], ci[j], v] for i, j, v in cells],
+    }
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return (
+        f'<div class="heat-plot" data-plot="{html.escape(stem)}" data-cells="{len(cells)}">'
+        f'<script type="application/json" class="heat-data">{payload}</script></div>'
+    )
+
+
 def analysis_sections(folder: Path, summary: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """HTML of one ``<section>`` per analysis in the folder, and the summary's headline rows."""
     folder = Path(folder)
@@ -238,10 +296,14 @@ def analysis_sections(folder: Path, summary: dict[str, Any]) -> tuple[str, list[
             csv_path = p.with_suffix(".csv")
             table = _table_html(csv_path, f"table-{name}-{i}") if csv_path.is_file() else ""
             plot = zoom_plot_html(csv_path, p.stem) if p.stem in ZOOM_PLOTS and csv_path.is_file() else ""
+            heat = heat_plot_html(csv_path, p.stem) if not plot and csv_path.is_file() else ""
+            note = " (the PNG for papers; above, the same points to zoom and hover)" if plot else ""
+            if heat.startswith("<div"):
+                note = " (the PNG for papers; above, the same cells: hover one for its value)"
             body.append(
-                f'<figure class="fig" data-figure="{html.escape(p.stem)}">{plot}<img alt="{html.escape(p.stem)}"'
+                f'<figure class="fig" data-figure="{html.escape(p.stem)}">{plot}{heat}<img alt="{html.escape(p.stem)}"'
                 f' loading="lazy" src="data:image/png;base64,{b64}"><figcaption>{html.escape(p.stem)}'
-                f"{' (the PNG for papers; above, the same points to zoom and hover)' if plot else ''}"
+                f"{note}"
                 f"</figcaption>{table}</figure>"
             )
         nums = "".join(

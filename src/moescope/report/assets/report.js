@@ -399,11 +399,41 @@
     apply();
   }
 
+  // ---------------------------------------------------------------- hoverable heatmaps (from the CSVs)
+  // One SVG rect per CSV cell; hovering a cell writes its row, column and value under the map.
+  function heatPlot(div) {
+    var d = JSON.parse(div.querySelector("script.heat-data").textContent), ns = "http://www.w3.org/2000/svg";
+    var R = d.rows.length, C = d.cols.length, left = 64;
+    var cw = Math.max(3, Math.min(22, Math.floor(900 / Math.max(C, 1)))), ch = Math.max(3, Math.min(16, Math.floor(600 / Math.max(R, 1))));
+    var lo = 0, hi = 0;
+    d.cells.forEach(function (c) { lo = Math.min(lo, c[2]); hi = Math.max(hi, c[2]); });
+    var svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("class", "heat"); svg.setAttribute("width", left + cw * C + 4); svg.setAttribute("height", ch * R + 4);
+    d.cells.forEach(function (c) {
+      var r = document.createElementNS(ns, "rect"), t = (c[2] - lo) / ((hi - lo) || 1);
+      r.setAttribute("x", left + c[1] * cw); r.setAttribute("y", c[0] * ch); r.setAttribute("width", Math.max(cw - 1, 1)); r.setAttribute("height", Math.max(ch - 1, 1));
+      r.setAttribute("fill", "hsl(215,80%," + (95 - 60 * t).toFixed(0) + "%)");
+      r.setAttribute("data-r", d.rows[c[0]]); r.setAttribute("data-c", d.cols[c[1]]); r.setAttribute("data-v", c[2]);
+      svg.appendChild(r);
+    });
+    if (R <= 40) d.rows.forEach(function (lab, i) {
+      var t = document.createElementNS(ns, "text"); t.setAttribute("x", 2); t.setAttribute("y", i * ch + Math.min(ch, 12));
+      t.setAttribute("font-size", Math.min(11, ch)); t.textContent = d.row + " " + lab; svg.appendChild(t);
+    });
+    var info = el("div", { "class": "heat-info muted" }, d.row + " \u2193, " + d.col + " \u2192; hover a cell for its " + d.value);
+    svg.addEventListener("mouseover", function (ev) {
+      var r = ev.target; if (r.tagName !== "rect") return;
+      info.textContent = d.row + " " + r.getAttribute("data-r") + ", " + d.col + " " + r.getAttribute("data-c") + ": " + d.value + " = " + r.getAttribute("data-v");
+    });
+    div.appendChild(svg); div.appendChild(info);
+  }
+
   summary();
   viewer();
   atlas();
   compare();
   document.querySelectorAll(".zoom-plot").forEach(zoomPlot);
+  document.querySelectorAll(".heat-plot").forEach(heatPlot);
   document.querySelectorAll("table.sortable").forEach(function (t) { if (t.id !== "compare-table") sortable(t); });
   window.moescope = { data: D, state: state, colour: colour, first: first, ready: true };
   window.moescopeReadyMs = performance.now(); // milliseconds from navigation start to a drawn page
