@@ -260,6 +260,11 @@ def heat_plot_html(csv_path: Path, stem: str) -> str:
         rkeys.setdefault(i, r[rlab] if rlab else str(i))
         ckeys.setdefault(j, r[clab] if clab else str(j))
         cells.append([i, j, float(f"{v:.4g}")])
+    # plain ids (layers, experts) keep every index up to the largest, so the map lines up with the PNG
+    if rlab is None and rkeys:
+        rkeys = {i: str(i) for i in range(min(0, *rkeys), max(rkeys) + 1)}
+    if clab is None and ckeys:
+        ckeys = {j: str(j) for j in range(min(0, *ckeys), max(ckeys) + 1)}
     ri = {k: n for n, k in enumerate(sorted(rkeys))}
     ci = {k: n for n, k in enumerate(sorted(ckeys))}
     data = {
