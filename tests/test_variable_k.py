@@ -75,6 +75,16 @@ def _sets(a: dict, t: int, li: int) -> list[int]:
     return [int(e) for e in a["experts"][t, li] if e != missing_id(E)]
 
 
+def _layer_pair_counts(a: dict, n: int, li: int) -> np.ndarray:
+    """(E, E) counts of expert x at layer ``li`` with expert y at ``li + 1`` over the first ``n`` tokens."""
+    m = np.zeros((E, E), int)
+    for t in range(n):
+        for x in _sets(a, t, li):
+            for y in _sets(a, t, li + 1):
+                m[x, y] += 1
+    return m
+
+
 def _pairs(a: dict):
     """Consecutive (t, t+1) token pairs of the same document."""
     for t in range(len(a["doc"]) - 1):
@@ -135,11 +145,7 @@ def test_coactivation_and_transitions_mask_padding(vk):
             assert row["count_a"] == single[row["a"]]
         assert g["null_p_b_given_a"][0] == pytest.approx(cc / (sc * (E - 1)))
     for li in range(L - 1):
-        m = np.zeros((E, E), int)
-        for t in range(n):
-            for x in _sets(a, t, li):
-                for y in _sets(a, t, li + 1):
-                    m[x, y] += 1
+        m = _layer_pair_counts(a, n, li)
         cells = tr["cells"].filter(pl.col("layer_from") == li)
         got = np.zeros((E, E), int)
         for row in cells.iter_rows(named=True):
@@ -229,11 +235,7 @@ def test_trajectories_and_dependence_ignore_padding(vk):
     assert paths["count"][0] == max(full.values())
     dep = dacc.result()
     for li in range(L - 1):
-        m = np.zeros((E, E), int)
-        for t in range(n):
-            for x in _sets(a, t, li):
-                for y in _sets(a, t, li + 1):
-                    m[x, y] += 1
+        m = _layer_pair_counts(a, n, li)
         assert np.array_equal(dep.pair_counts(li, li + 1), m)
     corr = dep.correlation_frame().filter((pl.col("variable") == "indicator") & (pl.col("layer_from") == 0))
     x = want[:, :E].astype(float)
