@@ -22,7 +22,7 @@ import numpy as np
 from moescope.errors import ConfigError
 from moescope.report.atlas import expert_atlas
 from moescope.report.data import MAX_TOKENS, Sample, read_sample
-from moescope.report.sections import analysis_sections, read_summary
+from moescope.report.sections import analysis_sections, read_summary, script_json
 from moescope.trace.reader import Trace
 
 #: The ``<meta name="generator">`` that proves a file is a moescope report (the output guard reads it).
@@ -342,7 +342,7 @@ def _asset(name: str) -> str:
 
 def render_page(data: dict[str, Any], sections_html: str, title: str) -> str:
     """The whole HTML page: style, data, script and the analysis sections inlined."""
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    payload = script_json(data)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     values = {
         "TITLE": html.escape(title),

@@ -175,6 +175,11 @@ ZOOM_PLOTS = {"trajectory_pca": ("pc1", "pc2"), "trajectory_tsne": ("tsne1", "ts
 ZOOM_POINTS = 5000
 
 
+def script_json(data: Any) -> str:
+    """``data`` as compact JSON that is safe inside an inline ``<script>`` (no ``</`` can close it)."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+
+
 def zoom_plot_html(csv_path: Path, stem: str) -> str:
     """A ``<div class="zoom-plot">`` holding the scatter's points as JSON for the page's script.
 
@@ -213,7 +218,7 @@ def zoom_plot_html(csv_path: Path, stem: str) -> str:
         "points": shown,
         "of": len(pts),
     }
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    payload = script_json(data)
     return (
         f'<div class="zoom-plot" data-plot="{html.escape(stem)}" data-points="{len(shown)}">'
         f'<script type="application/json" class="zoom-data">{payload}</script></div>'
@@ -275,7 +280,7 @@ def heat_plot_html(csv_path: Path, stem: str) -> str:
         "cols": [ckeys[k] for k in sorted(ckeys)],
         "cells": [[ri[i], ci[j], v] for i, j, v in cells],
     }
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    payload = script_json(data)
     return (
         f'<div class="heat-plot" data-plot="{html.escape(stem)}" data-cells="{len(cells)}">'
         f'<script type="application/json" class="heat-data">{payload}</script></div>'
