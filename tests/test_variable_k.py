@@ -399,3 +399,48 @@ def test_cli_analyze_predict_simulate_on_a_top_p_capture(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
+
+
+def _figure_texts(monkeypatch, trace, out) -> str:
+    """Every title, axis label and legend entry of the figures ``analyze`` saves for ``trace``."""
+    import matplotlib.figure
+
+    from moescope.analysis.run import analyze
+
+    texts: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        texts.extend(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    analyze(trace, out, analyses=["load", "repetition", "specialisation"])
+    return "\n".join(texts)
+
+
+def test_figures_of_a_variable_k_trace_do_not_claim_a_fixed_k(vk, tmp_path, monkeypatch):
+    trace, a = vk
+    fixed = tmp_path / "fixed"
+    spec = RoutingSpec(num_experts=E, top_k=K, moe_layers=list(range(L)), family="mixtral")
+    rng = np.random.default_rng(1)
+    full = np.argsort(rng.random((len(a["doc"]), L, E)), -1)[..., :K].astype(np.uint8)
+    with TraceWriter.create(fixed, spec, columns=default_columns(weights=False)) as w:
+        for d in np.unique(a["doc"]):
+            m = a["doc"] == d
+            label = str(a["label"][m][0])
+            w.append(
+                doc_id=a["doc"][m],
+                position=a["position"][m],
+                token_id=a["token"][m],
+                label=label,
+                experts=full[m],
+            )
+            w.commit(int(d))
+    plain = _figure_texts(monkeypatch, Trace.open(fixed), tmp_path / "a_fixed")
+    assert "top-k" in plain and f"top-{K}" in plain and "k/E" in plain and "C(E-k,k)" in plain
+    variable = _figure_texts(monkeypatch, trace, tmp_path / "a_vk")
+    for claim in ("top-k", f"top-{K}", "k/E", "C(E-k,k)"):
+        assert claim not in variable, claim
+    assert f"variable experts per token, up to {K}" in variable
+    assert "mean experts per token / E" in variable

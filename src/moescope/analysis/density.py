@@ -698,7 +698,7 @@ def plot_model_comparison(df: pl.DataFrame):
     return fig
 
 
-def plot_weight_sums_and_counts(ws: pl.DataFrame):
+def plot_weight_sums_and_counts(ws: pl.DataFrame, *, variable_k: bool = False):
     """Stage 3: per layer and expert, the sum of routing weights and the number of times chosen."""
     import matplotlib.pyplot as plt
 
@@ -707,7 +707,11 @@ def plot_weight_sums_and_counts(ws: pl.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(min(20, 4 + 0.35 * E) * 1.6, min(12, 2.5 + 0.25 * len(layers))))
     for ax, col, label in (
         (axes[0], "weight_sum", "sum of routing weights"),
-        (axes[1], "assignments", "times chosen (top-k slots)"),
+        (
+            axes[1],
+            "assignments",
+            "times chosen (every expert a token used)" if variable_k else "times chosen (top-k slots)",
+        ),
     ):
         m = np.full((len(layers), E), np.nan)
         li = {layer: i for i, layer in enumerate(layers)}

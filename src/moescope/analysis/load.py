@@ -204,7 +204,9 @@ def aux_loss(per_expert: pl.DataFrame) -> float | None:
     return float(E * np.sum(g["assignments"].to_numpy() / T * (g["psum"].to_numpy() / Tp)))
 
 
-def plot_load(per_expert: pl.DataFrame, top_k: int, summary: pl.DataFrame | None = None):
+def plot_load(
+    per_expert: pl.DataFrame, top_k: int, summary: pl.DataFrame | None = None, *, variable_k: bool = False
+):
     """One bar subplot per layer: assignment share by expert, with the perfect-balance line 1/E.
 
     Panels share one y-scale so that layers compare at a glance; with ``summary`` (from
@@ -243,8 +245,12 @@ def plot_load(per_expert: pl.DataFrame, top_k: int, summary: pl.DataFrame | None
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
     fig.supxlabel("expert")
-    fig.supylabel("share of assignments (%), all top-k slots")
-    fig.suptitle(f"Expert load per layer (top-{top_k})")
+    if variable_k:  # a strategy trace: each token used 0..top_k experts
+        fig.supylabel("share of assignments (%), every expert a token used")
+        fig.suptitle(f"Expert load per layer (variable experts per token, up to {top_k})")
+    else:
+        fig.supylabel("share of assignments (%), all top-k slots")
+        fig.suptitle(f"Expert load per layer (top-{top_k})")
     return fig
 
 

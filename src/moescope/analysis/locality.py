@@ -165,7 +165,7 @@ def table5(rep: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def plot_repetition(rep: pl.DataFrame):
+def plot_repetition(rep: pl.DataFrame, *, variable_k: bool = False):
     """First-choice and any-shared repetition by layer (all tokens), with the analytic nulls."""
     import matplotlib.pyplot as plt
 
@@ -176,7 +176,8 @@ def plot_repetition(rep: pl.DataFrame):
         ax.plot(x, 100 * g["first_choice_same"].fill_null(np.nan).to_numpy(), "o-", label="first choice same")
     ax.plot(x, 100 * g["any_shared"].fill_null(np.nan).to_numpy(), "s-", label="any expert shared")
     ax.axhline(100 * g["first_choice_null"][0], color="C0", ls=":", label="null 1/E")
-    ax.axhline(100 * g["any_shared_null"][0], color="C1", ls=":", label="null 1-C(E-k,k)/C(E,k)")
+    shared_null = "null: uniform sets of the pairs' sizes" if variable_k else "null 1-C(E-k,k)/C(E,k)"
+    ax.axhline(100 * g["any_shared_null"][0], color="C1", ls=":", label=shared_null)
     ax.set_xlabel("layer")
     ax.set_ylabel("consecutive token pairs (%)")
     ax.set_title("Expert reuse by the next token")

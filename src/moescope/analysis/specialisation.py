@@ -515,10 +515,11 @@ def compare_traces(
     return domain_frames(ctx, names, counts, tokens, docs, n_perm, seed)
 
 
-def plot_domain_share(share: pl.DataFrame, layer: int):
+def plot_domain_share(share: pl.DataFrame, layer: int, *, variable_k: bool = False):
     """Heatmap domain x expert of the fraction of tokens routed to the expert, relative to k/E."""
     from moescope.core.figures import heatmap
 
+    uniform = "mean experts per token / E" if variable_k else "k/E"
     g = share.filter(pl.col("layer") == layer)
     doms = g["domain"].unique(maintain_order=True).to_list()
     E = int(g["expert"].max()) + 1
@@ -532,19 +533,20 @@ def plot_domain_share(share: pl.DataFrame, layer: int):
         ylabel="domain",
         yticklabels=doms,
         center=1.0,
-        cbar="fraction / (k/E)",
-        title=f"Domain specialisation at layer {layer} (1 = uniform k/E)",
+        cbar=f"fraction / ({uniform})",
+        title=f"Domain specialisation at layer {layer} (1 = uniform {uniform})",
     )
 
 
-def plot_vocab_specialisation(summary: pl.DataFrame):
+def plot_vocab_specialisation(summary: pl.DataFrame, *, variable_k: bool = False):
     """Occurrence-weighted vocabulary specialisation by layer, against the uniform k/E."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(summary["layer"], summary["specialisation_weighted"], "o-", label="weighted by occurrences")
     ax.plot(summary["layer"], summary["specialisation_mean"], "s--", label="mean over token ids")
-    ax.axhline(summary["uniform_fraction"][0], color="gray", ls=":", label="k/E")
+    uniform = "mean experts per token / E" if variable_k else "k/E"
+    ax.axhline(summary["uniform_fraction"][0], color="gray", ls=":", label=uniform)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of a token's occurrences\nrouted to its top expert")

@@ -42,7 +42,7 @@ class LoadAnalysis(Analysis):
         run.table(per, "load_per_expert")
         run.table(summ, "load_per_layer")
         shares = per.select("layer", "expert", "assignment_share")
-        run.figure(load.plot_load(per, run.ctx.k, summ), shares, "load_bars")
+        run.figure(load.plot_load(per, run.ctx.k, summ, variable_k=run.ctx.variable_k), shares, "load_bars")
         run.figure(load.plot_load_heatmap(per), shares, "load_heatmap")
         run.figure(
             load.plot_balance_metrics(summ), summ.select("layer", "cv", "max_violation"), "load_imbalance"
@@ -197,7 +197,7 @@ class RepetitionAnalysis(Analysis):
         run.table(rep, "repetition")
         run.table(locality.table5(rep), "repetition_table5")
         g = rep.filter(pl.col("domain") == "all")
-        run.figure(locality.plot_repetition(rep), g, "repetition_by_layer")
+        run.figure(locality.plot_repetition(rep, variable_k=run.ctx.variable_k), g, "repetition_by_layer")
         return {
             "first_choice_same_mean": float(g["first_choice_same"].mean())
             if g["first_choice_same"].null_count() < g.height
@@ -233,7 +233,7 @@ class SpecialisationAnalysis(Analysis):
         run.table(v["top_tokens"], "vocab_top_tokens")
         if v["summary"].height:
             run.figure(
-                specialisation.plot_vocab_specialisation(v["summary"]),
+                specialisation.plot_vocab_specialisation(v["summary"], variable_k=run.ctx.variable_k),
                 v["summary"],
                 "vocab_specialisation",
                 min_count=opts.min_count,
@@ -243,7 +243,7 @@ class SpecialisationAnalysis(Analysis):
             run.table(d[name], f"domain_{name}")
         if len(run.trace.labels) > 1 and d["share"].height:
             run.figure(
-                specialisation.plot_domain_share(d["share"], target),
+                specialisation.plot_domain_share(d["share"], target, variable_k=run.ctx.variable_k),
                 d["share"]
                 .filter(pl.col("layer") == target)
                 .select("domain", "expert", "token_fraction", "ratio_to_uniform"),
@@ -392,7 +392,9 @@ class DensityAnalysis(Analysis):
             )
             run.table(ws, "density_weight_sums_and_choice_counts")
             run.figure(
-                density.plot_weight_sums_and_counts(ws), ws, "density_weight_sums_and_choice_counts_plot"
+                density.plot_weight_sums_and_counts(ws, variable_k=run.ctx.variable_k),
+                ws,
+                "density_weight_sums_and_choice_counts_plot",
             )
         self.models = density_stage2(run, fit_s, score_s)
         kc = density.kernel_comparison(model, target)
