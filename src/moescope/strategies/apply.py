@@ -142,10 +142,10 @@ def _weigh(
 ) -> Applied:
     """The :class:`Applied` of kept ids ``sel`` (N, K): weights by the family's rule (or the model's)."""
     k, K = ids.shape[1], sel.shape[1]
-    w = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
     if strategy.reweight and rule.score != "sparsemixer":  # one masked call for every count
-        w = rule_weights(rule, routing.logits, sel, valid=valid)
+        w = rule_weights(rule, routing.logits, sel, valid=valid)  # padding slots already 0
     elif strategy.reweight:
+        w = torch.zeros(sel.shape, dtype=torch.float32, device=sel.device)
         for c in torch.unique(count).tolist():
             rows = (count == c).nonzero().squeeze(1)
             if c > 0 and rows.numel():
@@ -153,10 +153,10 @@ def _weigh(
     else:
         dense = torch.zeros(routing.logits.shape, dtype=torch.float32, device=sel.device)
         dense.scatter_(1, ids.long(), weights.float())
-        w = dense.gather(1, sel)
+        w = torch.where(valid, dense.gather(1, sel), 0.0)
     new_ids = sel.to(ids.dtype)
-    new_w = torch.where(valid, w, 0.0).to(weights.dtype)
-    if K >= k:  # (a token keeping the model's k experts needs K >= k)
+    new_w = w.to(weights.dtype)
+    if K >= k and bool(same.any()):  # (a token keeping the model's k experts needs K >= k)
         row = same.reshape(-1, 1)
         new_ids[:, :k] = torch.where(row, ids, new_ids[:, :k])
         new_w[:, :k] = torch.where(row, weights, new_w[:, :k])
