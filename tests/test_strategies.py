@@ -410,3 +410,25 @@ def test_padded_slots_are_not_computed_and_change_nothing(family, impl, monkeypa
     with torch.no_grad(), StrategyRouter(model, "topp:p=0.6", record=True) as router:
         ref = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)  # kernels block the matmuls differently
+
+
+def test_logit_order_and_ranking_are_those_of_a_stable_sort_with_and_without_ties():
+    from moescope.strategies.base import Routing
+
+    g = torch.Generator().manual_seed(0)
+    for ties in (False, True):
+        logits = torch.randn(64, 8, generator=g)
+        if ties:  # few distinct values: most rows hold equal logits
+            logits = torch.randint(0, 3, (64, 8), generator=g).float()
+        stable = logits.sort(dim=1, descending=True, stable=True)
+        ids = stable.indices[:, :2]
+        r = Routing(logits, ids, torch.ones(64, 2) / 2, logits, "softmax", 0)
+        assert torch.equal(r.logit_sort[0], stable.values) and torch.equal(r.logit_sort[1], stable.indices)
+        assert torch.equal(r.ranking, stable.indices)
+        # the model's own slots in another order than the logits' (a tie broken the other way)
+        swapped = Routing(logits, ids.flip(1), torch.ones(64, 2) / 2, logits, "softmax", 0)
+        first = swapped.ranking[:, :2]
+        by_hand = []
+        for row, (a, b) in zip(logits, ids.flip(1).tolist(), strict=True):
+            by_hand.append([a, b] if row[a] >= row[b] else [b, a])  # by score, ties in slot order
+        assert first.tolist() == by_hand

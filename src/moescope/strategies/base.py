@@ -85,8 +85,15 @@ class Routing:
 
     @cached_property
     def logit_sort(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits sorted in descending order (stable) and the order, computed once per layer call."""
-        return self.logits.sort(dim=1, descending=True, stable=True)
+        """The logits sorted in descending order (stable) and the order, computed once per layer call.
+
+        Without ties every sort gives the stable order, so the cheaper unstable sort is tried
+        first and the stable one runs only when two sorted logits of a token are equal.
+        """
+        values, order = self.logits.sort(dim=1, descending=True)
+        if bool((values[:, 1:] == values[:, :-1]).any()):
+            return self.logits.sort(dim=1, descending=True, stable=True)
+        return values, order
 
     @cached_property
     def prob_sort(self) -> tuple[torch.Tensor, torch.Tensor]:
