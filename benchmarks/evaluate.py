@@ -22,6 +22,7 @@ Run: .venv/bin/python benchmarks/evaluate.py [--model tiny-mixtral] [--batches 6
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -30,6 +31,7 @@ import torch
 
 from moescope.capture.runner import load_model
 from moescope.data import load_corpus
+from moescope.evaluate.calibrate import FREE_PARAMETER, match_k
 from moescope.evaluate.scorer import Scorer
 
 STRATEGIES = ("topk", "topk:k=1", "topp:p=0.6", "threshold:w=0.2", "skip:beta=0.5")
@@ -74,12 +76,37 @@ class ExpertClock:
         return s
 
 
+def widened(model, width: str):
+    """A seeded random model of ``model``'s config with hidden and intermediate sizes from ``width``."""
+    from transformers import AutoModelForCausalLM
+
+    hidden, intermediate = (int(v) for v in width.split(","))
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size = hidden, intermediate
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def matched(model, tokenizer, spec: str, k: float, docs: int = 40) -> str:
+    """``spec`` with its free parameter set so that mean experts per token is ``k`` (others as given)."""
+    name = spec.split(":", 1)[0]
+    if name not in FREE_PARAMETER:
+        return spec
+    texts = [t for t, _ in load_corpus(max_chars=20_000)][-docs:]  # not the timed windows (first documents)
+    text, got = match_k(model, tokenizer, spec, k, texts, max_len=256)
+    print(f"match-k {k}: {text} gives {got:.3f} experts per token on the calibration documents")
+    return text
+
+
 def plain(model, rows: list[list[int]]) -> float:
+    """One forward, no hook: lm-eval's scoring of each row (log-softmax, gather, greedy check)."""
     t = time.perf_counter()
     x = torch.tensor(rows)
     with torch.no_grad():
         logp = torch.log_softmax(model(x).logits, -1)
-        logp[:, :-1].gather(2, x[:, 1:, None]).sum()
+        for b in range(x.shape[0]):
+            lp, tok = logp[b, :-1], x[b, 1:]
+            (float(lp.gather(1, tok[:, None]).sum()), bool((lp.argmax(-1) == tok).all()))
     return time.perf_counter() - t
 
 
@@ -104,6 +131,20 @@ def main() -> None:
         help="compute padded slots as before (zero-weight copies), to measure what compaction saves",
     )
     ap.add_argument("--strategies", default=";".join(STRATEGIES), help="';'-separated specs")
+    ap.add_argument(
+        "--match-k",
+        type=float,
+        default=None,
+        help="set each calibratable strategy's free parameter so its mean experts per token is K"
+        " (moescope.evaluate.calibrate.match_k on other corpus documents than those timed)",
+    )
+    ap.add_argument("--calibration-docs", type=int, default=40, help="corpus documents --match-k calibrates on")
+    ap.add_argument(
+        "--width",
+        default=None,
+        help="HIDDEN,INTERMEDIATE: a seeded random model of the --model config at this width"
+        " (same layers, experts and k), to see the strategy's fixed cost on a wider model",
+    )
     args = ap.parse_args()
     if args.no_compaction:
         import moescope.strategies.apply as apply_mod
@@ -111,11 +152,15 @@ def main() -> None:
         apply_mod.compaction_ok = lambda *a: False
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu", dtype="float32")
-    clock = ExpertClock(lm.model)
+    model = lm.model if args.width is None else widened(lm.model, args.width)
+    clock = ExpertClock(model)
     data = batches(lm.tokenizer, args.batches, args.seq_len, args.batch_size)
+    specs = args.strategies.split(";")
+    if args.match_k is not None:
+        specs = [matched(model, lm.tokenizer, spec, args.match_k, args.calibration_docs) for spec in specs]
     results = []
-    for spec in args.strategies.split(";"):
-        scorer = Scorer(lm.model, lm.tokenizer, spec, batch_size=args.batch_size, max_length=args.seq_len + 1)
+    for spec in specs:
+        scorer = Scorer(model, lm.tokenizer, spec, batch_size=args.batch_size, max_length=args.seq_len + 1)
         scorer.loglikelihood_tokens([(r[:1], r[1:]) for r in data[0]])  # warm-up
         clock.lap()
         t_plain, t_strat, ratios, outside, expert = [], [], [], [], []
@@ -123,14 +168,14 @@ def main() -> None:
             a = b = 0.0
             for i, rows in enumerate(data):
                 if (rep + i) % 2 == 0:
-                    x = plain(lm.model, rows)
+                    x = plain(model, rows)
                     xe = clock.lap()
                     y = scored(scorer, rows)
                     ye = clock.lap()
                 else:
                     y = scored(scorer, rows)
                     ye = clock.lap()
-                    x = plain(lm.model, rows)
+                    x = plain(model, rows)
                     xe = clock.lap()
                 a, b = a + x, b + y
                 ratios.append(y / x)
@@ -169,6 +214,8 @@ def main() -> None:
                 "tokens": tokens,
                 "threads": args.threads,
                 "compaction": not args.no_compaction,
+                "match_k": args.match_k,
+                "width": args.width,
                 "results": results,
             }
         )
