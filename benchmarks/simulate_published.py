@@ -19,9 +19,11 @@ What each token costs, from the repository github.com/dvmazur/mixtral-offloading
    ``copies_per_load = 1 + H2D / D2H``.
 2. Link: measured pinned bandwidth of CUDA's ``bandwidthTest`` (H2D / D2H GB/s). PCIe 3.0 x16:
    9.7 / 11.1 (Tesla T4, github.com/router-gao/cuda-demo cuda-samples/02-cuda-bandwidth.md at
-   dca1c6b) and 12.4 / 13.1 (the TIGER cluster, 100 MB transfers, github.com/jdh4/della-gpu-A100
-   README.md at ab11e22); PCIe 4.0 x16: 12.3 / 13.2 (A100-SXM4-40GB, router-gao, as above) and
-   24.1 / 26.2 (A100-PCIE-40GB, 100 MB transfers, jdh4, as above). An expert is 66.4 MB.
+   dca1c6b, an Alibaba Cloud VM) and 12.4 / 13.1 (a node of the TIGER cluster, GPU not named,
+   100 MB transfers, github.com/jdh4/della-gpu-A100 README.md at 00d5c87; a PCIe 3.0 x16 figure:
+   the PCIe 4.0 A100 node in the same file measures twice that); PCIe 4.0 x16: 12.3 / 13.2
+   (A100-SXM4-40GB, router-gao, as above) and 24.1 / 26.2 (Della's A100 node, 100 MB transfers,
+   jdh4, as above; an A100-PCIE-40GB in another version of that README). An expert is 66.4 MB.
 3. Expert bytes: HQQ ``nbits=2, group_size=16`` with 8-bit scale and zero and fp16 meta per 128
    groups (notebooks/demo.ipynb): 2 + 1 + 0.016 = 3.016 bits per parameter moved over the link.
 4. Dequantisation traffic (src/custom_layers.py ``HQQLinearTritonSavable.forward_triton`` and hqq
@@ -52,11 +54,11 @@ the lost rows miss as often as the logged ones.
 **MoE-Infinity** (github.com/EfficientMoE/MoE-Infinity README.md at 00181f1, "Performance"): one
 RTX A5000 (24 GB), FP16, per-token decode latency 0.735 s for Mixtral-8x7B and 0.100 s for
 DeepSeek-V2-Lite-Chat; docs/benchmark_reproduction.md (dab3f5d): PCIe 4.0, ``device_memory_ratio``
-0.75 (the README: "75% of the device memory is used for caching", 18 GB), 128 new tokens,
-batch 1. A5000 768 GB/s, 111 dense fp16 TFLOP/s (NVIDIA RTX A5000 datasheet). One expert cache
-shared by all layers; MoE-Infinity's activation-aware cache is not in moescope, so shared LFU,
+0.75 (the README: "75% of the device memory is used for caching", 18 GB), 128 new tokens
+(benchmarks/comparison/common.py at 3d75d3b), one request at a time (assumed). A5000 768 GB/s,
+111 dense fp16 TFLOP/s (NVIDIA RTX A5000 datasheet). One expert cache shared by all layers; MoE-Infinity's activation-aware cache is not in moescope, so shared LFU,
 LRU and Belady (the offline optimum) stand in for it and bracket it; no prefetch. One copy per
-miss (it keeps every expert in host memory). Link: 24.1 / 25.8 GB/s (jdh4 DELLA, A100-PCIE-40GB
+miss (it keeps every expert in host memory). Link: 24.1 / 25.8 GB/s (jdh4 Della A100 node,
 PCIe 4.0, 100 MB / 1 GB transfers; an fp16 Mixtral expert is 352 MB) and 19.4 / 24.1 GB/s
 (10 MB / 100 MB; a DeepSeek-V2-Lite expert is 17.3 MB). Host: 0 or 1,019 us per layer (eager
 Hugging Face modelling, as above). Traces: the Mixtral HumanEval log as above, and the
