@@ -56,8 +56,9 @@ RTX A5000 (24 GB), FP16, per-token decode latency 0.735 s for Mixtral-8x7B and 0
 DeepSeek-V2-Lite-Chat; docs/benchmark_reproduction.md (dab3f5d): PCIe 4.0, ``device_memory_ratio``
 0.75 (the README: "75% of the device memory is used for caching", 18 GB), 128 new tokens
 (benchmarks/comparison/common.py at 3d75d3b), one request at a time (assumed). A5000 768 GB/s,
-111 dense fp16 TFLOP/s (NVIDIA RTX A5000 datasheet). One expert cache shared by all layers; MoE-Infinity's activation-aware cache is not in moescope, so shared LFU,
-LRU and Belady (the offline optimum) stand in for it and bracket it; no prefetch. One copy per
+111 dense fp16 TFLOP/s (NVIDIA RTX A5000 datasheet). One expert cache shared by all layers;
+MoE-Infinity's activation-aware cache is not in moescope, so shared LFU, LRU and Belady (the
+offline optimum) stand in for it and bracket it; no prefetch. One copy per
 miss (it keeps every expert in host memory). Link: 24.1 / 25.8 GB/s (jdh4 Della A100 node,
 PCIe 4.0, 100 MB / 1 GB transfers; an fp16 Mixtral expert is 352 MB) and 19.4 / 24.1 GB/s
 (10 MB / 100 MB; a DeepSeek-V2-Lite expert is 17.3 MB). Host: 0 or 1,019 us per layer (eager
@@ -65,6 +66,8 @@ Hugging Face modelling, as above). Traces: the Mixtral HumanEval log as above, a
 DeepSeek-V2-Lite-Chat log (``../shared/data/deepseek-v2-lite-puffin``, prompts 1-1000: *prefill*
 routing of 94,165 prompt tokens replayed as if decoded one token per step) stands in for
 MoE-Infinity's mixed LongBench/GSM8K/FLAN/BIG-Bench/MMLU prompts.
+The shared-LRU rows on the Mixtral log are not meaningful: the log keeps 30.4 of the 64 experts a
+token uses, fewer than the 51 slots, while the real 64 would exceed them.
 
     python benchmarks/simulate_published.py            # both systems (~1 min)
     python benchmarks/simulate_published.py --only mixtral-offloading
