@@ -56,7 +56,18 @@ class Deployment:
         KV cache).
     copies_per_load : link transfers per expert load: 1, or 2 when the system first copies the
         evicted expert back to the host on the same stream (Mixtral-offloading's ``_swap``), so
-        every miss moves its bytes twice, one copy after the other.
+        every miss moves its bytes twice, one copy after the other. A float: with the two
+        directions at different measured speeds it is ``1 + H2D / D2H``.
+    expert_read_bytes_per_param : GPU memory traffic per expert parameter each time compute uses
+        an expert (None: the storage width, ``ModelCost.bytes_per_param``, read once). Kernels that
+        dequantise metadata on every call move more: HQQ's Triton path in Mixtral-offloading
+        (``HQQLinearTritonSavable.forward_triton``, src/custom_layers.py of
+        github.com/dvmazur/mixtral-offloading at ce54518) first turns the 8-bit scale and zero of
+        every group into fp16 with ``Quantizer.dequantize`` (hqq 37502be: ``.half()``, subtract,
+        multiply, each a separate kernel reading and writing the whole tensor: 11 bytes per group
+        for each of the two), then its matmul reads the packed weights and the fp16 scale and
+        zero. For 2-bit weights in groups of 16 that is 2 * 11 / 16 + 2 / 8 + 4 / 16 = 1.875
+        bytes per parameter, against 0.377 stored (3.016 bits).
     """
 
     name: str
@@ -68,6 +79,7 @@ class Deployment:
     compute_ms_per_layer: float | None = None
     overhead_us_per_layer: float = 0.0
     copies_per_load: float = 1.0
+    expert_read_bytes_per_param: float | None = None
 
     def replace(self, **changes: Any) -> Deployment:
         """A copy with some fields changed; unknown fields raise :class:`ConfigError`."""
@@ -89,6 +101,11 @@ class Deployment:
         if not self.copies_per_load >= 1:
             raise ConfigError(
                 f"deployment {self.name!r}: copies_per_load must be >= 1, got {self.copies_per_load}"
+            )
+        rb = self.expert_read_bytes_per_param
+        if rb is not None and not rb > 0:
+            raise ConfigError(
+                f"deployment {self.name!r}: expert_read_bytes_per_param must be > 0 or None, got {rb!r}"
             )
         if not self.tiers:
             raise ConfigError(f"deployment {self.name!r}: at least one offload tier is needed")
@@ -254,12 +271,16 @@ def compute_times(
     """``(S, L)`` seconds per layer: the larger of reading the weights once and doing the FLOPs.
 
     ``tokens`` is ``(S,)`` tokens per step and ``unique`` ``(S, L)`` distinct experts per step and
-    layer. Decode is bound by the weight reads (memory), a long prefill by the FLOPs.
+    layer. Decode is bound by the weight reads (memory), a long prefill by the FLOPs. Each distinct
+    expert moves ``deployment.expert_read_bytes_per_param`` bytes per parameter when that is set.
     """
     if deployment.compute_ms_per_layer is not None:
         base = np.full(unique.shape, deployment.compute_ms_per_layer * 1e-3)
     else:
-        read = (cost.dense_params_per_layer + unique * cost.expert_params) * cost.bytes_per_param
+        per_expert = deployment.expert_read_bytes_per_param
+        if per_expert is None:
+            per_expert = cost.bytes_per_param
+        read = cost.dense_params_per_layer * cost.bytes_per_param + unique * cost.expert_params * per_expert
         mem = read / (deployment.gpu_bandwidth_gbs * GB)
         flops = 2.0 * tokens[:, None] * (cost.dense_params_per_layer + cost.top_k * cost.expert_params)
         base = np.maximum(mem, flops / (deployment.gpu_tflops * 1e12))
