@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moescope.errors import ConfigError
+from moescope.simulate.auto import AutoPolicy
 from moescope.simulate.deployment import (
     BYTES_PER_PARAM,
     Deployment,
@@ -44,6 +45,17 @@ class ReplaySetup(NamedTuple):
     def run(self, *, mode: str = "decode", batch_size: int | None = None, reset: str = "none") -> SimResult:
         """Replay (:func:`moescope.simulate.engine.simulate`) with these parts."""
         policy = fit_on_replay_steps(self.policy, mode, batch_size) if self.named_policy else self.policy
+        if isinstance(policy, AutoPolicy) and not policy.is_fitted():  # it chooses under this replay
+            policy.for_replay(
+                deployment=self.deployment,
+                cost=self.cost,
+                capacity=self.capacity,
+                shared=self.shared,
+                mode=mode,
+                batch_size=batch_size,
+                reset=reset,
+                prefetcher=self.prefetcher,
+            )
         return simulate(
             self.trace,
             policy,
@@ -156,7 +168,9 @@ def replay(
     fit_trace : where the policy and prefetcher learn (static pinning, tables, an unfitted
         predictor): a training trace or path, or ``"replayed"`` to fit on ``trace`` itself.
     policy : an eviction policy name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``,
-        ``belady``) or a :class:`~moescope.simulate.CachePolicy`.
+        ``belady``, the predictor-guided ones, or ``auto``: the fastest candidate on held-out
+        documents of ``fit_trace`` under this replay, :class:`~moescope.simulate.AutoPolicy`) or a
+        :class:`~moescope.simulate.CachePolicy`.
     prefetch : None, a prefetcher name (``table``, ``previous``, ``oracle``), a saved predictor
         file, a predictor (fitted or not) or a :class:`~moescope.simulate.Prefetcher`.
     cache_fraction, cache_experts, cache_gb : the cache size, exactly one of them.
