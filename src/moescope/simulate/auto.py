@@ -106,7 +106,7 @@ class AutoPolicy(CachePolicy):
         self.prefetcher = prefetcher
 
     # ------------------------------------------------------------------ fitting
-    def for_replay(
+    def for_replay(  # type: ignore[override]
         self,
         *,
         deployment: Deployment,
@@ -118,7 +118,8 @@ class AutoPolicy(CachePolicy):
         reset: str = "none",
         prefetcher: Any = None,
     ) -> AutoPolicy:
-        """Set the replay's conditions (the choice is made under them); returns ``self``."""
+        """Set the replay's conditions (the choice is made under them; ``simulate`` calls this
+        before ``fit``); returns ``self``."""
         return self.set_params(  # type: ignore[return-value]
             deployment=deployment,
             cost=cost,
@@ -152,7 +153,7 @@ class AutoPolicy(CachePolicy):
         if missing:
             raise ConfigError(
                 f"AutoPolicy needs the replay's {', '.join(missing)} to choose under it: set them "
-                "(for_replay(...)), or use moescope.simulate.replay / `moescope simulate`, which do"
+                "(for_replay(...)), or replay it with moescope.simulate / simulate(...), which do"
             )
         if len(set(self._labels())) != len(self.candidates):
             raise ConfigError("AutoPolicy: parameter candidates names the same policy twice")

@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moescope.errors import ConfigError
-from moescope.simulate.auto import AutoPolicy
 from moescope.simulate.deployment import (
     BYTES_PER_PARAM,
     Deployment,
@@ -45,17 +44,6 @@ class ReplaySetup(NamedTuple):
     def run(self, *, mode: str = "decode", batch_size: int | None = None, reset: str = "none") -> SimResult:
         """Replay (:func:`moescope.simulate.engine.simulate`) with these parts."""
         policy = fit_on_replay_steps(self.policy, mode, batch_size) if self.named_policy else self.policy
-        if isinstance(policy, AutoPolicy) and not policy.is_fitted():  # it chooses under this replay
-            policy.for_replay(
-                deployment=self.deployment,
-                cost=self.cost,
-                capacity=self.capacity,
-                shared=self.shared,
-                mode=mode,
-                batch_size=batch_size,
-                reset=reset,
-                prefetcher=self.prefetcher,
-            )
         return simulate(
             self.trace,
             policy,

@@ -77,7 +77,7 @@ def sweep(
                 deployment, cost, trace.num_layers, trace.num_experts, fraction=frac, shared=shared
             )
             for _name, pol in fitted.items():
-                if isinstance(pol, AutoPolicy):
+                if isinstance(pol, AutoPolicy):  # it chooses under each cell's conditions
                     pol.for_replay(
                         deployment=deployment,
                         cost=cost,
