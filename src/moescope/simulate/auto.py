@@ -172,7 +172,7 @@ class AutoPolicy(CachePolicy):
         part, val = trace.split(self.holdout, self.seed)
         steps = prepare(val, mode=self.mode, batch_size=self.batch_size)
         fitted = {lab: self._new(c).fit(part) for lab, c in zip(self._labels(), self.candidates, strict=True)}
-        self._memo = (trace, key, (part, val, steps, fitted), {})
+        self._memo = (trace, key, (part, val, steps, fitted), {}, {})
         return self._memo[2]
 
     def _fit(self, trace: Any) -> None:
@@ -184,9 +184,16 @@ class AutoPolicy(CachePolicy):
         self._check()
         part, val, steps, fitted = self._held_out(trace)
         pref, dist = None, 1
-        if self.prefetcher is not None:
-            pf = copy.deepcopy(self.prefetcher).fit(part)
-            pref, dist = step_prefetch(steps, pf.ranked(val)), int(pf.distance)
+        if self.prefetcher is not None:  # ranked once per prefetcher object (a sweep reuses them)
+            ranks = self._memo[4]
+            if id(self.prefetcher) not in ranks or ranks[id(self.prefetcher)][0] is not self.prefetcher:
+                pf = copy.deepcopy(self.prefetcher).fit(part)
+                ranks[id(self.prefetcher)] = (
+                    self.prefetcher,
+                    step_prefetch(steps, pf.ranked(val)),
+                    pf.distance,
+                )
+            pref, dist = ranks[id(self.prefetcher)][1], int(ranks[id(self.prefetcher)][2])
         capacity = np.asarray(self.capacity, np.int64)
         self.scores_, self.heldout_hit_rate_ = {}, {}
         for label, pol in fitted.items():
