@@ -8,12 +8,13 @@ once per batch size, on TRAIN cut into the same steps as the replay (``batch_siz
 markdown row per cell (best predictor-free policy, best predictor-guided policy, their tokens/s and
 the gain, Belady) and writes every row to ``--csv``.
 
-``--guard``: the guided policy is used only where it earns its place. TRAIN is split again by
-document (80/20, seed 1); the guided policies are refitted on the 80% and, in every cell, replayed
-on the 20% beside the predictor-free ones. Where no guided policy beats the best predictor-free one
-there (its predictor's cost included), the cell's "guarded" choice is that predictor-free policy;
-otherwise it is the guided policy fitted on all of TRAIN. Only TRAIN decides; TEST is replayed
-after. The row then also shows the guarded choice and its gain.
+``--guard``: each cell also replays the product's policy ``auto``
+(:class:`moescope.simulate.AutoPolicy`, ``moescope simulate --policy auto``): TRAIN is split again
+by document (80/20, seed 1), every candidate (the predictor-free and the guided ones) is fitted on
+the 80% and replayed on the 20% under the cell's deployment, cache and batch (predictor cost
+included), and the fastest, refitted on all of TRAIN, is replayed on TEST. Only TRAIN decides. The
+row then also shows auto's choice, its tokens/s on TEST and the gain over the best predictor-free
+policy.
 
     python benchmarks/simulate_policies.py TEST TRAIN --model deepseek-v2-lite --csv out.csv
 """
@@ -21,12 +22,13 @@ after. The row then also shows the guarded choice and its gain.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import polars as pl
 
-from moescope.simulate import cache_capacity, get_preset, model_cost, prepare, run
+from moescope.simulate import AutoPolicy, cache_capacity, get_preset, model_cost, prepare, run
 from moescope.simulate.deployment import ModelCost
 from moescope.simulate.policies import make_policy
 from moescope.trace.reader import Trace
@@ -46,7 +48,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--guided", default=",".join(GUIDED))
     ap.add_argument("--label", default=None, help="trace name in the table (default: TEST's parent folder)")
-    ap.add_argument("--guard", action="store_true", help="choose per cell on a held-out part of TRAIN")
+    ap.add_argument(
+        "--guard",
+        action="store_true",
+        help="also replay policy auto (chosen per cell on a held-out part of TRAIN)",
+    )
     args = ap.parse_args()
     label = args.label or Path(args.test).parent.name
     te, tr = Trace.open(args.test), Trace.open(args.train)
@@ -66,23 +72,20 @@ def main() -> None:
             out[n] = pol.fit(trace)
         return out
 
-    fitted_of, val_of = {}, {}
-    if args.guard:
-        part, val = tr.split(0.2, seed=1)
-        val_free = {n: make_policy(n).fit(part) for n in FREE}
+    fitted_of, auto_of = {}, {}
     for b in batches:
         fitted_of[b] = {**free, **fit_guided(tr, b)}
         for n in guided:
             cost_us = fitted_of[b][n].critical_path_s() * 1e6
             print(f"  {n} (batch {b}): predictor cost charged per layer {cost_us:.1f} us")
-        if args.guard:
-            steps_v = prepare(val) if b == 1 else prepare(val, mode="prefill", batch_size=b)
-            val_of[b] = (steps_v, {**val_free, **fit_guided(part, b)})
+        if args.guard:  # one per batch: its fits on the held-out split are kept from cell to cell
+            mode = ("decode", None) if b == 1 else ("prefill", b)
+            auto_of[b] = (AutoPolicy(candidates=FREE + tuple(guided), holdout=0.2, seed=1), mode)
     print(f"fitted the policies on {args.train} in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     steps_of = {b: prepare(te) if b == 1 else prepare(te, mode="prefill", batch_size=b) for b in batches}
     head = "| trace | cache | link | dtype | batch | best predictor-free | tok/s | best predictor-guided | tok/s | gain |"
-    head += " guarded choice | tok/s | gain |" if args.guard else ""
+    head += " auto's choice | tok/s | gain |" if args.guard else ""
     print(head + " Belady tok/s |")
     print("|---" * (14 if args.guard else 11) + "|")
     for batch, steps in steps_of.items():
@@ -119,28 +122,24 @@ def main() -> None:
                         f"{best} | {g:.4g} | {100 * (g / f - 1):+.1f}% |"
                     )
                     if args.guard:
-                        steps_v, pols_v = val_of[batch]
-                        cap_v = cache_capacity(dep, cost, val.num_layers, val.num_experts, fraction=frac)
-                        tps_v = {
-                            n: run(steps_v, p, cap_v, dep, cost).summary()["tokens_per_s"]
-                            for n, p in pols_v.items()
-                        }
-                        free_v = max(FREE, key=tps_v.get)
-                        guided_v = max(guided, key=tps_v.get)
-                        choice = guided_v if tps_v[guided_v] > tps_v[free_v] else free_v
-                        c = res[choice]["tokens_per_s"]
-                        line += f" {choice} | {c:.4g} | {100 * (c / f - 1):+.1f}% |"
+                        auto, (mode, bs) = auto_of[batch]
+                        auto.for_replay(deployment=dep, cost=cost, capacity=cap, mode=mode, batch_size=bs)
+                        auto.fit(tr)
+                        s = run(steps, auto, cap, dep, cost).summary()
+                        c = s["tokens_per_s"]
+                        line += f" {auto.choice_} | {c:.4g} | {100 * (c / f - 1):+.1f}% |"
                         rows.append(
                             {
                                 **rows[-1],
-                                "policy": "guarded:" + choice,
-                                "hit_rate": res[choice]["hit_rate"],
+                                "policy": "auto:" + auto.choice_,
+                                "hit_rate": s["hit_rate"],
                                 "tokens_per_s": c,
-                                "bytes_moved": res[choice]["bytes_moved"],
+                                "bytes_moved": s["bytes_moved"],
+                                "heldout_tokens_per_s": json.dumps(auto.scores_),
                             }
                         )
                     print(line + f" {res['belady']['tokens_per_s']:.4g} |", flush=True)
-                    pl.DataFrame(rows).write_csv(args.csv)
+                    pl.DataFrame(rows, infer_schema_length=None).write_csv(args.csv)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

@@ -22,6 +22,11 @@ def test_demo_runs_every_step_and_judges_on_unseen_documents(demo_out):
     assert not set(train.documents()) & set(test.documents())
     assert any((out / "predict-tiny-finegrained").glob("*.png"))
     assert any((out / "simulate-tiny-finegrained").glob("sweep_*.png"))
+    sim = json.loads((out / "simulate-tiny-finegrained" / "summary.json").read_text())
+    assert sim["policy"] == "auto" and sim["auto"]["choice"] in sim["auto"]["heldout_tokens_per_s"]
+    assert (
+        "auto (chosen on held-out training documents)" in output and "LRFU" in output and "Belady" in output
+    )
     assert any((out / "ablate-tiny-mixtral-layer3").iterdir())
     report = out / "report.html"
     assert report.is_file() and f"open the report: {report}" in output

@@ -5,6 +5,7 @@ The package is callable: ``moescope.simulate(test, fit_trace=train, cache_fracti
 """
 
 from moescope.core.modules import make_callable
+from moescope.simulate.auto import AutoPolicy
 from moescope.simulate.deployment import (
     DEPLOYMENT_PRESETS,
     Deployment,
@@ -50,6 +51,7 @@ __all__ = [
     "LRU",
     "POLICIES",
     "PREFETCHERS",
+    "AutoPolicy",
     "Belady",
     "CachePolicy",
     "Deployment",

@@ -51,7 +51,9 @@ def simulate_cmd(
         "--policy",
         help="Eviction: lru, lfu, lrfu, lru-protect, static, belady, or predictor-guided (fitted on --train): "
         "learned-reuse, learned-reuse-admit, next-use, next-use-evict; oracles: oracle-next-use, "
-        "horizon-oracle (knows the next token's routing).",
+        "horizon-oracle (knows the next token's routing); auto: the fastest of lru, lfu, lrfu, static, "
+        "learned-reuse, learned-reuse-admit on held-out documents of --train under this deployment "
+        "(needs --train).",
     ),
     prefetch: str = typer.Option(
         "none", "--prefetch", help="none, table, previous, oracle, or a saved predictor file."
@@ -96,15 +98,23 @@ def simulate_cmd(
     Writes summary.json and per_layer.csv (and sweep.csv with figures under --sweep) to -o.
 
     Example: moescope simulate runs/ds-lite --cache-fraction 0.25 --policy lru --prefetch table --budget 8 -o sim/
+
+    Example: moescope simulate split/test --train split/train --cache-fraction 0.25 --policy auto -o sim/ --json
     """
+    from moescope.simulate.auto import AutoPolicy
     from moescope.simulate.fitting import REPLAYED, learns_from_trace
     from moescope.simulate.prefetch import make_prefetcher
     from moescope.simulate.replay import replay_setup
-    from moescope.simulate.sweep import plot_sweep, prediction_pays, sweep
+    from moescope.simulate.sweep import SWEEP_POLICIES, plot_sweep, prediction_pays, sweep
     from moescope.trace.outputs import claim
 
     if train is not None and fit_on_replayed:
         raise ConfigError("--train and --fit-on-replayed exclude each other: choose one")
+    if policy == "auto" and train is None:
+        raise ConfigError(
+            "--policy auto chooses the policy on held-out documents of a training trace: pass --train "
+            "TRAIN_TRACE (e.g. the train half of `moescope split`); the replayed trace is never used to choose"
+        )
     with claim(output, "simulation", overwrite=overwrite, inputs=[trace, train]):
         r = replay_setup(
             trace,
@@ -138,6 +148,8 @@ def simulate_cmd(
             "expert_bytes": cost.expert_bytes,
             **res.summary(),
         }
+        if isinstance(r.policy, AutoPolicy):
+            summary["auto"] = r.policy.selection()
         res.per_layer().write_csv(output / "per_layer.csv")
         if do_sweep:
             pfs = [None]
@@ -154,6 +166,7 @@ def simulate_cmd(
                 shared=shared,
                 reset=reset,
                 fit_trace=fit_tr,
+                policies=SWEEP_POLICIES + (("auto",) if train is not None else ()),
             )
             df.write_csv(output / "sweep.csv")
             plot_sweep(df, output / "sweep", {"trace": str(trace), "preset": preset, "mode": mode})
@@ -168,6 +181,13 @@ def simulate_cmd(
         f"stall {summary['stall_ms_per_token']:.3f} ms/token, {summary['tokens_per_s']:.1f} tokens/s "
         f"(all in GPU {summary['tokens_per_s_all_in_gpu']:.1f}, no cache {summary['tokens_per_s_no_cache']:.1f})"
     )
+    if "auto" in summary:
+        sel = summary["auto"]
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in sel["heldout_tokens_per_s"].items())
+        text += (
+            f"\nauto chose {sel['choice']} on {sel['heldout_documents']} held-out documents of --train "
+            f"(held-out tokens/s: {scores})"
+        )
     if do_sweep:
         text += "\n" + summary["prediction_pays"]
     emit(summary, json_out, text=text)

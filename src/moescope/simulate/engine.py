@@ -535,6 +535,16 @@ def simulate(
 
     fit_on = fit_source(trace, fit_trace, policy, prefetcher)
     if not getattr(policy, "fitted_", False):
+        policy.for_replay(
+            deployment=deployment,
+            cost=cost,
+            capacity=capacity,
+            shared=shared,
+            mode=mode,
+            batch_size=batch_size,
+            reset=reset,
+            prefetcher=prefetcher,
+        )
         policy = policy.fit(fit_on)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
     if prefetcher is None:

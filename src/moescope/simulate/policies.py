@@ -53,6 +53,12 @@ class CachePolicy(Estimator):
     def _fit(self, trace: Any) -> None:
         return None
 
+    def for_replay(self, **replay: Any) -> CachePolicy:
+        """Hook called before :meth:`fit` with the replay's conditions (``deployment``, ``cost``,
+        ``capacity``, ``shared``, ``mode``, ``batch_size``, ``reset``, ``prefetcher``); a policy
+        that decides under them (``auto``) keeps them, the others ignore them. Returns ``self``."""
+        return self
+
     def check_fitted(self) -> None:
         """Alias of :meth:`check_is_fitted` (the name the simulator used first)."""
         self.check_is_fitted()

@@ -156,7 +156,9 @@ def replay(
     fit_trace : where the policy and prefetcher learn (static pinning, tables, an unfitted
         predictor): a training trace or path, or ``"replayed"`` to fit on ``trace`` itself.
     policy : an eviction policy name (``lru``, ``lfu``, ``lrfu``, ``lru-protect``, ``static``,
-        ``belady``) or a :class:`~moescope.simulate.CachePolicy`.
+        ``belady``, the predictor-guided ones, or ``auto``: the fastest candidate on held-out
+        documents of ``fit_trace`` under this replay, :class:`~moescope.simulate.AutoPolicy`) or a
+        :class:`~moescope.simulate.CachePolicy`.
     prefetch : None, a prefetcher name (``table``, ``previous``, ``oracle``), a saved predictor
         file, a predictor (fitted or not) or a :class:`~moescope.simulate.Prefetcher`.
     cache_fraction, cache_experts, cache_gb : the cache size, exactly one of them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,10 +10,25 @@ from typing import Any
 
 import numpy as np
 
+from moescope.simulate.auto import AutoPolicy
 from moescope.simulate.deployment import Deployment, ModelCost, cache_capacity
 from moescope.simulate.engine import prepare, run, step_prefetch
 from moescope.simulate.policies import fit_on_replay_steps, make_policy
 from moescope.trace.atomic import atomic_write_json
+
+#: The policies a sweep compares by default (``moescope simulate --sweep`` adds ``auto`` with ``--train``).
+SWEEP_POLICIES: tuple[str, ...] = (
+    "lru",
+    "lfu",
+    "lrfu",
+    "lru-protect",
+    "static",
+    "belady",
+    "learned-reuse",
+    "learned-reuse-admit",
+    "next-use",
+    "next-use-evict",
+)
 
 
 def sweep(
@@ -21,18 +37,7 @@ def sweep(
     cost: ModelCost,
     *,
     fractions: Sequence[float] = (0.0625, 0.125, 0.25, 0.5, 0.75),
-    policies: Sequence[str] = (
-        "lru",
-        "lfu",
-        "lrfu",
-        "lru-protect",
-        "static",
-        "belady",
-        "learned-reuse",
-        "learned-reuse-admit",
-        "next-use",
-        "next-use-evict",
-    ),
+    policies: Sequence[str] = SWEEP_POLICIES,
     prefetchers: Sequence[Any] = (None,),
     mode: str = "decode",
     batch_size: int | None = None,
@@ -46,6 +51,9 @@ def sweep(
     each is fitted once on ``fit_trace`` (a training trace, ``"replayed"`` or ``None`` as in
     :func:`~moescope.simulate.engine.simulate`) and its predictions reused. The
     predictor-guided policies (``predictor_guided`` column) are fitted on ``fit_trace`` too.
+    ``"auto"`` in ``policies`` (:class:`~moescope.simulate.auto.AutoPolicy`) chooses again at every
+    cache size and prefetcher, on held-out documents of ``fit_trace``; its row's ``auto_choice``
+    names the policy it chose.
     """
     import polars as pl
 
@@ -54,11 +62,14 @@ def sweep(
     made = {name: fit_on_replay_steps(make_policy(name), mode, batch_size) for name in policies}
     fit_on = fit_source(trace, fit_trace, *made.values(), *prefetchers)
     steps = prepare(trace, mode=mode, batch_size=batch_size)
-    fitted = {name: pol.fit(fit_on) for name, pol in made.items()}
+    # ``auto`` chooses per cache size and prefetcher, so it is fitted in the loop (its fits on the
+    # held-out split are kept between cells)
+    fitted = {name: pol if isinstance(pol, AutoPolicy) else pol.fit(fit_on) for name, pol in made.items()}
     rows: list[dict[str, Any]] = []
     for pf in prefetchers:
-        pref, dist, pf_name = None, 1, "none"
+        pref, dist, pf_name, pf_given = None, 1, "none", pf
         if pf is not None:
+            pf_given = copy.deepcopy(pf)
             pf = pf.fit(fit_on)
             pref, dist, pf_name = step_prefetch(steps, pf.ranked(trace)), int(pf.distance), pf.describe()
         for frac in fractions:
@@ -66,6 +77,17 @@ def sweep(
                 deployment, cost, trace.num_layers, trace.num_experts, fraction=frac, shared=shared
             )
             for _name, pol in fitted.items():
+                if isinstance(pol, AutoPolicy):  # it chooses under each cell's conditions
+                    pol.for_replay(
+                        deployment=deployment,
+                        cost=cost,
+                        capacity=cap,
+                        shared=shared,
+                        mode=mode,
+                        batch_size=batch_size,
+                        reset=reset,
+                        prefetcher=pf_given,
+                    ).fit(fit_on)
                 res = run(
                     steps,
                     pol,
@@ -83,6 +105,7 @@ def sweep(
                         "cache_fraction": frac,
                         "predictor_guided": bool(pol.predictor_guided),
                         "predictor_s_per_layer": pol.critical_path_s(),
+                        "auto_choice": pol.choice_ if isinstance(pol, AutoPolicy) else "",
                         **res.summary(),
                     }
                 )
@@ -208,10 +231,12 @@ def prediction_pays(df: Any, fraction: float) -> dict[str, Any]:
     def named(name: str) -> dict[str, Any] | None:
         return best(at.filter(at["policy"].str.starts_with(name + "(") | (at["policy"] == name)))
 
-    guided = best(at.filter(at["predictor_guided"]))
-    free = best(at.filter(~at["predictor_guided"] & ~at["policy"].str.starts_with("belady")))
-    lrfu, belady = named("lrfu"), named("belady")
+    chosen = at["policy"] == "auto"
+    guided = best(at.filter(at["predictor_guided"] & ~chosen))
+    free = best(at.filter(~at["predictor_guided"] & ~at["policy"].str.starts_with("belady") & ~chosen))
+    lrfu, belady, auto = named("lrfu"), named("belady"), best(at.filter(chosen))
     out = {"cache_fraction": fraction, "guided": guided, "free": free, "lrfu": lrfu, "belady": belady}
+    out["auto"] = auto
 
     def line(label: str, r: dict[str, Any] | None) -> str:
         if r is None:
@@ -225,6 +250,11 @@ def prediction_pays(df: Any, fraction: float) -> dict[str, Any]:
         line("LRFU", lrfu),
         line("Belady (offline ceiling)", belady),
     ]
+    if auto is not None:
+        lines.append(
+            f"  auto (chosen on held-out training documents): {auto['auto_choice']}, "
+            f"hit rate {auto['hit_rate']:.3f}, {auto['tokens_per_s']:.4g} tokens/s"
+        )
     if guided and free and belady:
         g, f, b = guided["tokens_per_s"], free["tokens_per_s"], belady["tokens_per_s"]
         gap = (g - f) / (b - f) if b > f else float("nan")
