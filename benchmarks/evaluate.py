@@ -138,7 +138,9 @@ def main() -> None:
         help="set each calibratable strategy's free parameter so its mean experts per token is K"
         " (moescope.evaluate.calibrate.match_k on other corpus documents than those timed)",
     )
-    ap.add_argument("--calibration-docs", type=int, default=40, help="corpus documents --match-k calibrates on")
+    ap.add_argument(
+        "--calibration-docs", type=int, default=40, help="corpus documents --match-k calibrates on"
+    )
     ap.add_argument(
         "--width",
         default=None,
