@@ -296,15 +296,22 @@ def test_heatmaps_show_each_cells_value_from_the_csv_on_hover(demo_page):
         # the cell under the cursor names its row, column and value as the CSV holds them
         for i in sorted({0, len(rows) // 2, len(rows) - 1}):
             rect = rects.nth(i)
-            rect.hover(force=True)
-            text = plot.locator(".heat-info").inner_text()
             r, c = rect.get_attribute("data-r"), rect.get_attribute("data-c")
+            text = ""
+            for _ in range(3):  # a hover that lands while the page still scrolls or lays out is retried
+                rect.scroll_into_view_if_needed()
+                p.mouse.move(0, 0)  # off the plot, so that the hover below is a move onto the cell
+                rect.hover(force=True)
+                text = plot.locator(".heat-info").inner_text()
+                if re.search(rf" {re.escape(r)}, .* {re.escape(c)}: {re.escape(vc)} = ", text):
+                    break
             want = [
                 x for x in rows if (x.get("symbol_from") or x[rc]) == r and (x.get("symbol_to") or x[cc]) == c
             ]
             assert len(want) == 1, (csv_path.stem, r, c)
-            got = re.search(rf"{vc} = (\S+)$", text)
-            assert got and float(got.group(1)) == pytest.approx(float(want[0][vc]), rel=1e-3, abs=1e-12)
+            got = re.search(rf" {re.escape(r)}, .* {re.escape(c)}: {re.escape(vc)} = (\S+)$", text)
+            assert got, (csv_path.stem, r, c, text)
+            assert float(got.group(1)) == pytest.approx(float(want[0][vc]), rel=1e-3, abs=1e-12)
     assert seen >= 2  # at least the load heatmap and one co-activation map
     assert page.errors == []
 
