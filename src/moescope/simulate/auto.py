@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,6 +36,20 @@ from moescope.simulate.policies import POLICIES, CachePolicy, fit_on_replay_step
 #: The predictor-free candidates (every one the decision table compares) and the predictor-guided ones.
 FREE_CANDIDATES: tuple[str, ...] = ("lru", "lfu", "lrfu", "static")
 GUIDED_CANDIDATES: tuple[str, ...] = ("learned-reuse", "learned-reuse-admit")
+
+
+@dataclass
+class _HeldOut:
+    """What :class:`AutoPolicy` keeps between fits on the same training trace and split."""
+
+    trace: Any
+    key: tuple
+    part: Any  # the larger part, where the candidates learn
+    val: Any  # the held-out part, where they are judged
+    steps: Steps  # the held-out part cut into the replay's steps
+    fitted: dict[str, CachePolicy]  # every candidate fitted on ``part``
+    refits: dict[str, CachePolicy] = field(default_factory=dict)  # choices fitted on all of TRAIN
+    ranks: dict[int, tuple] = field(default_factory=dict)  # id(prefetcher): (it, ranked steps, distance)
 
 
 class AutoPolicy(CachePolicy):
@@ -162,18 +177,30 @@ class AutoPolicy(CachePolicy):
         pol = make_policy(candidate) if isinstance(candidate, str) else clone(candidate)
         return fit_on_replay_steps(pol, self.mode, self.batch_size)  # type: ignore[arg-type]
 
-    def _held_out(self, trace: Any) -> tuple[Any, Steps, dict[str, CachePolicy]]:
-        """The held-out part's steps and every candidate fitted on the rest, kept while the
-        training trace, split and step cut are the same (a sweep refits at every cache size)."""
+    def _held_out(self, trace: Any) -> _HeldOut:
+        """The held-out part and every candidate fitted on the rest, kept while the training trace,
+        split and step cut are the same (a sweep refits at every cache size)."""
         key = (self.holdout, self.seed, self.mode, self.batch_size, tuple(map(repr, self.candidates)))
         memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is trace and memo[1] == key:
-            return memo[2]
+        if memo is not None and memo.trace is trace and memo.key == key:
+            return memo
         part, val = trace.split(self.holdout, self.seed)
         steps = prepare(val, mode=self.mode, batch_size=self.batch_size)
         fitted = {lab: self._new(c).fit(part) for lab, c in zip(self._labels(), self.candidates, strict=True)}
-        self._memo = (trace, key, (part, val, steps, fitted), {}, {})
-        return self._memo[2]
+        self._memo = _HeldOut(trace, key, part, val, steps, fitted)
+        return self._memo
+
+    def _ranked_prefetch(self, held: _HeldOut) -> tuple[Any, int]:
+        """The replay's prefetcher fitted on the larger part and ranked on the held-out steps, once
+        per prefetcher object (a sweep reuses them)."""
+        if self.prefetcher is None:
+            return None, 1
+        got = held.ranks.get(id(self.prefetcher))
+        if got is None or got[0] is not self.prefetcher:
+            pf = copy.deepcopy(self.prefetcher).fit(held.part)
+            got = (self.prefetcher, step_prefetch(held.steps, pf.ranked(held.val)), int(pf.distance))
+            held.ranks[id(self.prefetcher)] = got
+        return got[1], got[2]
 
     def _fit(self, trace: Any) -> None:
         if trace is None:
@@ -182,23 +209,13 @@ class AutoPolicy(CachePolicy):
                 "(`moescope simulate --policy auto` needs --train)"
             )
         self._check()
-        part, val, steps, fitted = self._held_out(trace)
-        pref, dist = None, 1
-        if self.prefetcher is not None:  # ranked once per prefetcher object (a sweep reuses them)
-            ranks = self._memo[4]
-            if id(self.prefetcher) not in ranks or ranks[id(self.prefetcher)][0] is not self.prefetcher:
-                pf = copy.deepcopy(self.prefetcher).fit(part)
-                ranks[id(self.prefetcher)] = (
-                    self.prefetcher,
-                    step_prefetch(steps, pf.ranked(val)),
-                    pf.distance,
-                )
-            pref, dist = ranks[id(self.prefetcher)][1], int(ranks[id(self.prefetcher)][2])
+        held = self._held_out(trace)
+        pref, dist = self._ranked_prefetch(held)
         capacity = np.asarray(self.capacity, np.int64)
         self.scores_, self.heldout_hit_rate_ = {}, {}
-        for label, pol in fitted.items():
+        for label, pol in held.fitted.items():
             s = run(
-                steps,
+                held.steps,
                 pol,
                 capacity,
                 self.deployment,  # type: ignore[arg-type]
@@ -211,13 +228,12 @@ class AutoPolicy(CachePolicy):
             self.scores_[label] = float(s["tokens_per_s"])
             self.heldout_hit_rate_[label] = float(s["hit_rate"])
         self.choice_ = max(self.scores_, key=self.scores_.__getitem__)  # the first of equals
-        refits = self._memo[3]  # the choice fitted on all of TRAIN, once per candidate
-        if self.choice_ not in refits:
+        if self.choice_ not in held.refits:  # the choice fitted on all of TRAIN, once per candidate
             cand = dict(zip(self._labels(), self.candidates, strict=True))[self.choice_]
-            refits[self.choice_] = self._new(cand).fit(trace)
-        self.policy_ = refits[self.choice_]
-        self.heldout_documents_ = len(val.documents())
-        self.heldout_tokens_ = int(steps.tokens.sum())
+            held.refits[self.choice_] = self._new(cand).fit(trace)
+        self.policy_ = held.refits[self.choice_]
+        self.heldout_documents_ = len(held.val.documents())
+        self.heldout_tokens_ = int(held.steps.tokens.sum())
 
     def selection(self) -> dict[str, Any]:
         """What was chosen and why, for summaries: the choice, every candidate's held-out tokens/s
