@@ -65,11 +65,12 @@ def sweep(
     # ``auto`` chooses per cache size and prefetcher, so it is fitted in the loop (its fits on the
     # held-out split are kept between cells)
     fitted = {name: pol if isinstance(pol, AutoPolicy) else pol.fit(fit_on) for name, pol in made.items()}
+    chooses = any(isinstance(pol, AutoPolicy) for pol in fitted.values())
     rows: list[dict[str, Any]] = []
     for pf in prefetchers:
         pref, dist, pf_name, pf_given = None, 1, "none", pf
         if pf is not None:
-            pf_given = copy.deepcopy(pf)
+            pf_given = copy.deepcopy(pf) if chooses else None  # auto fits its own copy, unfitted
             pf = pf.fit(fit_on)
             pref, dist, pf_name = step_prefetch(steps, pf.ranked(trace)), int(pf.distance), pf.describe()
         for frac in fractions:
