@@ -87,12 +87,11 @@ def widened(model, width: str):
     return AutoModelForCausalLM.from_config(config).float().eval()
 
 
-def matched(model, tokenizer, spec: str, k: float, docs: int = 40) -> str:
-    """``spec`` with its free parameter set so that mean experts per token is ``k`` (others as given)."""
+def matched(model, tokenizer, spec: str, k: float, texts: list[str]) -> str:
+    """``spec`` with its free parameter set so that mean experts per token on ``texts`` is ``k``."""
     name = spec.split(":", 1)[0]
     if name not in FREE_PARAMETER:
         return spec
-    texts = [t for t, _ in load_corpus(max_chars=20_000)][-docs:]  # not the timed windows (first documents)
     text, got = match_k(model, tokenizer, spec, k, texts, max_len=256)
     print(f"match-k {k}: {text} gives {got:.3f} experts per token on the calibration documents")
     return text
@@ -159,7 +158,10 @@ def main() -> None:
     data = batches(lm.tokenizer, args.batches, args.seq_len, args.batch_size)
     specs = args.strategies.split(";")
     if args.match_k is not None:
-        specs = [matched(model, lm.tokenizer, spec, args.match_k, args.calibration_docs) for spec in specs]
+        texts = [t for t, _ in load_corpus(max_chars=20_000)][
+            -args.calibration_docs :
+        ]  # not the timed windows
+        specs = [matched(model, lm.tokenizer, spec, args.match_k, texts) for spec in specs]
     results = []
     for spec in specs:
         scorer = Scorer(model, lm.tokenizer, spec, batch_size=args.batch_size, max_length=args.seq_len + 1)
