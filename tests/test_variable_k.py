@@ -53,21 +53,28 @@ def vk(tmp_path_factory):
     """``(trace, rows)``: a synthetic variable-k strategy trace and the arrays written to it."""
     a = _rows()
     path = tmp_path_factory.mktemp("vk") / "t"
-    spec = RoutingSpec(num_experts=E, top_k=K, moe_layers=list(range(L)), family="mixtral")
     capture = {"strategy": "topp:p=0.7", "model_top_k": 2, "variable_k": True}
-    with TraceWriter.create(path, spec, columns=default_columns(weights=True), capture=capture) as w:
+    return _write(path, a, a["experts"], a["weights"], capture), a
+
+
+def _write(path, a: dict, experts: np.ndarray, weights: np.ndarray | None = None, capture=None) -> Trace:
+    """A trace of ``a``'s documents with these ``experts`` (and ``weights``), one commit per document."""
+    spec = RoutingSpec(num_experts=E, top_k=K, moe_layers=list(range(L)), family="mixtral")
+    cols = default_columns(weights=weights is not None)
+    with TraceWriter.create(path, spec, columns=cols, capture=capture) as w:
         for d in np.unique(a["doc"]):
             m = a["doc"] == d
+            extra = {} if weights is None else {"weights": weights[m]}
             w.append(
                 doc_id=a["doc"][m],
                 position=a["position"][m],
                 token_id=a["token"][m],
                 label=str(a["label"][m][0]),
-                experts=a["experts"][m],
-                weights=a["weights"][m],
+                experts=experts[m],
+                **extra,
             )
             w.commit(int(d))
-    return Trace.open(path), a
+    return Trace.open(path)
 
 
 def _sets(a: dict, t: int, li: int) -> list[int]:
@@ -421,23 +428,9 @@ def _figure_texts(monkeypatch, trace, out) -> str:
 
 def test_figures_of_a_variable_k_trace_do_not_claim_a_fixed_k(vk, tmp_path, monkeypatch):
     trace, a = vk
-    fixed = tmp_path / "fixed"
-    spec = RoutingSpec(num_experts=E, top_k=K, moe_layers=list(range(L)), family="mixtral")
     rng = np.random.default_rng(1)
     full = np.argsort(rng.random((len(a["doc"]), L, E)), -1)[..., :K].astype(np.uint8)
-    with TraceWriter.create(fixed, spec, columns=default_columns(weights=False)) as w:
-        for d in np.unique(a["doc"]):
-            m = a["doc"] == d
-            label = str(a["label"][m][0])
-            w.append(
-                doc_id=a["doc"][m],
-                position=a["position"][m],
-                token_id=a["token"][m],
-                label=label,
-                experts=full[m],
-            )
-            w.commit(int(d))
-    plain = _figure_texts(monkeypatch, Trace.open(fixed), tmp_path / "a_fixed")
+    plain = _figure_texts(monkeypatch, _write(tmp_path / "fixed", a, full), tmp_path / "a_fixed")
     assert "top-k" in plain and f"top-{K}" in plain and "k/E" in plain and "C(E-k,k)" in plain
     variable = _figure_texts(monkeypatch, trace, tmp_path / "a_vk")
     for claim in ("top-k", f"top-{K}", "k/E", "C(E-k,k)"):
